@@ -1,0 +1,223 @@
+"""Decode throughput on the real model: jaxsample's on-device loop vs transformers.generate.
+
+    .venv/bin/python scripts/bench_decode.py            # full run (writes results/bench_decode_<platform>.json)
+    .venv/bin/python scripts/bench_decode.py --quick    # batch 1 only, no transformers
+
+In one run it measures:
+- this machine's limits: memory read bandwidth and float32 matmul FLOP/s (through XLA);
+- jaxsample: tokens/s at batch 1, 8, 32 with 64 new tokens per row (temperature 0.8,
+  top_p 0.9, top_k 50, repetition_penalty 1.1; end-of-sequence ignored so every row makes
+  64 tokens), compile time apart, prefill apart, and the share of a step spent in the sampler;
+- the same model file and settings through Hugging Face transformers' generate() on
+  PyTorch CPU, in its own virtual environment (.venv-bench: torch==2.13.0, transformers,
+  gguf), made by this script when missing; --no-hf skips it.
+Each decode figure is also given as a fraction of its roofline: batch 1 is bound by reading
+every weight once per step (bandwidth / weight bytes), large batches by matmul FLOP/s
+(FLOP/s / (2 * parameters) tokens per second).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SETTINGS = dict(temperature=0.8, top_p=0.9, top_k=50, repetition_penalty=1.1)
+PROMPT = "Write a short story about a robot learning to paint."
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def machine_limits() -> dict:
+    """Memory read bandwidth (GB/s) and float32 matmul FLOP/s, both through XLA."""
+    n = 64 * 1024 * 1024  # 256 MiB of float32: far beyond the caches
+    x = jnp.ones((n,), jnp.float32)
+    total = jax.jit(lambda a: jnp.sum(a))
+    total(x).block_until_ready()
+    t = _median_time(lambda: total(x), 7)
+    bandwidth = n * 4 / t
+    m = 2048
+    a = jnp.ones((m, m), jnp.float32)
+    mm = jax.jit(lambda p, q: p @ q)
+    mm(a, a).block_until_ready()
+    t = _median_time(lambda: mm(a, a), 7)
+    flops = 2 * m**3 / t
+    return {"read_bandwidth_GBps": bandwidth / 1e9, "matmul_f32_GFLOPs": flops / 1e9}
+
+
+def bench_jaxsample(batches, new_tokens: int, repeats: int) -> dict:
+    from jaxsample import SamplingParams, pack_rows
+    from jaxsample.api import Engine
+    from jaxsample.decode import decode
+    from jaxsample.sampler import History, sample_row
+
+    engine = Engine.load()
+    model, tok = engine.model, engine.tokenizer
+    cfg = model.config
+    n_params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx_state(model)))
+    prompt = engine.encode_input([{"role": "user", "content": PROMPT}])
+    out = {"parameters": n_params, "prompt_tokens": len(prompt), "batches": {}}
+    for b in batches:
+        plist = [SamplingParams(seed=i, **SETTINGS) for i in range(b)]
+        rows = pack_rows(plist, vocab_size=cfg.vocab_size, seeds=list(range(b)))
+        constraints = engine.constraints(plist)
+
+        def run(n=new_tokens, rows=rows, constraints=constraints, b=b):
+            return decode(model, [prompt] * b, rows, [n] * b, constraints, eos_id=-1)
+
+        t0 = time.perf_counter()
+        first = run()
+        compile_s = time.perf_counter() - t0
+        assert int(first.n_tokens.min()) == new_tokens
+        total = _median_time(run, repeats)
+        # prefill alone: the same program with one new token
+        run(1)
+        t1 = _median_time(lambda: run(1), repeats)
+        step = (total - t1) / (new_tokens - 1)
+        # the sampler alone on this batch's shapes
+        rows_d = jax.tree.map(jnp.asarray, rows)
+        logits = jax.random.normal(jax.random.key(0), (b, cfg.vocab_size)) * 3.0
+        hist = History(
+            counts=jnp.zeros((b, cfg.vocab_size), jnp.int32),
+            in_prompt=jnp.zeros((b, cfg.vocab_size), jnp.bool_),
+        )
+        allowed = jnp.ones((b, cfg.vocab_size), jnp.bool_)
+        samp = jax.jit(jax.vmap(sample_row, in_axes=(0, 0, 0, 0, None)))
+        samp(logits, rows_d, hist, allowed, 0).token.block_until_ready()
+        t_s = _median_time(lambda: samp(logits, rows_d, hist, allowed, 0).token, 20)
+        out["batches"][str(b)] = {
+            "compile_s": compile_s,
+            "seconds": total,
+            "tokens_per_s": b * new_tokens / total,
+            "decode_tokens_per_s": b / step,
+            "prefill_s": t1,
+            "step_ms": step * 1e3,
+            "sampler_ms": t_s * 1e3,
+            "sampler_share": t_s / step,
+        }
+        print(
+            f"# jaxsample batch {b}: {b * new_tokens / total:.1f} tok/s "
+            f"(compile {compile_s:.1f} s, step {step * 1e3:.1f} ms, sampler {t_s * 1e3:.2f} ms)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return out
+
+
+def nnx_state(model):
+    from flax import nnx
+
+    return nnx.state(model, nnx.Param)
+
+
+def ensure_hf_venv() -> str:
+    venv = os.path.join(ROOT, ".venv-bench")
+    py = os.path.join(venv, "bin", "python")
+    if not os.path.exists(py):
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+        subprocess.run([py, "-m", "pip", "install", "-q", "torch==2.13.0"], check=True)
+        subprocess.run(
+            [py, "-m", "pip", "install", "-q", "transformers", "gguf", "numpy"], check=True
+        )
+    return py
+
+
+def bench_hf(batches, new_tokens: int, repeats: int) -> dict:
+    from jaxsample.model import default_model_path
+
+    py = ensure_hf_venv()
+    cmd = [
+        py,
+        os.path.join(ROOT, "scripts", "bench_decode_hf.py"),
+        "--gguf",
+        default_model_path(),
+        "--batches",
+        ",".join(map(str, batches)),
+        "--new-tokens",
+        str(new_tokens),
+        "--repeats",
+        str(repeats),
+    ]
+    res = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="batch 1 only, no transformers")
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    batches = [1] if args.quick else [int(x) for x in args.batches.split(",")]
+    device = jax.devices()[0]
+    result = {
+        "platform": device.platform,
+        "device": str(device.device_kind),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "jax": jax.__version__,
+        "settings": SETTINGS,
+        "new_tokens": args.new_tokens,
+    }
+    result["limits"] = machine_limits()
+    result["jaxsample"] = bench_jaxsample(batches, args.new_tokens, args.repeats)
+    if not (args.quick or args.no_hf):
+        result["transformers"] = bench_hf(batches, args.new_tokens, args.repeats)
+
+    lim = result["limits"]
+    n_params = result["jaxsample"]["parameters"]
+    bw_bound = lim["read_bandwidth_GBps"] * 1e9 / (4 * n_params)  # tokens/s at batch 1
+    flop_bound = lim["matmul_f32_GFLOPs"] * 1e9 / (2 * n_params)  # tokens/s, compute bound
+    print(
+        f"\nmachine: read bandwidth {lim['read_bandwidth_GBps']:.1f} GB/s, "
+        f"f32 matmul {lim['matmul_f32_GFLOPs']:.1f} GFLOP/s, model {n_params / 1e6:.1f} M params"
+    )
+    header = (
+        f"{'batch':>5} | {'jaxsample tok/s':>15} | {'decode tok/s':>12} | {'HF tok/s':>9} | "
+        f"{'ratio':>6} | {'roofline':>8} | {'step ms':>7} | {'sampler':>7} | {'compile s':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    for b in batches:
+        j = result["jaxsample"]["batches"][str(b)]
+        hf = result.get("transformers", {}).get("batches", {}).get(str(b))
+        bound = min(bw_bound * b, flop_bound)
+        j["roofline_tokens_per_s"] = bound
+        j["fraction_of_roofline"] = j["decode_tokens_per_s"] / bound
+        ratio = j["tokens_per_s"] / hf["tokens_per_s"] if hf else float("nan")
+        j["ratio_vs_transformers"] = ratio
+        print(
+            f"{b:>5} | {j['tokens_per_s']:>15.1f} | {j['decode_tokens_per_s']:>12.1f} | "
+            f"{(hf['tokens_per_s'] if hf else float('nan')):>9.1f} | {ratio:>6.2f} | "
+            f"{j['fraction_of_roofline']:>8.2f} | {j['step_ms']:>7.1f} | "
+            f"{100 * j['sampler_share']:>6.1f}% | {j['compile_s']:>9.1f}"
+        )
+    out = args.out or os.path.join(ROOT, "results", f"bench_decode_{result['platform']}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
