@@ -1,0 +1,575 @@
+"""One request's sampling parameters: validated on the host, packed into device rows.
+
+Data flows one way (docs/DESIGN.md)::
+
+    request dict --SamplingParams.from_request--> SamplingParams (validated, immutable)
+        --check_for_model--> resolved max_tokens (needs vocabulary and context sizes)
+        --pack_rows--> RowParams of numpy arrays with a leading batch axis
+
+Every bad value is refused here, before any device work, with an
+:class:`InvalidRequestError` that names the field, the value and the allowed range. Nothing
+is clamped: a value that is accepted is kept exactly as given. The ranges are those of
+``../shared/SPEC.md``; the decisions it leaves open are written down in ``docs/params.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsample.rows import TOP_LOGPROBS_MAX, RowParams
+
+#: The device capacity of logit_bias per row (``NB`` in docs/DESIGN.md). Every row is padded
+#: to exactly this many entries, so the number of biased tokens never changes a shape.
+LOGIT_BIAS_MAX = 1024
+
+#: The longest stop string, in UTF-8 bytes: the static size of the stop automaton.
+STOP_MAX_BYTES = 64
+
+#: At most this many stop strings per request (as the OpenAI API).
+STOP_MAX_COUNT = 4
+
+#: The bound on logit_bias values (both signs).
+LOGIT_BIAS_LIMIT = 100.0
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+RESPONSE_FORMATS = ("text", "json_object")
+LOGPROBS_MODES = ("raw", "processed")
+
+_REPR_LIMIT = 200
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    if len(text) > _REPR_LIMIT:
+        text = text[: _REPR_LIMIT - 3] + "..."
+    return text
+
+
+class InvalidRequestError(ValueError):
+    """A request that cannot be run; names the field, the offending value and what is allowed.
+
+    Attributes:
+      field: the request field at fault, e.g. ``"top_p"``.
+      value: the offending value (for a map such as logit_bias, the offending entry).
+      allowed: a human description of the allowed values, e.g. ``"a number in [0.0, 1.0]"``.
+      reason: an optional extra word on why (``"a boolean is not a number"``), or None.
+      index: the position of the request in a batch, set by the caller that knows it, or None.
+
+    Example::
+
+        >>> err = InvalidRequestError("top_p", 1.5, "a number in [0.0, 1.0]")
+        >>> str(err)
+        "invalid request: 'top_p' = 1.5; allowed: a number in [0.0, 1.0]"
+    """
+
+    def __init__(
+        self, field: str, value: Any, allowed: str, *, reason: str | None = None, index=None
+    ):
+        self.field = field
+        self.value = value
+        self.allowed = allowed
+        self.reason = reason
+        self.index = index
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        where = "" if self.index is None else f" (request {self.index})"
+        why = "" if self.reason is None else f" ({self.reason})"
+        return (
+            f"invalid request{where}: {self.field!r} = {_short_repr(self.value)}{why}; "
+            f"allowed: {self.allowed}"
+        )
+
+    def __str__(self) -> str:  # the index may be set after construction
+        return self._message()
+
+
+# ----------------------------------------------------------------------------- checkers
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, (bool, np.bool_))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not _is_bool(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not _is_bool(value)
+
+
+def _number(field: str, value: Any, lo: float, hi: float, allowed: str | None = None) -> float:
+    """Checks a float field: a finite int or float (not a bool) in [lo, hi]; returns a float."""
+    allowed = allowed or f"a number in [{lo!r}, {hi!r}]"
+    if _is_bool(value):
+        raise InvalidRequestError(field, value, allowed, reason="a boolean is not a number")
+    if not _is_number(value):
+        raise InvalidRequestError(field, value, allowed, reason=f"{type(value).__name__}")
+    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+        raise InvalidRequestError(field, value, allowed, reason="not finite")
+    if not lo <= value <= hi:  # compared before float(): a huge int never overflows
+        raise InvalidRequestError(field, value, allowed, reason="out of range")
+    return float(value)
+
+
+def _integer(field: str, value: Any, lo: int | None, hi: int | None, allowed: str) -> int:
+    """Checks an int field: an int (not a bool, not a float) in [lo, hi]; returns an int."""
+    if _is_bool(value):
+        raise InvalidRequestError(field, value, allowed, reason="a boolean is not an integer")
+    if not _is_int(value):
+        raise InvalidRequestError(field, value, allowed, reason=f"{type(value).__name__}")
+    value = int(value)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise InvalidRequestError(field, value, allowed, reason="out of range")
+    return value
+
+
+_DECIMAL = re.compile(r"[0-9]+")
+_BIAS_KEY = "token ids as ints >= 0 or decimal strings of ASCII digits"
+_BIAS_ALLOWED = f"a map of at most {LOGIT_BIAS_MAX} {_BIAS_KEY} to numbers in [-100.0, 100.0]"
+
+
+def _bias_key(key: Any) -> int:
+    if _is_int(key) and key >= 0:
+        return int(key)
+    if isinstance(key, str) and _DECIMAL.fullmatch(key):
+        return int(key)
+    raise InvalidRequestError(
+        "logit_bias", key, _BIAS_ALLOWED, reason=f"key {_short_repr(key)} is not a token id"
+    )
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    if value is None:
+        return ()
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, (tuple, list)) and all(
+        isinstance(p, (tuple, list)) and len(p) == 2 for p in value
+    ):
+        items = [tuple(p) for p in value]
+    else:
+        raise InvalidRequestError("logit_bias", value, _BIAS_ALLOWED, reason="not a map")
+    if len(items) > LOGIT_BIAS_MAX:
+        raise InvalidRequestError(
+            "logit_bias",
+            f"<map with {len(items)} entries>",
+            _BIAS_ALLOWED,
+            reason=f"more than {LOGIT_BIAS_MAX} entries",
+        )
+    out: dict[int, float] = {}
+    for key, bias in items:
+        token = _bias_key(key)
+        if token in out:
+            raise InvalidRequestError(
+                "logit_bias", key, _BIAS_ALLOWED, reason=f"token id {token} given twice"
+            )
+        try:
+            out[token] = _number("logit_bias", bias, -LOGIT_BIAS_LIMIT, LOGIT_BIAS_LIMIT)
+        except InvalidRequestError as err:
+            raise InvalidRequestError(
+                "logit_bias", {key: bias}, _BIAS_ALLOWED, reason=err.reason
+            ) from None
+    return tuple(sorted(out.items()))
+
+
+_STOP_ALLOWED = (
+    f"a string or a list of at most {STOP_MAX_COUNT} non-empty strings, "
+    f"each at most {STOP_MAX_BYTES} bytes in UTF-8"
+)
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        strings = [value]
+    elif isinstance(value, (list, tuple)):
+        strings = list(value)
+    else:
+        raise InvalidRequestError("stop", value, _STOP_ALLOWED, reason="not a string or list")
+    if len(strings) > STOP_MAX_COUNT:
+        raise InvalidRequestError(
+            "stop", value, _STOP_ALLOWED, reason=f"more than {STOP_MAX_COUNT} strings"
+        )
+    for s in strings:
+        if not isinstance(s, str):
+            raise InvalidRequestError("stop", s, _STOP_ALLOWED, reason="not a string")
+        if not s:
+            raise InvalidRequestError("stop", s, _STOP_ALLOWED, reason="empty string")
+        try:
+            size = len(s.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise InvalidRequestError(
+                "stop", s, _STOP_ALLOWED, reason="not encodable as UTF-8"
+            ) from None
+        if size > STOP_MAX_BYTES:
+            raise InvalidRequestError("stop", s, _STOP_ALLOWED, reason=f"{size} bytes")
+    return tuple(strings)
+
+
+_FORMAT_ALLOWED = '{"type": "text"} or {"type": "json_object"}'
+
+
+def _response_format(value: Any) -> str:
+    if value is None:
+        return "text"
+    kind = value
+    if isinstance(value, Mapping):
+        extra = sorted(str(k) for k in value if k != "type")
+        if "type" not in value:
+            raise InvalidRequestError("response_format", value, _FORMAT_ALLOWED, reason="no 'type'")
+        kind = value["type"]
+        if kind == "json_schema":
+            raise InvalidRequestError(
+                "response_format", value, _FORMAT_ALLOWED, reason="json_schema is not supported yet"
+            )
+        if extra:
+            raise InvalidRequestError(
+                "response_format", value, _FORMAT_ALLOWED, reason=f"unknown keys {extra}"
+            )
+    if kind == "json_schema":
+        raise InvalidRequestError(
+            "response_format", value, _FORMAT_ALLOWED, reason="json_schema is not supported yet"
+        )
+    if not isinstance(kind, str) or kind not in RESPONSE_FORMATS:
+        raise InvalidRequestError("response_format", value, _FORMAT_ALLOWED, reason="unknown type")
+    return kind
+
+
+# ----------------------------------------------------------------------------- SamplingParams
+
+#: Body fields that describe the request rather than sampling; accepted and ignored here
+#: (``stream`` and ``n`` only with their neutral values, checked in ``from_request``).
+REQUEST_FIELDS = ("model", "messages", "prompt", "user", "metadata", "stream", "n")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """One request's sampling parameters, validated on construction against SPEC.md.
+
+    Field names, ranges and defaults are OpenRouter's (docs/params.md has the table). The
+    object is immutable and hashable: ``logit_bias`` is stored as a sorted tuple of
+    ``(token_id, bias)`` pairs, ``stop`` as a tuple of strings and ``response_format`` as its
+    type string; the constructor also takes a dict, a string or list, and the OpenAI
+    ``{"type": ...}`` form. ``dataclasses.replace`` works and validates again.
+
+    ``logprobs_mode`` is a jaxsample extension: ``"raw"`` reports ``log_softmax`` of the
+    model's logits (as the OpenAI API), ``"processed"`` the exact distribution of the draw.
+
+    Example::
+
+        >>> p = SamplingParams(temperature=0.7, logit_bias={"50256": -100}, stop="\\n\\n")
+        >>> p.logit_bias, p.stop
+        (((50256, -100.0),), ('\\n\\n',))
+        >>> try:
+        ...     SamplingParams(top_p=1.5)
+        ... except InvalidRequestError as err:
+        ...     print(err)
+        invalid request: 'top_p' = 1.5 (out of range); allowed: a number in [0.0, 1.0]
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    top_a: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = None
+    logit_bias: Any = ()  # stored: tuple[tuple[int, float], ...], sorted by id
+    logprobs: bool = False
+    top_logprobs: int = 0
+    response_format: Any = "text"  # stored: "text" | "json_object"
+    stop: Any = ()  # stored: tuple[str, ...]
+    logprobs_mode: str = "raw"  # jaxsample extension: "raw" | "processed"
+
+    def __post_init__(self):
+        def put(name, value):
+            object.__setattr__(self, name, value)
+
+        put("temperature", _number("temperature", self.temperature, 0.0, 2.0))
+        put("top_p", _number("top_p", self.top_p, 0.0, 1.0))
+        put("top_k", _integer("top_k", self.top_k, 0, None, "an integer >= 0 (0 = off)"))
+        for name in ("frequency_penalty", "presence_penalty"):
+            put(name, _number(name, getattr(self, name), -2.0, 2.0))
+        put(
+            "repetition_penalty",
+            _number("repetition_penalty", self.repetition_penalty, 0.0, 2.0),
+        )
+        put("min_p", _number("min_p", self.min_p, 0.0, 1.0))
+        put("top_a", _number("top_a", self.top_a, 0.0, 1.0))
+        if self.seed is not None:
+            put("seed", _integer("seed", self.seed, INT64_MIN, INT64_MAX, _SEED_ALLOWED))
+        if self.max_tokens is not None:
+            put("max_tokens", _integer("max_tokens", self.max_tokens, 1, None, "an integer >= 1"))
+        put("logit_bias", _logit_bias(self.logit_bias))
+        if not _is_bool(self.logprobs):
+            raise InvalidRequestError("logprobs", self.logprobs, "a boolean (true or false)")
+        put("logprobs", bool(self.logprobs))
+        put(
+            "top_logprobs",
+            _integer(
+                "top_logprobs",
+                self.top_logprobs,
+                0,
+                TOP_LOGPROBS_MAX,
+                f"an integer in [0, {TOP_LOGPROBS_MAX}]",
+            ),
+        )
+        if self.top_logprobs > 0 and not self.logprobs:
+            raise InvalidRequestError(
+                "top_logprobs",
+                self.top_logprobs,
+                f"an integer in [0, {TOP_LOGPROBS_MAX}], and > 0 only with logprobs=true",
+                reason="logprobs is false",
+            )
+        put("response_format", _response_format(self.response_format))
+        put("stop", _stop(self.stop))
+        if not isinstance(self.logprobs_mode, str) or self.logprobs_mode not in LOGPROBS_MODES:
+            raise InvalidRequestError("logprobs_mode", self.logprobs_mode, "'raw' or 'processed'")
+
+    @property
+    def logit_bias_dict(self) -> dict[int, float]:
+        """``logit_bias`` as a plain ``{token_id: bias}`` dict."""
+        return dict(self.logit_bias)
+
+    @classmethod
+    def from_request(cls, body: Any) -> SamplingParams:
+        """Builds the params of an OpenRouter/OpenAI chat-completions request body.
+
+        Keeps the sampling fields; accepts the request fields of ``REQUEST_FIELDS`` (``stream``
+        only false, ``n`` only 1); ``max_completion_tokens`` is taken as ``max_tokens``. A JSON
+        ``null`` means the default. Any other field is refused, naming it.
+
+        Example::
+
+            >>> body = {"model": "m", "messages": [], "temperature": 0.2, "seed": 7}
+            >>> SamplingParams.from_request(body).temperature
+            0.2
+        """
+        if not isinstance(body, Mapping):
+            raise InvalidRequestError(
+                "body", body, "a JSON object (dict) of request fields", reason="not an object"
+            )
+        kwargs: dict[str, Any] = {}
+        for key, value in body.items():
+            if key in _SAMPLING_FIELDS:
+                if value is not None:
+                    kwargs[key] = value
+            elif key == "max_completion_tokens":
+                pass  # merged below
+            elif key in REQUEST_FIELDS:
+                _check_request_field(key, value)
+            else:
+                raise InvalidRequestError(
+                    str(key), value, _unknown_allowed(key), reason="unsupported field"
+                )
+        alias = body.get("max_completion_tokens")
+        if alias is not None:
+            alias = _integer("max_completion_tokens", alias, 1, None, "an integer >= 1")
+            if "max_tokens" in kwargs and kwargs["max_tokens"] != alias:
+                raise InvalidRequestError(
+                    "max_completion_tokens",
+                    alias,
+                    f"the same value as max_tokens ({_short_repr(kwargs['max_tokens'])})",
+                    reason="both given and different",
+                )
+            kwargs.setdefault("max_tokens", alias)
+        if "response_format" in kwargs and not isinstance(kwargs["response_format"], Mapping):
+            raise InvalidRequestError(
+                "response_format",
+                kwargs["response_format"],
+                _FORMAT_ALLOWED,
+                reason="not an object",
+            )
+        if "logit_bias" in kwargs and not isinstance(kwargs["logit_bias"], Mapping):
+            raise InvalidRequestError(
+                "logit_bias", kwargs["logit_bias"], _BIAS_ALLOWED, reason="not an object"
+            )
+        return cls(**kwargs)
+
+
+_SEED_ALLOWED = "an integer in [-2**63, 2**63 - 1]"
+_SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+
+
+def _check_request_field(key: str, value: Any) -> None:
+    if key == "stream" and value is not None and value is not False:
+        raise InvalidRequestError("stream", value, "false (streaming is not supported)")
+    if key == "n" and value is not None and not (_is_int(value) and value == 1):
+        raise InvalidRequestError("n", value, "1 (one choice per request)")
+
+
+def _unknown_allowed(key: Any) -> str:
+    known = sorted(_SAMPLING_FIELDS | set(REQUEST_FIELDS) | {"max_completion_tokens"})
+    close = difflib.get_close_matches(str(key), known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return "a supported field: " + ", ".join(known) + hint
+
+
+# ----------------------------------------------------------------------------- model checks
+
+
+def check_for_model(
+    params: SamplingParams, *, vocab_size: int, context_length: int, prompt_length: int
+) -> int:
+    """Checks what needs the model and returns the resolved ``max_tokens``.
+
+    Refuses a logit_bias token id ``>= vocab_size`` (field ``logit_bias``), a prompt of
+    ``>= context_length`` tokens (field ``messages``), and ``max_tokens >
+    context_length - prompt_length`` (field ``max_tokens``). Without ``max_tokens`` the
+    result is ``context_length - prompt_length``.
+
+    Example::
+
+        >>> check_for_model(SamplingParams(), vocab_size=100, context_length=50, prompt_length=8)
+        42
+    """
+    for token, _ in params.logit_bias:
+        if token >= vocab_size:
+            raise InvalidRequestError(
+                "logit_bias",
+                token,
+                f"token ids in [0, {vocab_size - 1}] (the vocabulary has {vocab_size})",
+                reason="token id out of the vocabulary",
+            )
+    if prompt_length >= context_length:
+        raise InvalidRequestError(
+            "messages",
+            f"<prompt of {prompt_length} tokens>",
+            f"a prompt shorter than the context length ({context_length} tokens)",
+        )
+    room = context_length - prompt_length
+    if params.max_tokens is None:
+        return room
+    if params.max_tokens > room:
+        raise InvalidRequestError(
+            "max_tokens",
+            params.max_tokens,
+            f"an integer in [1, {room}] (context length {context_length} "
+            f"minus prompt length {prompt_length})",
+        )
+    return params.max_tokens
+
+
+# ----------------------------------------------------------------------------- seeds
+
+
+def seed_words(seed: int) -> np.ndarray:
+    """The 64-bit two's-complement ``seed`` as ``uint32[2]`` words ``[hi, lo]``.
+
+    ``jax.random.wrap_key_data(jnp.asarray(seed_words(s)), impl="threefry2x32")`` is the key
+    ``jax.random.PRNGKey(s)`` builds with 64-bit integers enabled (``jax_enable_x64``). Without
+    x64, ``PRNGKey`` keeps only the low 32 bits; these words keep all 64, so distinct seeds
+    always give distinct keys.
+
+    Example::
+
+        >>> seed_words(-1)
+        array([4294967295, 4294967295], dtype=uint32)
+    """
+    seed = _integer("seed", seed, INT64_MIN, INT64_MAX, _SEED_ALLOWED)
+    u = seed % 2**64
+    return np.array([u >> 32, u & 0xFFFFFFFF], dtype=np.uint32)
+
+
+@jax.jit
+def _derived_bits(words: jax.Array, index: jax.Array) -> jax.Array:
+    key = jax.random.wrap_key_data(words, impl="threefry2x32")
+    return jax.random.bits(jax.random.fold_in(key, index), (2,), jnp.uint32)
+
+
+def derive_seed(job_seed: int, index: int) -> int:
+    """The seed of the request at ``index`` of a job whose requests carry no seed.
+
+    ``bits(fold_in(key(job_seed), index))``: two uint32 words ``[hi, lo]`` read as one signed
+    64-bit int, where ``key(job_seed)`` is built from :func:`seed_words` (the whole 64-bit job
+    seed counts). Deterministic; distinct indices give independent seeds. ``index`` is in
+    ``[0, 2**32)``.
+
+    Example::
+
+        >>> derive_seed(0, 1) == derive_seed(0, 1) != derive_seed(0, 2)
+        True
+    """
+    words = seed_words(job_seed)
+    index = _integer("index", index, 0, 2**32 - 1, "an integer in [0, 2**32 - 1]")
+    hi, lo = (int(w) for w in np.asarray(_derived_bits(words, np.uint32(index))))
+    u = (hi << 32) | lo
+    return u - 2**64 if u > INT64_MAX else u
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def pack_rows(
+    params_list: Sequence[SamplingParams], *, vocab_size: int, seeds: Sequence[int]
+) -> RowParams:
+    """Packs B requests into one :class:`RowParams` of numpy arrays with a leading axis B.
+
+    ``seeds`` holds each row's resolved seed (its own, or :func:`derive_seed`'s). logit_bias is
+    padded to ``LOGIT_BIAS_MAX`` entries with id 0 and value 0.0 (adding 0 changes nothing).
+    ``top_k`` is stored as ``min(top_k, vocab_size)``: both mean "off". A token id outside the
+    vocabulary raises :class:`InvalidRequestError` with ``index`` set to the row.
+
+    Example::
+
+        >>> rows = pack_rows([SamplingParams(), SamplingParams(top_k=5)], vocab_size=10,
+        ...                  seeds=[1, 2])
+        >>> rows.top_k, rows.bias_ids.shape
+        (array([0, 5], dtype=int32), (2, 1024))
+    """
+    if len(seeds) != len(params_list):
+        raise ValueError(f"{len(params_list)} params but {len(seeds)} seeds")
+    b = len(params_list)
+    bias_ids = np.zeros((b, LOGIT_BIAS_MAX), np.int32)
+    bias_values = np.zeros((b, LOGIT_BIAS_MAX), np.float32)
+    words = np.zeros((b, 2), np.uint32)
+    for i, (p, seed) in enumerate(zip(params_list, seeds, strict=True)):
+        for j, (token, bias) in enumerate(p.logit_bias):
+            if token >= vocab_size:
+                raise InvalidRequestError(
+                    "logit_bias",
+                    token,
+                    f"token ids in [0, {vocab_size - 1}] (the vocabulary has {vocab_size})",
+                    index=i,
+                )
+            bias_ids[i, j] = token
+            bias_values[i, j] = bias
+        words[i] = seed_words(seed)
+
+    def column(name, dtype):
+        return np.array([getattr(p, name) for p in params_list], dtype=dtype).reshape(b)
+
+    return RowParams(
+        temperature=column("temperature", np.float32),
+        top_k=np.array([min(p.top_k, vocab_size) for p in params_list], np.int32).reshape(b),
+        top_p=column("top_p", np.float32),
+        top_a=column("top_a", np.float32),
+        min_p=column("min_p", np.float32),
+        repetition_penalty=column("repetition_penalty", np.float32),
+        frequency_penalty=column("frequency_penalty", np.float32),
+        presence_penalty=column("presence_penalty", np.float32),
+        bias_ids=bias_ids,
+        bias_values=bias_values,
+        seed_words=words,
+        top_logprobs=column("top_logprobs", np.int32),
+        processed_logprobs=np.array(
+            [p.logprobs_mode == "processed" for p in params_list], np.bool_
+        ).reshape(b),
+    )
