@@ -1,0 +1,409 @@
+"""The Llama decoder as a Flax NNX module with a preallocated KV cache.
+
+Architecture (per layer): ``x += Wo · attn(RoPE(Wq·n1(x)), RoPE(Wk·n1(x)), Wv·n1(x))`` then
+``x += Wdown · (silu(Wgate·n2(x)) * Wup·n2(x))`` with ``n1, n2`` RMSNorm; grouped-query
+attention (H query heads share K key/value heads); final RMSNorm; logits against the
+(tied) token embedding. Q/K/V are one fused matmul ``[D, (H+2K)d]`` and gate/up another
+``[D, 2F]``.
+
+RoPE layout: the module uses the "rotate-half" convention (HF transformers): a head's
+vector is split into halves ``(x1, x2)`` and the pair ``(x1[i], x2[i])`` is rotated by
+``pos * theta**(-2i/d)``. GGUF Llama files store Q/K rows permuted for llama.cpp's
+interleaved-pair RoPE (pairs ``(x[2i], x[2i+1])``); :func:`weights_from_gguf` undoes that
+permutation, so both give the same attention scores.
+
+Attention is blockwise with an online softmax over fixed blocks of ``attn_block`` keys:
+a block that is entirely masked for a row contributes exactly zero (its max is ``-inf``,
+the running max does not change, the rescale factor is exactly 1 and the added terms are
+exactly 0). So a row's attention output does not depend on the cache size, on how many
+blocks the batch needs, or on other rows. Decode visits only the blocks up to the largest
+position in the batch (a ``while_loop`` with a data-dependent trip count).
+
+Example::
+
+    model = Llama(tiny_config(), rngs=nnx.Rngs(0))
+    cache = model.init_cache(batch=2, max_len=64)
+    tokens = jnp.array([[5, 6, 7], [8, 9, 0]], jnp.int32)        # right padded
+    logits, cache = model.prefill(tokens, jnp.array([3, 2], jnp.int32), cache)
+    nxt = jnp.argmax(logits, -1).astype(jnp.int32)
+    logits, cache = model.decode(nxt, jnp.array([3, 2], jnp.int32), cache)
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxsample.model.config import LlamaConfig
+
+
+class KVCache(NamedTuple):
+    """Preallocated keys/values, one array per layer (so each layer updates in place).
+
+    k[l], v[l]: ``[B, K, S, d]`` in the model dtype; S (``max_len``) is a multiple of
+    ``config.attn_block``. Entry ``[b, :, s]`` holds the key/value of row b's token at
+    position s; entries beyond a row's current position are ignored (masked).
+    """
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+    @property
+    def batch(self) -> int:
+        return self.k[0].shape[0]
+
+
+def _rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """``x / sqrt(mean(x**2, -1) + eps) * w`` in float32; x [..., D], w [D]."""
+    x = x.astype(jnp.float32)
+    ms = jnp.mean(x * x, axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(ms + eps) * w.astype(jnp.float32)
+
+
+def _mm(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x @ w`` with x cast to w's dtype and float32 accumulation/result."""
+    return jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+
+def rope_angles(positions: jax.Array, head_dim: int, theta: float):
+    """cos, sin of ``positions[..., None] * theta**(-2i/d)``, i < d/2; shapes [..., d/2]."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    inv_freq = jnp.asarray(inv_freq, jnp.float32)
+    ang = positions.astype(jnp.float32)[..., None] * inv_freq.reshape((1,) * positions.ndim + (-1,))
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE. x [..., n, d]; cos/sin [..., d/2] (broadcast over the head axis n)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[..., None, :], sin[..., None, :]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+def _online_block(carry, s, v_blk):
+    """One online-softmax step. carry = (m, l, acc): running max [...], sum [...], weighted
+    values [..., d]; s: masked scores [..., t] (-inf = masked); v_blk [..., t, d] (broadcast
+    to s's leading axes by the caller's einsum)."""
+    m, l, acc = carry
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    alpha = jnp.exp(m - m_new)
+    p = jnp.exp(s - m_new[..., None])
+    l = alpha * l + jnp.sum(p, axis=-1)
+    acc = alpha[..., None] * acc + v_blk(p)
+    return m_new, l, acc
+
+
+class Block(nnx.Module):
+    """One decoder layer's weights (layout ``x @ W``: W is [in, out])."""
+
+    def __init__(self, cfg: LlamaConfig, *, dtype, rngs: nnx.Rngs | None, weights=None):
+        D, H, K, d, F = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.hidden_dim
+        if weights is None:
+            init = jax.nn.initializers.normal
+
+            def w(shape, fan_in):
+                return init(fan_in**-0.5)(rngs.params(), shape, jnp.float32).astype(dtype)
+
+            weights = {
+                "attn_norm": jnp.ones((D,), jnp.float32),
+                "wqkv": w((D, (H + 2 * K) * d), D),
+                "wo": w((H * d, D), H * d),
+                "ffn_norm": jnp.ones((D,), jnp.float32),
+                "w_gate_up": w((D, 2 * F), D),
+                "w_down": w((F, D), F),
+            }
+        self.attn_norm = nnx.Param(jnp.asarray(weights["attn_norm"], jnp.float32))
+        self.wqkv = nnx.Param(jnp.asarray(weights["wqkv"], dtype))
+        self.wo = nnx.Param(jnp.asarray(weights["wo"], dtype))
+        self.ffn_norm = nnx.Param(jnp.asarray(weights["ffn_norm"], jnp.float32))
+        self.w_gate_up = nnx.Param(jnp.asarray(weights["w_gate_up"], dtype))
+        self.w_down = nnx.Param(jnp.asarray(weights["w_down"], dtype))
+
+    def qkv(self, x: jax.Array, cfg: LlamaConfig):
+        """x [N, D] -> q [N, H, d], k [N, K, d], v [N, K, d] (before RoPE)."""
+        H, K, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        h = _rms_norm(x, self.attn_norm.value, cfg.norm_eps)
+        qkv = _mm(h, self.wqkv.value)
+        q = qkv[:, : H * d].reshape(-1, H, d)
+        k = qkv[:, H * d : (H + K) * d].reshape(-1, K, d)
+        v = qkv[:, (H + K) * d :].reshape(-1, K, d)
+        return q, k, v
+
+    def finish(self, x: jax.Array, attn: jax.Array, cfg: LlamaConfig) -> jax.Array:
+        """Residual + output projection + SwiGLU MLP. x [N, D], attn [N, H*d] -> [N, D]."""
+        x = x + _mm(attn, self.wo.value)
+        h = _rms_norm(x, self.ffn_norm.value, cfg.norm_eps)
+        gu = _mm(h, self.w_gate_up.value)
+        F = cfg.hidden_dim
+        act = jax.nn.silu(gu[:, :F]) * gu[:, F:]
+        return x + _mm(act, self.w_down.value)
+
+
+class Llama(nnx.Module):
+    """Llama decoder with tied (or separate) output embedding and a preallocated KV cache.
+
+    Construct randomly (``Llama(cfg, rngs=nnx.Rngs(0))``) or from converted weights
+    (``Llama(cfg, weights=weights_from_gguf(gf, cfg))``; see :func:`load_model`).
+
+    ``prefill`` and ``decode`` are pure in (module state, inputs, cache): use them inside
+    ``jax.jit`` through ``nnx.split`` / ``nnx.merge``::
+
+        graphdef, state = nnx.split(model)
+
+        @jax.jit
+        def step(state, tokens, positions, cache):
+            return nnx.merge(graphdef, state).decode(tokens, positions, cache)
+    """
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        *,
+        rngs: nnx.Rngs | None = None,
+        dtype=jnp.float32,
+        weights: dict | None = None,
+    ):
+        if weights is None and rngs is None:
+            raise ValueError("Llama needs rngs (random init) or weights")
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        cfg = config
+        if weights is None:
+            emb = jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.dim), jnp.float32)
+            weights = {"embed": emb, "norm": jnp.ones((cfg.dim,), jnp.float32)}
+            if not cfg.tie_embeddings:
+                weights["output"] = cfg.dim**-0.5 * jax.random.normal(
+                    rngs.params(), (cfg.vocab_size, cfg.dim), jnp.float32
+                )
+            layers = [None] * cfg.n_layers
+        else:
+            layers = weights["layers"]
+        self.embed = nnx.Param(jnp.asarray(weights["embed"], dtype))
+        self.norm = nnx.Param(jnp.asarray(weights["norm"], jnp.float32))
+        if not cfg.tie_embeddings:
+            self.output = nnx.Param(jnp.asarray(weights["output"], dtype))
+        self.layers = nnx.List([Block(cfg, dtype=dtype, rngs=rngs, weights=lw) for lw in layers])
+
+    # ----------------------------------------------------------------- helpers
+    def _logits(self, h: jax.Array) -> jax.Array:
+        """h [N, D] -> float32 logits [N, V] (final RMSNorm, then the output embedding)."""
+        h = _rms_norm(h, self.norm.value, self.config.norm_eps)
+        out = self.embed.value if self.config.tie_embeddings else self.output.value
+        return jax.lax.dot_general(
+            h.astype(out.dtype), out, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        )
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        """Zeroed KV cache for ``batch`` rows and at least ``max_len`` positions.
+
+        The length is rounded up to a multiple of ``config.attn_block``; returns a
+        :class:`KVCache` with k[l], v[l] of shape [batch, K, S, d].
+        """
+        cfg = self.config
+        if max_len < 1 or batch < 1:
+            raise ValueError(
+                f"init_cache needs batch >= 1 and max_len >= 1, got {batch}, {max_len}"
+            )
+        blk = cfg.attn_block
+        S = -(-max_len // blk) * blk
+        shape = (batch, cfg.n_kv_heads, S, cfg.head_dim)
+        zeros = tuple(jnp.zeros(shape, self.dtype) for _ in range(cfg.n_layers))
+        return KVCache(k=zeros, v=tuple(jnp.zeros(shape, self.dtype) for _ in range(cfg.n_layers)))
+
+    # ----------------------------------------------------------------- prefill
+    def prefill(self, tokens: jax.Array, lengths: jax.Array, cache: KVCache):
+        """Run right-padded prompts through the model in one pass and fill the cache.
+
+        Args:
+          tokens: int32 [B, T], row b's prompt in ``tokens[b, :lengths[b]]`` (the rest is
+            padding; any id). T <= cache.max_len.
+          lengths: int32 [B], 1 <= lengths[b] <= T.
+          cache: :class:`KVCache` with batch B (its content is overwritten for 0..T-1).
+
+        Returns:
+          (logits float32 [B, V] at each row's last prompt token ``lengths[b]-1``, cache).
+        """
+        cfg = self.config
+        B, T = tokens.shape
+        S, blk = cache.max_len, cfg.attn_block
+        if T > S:
+            raise ValueError(f"prompt length {T} exceeds the cache length {S}")
+        H, K, d, G = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.group_size
+        n_blocks = -(-T // blk)
+        x = jnp.take(self.embed.value, tokens.reshape(-1), axis=0).astype(jnp.float32)
+        pos = jnp.arange(T, dtype=jnp.int32)
+        cos, sin = rope_angles(pos, d, cfg.rope_theta)  # [T, d/2]
+        cos = jnp.broadcast_to(cos[None], (B, T, d // 2)).reshape(B * T, d // 2)
+        sin = jnp.broadcast_to(sin[None], (B, T, d // 2)).reshape(B * T, d // 2)
+        scale = d**-0.5
+        q_pos = pos.reshape(1, 1, 1, T, 1)
+        new_k, new_v = [], []
+        for li, layer in enumerate(self.layers):
+            q, k, v = layer.qkv(x, cfg)
+            q = _apply_rope(q, cos, sin)
+            k = _apply_rope(k, cos, sin)
+            k = k.reshape(B, T, K, d).transpose(0, 2, 1, 3).astype(self.dtype)
+            v = v.reshape(B, T, K, d).transpose(0, 2, 1, 3).astype(self.dtype)
+            ck = jax.lax.dynamic_update_slice(cache.k[li], k, (0, 0, 0, 0))
+            cv = jax.lax.dynamic_update_slice(cache.v[li], v, (0, 0, 0, 0))
+            new_k.append(ck)
+            new_v.append(cv)
+            # q [B, K, G, T, d]
+            qh = (q * scale).reshape(B, T, K, G, d).transpose(0, 2, 3, 1, 4)
+
+            def body(j, carry, qh=qh, ck=ck, cv=cv):
+                kb = jax.lax.dynamic_slice_in_dim(ck, j * blk, blk, axis=2)  # [B,K,blk,d]
+                vb = jax.lax.dynamic_slice_in_dim(cv, j * blk, blk, axis=2)
+                s = jnp.einsum(
+                    "bkgtd,bksd->bkgts",
+                    qh,
+                    kb.astype(jnp.float32),
+                    preferred_element_type=jnp.float32,
+                )
+                k_pos = (j * blk + jnp.arange(blk, dtype=jnp.int32)).reshape(1, 1, 1, 1, blk)
+                s = jnp.where(k_pos <= q_pos, s, -jnp.inf)
+                return _online_block(
+                    carry,
+                    s,
+                    lambda p, vb=vb: jnp.einsum(
+                        "bkgts,bksd->bkgtd",
+                        p,
+                        vb.astype(jnp.float32),
+                        preferred_element_type=jnp.float32,
+                    ),
+                )
+
+            init = (
+                jnp.full((B, K, G, T), -jnp.inf, jnp.float32),
+                jnp.zeros((B, K, G, T), jnp.float32),
+                jnp.zeros((B, K, G, T, d), jnp.float32),
+            )
+            _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+            attn = acc / l[..., None]  # [B, K, G, T, d]
+            attn = attn.transpose(0, 3, 1, 2, 4).reshape(B * T, H * d)
+            x = layer.finish(x, attn, cfg)
+        last = jnp.clip(lengths.astype(jnp.int32) - 1, 0, T - 1)
+        h_last = jnp.take_along_axis(x.reshape(B, T, -1), last.reshape(B, 1, 1), axis=1)
+        logits = self._logits(h_last.reshape(B, -1))
+        return logits, KVCache(k=tuple(new_k), v=tuple(new_v))
+
+    # ----------------------------------------------------------------- decode
+    def decode(self, tokens: jax.Array, positions: jax.Array, cache: KVCache):
+        """One decode step for every row at its own position.
+
+        Args:
+          tokens: int32 [B], the token at ``positions[b]`` of row b.
+          positions: int32 [B], 0 <= positions[b] < cache.max_len.
+          cache: :class:`KVCache`; rows' entries 0..positions[b]-1 must be filled.
+
+        Returns:
+          (float32 logits [B, V] predicting position ``positions[b] + 1``, the cache with
+          K/V written at ``positions[b]``). Row b attends to cache entries 0..positions[b].
+        """
+        cfg = self.config
+        (B,) = tokens.shape
+        blk = cfg.attn_block
+        H, K, d, G = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.group_size
+        positions = positions.astype(jnp.int32)
+        n_blocks = jnp.max(positions) // blk + 1
+        x = jnp.take(self.embed.value, tokens, axis=0).astype(jnp.float32)
+        cos, sin = rope_angles(positions, d, cfg.rope_theta)  # [B, d/2]
+        scale = d**-0.5
+        rows = jnp.arange(B, dtype=jnp.int32).reshape(B, 1)
+        heads = jnp.arange(K, dtype=jnp.int32).reshape(1, K)
+        pos_col = positions.reshape(B, 1)
+        q_pos = positions.reshape(B, 1, 1, 1)
+        new_k, new_v = [], []
+        for li, layer in enumerate(self.layers):
+            q, k, v = layer.qkv(x, cfg)
+            q = _apply_rope(q, cos, sin)
+            k = _apply_rope(k, cos, sin)
+            ck = cache.k[li].at[rows, heads, pos_col].set(k.astype(self.dtype))
+            cv = cache.v[li].at[rows, heads, pos_col].set(v.astype(self.dtype))
+            new_k.append(ck)
+            new_v.append(cv)
+            qh = (q * scale).reshape(B, K, G, d)
+
+            def body(j, carry, qh=qh, ck=ck, cv=cv):
+                kb = jax.lax.dynamic_slice_in_dim(ck, j * blk, blk, axis=2)  # [B,K,blk,d]
+                vb = jax.lax.dynamic_slice_in_dim(cv, j * blk, blk, axis=2)
+                s = jnp.einsum(
+                    "bkgd,bksd->bkgs",
+                    qh,
+                    kb.astype(jnp.float32),
+                    preferred_element_type=jnp.float32,
+                )
+                k_pos = (j * blk + jnp.arange(blk, dtype=jnp.int32)).reshape(1, 1, 1, blk)
+                s = jnp.where(k_pos <= q_pos, s, -jnp.inf)
+                return _online_block(
+                    carry,
+                    s,
+                    lambda p, vb=vb: jnp.einsum(
+                        "bkgs,bksd->bkgd",
+                        p,
+                        vb.astype(jnp.float32),
+                        preferred_element_type=jnp.float32,
+                    ),
+                )
+
+            init = (
+                jnp.full((B, K, G), -jnp.inf, jnp.float32),
+                jnp.zeros((B, K, G), jnp.float32),
+                jnp.zeros((B, K, G, d), jnp.float32),
+            )
+            _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+            attn = (acc / l[..., None]).reshape(B, H * d)
+            x = layer.finish(x, attn, cfg)
+        return self._logits(x), KVCache(k=tuple(new_k), v=tuple(new_v))
+
+
+def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """GGUF (interleaved-pair) row order -> rotate-half row order, per head.
+
+    llama.cpp's converter maps HF row ``half * d/2 + i`` of each head to GGUF row
+    ``2 * i + half``; this is the inverse. w: [n_heads * d, in].
+    """
+    rows, cols = w.shape
+    d = rows // n_heads
+    return w.reshape(n_heads, d // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def weights_from_gguf(gf, cfg: LlamaConfig) -> dict:
+    """Convert GGUF tensors (``token_embd``, ``blk.N.attn_q`` ...) to this module's layout.
+
+    Returns float32 numpy arrays: embed [V, D], norm [D], optional output [V, D], and
+    ``layers``: a list of dicts with attn_norm [D], wqkv [D, (H+2K)d] (Q/K rows un-permuted
+    to rotate-half order), wo [H d, D], ffn_norm [D], w_gate_up [D, 2F], w_down [F, D].
+    """
+    H, K = cfg.n_heads, cfg.n_kv_heads
+    out = {"embed": gf.tensor("token_embd.weight"), "norm": gf.tensor("output_norm.weight")}
+    if not cfg.tie_embeddings:
+        out["output"] = gf.tensor("output.weight")
+    layers = []
+    for i in range(cfg.n_layers):
+        p = f"blk.{i}."
+        q = _unpermute_rope_rows(gf.tensor(p + "attn_q.weight"), H)
+        k = _unpermute_rope_rows(gf.tensor(p + "attn_k.weight"), K)
+        v = gf.tensor(p + "attn_v.weight")
+        gate, up = gf.tensor(p + "ffn_gate.weight"), gf.tensor(p + "ffn_up.weight")
+        layers.append(
+            {
+                "attn_norm": gf.tensor(p + "attn_norm.weight"),
+                "wqkv": np.ascontiguousarray(np.concatenate([q, k, v], axis=0).T),
+                "wo": np.ascontiguousarray(gf.tensor(p + "attn_output.weight").T),
+                "ffn_norm": gf.tensor(p + "ffn_norm.weight"),
+                "w_gate_up": np.ascontiguousarray(np.concatenate([gate, up], axis=0).T),
+                "w_down": np.ascontiguousarray(gf.tensor(p + "ffn_down.weight").T),
+            }
+        )
+    out["layers"] = layers
+    return out
