@@ -228,24 +228,20 @@ def _response_format(value: Any) -> str:
         return "text"
     kind = value
     if isinstance(value, Mapping):
-        extra = sorted(str(k) for k in value if k != "type")
         if "type" not in value:
             raise InvalidRequestError("response_format", value, _FORMAT_ALLOWED, reason="no 'type'")
         kind = value["type"]
-        if kind == "json_schema":
-            raise InvalidRequestError(
-                "response_format", value, _FORMAT_ALLOWED, reason="json_schema is not supported yet"
-            )
-        if extra:
-            raise InvalidRequestError(
-                "response_format", value, _FORMAT_ALLOWED, reason=f"unknown keys {extra}"
-            )
     if kind == "json_schema":
         raise InvalidRequestError(
             "response_format", value, _FORMAT_ALLOWED, reason="json_schema is not supported yet"
         )
     if not isinstance(kind, str) or kind not in RESPONSE_FORMATS:
         raise InvalidRequestError("response_format", value, _FORMAT_ALLOWED, reason="unknown type")
+    extra = sorted(str(k) for k in value if k != "type") if isinstance(value, Mapping) else []
+    if extra:
+        raise InvalidRequestError(
+            "response_format", value, _FORMAT_ALLOWED, reason=f"unknown keys {extra}"
+        )
     return kind
 
 
@@ -425,6 +421,18 @@ def _unknown_allowed(key: Any) -> str:
 # ----------------------------------------------------------------------------- model checks
 
 
+def _check_bias_ids(params: SamplingParams, vocab_size: int, index: int | None = None) -> None:
+    for token, _ in params.logit_bias:
+        if token >= vocab_size:
+            raise InvalidRequestError(
+                "logit_bias",
+                token,
+                f"token ids in [0, {vocab_size - 1}] (the vocabulary has {vocab_size})",
+                reason="token id out of the vocabulary",
+                index=index,
+            )
+
+
 def check_for_model(
     params: SamplingParams, *, vocab_size: int, context_length: int, prompt_length: int
 ) -> int:
@@ -440,14 +448,7 @@ def check_for_model(
         >>> check_for_model(SamplingParams(), vocab_size=100, context_length=50, prompt_length=8)
         42
     """
-    for token, _ in params.logit_bias:
-        if token >= vocab_size:
-            raise InvalidRequestError(
-                "logit_bias",
-                token,
-                f"token ids in [0, {vocab_size - 1}] (the vocabulary has {vocab_size})",
-                reason="token id out of the vocabulary",
-            )
+    _check_bias_ids(params, vocab_size)
     if prompt_length >= context_length:
         raise InvalidRequestError(
             "messages",
@@ -541,14 +542,8 @@ def pack_rows(
     bias_values = np.zeros((b, LOGIT_BIAS_MAX), np.float32)
     words = np.zeros((b, 2), np.uint32)
     for i, (p, seed) in enumerate(zip(params_list, seeds, strict=True)):
+        _check_bias_ids(p, vocab_size, index=i)
         for j, (token, bias) in enumerate(p.logit_bias):
-            if token >= vocab_size:
-                raise InvalidRequestError(
-                    "logit_bias",
-                    token,
-                    f"token ids in [0, {vocab_size - 1}] (the vocabulary has {vocab_size})",
-                    index=i,
-                )
             bias_ids[i, j] = token
             bias_values[i, j] = bias
         words[i] = seed_words(seed)
