@@ -44,6 +44,8 @@ class LlamaConfig:
             raise ValueError(
                 f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"
             )
+        if self.attn_block < 1:
+            raise ValueError(f"attn_block={self.attn_block} must be >= 1")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
 

@@ -65,7 +65,7 @@ def _rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     """``x / sqrt(mean(x**2, -1) + eps) * w`` in float32; x [..., D], w [D]."""
     x = x.astype(jnp.float32)
     ms = jnp.mean(x * x, axis=-1, keepdims=True)
-    return x * jax.lax.rsqrt(ms + eps) * w.astype(jnp.float32)
+    return x * jax.lax.rsqrt(ms + eps) * w.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
 
 
 def _mm(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -89,17 +89,42 @@ def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
 
 
-def _online_block(carry, s, v_blk):
-    """One online-softmax step. carry = (m, l, acc): running max [...], sum [...], weighted
-    values [..., d]; s: masked scores [..., t] (-inf = masked); v_blk [..., t, d] (broadcast
-    to s's leading axes by the caller's einsum)."""
-    m, l, acc = carry
-    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-    alpha = jnp.exp(m - m_new)
-    p = jnp.exp(s - m_new[..., None])
-    l = alpha * l + jnp.sum(p, axis=-1)
-    acc = alpha[..., None] * acc + v_blk(p)
-    return m_new, l, acc
+def _attend(qh, q_pos, ck, cv, n_blocks, blk: int):
+    """Blockwise causal attention with an online softmax over fixed-size key blocks.
+
+    qh: float32 [B, K, G, T, d] queries, already scaled by d**-0.5 (K kv heads, G query
+    heads per kv head); q_pos: int32 [B, 1, 1, T, 1], each query's position (it sees keys at
+    positions <= q_pos); ck, cv: [B, K, S, d] cache; n_blocks: int or int32 scalar, the
+    blocks 0..n_blocks-1 of ``blk`` keys to visit. Returns float32 [B, K, G, T, d].
+
+    Per block: ``m' = max(m, max s)``, ``l' = e^(m-m') l + sum e^(s-m')``,
+    ``acc' = e^(m-m') acc + e^(s-m') v``. A block masked entirely for a query leaves
+    (m, l, acc) bit-for-bit unchanged, so visiting extra blocks never changes a result.
+    Block 0 always holds position 0, so m is finite after it.
+    """
+    B, K, G, T, d = qh.shape
+
+    def body(j, carry):
+        m, l, acc = carry
+        kb = jax.lax.dynamic_slice_in_dim(ck, j * blk, blk, axis=2).astype(jnp.float32)
+        vb = jax.lax.dynamic_slice_in_dim(cv, j * blk, blk, axis=2).astype(jnp.float32)
+        s = jnp.einsum("bkgtd,bksd->bkgts", qh, kb, preferred_element_type=jnp.float32)
+        k_pos = (j * blk + jnp.arange(blk, dtype=jnp.int32)).reshape(1, 1, 1, 1, blk)
+        s = jnp.where(k_pos <= q_pos, s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        alpha = jnp.exp(m - m_new)
+        p = jnp.exp(s - m_new[..., None])
+        l = alpha * l + jnp.sum(p, axis=-1)
+        pv = jnp.einsum("bkgts,bksd->bkgtd", p, vb, preferred_element_type=jnp.float32)
+        return m_new, l, alpha[..., None] * acc + pv
+
+    init = (
+        jnp.full((B, K, G, T), -jnp.inf, jnp.float32),
+        jnp.zeros((B, K, G, T), jnp.float32),
+        jnp.zeros((B, K, G, T, d), jnp.float32),
+    )
+    _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+    return acc / l[..., None]
 
 
 class Block(nnx.Module):
@@ -131,8 +156,8 @@ class Block(nnx.Module):
     def qkv(self, x: jax.Array, cfg: LlamaConfig):
         """x [N, D] -> q [N, H, d], k [N, K, d], v [N, K, d] (before RoPE)."""
         H, K, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        h = _rms_norm(x, self.attn_norm.value, cfg.norm_eps)
-        qkv = _mm(h, self.wqkv.value)
+        h = _rms_norm(x, self.attn_norm[...], cfg.norm_eps)
+        qkv = _mm(h, self.wqkv[...])
         q = qkv[:, : H * d].reshape(-1, H, d)
         k = qkv[:, H * d : (H + K) * d].reshape(-1, K, d)
         v = qkv[:, (H + K) * d :].reshape(-1, K, d)
@@ -140,12 +165,12 @@ class Block(nnx.Module):
 
     def finish(self, x: jax.Array, attn: jax.Array, cfg: LlamaConfig) -> jax.Array:
         """Residual + output projection + SwiGLU MLP. x [N, D], attn [N, H*d] -> [N, D]."""
-        x = x + _mm(attn, self.wo.value)
-        h = _rms_norm(x, self.ffn_norm.value, cfg.norm_eps)
-        gu = _mm(h, self.w_gate_up.value)
+        x = x + _mm(attn, self.wo[...])
+        h = _rms_norm(x, self.ffn_norm[...], cfg.norm_eps)
+        gu = _mm(h, self.w_gate_up[...])
         F = cfg.hidden_dim
         act = jax.nn.silu(gu[:, :F]) * gu[:, F:]
-        return x + _mm(act, self.w_down.value)
+        return x + _mm(act, self.w_down[...])
 
 
 class Llama(nnx.Module):
@@ -196,8 +221,8 @@ class Llama(nnx.Module):
     # ----------------------------------------------------------------- helpers
     def _logits(self, h: jax.Array) -> jax.Array:
         """h [N, D] -> float32 logits [N, V] (final RMSNorm, then the output embedding)."""
-        h = _rms_norm(h, self.norm.value, self.config.norm_eps)
-        out = self.embed.value if self.config.tie_embeddings else self.output.value
+        h = _rms_norm(h, self.norm[...], self.config.norm_eps)
+        out = self.embed[...] if self.config.tie_embeddings else self.output[...]
         return jax.lax.dot_general(
             h.astype(out.dtype), out, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
         )
@@ -239,13 +264,13 @@ class Llama(nnx.Module):
             raise ValueError(f"prompt length {T} exceeds the cache length {S}")
         H, K, d, G = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.group_size
         n_blocks = -(-T // blk)
-        x = jnp.take(self.embed.value, tokens.reshape(-1), axis=0).astype(jnp.float32)
+        x = jnp.take(self.embed[...], tokens.reshape(-1), axis=0).astype(jnp.float32)
         pos = jnp.arange(T, dtype=jnp.int32)
         cos, sin = rope_angles(pos, d, cfg.rope_theta)  # [T, d/2]
         cos = jnp.broadcast_to(cos[None], (B, T, d // 2)).reshape(B * T, d // 2)
         sin = jnp.broadcast_to(sin[None], (B, T, d // 2)).reshape(B * T, d // 2)
         scale = d**-0.5
-        q_pos = pos.reshape(1, 1, 1, T, 1)
+        q_pos = jnp.broadcast_to(pos.reshape(1, 1, 1, T, 1), (B, 1, 1, T, 1))
         new_k, new_v = [], []
         for li, layer in enumerate(self.layers):
             q, k, v = layer.qkv(x, cfg)
@@ -260,35 +285,7 @@ class Llama(nnx.Module):
             # q [B, K, G, T, d]
             qh = (q * scale).reshape(B, T, K, G, d).transpose(0, 2, 3, 1, 4)
 
-            def body(j, carry, qh=qh, ck=ck, cv=cv):
-                kb = jax.lax.dynamic_slice_in_dim(ck, j * blk, blk, axis=2)  # [B,K,blk,d]
-                vb = jax.lax.dynamic_slice_in_dim(cv, j * blk, blk, axis=2)
-                s = jnp.einsum(
-                    "bkgtd,bksd->bkgts",
-                    qh,
-                    kb.astype(jnp.float32),
-                    preferred_element_type=jnp.float32,
-                )
-                k_pos = (j * blk + jnp.arange(blk, dtype=jnp.int32)).reshape(1, 1, 1, 1, blk)
-                s = jnp.where(k_pos <= q_pos, s, -jnp.inf)
-                return _online_block(
-                    carry,
-                    s,
-                    lambda p, vb=vb: jnp.einsum(
-                        "bkgts,bksd->bkgtd",
-                        p,
-                        vb.astype(jnp.float32),
-                        preferred_element_type=jnp.float32,
-                    ),
-                )
-
-            init = (
-                jnp.full((B, K, G, T), -jnp.inf, jnp.float32),
-                jnp.zeros((B, K, G, T), jnp.float32),
-                jnp.zeros((B, K, G, T, d), jnp.float32),
-            )
-            _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
-            attn = acc / l[..., None]  # [B, K, G, T, d]
+            attn = _attend(qh, q_pos, ck, cv, n_blocks, blk)  # [B, K, G, T, d]
             attn = attn.transpose(0, 3, 1, 2, 4).reshape(B * T, H * d)
             x = layer.finish(x, attn, cfg)
         last = jnp.clip(lengths.astype(jnp.int32) - 1, 0, T - 1)
@@ -315,13 +312,13 @@ class Llama(nnx.Module):
         H, K, d, G = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.group_size
         positions = positions.astype(jnp.int32)
         n_blocks = jnp.max(positions) // blk + 1
-        x = jnp.take(self.embed.value, tokens, axis=0).astype(jnp.float32)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.float32)
         cos, sin = rope_angles(positions, d, cfg.rope_theta)  # [B, d/2]
         scale = d**-0.5
         rows = jnp.arange(B, dtype=jnp.int32).reshape(B, 1)
         heads = jnp.arange(K, dtype=jnp.int32).reshape(1, K)
         pos_col = positions.reshape(B, 1)
-        q_pos = positions.reshape(B, 1, 1, 1)
+        q_pos = positions.reshape(B, 1, 1, 1, 1)
         new_k, new_v = [], []
         for li, layer in enumerate(self.layers):
             q, k, v = layer.qkv(x, cfg)
@@ -331,37 +328,9 @@ class Llama(nnx.Module):
             cv = cache.v[li].at[rows, heads, pos_col].set(v.astype(self.dtype))
             new_k.append(ck)
             new_v.append(cv)
-            qh = (q * scale).reshape(B, K, G, d)
+            qh = (q * scale).reshape(B, K, G, 1, d)
 
-            def body(j, carry, qh=qh, ck=ck, cv=cv):
-                kb = jax.lax.dynamic_slice_in_dim(ck, j * blk, blk, axis=2)  # [B,K,blk,d]
-                vb = jax.lax.dynamic_slice_in_dim(cv, j * blk, blk, axis=2)
-                s = jnp.einsum(
-                    "bkgd,bksd->bkgs",
-                    qh,
-                    kb.astype(jnp.float32),
-                    preferred_element_type=jnp.float32,
-                )
-                k_pos = (j * blk + jnp.arange(blk, dtype=jnp.int32)).reshape(1, 1, 1, blk)
-                s = jnp.where(k_pos <= q_pos, s, -jnp.inf)
-                return _online_block(
-                    carry,
-                    s,
-                    lambda p, vb=vb: jnp.einsum(
-                        "bkgs,bksd->bkgd",
-                        p,
-                        vb.astype(jnp.float32),
-                        preferred_element_type=jnp.float32,
-                    ),
-                )
-
-            init = (
-                jnp.full((B, K, G), -jnp.inf, jnp.float32),
-                jnp.zeros((B, K, G), jnp.float32),
-                jnp.zeros((B, K, G, d), jnp.float32),
-            )
-            _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
-            attn = (acc / l[..., None]).reshape(B, H * d)
+            attn = _attend(qh, q_pos, ck, cv, n_blocks, blk).reshape(B, H * d)
             x = layer.finish(x, attn, cfg)
         return self._logits(x), KVCache(k=tuple(new_k), v=tuple(new_v))
 

