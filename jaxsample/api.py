@@ -298,9 +298,7 @@ class Engine:
                 results.append(error_response(errors[i]))
             else:
                 c = by_index[i]
-                results.append(
-                    error_response(c.error) if c.error else self.response(c, params[i])
-                )
+                results.append(error_response(c.error) if c.error else self.response(c, params[i]))
         return results
 
     def chat_completion(self, body: dict, *, job_seed: int = 0) -> dict:

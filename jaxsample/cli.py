@@ -47,18 +47,16 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--logit-bias", dest="logit_bias", default=None, help='JSON: {"123": -5}')
     gen.add_argument("--logprobs", action="store_true", default=None)
     gen.add_argument("--logprobs-mode", choices=["raw", "processed"], default=None)
-    gen.add_argument(
-        "--response-format", dest="response_format", choices=["text", "json_object"]
-    )
+    gen.add_argument("--response-format", dest="response_format", choices=["text", "json_object"])
     gen.add_argument("--stop", action="append", default=None, help="a stop string (repeat)")
     return parser
 
 
 def _body_from_flags(args) -> dict:
     content = args.prompt
-    body: dict = {"prompt": content} if args.raw else {
-        "messages": [{"role": "user", "content": content}]
-    }
+    body: dict = (
+        {"prompt": content} if args.raw else {"messages": [{"role": "user", "content": content}]}
+    )
     for name in _SAMPLING_FLAGS:
         value = getattr(args, name)
         if value is not None:

@@ -154,9 +154,7 @@ def _decode_loop(
             constraints.stops, state.stop_state, safe_token, constraints.token_bytes
         )
         stop_state = jax.tree.map(
-            lambda new, old: jnp.where(
-                emitted.reshape((batch,) + (1,) * (new.ndim - 1)), new, old
-            ),
+            lambda new, old: jnp.where(emitted.reshape((batch,) + (1,) * (new.ndim - 1)), new, old),
             stop_state,
             state.stop_state,
         )
@@ -170,7 +168,8 @@ def _decode_loop(
         )
 
         still = finish == RUNNING
-        positions = prompt_lengths + state.step
+        # finished rows step at position 0 so that they add no attention blocks
+        positions = jnp.where(still, prompt_lengths + state.step, 0)
 
         def step_model(cache):
             return model.decode(jnp.where(still, token, 0), positions, cache)
@@ -232,9 +231,7 @@ def _generate_jit(
     logits, cache = model.prefill(prompt_tokens, prompt_lengths, cache)
     valid = jnp.arange(prompt_tokens.shape[1])[None, :] < prompt_lengths[:, None]
     ids = jnp.where(valid, prompt_tokens, vocab)  # padding points past the table: dropped
-    in_prompt = jax.vmap(lambda t: jnp.zeros((vocab,), jnp.bool_).at[t].set(True, mode="drop"))(
-        ids
-    )
+    in_prompt = jax.vmap(lambda t: jnp.zeros((vocab,), jnp.bool_).at[t].set(True, mode="drop"))(ids)
     hist = History(counts=jnp.zeros((batch, vocab), jnp.int32), in_prompt=in_prompt)
     final = _decode_loop(
         model,

@@ -1,6 +1,6 @@
 """Decode throughput on the real model: jaxsample's on-device loop vs transformers.generate.
 
-    .venv/bin/python scripts/bench_decode.py            # full run (writes results/bench_decode_<platform>.json)
+    .venv/bin/python scripts/bench_decode.py          # -> results/bench_decode_<platform>.json
     .venv/bin/python scripts/bench_decode.py --quick    # batch 1 only, no transformers
 
 In one run it measures:
@@ -19,6 +19,7 @@ every weight once per step (bandwidth / weight bytes), large batches by matmul F
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -69,7 +70,7 @@ def bench_jaxsample(batches, new_tokens: int, repeats: int) -> dict:
     from jaxsample.sampler import History, sample_row
 
     engine = Engine.load()
-    model, tok = engine.model, engine.tokenizer
+    model = engine.model
     cfg = model.config
     n_params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx_state(model)))
     prompt = engine.encode_input([{"role": "user", "content": PROMPT}])
@@ -101,7 +102,7 @@ def bench_jaxsample(batches, new_tokens: int, repeats: int) -> dict:
         allowed = jnp.ones((b, cfg.vocab_size), jnp.bool_)
         samp = jax.jit(jax.vmap(sample_row, in_axes=(0, 0, 0, 0, None)))
         samp(logits, rows_d, hist, allowed, 0).token.block_until_ready()
-        t_s = _median_time(lambda: samp(logits, rows_d, hist, allowed, 0).token, 20)
+        t_s = _median_time(functools.partial(samp, logits, rows_d, hist, allowed, 0), 20)
         out["batches"][str(b)] = {
             "compile_s": compile_s,
             "seconds": total,

@@ -65,7 +65,9 @@ def main() -> None:
             "tokens_per_s": b * args.new_tokens / med,
             "prompt_tokens": int(enc["input_ids"].shape[1]),
         }
-        print(f"# hf batch {b}: {b * args.new_tokens / med:.1f} tok/s", flush=True, file=os.sys.stderr)
+        print(
+            f"# hf batch {b}: {b * args.new_tokens / med:.1f} tok/s", flush=True, file=os.sys.stderr
+        )
     print(json.dumps(out))
 
 
