@@ -87,7 +87,7 @@ def test_tiny_gguf_decode_matches_numpy_at_every_step(tiny_loaded):
     V = model.config.vocab_size
     seqs = [rng.integers(0, V, 30).tolist() for _ in range(2)]
     starts = [3, 9]
-    tokens, lengths = _pad([s[:n] for s, n in zip(seqs, starts)], 9, fill=0)
+    tokens, lengths = _pad([s[:n] for s, n in zip(seqs, starts, strict=True)], 9, fill=0)
     prefill, decode = _jitted(model)
     _, cache = prefill(tokens, lengths, model.init_cache(2, 32))
     want = [ref.logits(s) for s in seqs]
