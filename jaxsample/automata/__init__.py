@@ -1,0 +1,7 @@
+"""Constraints as automata: compiled on the host into tables, walked on the device.
+
+- :mod:`jaxsample.automata.stop`: stop strings (per-row KMP automata over token bytes).
+- :mod:`jaxsample.automata.json_mode`: the exact JSON-object token mask.
+
+See docs/constraints.md.
+"""
