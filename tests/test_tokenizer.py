@@ -315,6 +315,7 @@ def test_chat_template_renders_like_chatml(real_tok):
 def test_matches_transformers_gguf_tokenizer(real_tok):
     """HF transformers' own GGUF tokenizer loading, when transformers is installed."""
     transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torch")  # transformers' GGUF reader imports torch
     import os
 
     path = default_model_path()
