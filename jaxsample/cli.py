@@ -91,8 +91,18 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax.numpy as jnp
 
-    from jaxsample.api import Engine
+    from jaxsample.api import Engine, error_response
     from jaxsample.model import ModelNotFoundError
+    from jaxsample.params import InvalidRequestError, SamplingParams
+
+    try:  # refuse a bad body before loading anything
+        SamplingParams.from_request(body)
+    except InvalidRequestError as err:
+        print(
+            json.dumps(error_response(err), indent=2),
+            file=sys.stdout if args.request else sys.stderr,
+        )
+        return 2
 
     try:
         dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32

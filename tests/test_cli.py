@@ -1,0 +1,79 @@
+"""The `jaxsample` command and the real model end to end (marked real_model; run in CI)."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+from jaxsample import cli
+
+pytestmark = pytest.mark.real_model
+
+
+def run_cli(args, stdin: str | None = None):
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxsample.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return proc
+
+
+def test_generate_prompt_greedy_answers():
+    proc = run_cli(
+        [
+            "generate",
+            "--prompt",
+            "What is the capital of France?",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "24",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+
+
+def test_generate_request_prints_chat_completion(monkeypatch, capsys):
+    body = {
+        "model": "SmolLM2-135M-Instruct",
+        "messages": [{"role": "user", "content": "Name three colours."}],
+        "max_tokens": 6,
+        "seed": 3,
+        "temperature": 0.8,
+        "logprobs": True,
+        "top_logprobs": 3,
+        "stop": ["\n\n"],
+    }
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(body)))
+    assert cli.main(["generate", "--request", "-"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["object"] == "chat.completion" and out["seed"] == 3
+    choice = out["choices"][0]
+    assert choice["finish_reason"] in ("stop", "length")
+    content = choice["logprobs"]["content"]
+    assert 1 <= len(content) <= 6
+    text = "".join(bytes(e["bytes"]).decode("utf-8", "replace") for e in content)
+    assert text.startswith(choice["message"]["content"])
+    for e in content:
+        lps = [t["logprob"] for t in e["top_logprobs"]]
+        assert len(lps) == 3 and lps == sorted(lps, reverse=True) and e["logprob"] <= 0
+    u = out["usage"]
+    assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+
+
+def test_bad_request_is_an_error_object_not_a_traceback(tmp_path):
+    path = tmp_path / "body.json"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "x"}], "top_p": 2}))
+    proc = run_cli(["generate", "--request", str(path)])
+    assert proc.returncode == 2
+    err = json.loads(proc.stdout)["error"]
+    assert err["param"] == "top_p" and "2" in err["message"]
+    assert "Traceback" not in proc.stderr
