@@ -48,6 +48,9 @@ WS_RUN_MAX = 3
 #: "No way to close from here" in the close-cost table.
 _INF = 1 << 20
 
+#: ``Grammar.cost`` of a token that breaks the grammar.
+COST_INVALID = 127
+
 _WS = b" \t\n\r"
 _OBJ, _ARR, _NONE = 0, 1, 2  # container types; also the branch index of ``next``
 
@@ -316,24 +319,34 @@ def _lexer() -> _Lexer:
 
 @struct.dataclass
 class Grammar:
-    """Device tables of JSON mode for one vocabulary (S lexical states, V tokens).
+    """Device tables of JSON mode for one vocabulary (S lexical states, V tokens, C classes).
 
-    ``next`` is indexed by the type of the bracket uncovered after the token's pops
-    (0 object, 1 array, 2 none: depth 0); ``DEAD`` marks a token that breaks the grammar.
+    A token's bracket effect from a state is one of a few *classes* (13 for SmolLM2):
+    (brackets it closes ``k``, their types, peak depth, brackets it leaves open, their
+    types); class 0 is "no bracket at all", the case of almost every (state, token), whose
+    effect does not depend on the stack. ``next`` and ``br_cost`` are indexed by the type of
+    the bracket uncovered after the token's closes (0 object, 1 array, 2 none: depth 0);
+    ``DEAD`` / ``COST_INVALID`` mark a token that breaks the grammar. ``allowed`` reads one
+    dense int8 row (``cost0[q]``) and K (26 for SmolLM2) sparse bracket tokens.
     """
 
     next: jax.Array  # shape=(S, 3, V), int8; next lexical state per uncovered bracket type
-    pops: jax.Array  # shape=(S, V), int8; brackets of the existing stack the token closes
-    pushes: jax.Array  # shape=(S, V), int8; brackets the token leaves open
-    peak: jax.Array  # shape=(S, V), int8; highest depth reached inside the token, minus start
-    pop_pat: jax.Array  # shape=(S, V), uint32; types of the closed levels (bit j = level d-k+j)
-    push_pat: jax.Array  # shape=(S, V), uint32; types of the opened levels (bit j = level d-k+j)
+    tok_class: jax.Array  # shape=(S, V), uint8 or int16; the token's bracket-effect class
+    cost0: jax.Array  # shape=(S, V), int8; close_cost[next] for class-0 tokens, else 127
+    br_ids: jax.Array  # shape=(S, K), int32; the valid tokens of other classes, padded with V
+    br_class: jax.Array  # shape=(S, K), int32; their classes
+    br_cost: jax.Array  # shape=(S, 3, K), int8; close_cost[next] - k + pushes, 127 = invalid
+    class_pops: jax.Array  # shape=(C,), int32; brackets of the stack closed (k)
+    class_pop_pat: jax.Array  # shape=(C,), uint32; their types, bit j = level depth-k+j
+    class_peak: jax.Array  # shape=(C,), int32; highest depth inside the token minus start
+    class_pushes: jax.Array  # shape=(C,), int32; brackets left open (m)
+    class_push_pat: jax.Array  # shape=(C,), uint32; their types, bit j = level depth-k+j
     close_cost: jax.Array  # shape=(S,), int32; tokens to reach a closable point (see docs)
     is_string: jax.Array  # shape=(S,), bool; lexical state is inside a string
     ws_only: jax.Array  # shape=(V,), bool; token is non-empty JSON whitespace only
     eos_id: jax.Array  # shape=(), int32
     max_depth: jax.Array  # shape=(), int32
-    min_budget: int = struct.field(pytree_node=False, default=2)  # f[START]: see docs
+    min_budget: int = struct.field(pytree_node=False, default=2)  # close_cost[START]
 
     @property
     def nbytes(self) -> int:
@@ -538,7 +551,7 @@ def compile_grammar(
     return _CACHE[key]
 
 
-def compile_tables(vocab_bytes, eos_id, special_ids, max_depth):
+def compile_tables(vocab_bytes, eos_id, special_ids, max_depth) -> dict:
     """The host (numpy) tables behind :func:`compile_grammar`, uncached (for tests/bench)."""
     lx = _lexer()
     tok, lengths = _token_matrix(vocab_bytes)
@@ -550,13 +563,40 @@ def compile_tables(vocab_bytes, eos_id, special_ids, max_depth):
     ws_only = (
         np.array([len(b) > 0 and all(c in _WS for c in b) for b in vocab_bytes], bool) & usable
     )
+    # bracket-effect classes: (k, pop pattern, peak, m, push pattern), class 0 = no brackets
+    valid = (nxt != DEAD).any(1)
+    key = np.stack([pops, pp, peak, pushes, up], -1).astype(np.int64)
+    uniq, inv = np.unique(
+        np.concatenate([np.zeros((1, 5), np.int64), key[valid]]), axis=0, return_inverse=True
+    )
+    tok_class = np.zeros(pops.shape, np.int16 if len(uniq) > 255 else np.uint8)
+    tok_class[valid] = inv.reshape(-1)[1:]
+    delta = f[nxt.astype(np.int64)].astype(np.int64) - pops[:, None, :] + pushes[:, None, :]
+    cost = np.where(nxt == DEAD, COST_INVALID, np.minimum(delta, COST_INVALID - 1)).astype(np.int8)
+    S, V = pops.shape
+    cost0 = np.where(tok_class == 0, cost[:, 0, :], COST_INVALID).astype(np.int8)
+    sparse = tok_class != 0
+    K = max(1, int(sparse.sum(1).max()))
+    br_ids = np.full((S, K), V, np.int32)
+    br_class = np.zeros((S, K), np.int32)
+    br_cost = np.full((S, 3, K), COST_INVALID, np.int8)
+    for q in range(S):
+        ids = np.flatnonzero(sparse[q])
+        br_ids[q, : len(ids)] = ids
+        br_class[q, : len(ids)] = tok_class[q, ids]
+        br_cost[q, :, : len(ids)] = cost[q][:, ids]
     return dict(
         next=nxt,
-        pops=pops,
-        pushes=pushes,
-        peak=peak,
-        pop_pat=pp,
-        push_pat=up,
+        tok_class=tok_class,
+        cost0=cost0,
+        br_ids=br_ids,
+        br_class=br_class,
+        br_cost=br_cost,
+        class_pops=uniq[:, 0].astype(np.int32),
+        class_pop_pat=uniq[:, 1].astype(np.uint32),
+        class_peak=uniq[:, 2].astype(np.int32),
+        class_pushes=uniq[:, 3].astype(np.int32),
+        class_push_pat=uniq[:, 4].astype(np.uint32),
         close_cost=f,
         is_string=lx.is_string_arr,
         ws_only=ws_only,
@@ -597,21 +637,27 @@ def _shr(x, n):
     )
 
 
-def _effect(g: Grammar, s: State, nxt3, pops, pushes, peak, pop_pat):
-    """The effect of token(s) whose table entries are given (any trailing shape)."""
-    k = pops.astype(jnp.int32)
+def _class_branch(g: Grammar, s: State) -> jax.Array:
+    """int32[C]: per bracket-effect class, the type of the bracket uncovered after its closes
+    (0 object, 1 array, 2 none) if the row's stack admits the class, else 3."""
+    k = g.class_pops
     base = s.depth - k
-    uncovered = _shr(s.stack, base - 1) & jnp.uint32(1)
-    b = jnp.where(base <= 0, 2, uncovered.astype(jnp.int32))
-    nxt = jnp.where(b == 0, nxt3[0], jnp.where(b == 1, nxt3[1], nxt3[2])).astype(jnp.int32)
     ok = (
         (base >= 0)
-        & ((_shr(s.stack, base) & _low_mask(k)) == pop_pat)
-        & (nxt != DEAD)
-        & (s.depth + peak.astype(jnp.int32) <= g.max_depth)
+        & ((_shr(s.stack, base) & _low_mask(k)) == g.class_pop_pat)
+        & (s.depth + g.class_peak <= g.max_depth)
     )
-    new_depth = base + pushes.astype(jnp.int32)
-    return ok, nxt, base, new_depth
+    uncovered = (_shr(s.stack, base - 1) & jnp.uint32(1)).astype(jnp.int32)
+    return jnp.where(ok, jnp.where(base <= 0, 2, uncovered), 3)
+
+
+def _pick(rows3, branch, fill):
+    """rows3[branch] elementwise (branch in 0..3; 3 gives ``fill``)."""
+    return jnp.where(
+        branch == 0,
+        rows3[0],
+        jnp.where(branch == 1, rows3[1], jnp.where(branch == 2, rows3[2], fill)),
+    )
 
 
 def allowed(g: Grammar, s: State, remaining) -> jax.Array:
@@ -627,13 +673,18 @@ def allowed(g: Grammar, s: State, remaining) -> jax.Array:
 
         mask = jax.vmap(allowed, in_axes=(None, 0, 0))(g, states, remaining)  # [B, V]
     """
-    ok, nxt, _, new_depth = _effect(
-        g, s, g.next[s.q], g.pops[s.q], g.pushes[s.q], g.peak[s.q], g.pop_pat[s.q]
-    )
-    ws_ok = ~(g.ws_only & ~g.is_string[s.q] & (s.ws_run >= WS_RUN_MAX))
-    exact = ok & ws_ok
-    cost = g.close_cost[nxt] + new_depth
-    steered = exact & (cost <= jnp.asarray(remaining, jnp.int32) - 1)
+    spare = jnp.asarray(remaining, jnp.int32) - 1 - s.depth  # tokens left after this one
+    # tokens without brackets: one dense row, independent of the stack
+    cost0 = g.cost0[s.q].astype(jnp.int32)
+    ws_blocked = ~g.is_string[s.q] & (s.ws_run >= WS_RUN_MAX)
+    exact = (cost0 != COST_INVALID) & ~(g.ws_only & ws_blocked)
+    steered = exact & (cost0 <= spare)
+    # the few tokens with brackets: their class decides the branch from the stack
+    branch = _class_branch(g, s)[g.br_class[s.q]]  # [K]
+    bcost = _pick(g.br_cost[s.q], branch, jnp.int8(COST_INVALID)).astype(jnp.int32)
+    ids = g.br_ids[s.q]  # padding = V: dropped
+    exact = exact.at[ids].set(bcost != COST_INVALID, mode="drop")
+    steered = steered.at[ids].set((bcost != COST_INVALID) & (bcost <= spare), mode="drop")
     mask = jnp.where(jnp.any(steered), steered, exact)
     return mask.at[g.eos_id].set(s.q == DONE)
 
@@ -647,23 +698,20 @@ def advance(g: Grammar, s: State, token) -> State:
         s = jax.vmap(advance, in_axes=(None, 0, 0))(g, states, tokens)
     """
     t = jnp.asarray(token, jnp.int32)
-    ok, nxt, base, new_depth = _effect(
-        g,
-        s,
-        g.next[s.q, :, t],
-        g.pops[s.q, t],
-        g.pushes[s.q, t],
-        g.peak[s.q, t],
-        g.pop_pat[s.q, t],
-    )
+    c = g.tok_class[s.q, t].astype(jnp.int32)
+    branch = _class_branch(g, s)[c]
+    nxt = _pick(g.next[s.q, :, t], branch, jnp.int8(DEAD)).astype(jnp.int32)
+    ok = nxt != DEAD
+    base = s.depth - g.class_pops[c]
+    m = g.class_pushes[c]
     shift = jnp.clip(base, 0, 31).astype(jnp.uint32)
-    pushed = jnp.where(g.pushes[s.q, t] > 0, jnp.left_shift(g.push_pat[s.q, t], shift), 0)
-    stack = (s.stack & _low_mask(base)) | pushed.astype(jnp.uint32)
+    pushed = jnp.where(m > 0, jnp.left_shift(g.class_push_pat[c], shift), jnp.uint32(0))
+    stack = (s.stack & _low_mask(base)) | pushed
     ws = g.ws_only[t] & ~g.is_string[s.q]
     new = State(
         q=jnp.where(ok, nxt, DEAD).astype(jnp.int32),
         stack=jnp.where(ok, stack, s.stack),
-        depth=jnp.where(ok, new_depth, s.depth),
+        depth=jnp.where(ok, base + m, s.depth),
         ws_run=jnp.where(ws, s.ws_run + 1, 0).astype(jnp.int32),
     )
     return jax.tree.map(lambda a, b: jnp.where(t == g.eos_id, a, b), s, new)
