@@ -22,7 +22,7 @@ from flax import nnx, struct
 
 from jaxsample.automata import json_mode, stop
 from jaxsample.rows import TOP_LOGPROBS_MAX, RowParams
-from jaxsample.sampler import History, sample_row
+from jaxsample.sampler import History, sample_rows
 
 # finish codes, per row
 RUNNING = 0
@@ -124,9 +124,7 @@ def _decode_loop(
     def body(state: LoopState):
         running = state.finish == RUNNING
         allowed = allowed_mask(state)
-        out = jax.vmap(sample_row, in_axes=(0, 0, 0, 0, None))(
-            state.logits, rows, state.hist, allowed, state.step
-        )
+        out = sample_rows(state.logits, rows, state.hist, allowed, state.step)
         token = jnp.where(running & out.ok, out.token, -1)
         i = state.step
         tokens = state.tokens.at[:, i].set(token)

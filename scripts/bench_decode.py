@@ -67,7 +67,7 @@ def bench_jaxsample(batches, new_tokens: int, repeats: int) -> dict:
     from jaxsample import SamplingParams, pack_rows
     from jaxsample.api import Engine
     from jaxsample.decode import decode
-    from jaxsample.sampler import History, sample_row
+    from jaxsample.sampler import History, sample_rows
 
     engine = Engine.load()
     model = engine.model
@@ -100,7 +100,7 @@ def bench_jaxsample(batches, new_tokens: int, repeats: int) -> dict:
             in_prompt=jnp.zeros((b, cfg.vocab_size), jnp.bool_),
         )
         allowed = jnp.ones((b, cfg.vocab_size), jnp.bool_)
-        samp = jax.jit(jax.vmap(sample_row, in_axes=(0, 0, 0, 0, None)))
+        samp = jax.jit(sample_rows)
         samp(logits, rows_d, hist, allowed, 0).token.block_until_ready()
         t_s = _median_time(functools.partial(samp, logits, rows_d, hist, allowed, 0), 20)
         out["batches"][str(b)] = {
