@@ -8,6 +8,17 @@ from jaxsample.params import check_for_model as check_for_model
 from jaxsample.params import derive_seed as derive_seed
 from jaxsample.params import pack_rows as pack_rows
 from jaxsample.rows import TOP_LOGPROBS_MAX, RowParams
+from jaxsample.sampler import History as History
+from jaxsample.sampler import SampleOut as SampleOut
+from jaxsample.sampler import SampleResult as SampleResult
+from jaxsample.sampler import processed_logprobs as processed_logprobs
+from jaxsample.sampler import processed_logprobs_batch as processed_logprobs_batch
+from jaxsample.sampler import processed_logprobs_row as processed_logprobs_row
+from jaxsample.sampler import processed_logprobs_rows as processed_logprobs_rows
+from jaxsample.sampler import sample as sample
+from jaxsample.sampler import sample_batch as sample_batch
+from jaxsample.sampler import sample_row as sample_row
+from jaxsample.sampler import sample_rows as sample_rows
 
 __all__ = [
     "InvalidRequestError",
@@ -19,4 +30,15 @@ __all__ = [
     "STOP_MAX_BYTES",
     "RowParams",
     "TOP_LOGPROBS_MAX",
+    "History",
+    "SampleOut",
+    "SampleResult",
+    "processed_logprobs",
+    "processed_logprobs_batch",
+    "processed_logprobs_row",
+    "processed_logprobs_rows",
+    "sample",
+    "sample_batch",
+    "sample_row",
+    "sample_rows",
 ]

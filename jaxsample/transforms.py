@@ -1,0 +1,358 @@
+"""One small pure function per sampling parameter, over one row of logits.
+
+Everything here works on a single row (``z: f32[V]``) with every parameter a 0-d array leaf;
+a batch is ``jax.vmap``. A removed token has logit ``-inf`` and nothing else means removed.
+A logit that was finite stays finite: arithmetic that overflows is clipped to
+``[-FLOAT32_MAX, FLOAT32_MAX]``, so no step can turn a kept token into ``-inf`` or ``NaN``.
+
+Steps 1-5 of SPEC.md (hard mask, logit_bias, repetition_penalty, frequency/presence penalty,
+temperature) are elementwise functions ``f32[V] -> f32[V]``.
+
+Steps 6-9 (top_k, top_p, top_a, min_p) are filters. Each filter keeps the tokens whose logit is
+at or above a threshold, so every kept set is "all tokens ``>= t``". Each filter has two exact
+implementations that share that meaning:
+
+* a fast one on :class:`Candidates`, the ``C`` largest logits of the row (from ``lax.top_k``,
+  which does not sort the vocabulary). It works whenever the kept set lies inside the
+  candidates, and otherwise says so (``Candidates.exact`` becomes False);
+* a full-vocabulary one on :class:`FullRow` that finds the threshold by bisection over the
+  float32 order (about 32 counting passes), used only for the rows the candidates cannot
+  resolve.
+
+Example::
+
+    >>> import jax.numpy as jnp
+    >>> z = sanitize(jnp.array([2.0, jnp.nan, 0.5, 1.0]))
+    >>> z = temperature(z, jnp.float32(0.5))
+    >>> c = top_k(init_candidates(z, 4), jnp.int32(2), vocab_size=4)
+    >>> c.ids[: c.n].tolist()
+    [0, 3]
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+#: The largest finite float32; finite logits are kept inside [-FLOAT32_MAX, FLOAT32_MAX].
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+#: A row with ``temperature`` below this is greedy (SPEC.md step 5).
+GREEDY_TEMPERATURE = 1e-5
+#: ``repetition_penalty`` is evaluated as ``max(r, floor)`` so that r = 0 stays finite.
+REPETITION_PENALTY_FLOOR = 1e-6
+
+
+# --------------------------------------------------------------------------------------------
+# Steps 1-5: elementwise transforms f32[V] -> f32[V]
+# --------------------------------------------------------------------------------------------
+
+
+def _refinite(new: jax.Array, old: jax.Array) -> jax.Array:
+    """Keeps removed tokens at -inf and clips every other value into the finite float32 range."""
+    return jnp.where(old == -jnp.inf, -jnp.inf, jnp.clip(new, -FLOAT32_MAX, FLOAT32_MAX))
+
+
+def sanitize(logits: jax.Array) -> jax.Array:
+    """Converts a row of logits of any float dtype to float32: NaN -> -inf, +inf -> FLOAT32_MAX.
+
+    ``f32[V] <- any float[V]``. NaN is a removed token; +inf is the largest finite value, so
+    softmax never meets ``inf - inf``.
+
+    >>> sanitize(jnp.array([1.0, jnp.nan, jnp.inf], jnp.bfloat16)).tolist()[:2]
+    [1.0, -inf]
+    """
+    z = jnp.asarray(logits).astype(jnp.float32)
+    return jnp.where(jnp.isnan(z), -jnp.inf, jnp.minimum(z, FLOAT32_MAX))
+
+
+def hard_mask(z: jax.Array, allowed: jax.Array) -> jax.Array:
+    """Step 1: ``z[t] = -inf`` where ``allowed[t]`` is False. ``f32[V], bool[V] -> f32[V]``.
+
+    >>> hard_mask(jnp.array([1.0, 2.0]), jnp.array([True, False])).tolist()
+    [1.0, -inf]
+    """
+    return jnp.where(allowed, z, -jnp.inf)
+
+
+def logit_bias(z: jax.Array, ids: jax.Array, values: jax.Array) -> jax.Array:
+    """Step 2: ``z[ids[j]] += values[j]`` (a sparse scatter-add). ``f32[V], i32[NB], f32[NB]``.
+
+    Padding entries are ``(0, 0.0)`` and add nothing; a removed token stays removed.
+
+    >>> logit_bias(jnp.zeros(3), jnp.array([2, 0]), jnp.array([5.0, 0.0])).tolist()
+    [0.0, 0.0, 5.0]
+    """
+    return _refinite(z.at[ids].add(values.astype(jnp.float32)), z)
+
+
+def repetition_penalty(z: jax.Array, r: jax.Array, seen: jax.Array) -> jax.Array:
+    """Step 3: for seen tokens ``z / r`` if ``z > 0`` else ``z * r``. ``f32[V], f32[], bool[V]``.
+
+    ``r`` is evaluated as ``max(r, 1e-6)``: r = 0 (inside the allowed range) behaves as the limit
+    r -> 0+ in finite arithmetic (positive seen logits become very large, negative ones close to
+    0), and results stay finite (clipped to FLOAT32_MAX).
+
+    >>> repetition_penalty(jnp.array([2.0, -2.0, 2.0]), jnp.float32(2.0),
+    ...                    jnp.array([True, True, False])).tolist()
+    [1.0, -4.0, 2.0]
+    """
+    r = jnp.maximum(r, REPETITION_PENALTY_FLOOR)
+    new = jnp.where(seen, jnp.where(z > 0, z / r, z * r), z)
+    return _refinite(new, z)
+
+
+def frequency_presence_penalty(
+    z: jax.Array, counts: jax.Array, frequency: jax.Array, presence: jax.Array
+) -> jax.Array:
+    """Step 4: ``z -= frequency * counts + presence * (counts > 0)``. ``f32[V], i32[V]``.
+
+    ``counts`` are the occurrences of each token in the output so far (not the prompt).
+
+    >>> frequency_presence_penalty(jnp.zeros(3), jnp.array([0, 1, 3]), jnp.float32(0.5),
+    ...                            jnp.float32(1.0)).tolist()
+    [0.0, -1.5, -2.5]
+    """
+    penalty = frequency * counts.astype(jnp.float32) + presence * (counts > 0).astype(jnp.float32)
+    return _refinite(z - penalty, z)
+
+
+def is_greedy(t: jax.Array) -> jax.Array:
+    """True when the row is greedy: ``temperature < 1e-5``."""
+    return t < GREEDY_TEMPERATURE
+
+
+def temperature(z: jax.Array, t: jax.Array) -> jax.Array:
+    """Step 5: ``z / t``; a greedy row (``t < 1e-5``) is left unchanged (its argmax is taken).
+
+    >>> temperature(jnp.array([1.0, -jnp.inf]), jnp.float32(0.5)).tolist()
+    [2.0, -inf]
+    """
+    return _refinite(z / jnp.where(is_greedy(t), 1.0, t), z)
+
+
+# --------------------------------------------------------------------------------------------
+# Steps 6-9 on the candidates (fast path)
+# --------------------------------------------------------------------------------------------
+
+
+class Candidates(NamedTuple):
+    """The ``C`` largest logits of one row and the filter state over them.
+
+    The kept set is always "every token ``>= values[n - 1]``" (the first ``n`` candidates),
+    or every finite token while ``kept_all``.
+    """
+
+    values: jax.Array  # shape=(C,), float32; the C largest logits, descending, ties by lower id
+    ids: jax.Array  # shape=(C,), int32
+    weights: jax.Array  # shape=(C,), float32; exp(values - values[0])
+    cum: jax.Array  # shape=(C,), float32; cumulative sum of weights
+    total: jax.Array  # shape=(), float32; sum of exp(z - max z) over the whole vocabulary
+    n: jax.Array  # shape=(), int32; number of leading candidates kept (when not kept_all)
+    kept_all: jax.Array  # shape=(), bool; no filter has cut yet: every finite token is kept
+    exact: jax.Array  # shape=(), bool; False once the kept set is not known from the candidates
+
+
+def init_candidates(z: jax.Array, num_candidates: int) -> Candidates:
+    """Takes the ``C = min(num_candidates, V)`` largest logits of ``z`` (``lax.top_k``).
+
+    ``f32[V] -> Candidates``. When the candidates hold every finite token (``C == V``, or the
+    smallest candidate is ``-inf``), the kept set is the finite candidates (``kept_all`` False).
+    """
+    vocab = z.shape[-1]
+    c = min(num_candidates, vocab)
+    values, ids = lax.top_k(z, c)
+    top = values[0]
+    shift = jnp.where(top == -jnp.inf, 0.0, top)
+    weights = jnp.exp(values - shift)
+    cum = jnp.cumsum(weights)
+    total = jnp.sum(jnp.exp(z - shift))
+    finite = jnp.sum(values > -jnp.inf).astype(jnp.int32)
+    complete = (values[-1] == -jnp.inf) | (c == vocab)
+    return Candidates(
+        values=values,
+        ids=ids,
+        weights=weights,
+        cum=cum,
+        total=total,
+        n=jnp.where(complete, finite, c).astype(jnp.int32),
+        kept_all=~complete,
+        exact=jnp.bool_(True),
+    )
+
+
+def candidate_mass(s: Candidates) -> jax.Array:
+    """The unnormalized mass ``S`` of the kept set (``sum exp(z - max)`` over it)."""
+    return jnp.where(s.kept_all, s.total, s.cum[jnp.maximum(s.n - 1, 0)])
+
+
+def _cut(s: Candidates, keep: jax.Array, active: jax.Array, found: jax.Array = True) -> Candidates:
+    """Restricts the kept set to the leading candidates where ``keep`` (a prefix mask) holds.
+
+    While ``kept_all``, the result is exact only if the cut stays strictly inside the
+    candidates (the first excluded candidate bounds every token outside them).
+    """
+    c = s.values.shape[0]
+    limit = jnp.where(s.kept_all, c, s.n)
+    count = jnp.sum(keep & (jnp.arange(c) < limit)).astype(jnp.int32)
+    inside = ~s.kept_all | (found & (count < c))
+    return s._replace(
+        n=jnp.where(active, count, s.n),
+        kept_all=s.kept_all & ~active,
+        exact=s.exact & (inside | ~active),
+    )
+
+
+def top_k(s: Candidates, k: jax.Array, *, vocab_size: int) -> Candidates:
+    """Step 6: keep tokens whose logit is >= the k-th largest (ties kept). k = 0 or >= V: off.
+
+    Exact from the candidates when ``k <= C`` and the tie block at the k-th value ends inside
+    them.
+    """
+    c = s.values.shape[0]
+    active = (k > 0) & (k < vocab_size)
+    kth = s.values[jnp.clip(k, 1, c) - 1]
+    return _cut(s, s.values >= kth, active, found=k <= c)
+
+
+def top_p(s: Candidates, p: jax.Array) -> Candidates:
+    """Step 7: keep tokens with probability >= that of the token at which the descending
+    cumulative sum first reaches ``p`` of the kept mass (ties kept). p >= 1: off; p = 0 keeps
+    the most likely token(s).
+    """
+    c = s.values.shape[0]
+    target = p * candidate_mass(s)
+    first = jnp.sum(s.cum < target).astype(jnp.int32)
+    boundary = s.values[jnp.minimum(first, c - 1)]
+    return _cut(s, s.values >= boundary, p < 1.0, found=first < c)
+
+
+def _renormalized(s: Candidates) -> tuple[jax.Array, jax.Array]:
+    """Probabilities of the candidates and of the top token, renormalized over the kept set."""
+    mass = candidate_mass(s)
+    return s.weights / mass, 1.0 / mass
+
+
+def top_a(s: Candidates, a: jax.Array) -> Candidates:
+    """Step 8: on the renormalized kept distribution, drop tokens with ``p < a * p_max**2``.
+
+    The threshold depends on the kept mass: ``p_max = 1 / S`` in units of ``exp(z - max)``.
+    a = 0: off.
+    """
+    prob, p_max = _renormalized(s)
+    return _cut(s, prob >= a * p_max * p_max, a > 0.0)
+
+
+def min_p(s: Candidates, m: jax.Array) -> Candidates:
+    """Step 9: on the renormalized kept distribution, drop tokens with ``p < m * p_max``.
+    m = 0: off.
+    """
+    prob, p_max = _renormalized(s)
+    return _cut(s, prob >= m * p_max, m > 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Steps 6-9 on the full vocabulary (exact fallback)
+# --------------------------------------------------------------------------------------------
+
+
+class FullRow(NamedTuple):
+    """Filter state over the whole vocabulary: the kept set is
+    ``(z >= z_min) & (weights >= w_min) & (z > -inf)``.
+    """
+
+    z: jax.Array  # shape=(V,), float32; scaled logits
+    weights: jax.Array  # shape=(V,), float32; exp(z - max z)
+    z_min: jax.Array  # shape=(), float32; logit threshold (top_k, top_p)
+    w_min: jax.Array  # shape=(), float32; weight threshold (top_a, min_p)
+
+
+def init_full(z: jax.Array) -> FullRow:
+    """Starts the full-vocabulary filter state: every finite token kept."""
+    top = jnp.max(z)
+    shift = jnp.where(top == -jnp.inf, 0.0, top)
+    return FullRow(z, jnp.exp(z - shift), jnp.float32(-jnp.inf), jnp.float32(0.0))
+
+
+def full_keep(s: FullRow) -> jax.Array:
+    """``bool[V]``: the tokens the filters have kept so far."""
+    return (s.z >= s.z_min) & (s.weights >= s.w_min) & (s.z > -jnp.inf)
+
+
+def full_mass(s: FullRow) -> jax.Array:
+    """The unnormalized mass of the kept set."""
+    return jnp.sum(jnp.where(full_keep(s), s.weights, 0.0))
+
+
+def _order_key(x: jax.Array) -> jax.Array:
+    """Maps float32 to int32 so that integer order equals float order (-0.0 just below +0.0)."""
+    i = lax.bitcast_convert_type(x, jnp.int32)
+    return jnp.where(i < 0, i ^ 0x7FFFFFFF, i)
+
+
+def _from_order_key(k: jax.Array) -> jax.Array:
+    """Inverse of :func:`_order_key`."""
+    return lax.bitcast_convert_type(jnp.where(k < 0, k ^ 0x7FFFFFFF, k), jnp.float32)
+
+
+def _largest_threshold(s: FullRow, measure, target: jax.Array, run: jax.Array) -> jax.Array:
+    """The largest token logit ``t`` with ``measure(kept & z >= t) >= target``, by bisection
+    over the float32 order (at most 32 passes over the row; none when ``run`` is False).
+
+    ``measure`` maps a ``bool[V]`` to a scalar that grows with the set (a count or a mass).
+    Returns ``-inf`` when ``run`` is False or no threshold reaches ``target``.
+    """
+    keep = full_keep(s)
+    keys = _order_key(s.z)
+    hi0 = _order_key(jnp.max(jnp.where(keep, s.z, -jnp.inf))) + 1
+    lo0 = jnp.int32(np.iinfo(np.int32).min)
+    reachable = measure(keep) >= target
+
+    def cond(state):
+        lo, hi = state
+        return run & reachable & (lo + 1 < hi)
+
+    def body(state):
+        lo, hi = state
+        mid = (lo & hi) + ((lo ^ hi) >> 1)  # floor((lo + hi) / 2) without overflow
+        ok = measure(keep & (keys >= mid)) >= target
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo, _ = lax.while_loop(cond, body, (lo0, hi0))
+    return jnp.where(run & reachable, _from_order_key(lo), -jnp.inf)
+
+
+def top_k_full(s: FullRow, k: jax.Array, run: jax.Array, *, vocab_size: int) -> FullRow:
+    """Step 6 on the whole vocabulary: the k-th largest logit by bisection on the count."""
+    active = (k > 0) & (k < vocab_size)
+
+    def count(mask):
+        return jnp.sum(mask.astype(jnp.int32))
+
+    kth = _largest_threshold(s, count, k, run & active)
+    return s._replace(z_min=jnp.maximum(s.z_min, kth))
+
+
+def top_p_full(s: FullRow, p: jax.Array, run: jax.Array) -> FullRow:
+    """Step 7 on the whole vocabulary: the boundary logit by bisection on the kept mass."""
+
+    def mass(mask):
+        return jnp.sum(jnp.where(mask, s.weights, 0.0))
+
+    boundary = _largest_threshold(s, mass, p * full_mass(s), run & (p < 1.0))
+    return s._replace(z_min=jnp.maximum(s.z_min, boundary))
+
+
+def top_a_full(s: FullRow, a: jax.Array) -> FullRow:
+    """Step 8 on the whole vocabulary: ``p >= a * p_max**2`` is ``w >= a / S``."""
+    mass = full_mass(s)
+    threshold = jnp.where(a > 0.0, a / mass, 0.0)
+    return s._replace(w_min=jnp.maximum(s.w_min, threshold))
+
+
+def min_p_full(s: FullRow, m: jax.Array) -> FullRow:
+    """Step 9 on the whole vocabulary: ``p >= m * p_max`` is ``w >= m``."""
+    return s._replace(w_min=jnp.maximum(s.w_min, m))

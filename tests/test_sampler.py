@@ -1,0 +1,422 @@
+"""The whole sampler: chain vs the sort-based reference, exact draw, invariants, determinism."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from jaxsample import sampler as sm
+from jaxsample.params import SamplingParams, derive_seed
+from tests.reference_sampler import make_rows, reference_probs, sort_based_chain_keep
+
+V = 32
+SPECIAL = [0.0, 1.0, -1.0, 2.5, 7.0, -np.inf, np.nan, 3e38, -3e38, 1e-30, np.inf]
+
+
+def _hist(batch, vocab=V, prompts=None, outputs=None):
+    return sm.History.stack(
+        [
+            sm.History.from_tokens(
+                prompts[i] if prompts else (), outputs[i] if outputs else (), vocab
+            )
+            for i in range(batch)
+        ]
+    )
+
+
+def _rows(params, nb=4):
+    return jax.tree.map(jnp.asarray, make_rows(params, nb=nb))
+
+
+def _chi2_limit(df, z=4.0):
+    """Upper chi-square quantile (Wilson-Hilferty), z = 4 standard deviations (p ~ 3e-5)."""
+    return df * (1 - 2 / (9 * df) + z * np.sqrt(2 / (9 * df))) ** 3
+
+
+def _chi_square(tokens, probs):
+    counts = np.bincount(tokens, minlength=probs.shape[0])
+    assert counts[probs == 0].sum() == 0, "drew a token of probability 0"
+    expected = probs * tokens.shape[0]
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    keep = exp > 0
+    stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()
+    return stat, max(int(keep.sum()) - 1, 1)
+
+
+# ------------------------------------------------------------------ the chain vs the reference
+
+PARAMS = st.fixed_dictionaries(
+    {},
+    optional={
+        "temperature": st.sampled_from([0.0, 0.2, 0.7, 1.0, 2.0]),
+        "top_k": st.integers(0, V + 1),
+        "top_p": st.sampled_from([0.0, 0.3, 0.9, 1.0]) | st.floats(0, 1),
+        "top_a": st.sampled_from([0.0, 0.1, 1.0]) | st.floats(1e-3, 1),
+        "min_p": st.sampled_from([0.0, 0.05, 0.3]) | st.floats(1e-3, 1),
+        "repetition_penalty": st.sampled_from([0.0, 0.8, 1.0, 1.5, 2.0]),
+        "frequency_penalty": st.floats(-2, 2),
+        "presence_penalty": st.floats(-2, 2),
+        "logit_bias": st.dictionaries(st.integers(0, V - 1), st.floats(-100, 100), max_size=4),
+    },
+)
+
+
+def logit_rows(dtype=np.float32):
+    elements = st.one_of(st.sampled_from(SPECIAL), st.floats(-20, 20, width=32))
+    return hnp.arrays(np.float32, V, elements=elements).map(lambda x: x.astype(dtype))
+
+
+@pytest.mark.parametrize("num_candidates", [V, 6])
+@settings(max_examples=60, deadline=None)
+@given(
+    logits=st.sampled_from([np.float32, jnp.float16, jnp.bfloat16]).flatmap(logit_rows),
+    params=PARAMS,
+    prompt=st.lists(st.integers(0, V - 1), max_size=5),
+    output=st.lists(st.integers(0, V - 1), max_size=5),
+    allowed=hnp.arrays(np.bool_, V, elements=st.booleans()) | st.none(),
+)
+def test_chain_matches_sort_reference(num_candidates, logits, params, prompt, output, allowed):
+    rows = _rows([params])
+    hist = _hist(1, prompts=[prompt], outputs=[output])
+    mask = None if allowed is None else jnp.asarray(allowed)[None]
+    got = np.asarray(
+        sm.processed_logprobs_batch(
+            jnp.asarray(logits)[None], rows, hist, mask, num_candidates=num_candidates
+        )[0]
+    )
+    assert not np.isnan(got).any()
+    kw = dict(allowed=allowed, prompt=prompt, output=output)
+    logits32 = np.asarray(jnp.asarray(logits).astype(jnp.float32))
+    probs, ok = reference_probs(logits32, params, **kw)
+    if not ok:
+        assert (got == -np.inf).all()
+        return
+    tight, loose = sort_based_chain_keep(logits32, params, **kw)
+    kept = got > -np.inf
+    assert not (tight & ~kept).any(), "dropped a token the reference keeps"
+    assert not (kept & ~loose).any(), "kept a token the reference drops"
+    # given the kept set, the probabilities are the renormalized reference ones
+    ref = np.where(kept, probs, 0.0) if kept.sum() == 1 else None
+    want = reference_probs(
+        logits32, {**params, "top_k": 0, "top_p": 1.0, "top_a": 0.0, "min_p": 0.0}, **kw
+    )[0]
+    want = np.where(kept, want, 0.0)
+    want = want / want.sum() if ref is None else ref / ref.sum()
+    np.testing.assert_allclose(np.exp(got), want, atol=2e-6, rtol=2e-4)
+
+
+# ------------------------------------------------------------------ the draw is exact
+
+
+CHI_CASES = {  # with 4 candidates: the first case resolves on them, the others fall back
+    "candidates": dict(top_k=3, top_p=0.95, min_p=0.02, temperature=0.8),
+    "full_vocabulary_no_filter": dict(temperature=1.3),
+    "fallback_top_p": dict(top_p=0.8, top_a=0.05),
+    "fallback_top_k": dict(top_k=9, temperature=0.7),
+    "penalties": dict(repetition_penalty=1.7, presence_penalty=0.5, frequency_penalty=-0.3),
+}
+
+
+def test_draw_frequencies_match_processed_logprobs():
+    n, v, cases = 8000, 600, list(CHI_CASES.values())
+    logits = np.random.default_rng(7).standard_normal(v).astype(np.float32) * 1.5
+    prompt, output = [3, 4, 5], [5, 9, 9]
+    rows = _rows([{**case, "seed": s} for case in cases for s in range(n)])
+    hist = _hist(1, v, [prompt], [output])
+    hist_n = jax.tree.map(lambda x: jnp.broadcast_to(x, (len(cases) * n,) + x.shape[1:]), hist)
+    lp = sm.processed_logprobs_batch(
+        jnp.broadcast_to(jnp.asarray(logits), (len(cases), v)),
+        jax.tree.map(lambda x: x[::n], rows),
+        jax.tree.map(lambda x: x[: len(cases)], hist_n),
+        None,
+        num_candidates=4,
+    )
+    out = sm.sample_batch(
+        jnp.broadcast_to(jnp.asarray(logits), (len(cases) * n, v)),
+        rows,
+        hist_n,
+        None,
+        3,
+        num_candidates=4,
+    )
+    assert np.asarray(out.ok).all()
+    tokens = np.asarray(out.token).reshape(len(cases), n)
+    for name, lp_row, toks in zip(CHI_CASES, np.asarray(lp, np.float64), tokens, strict=True):
+        probs = np.exp(lp_row)
+        stat, df = _chi_square(toks, probs / probs.sum())
+        assert stat < _chi2_limit(df), (name, stat, df)
+
+
+# ------------------------------------------------------------------ invariants
+
+
+def _logits(b, v=V, seed=0, scale=2.0):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal((b, v)) * scale, jnp.float32)
+
+
+def test_top_k_1_equals_greedy():
+    b = 16
+    logits = _logits(b)
+    hist = _hist(b)
+    greedy = sm.sample_batch(logits, _rows([{"temperature": 0.0}] * b), hist, None, 0)
+    topk1 = sm.sample_batch(
+        logits,
+        _rows([{"top_k": 1, "seed": i, "temperature": 1.5} for i in range(b)]),
+        hist,
+        None,
+        0,
+    )
+    np.testing.assert_array_equal(greedy.token, topk1.token)
+    np.testing.assert_array_equal(greedy.token, np.argmax(np.asarray(logits), axis=1))
+
+
+def test_greedy_ties_take_lowest_id_and_mix_with_sampled_rows():
+    logits = jnp.array([[0.0, 3.0, 1.0, 3.0], [5.0, 5.0, 5.0, 0.0]] * 2)
+    rows = _rows([{"temperature": 0.0}, {"temperature": 0.0}, {"seed": 1}, {"top_k": 1}])
+    out = sm.sample_batch(logits, rows, _hist(4, 4), None, 0)
+    assert out.token.tolist()[:2] == [1, 0]
+    assert int(out.token[2]) in (0, 1, 2, 3) and int(out.token[3]) in (0, 1, 2)
+    lp = sm.processed_logprobs_batch(logits, rows, _hist(4, 4), None)
+    np.testing.assert_array_equal(lp[0], [-np.inf, 0.0, -np.inf, -np.inf])
+    np.testing.assert_allclose(np.exp(lp[3]), [1 / 3, 1 / 3, 1 / 3, 0.0], rtol=1e-6)
+
+
+def test_neutral_params_are_plain_softmax():
+    logits = _logits(3, seed=3)
+    lp = sm.processed_logprobs_batch(logits, _rows([{}] * 3), _hist(3), None)
+    np.testing.assert_allclose(lp, jax.nn.log_softmax(logits), atol=1e-5)
+    lp2 = sm.processed_logprobs_batch(
+        logits,
+        _rows([{"top_p": 1.0, "top_k": V, "min_p": 0.0, "top_a": 0.0}] * 3),
+        _hist(3),
+        None,
+        num_candidates=4,
+    )
+    np.testing.assert_allclose(lp2, jax.nn.log_softmax(logits), atol=1e-5)
+
+
+@pytest.mark.parametrize("num_candidates", [V, 4])
+def test_removed_token_is_never_drawn(num_candidates):
+    n = 2000
+    logits = jnp.broadcast_to(_logits(1, scale=0.5)[0], (n, V))
+    allowed = np.ones((n, V), bool)
+    allowed[:, ::2] = False
+    rows = _rows([{"seed": s, "top_p": 0.9, "logit_bias": {1: -100.0}} for s in range(n)])
+    out = sm.sample_batch(
+        logits, rows, _hist(n), jnp.asarray(allowed), 0, num_candidates=num_candidates
+    )
+    tokens = np.asarray(out.token)
+    assert (tokens % 2 == 1).all()
+    lp = sm.processed_logprobs_batch(
+        logits[:1],
+        jax.tree.map(lambda x: x[:1], rows),
+        _hist(1),
+        jnp.asarray(allowed[:1]),
+        num_candidates=num_candidates,
+    )
+    assert np.isfinite(np.asarray(lp)[0, tokens]).all()
+
+
+MIXED = [
+    {"seed": 1, "top_k": 5, "top_p": 0.9, "top_logprobs": 3},
+    {"seed": 2, "temperature": 0.0, "top_logprobs": 20},
+    {"seed": 3, "min_p": 0.1, "top_a": 0.2, "processed_logprobs": True, "top_logprobs": 5},
+    {"seed": 4, "repetition_penalty": 1.5, "frequency_penalty": 0.5, "logit_bias": {2: 5.0}},
+    {"seed": 5},
+    {"seed": 6, "top_p": 0.5, "temperature": 2.0},
+]
+
+
+def _mixed_inputs():
+    b = len(MIXED)
+    logits = _logits(b, seed=11)
+    hist = _hist(b, prompts=[[1, 2]] * b, outputs=[[2, 3, 3]] * b)
+    return logits, _rows(MIXED), hist
+
+
+def _tree_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("num_candidates", [V, 4])
+def test_jit_equals_eager_and_vmap_equals_loop(num_candidates):
+    logits, rows, hist = _mixed_inputs()
+    batched = sm.sample_batch(logits, rows, hist, None, 5, num_candidates=num_candidates)
+    for i in (0, 2):  # eager runs op by op: two rows suffice
+        row, h = jax.tree.map(lambda x, i=i: x[i], (rows, hist))
+        eager = sm.sample_row(logits[i], row, h, None, jnp.int32(5), num_candidates=num_candidates)
+        jitted = jax.jit(sm.sample_row, static_argnames="num_candidates")(
+            logits[i], row, h, None, jnp.int32(5), num_candidates=num_candidates
+        )
+        _tree_equal(eager, jitted)
+        _tree_equal(eager, jax.tree.map(lambda x, i=i: x[i], batched))
+    # a plain vmap (both cond branches run as selects) gives the same answer
+    plain = jax.jit(jax.vmap(sm.sample_row, in_axes=(0, 0, 0, None, None)))(
+        logits, rows, hist, None, jnp.int32(5)
+    )
+    if num_candidates == sm.NUM_CANDIDATES:
+        _tree_equal(plain, batched)
+
+
+def test_row_result_is_independent_of_batch():
+    logits, rows, hist = _mixed_inputs()
+    alone = [
+        sm.sample_batch(*jax.tree.map(lambda x, i=i: x[i : i + 1], (logits, rows, hist)), None, 7)
+        for i in range(len(MIXED))
+    ]
+    rng = np.random.default_rng(0)
+    for batch in (3, 8):
+        idx = rng.integers(0, len(MIXED), size=batch)
+        got = sm.sample_batch(
+            *jax.tree.map(lambda x, idx=idx: x[idx], (logits, rows, hist)), None, 7
+        )
+        for j, i in enumerate(idx):
+            _tree_equal(
+                jax.tree.map(lambda x, j=j: x[j], got), jax.tree.map(lambda x, i=i: x[0], alone[i])
+            )
+
+
+def test_draw_depends_on_seed_and_position_only():
+    logits, rows, hist = _mixed_inputs()
+    a = sm.sample_batch(logits, rows, hist, None, 0)
+    b = sm.sample_batch(logits, rows, hist, None, 0)
+    _tree_equal(a, b)
+    draws = {
+        tuple(np.asarray(sm.sample_batch(logits, rows, hist, None, pos).token)) for pos in range(8)
+    }
+    assert len(draws) > 1  # the position changes the key
+
+
+def test_no_recompile_when_values_change():
+    logits, rows, hist = _mixed_inputs()
+    traces = []
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(logits, rows, hist, position):
+        traces.append(1)
+        return sm.sample_rows(logits, rows, hist, None, position)
+
+    sizes = sm.sample_batch._cache_size(), sm.processed_logprobs_batch._cache_size()
+    for k in range(4):
+        new = jax.tree.map(lambda x, k=k: x + k if x.dtype != jnp.bool_ else ~x, rows)
+        step(logits * (k + 1), new, hist, jnp.int32(k))
+        sm.sample_batch(logits * (k + 1), new, hist, None, jnp.int32(k))
+        sm.processed_logprobs_batch(logits * (k + 1), new, hist, None)
+    assert len(traces) == 1
+    assert sm.sample_batch._cache_size() - sizes[0] <= 1
+    assert sm.processed_logprobs_batch._cache_size() - sizes[1] <= 1
+
+
+# ------------------------------------------------------------------ logprobs
+
+
+def test_logprobs_raw_and_processed():
+    logits, rows, hist = _mixed_inputs()
+    out = sm.sample_batch(logits, rows, hist, None, 1)
+    raw = np.asarray(jax.nn.log_softmax(logits))
+    proc = np.asarray(sm.processed_logprobs_batch(logits, rows, hist, None))
+    for i, p in enumerate(MIXED):
+        tok = int(out.token[i])
+        src = proc if p.get("processed_logprobs") else raw
+        np.testing.assert_allclose(out.logprob[i], src[i, tok], rtol=1e-5, atol=1e-6)
+        if p.get("top_logprobs", 0) == 0:
+            continue
+        order = np.lexsort((np.arange(V), -src[i]))[:20]
+        finite = np.isfinite(src[i, order])  # past the kept set the ids are unspecified
+        np.testing.assert_array_equal(np.asarray(out.top_ids[i])[finite], order[finite])
+        np.testing.assert_allclose(out.top_logprobs[i], src[i, order], rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ bad logits
+
+
+def test_bad_logits_never_nan_nor_banned():
+    b = 4
+    logits = np.array(_logits(b, seed=5))
+    logits[0] = np.nan
+    logits[1] = -np.inf
+    logits[2, :] = np.nan
+    logits[2, 7] = 1.0  # one real token among NaN
+    rows = _rows([{"seed": i, "top_logprobs": 5, "top_p": 0.5} for i in range(b)])
+    allowed = np.ones((b, V), bool)
+    allowed[3] = False  # every token banned by the constraint
+    for nc in (V, 4):
+        out = sm.sample_batch(
+            jnp.asarray(logits), rows, _hist(b), jnp.asarray(allowed), 0, num_candidates=nc
+        )
+        assert out.ok.tolist() == [False, False, True, False]
+        assert out.token.tolist() == [-1, -1, 7, -1]
+        for leaf in (out.logprob, out.top_logprobs):
+            assert not np.isnan(np.asarray(leaf)).any()
+        lp = sm.processed_logprobs_batch(
+            jnp.asarray(logits), rows, _hist(b), jnp.asarray(allowed), num_candidates=nc
+        )
+        assert not np.isnan(np.asarray(lp)).any()
+        assert (np.asarray(lp)[[0, 1, 3]] == -np.inf).all()
+
+
+def test_all_banned_by_logit_bias_is_not_nan():
+    # logit_bias -100 cannot remove a token; -inf logits plus bias stay removed
+    logits = jnp.full((1, V), -jnp.inf).at[0, 3].set(0.0)
+    rows = _rows([{"logit_bias": {3: -100.0}}])
+    out = sm.sample_batch(logits, rows, _hist(1), None, 0)
+    assert int(out.token[0]) == 3 and bool(out.ok[0])
+
+
+# ------------------------------------------------------------------ history and host wrappers
+
+
+def test_history_from_tokens_and_append():
+    h = sm.History.from_tokens([1, 1, 4], [2, 2, 0], vocab_size=6)
+    assert h.counts.tolist() == [1, 0, 2, 0, 0, 0]
+    assert h.in_prompt.tolist() == [False, True, False, False, True, False]
+    h2 = jax.jit(sm.History.append)(h, jnp.int32(5))
+    assert h2.counts.tolist() == [1, 0, 2, 0, 0, 1]
+    h3 = jax.jit(sm.History.append)(h2, jnp.int32(-1))
+    assert h3.counts.tolist() == h2.counts.tolist()
+    with pytest.raises(ValueError):
+        sm.History.from_tokens([6], [], vocab_size=6)
+
+
+def test_host_wrappers():
+    logits = np.asarray(_logits(3, seed=9))
+    params = [
+        SamplingParams(seed=5, top_k=3),
+        SamplingParams(temperature=0.0),
+        SamplingParams(min_p=0.2, logprobs=True, top_logprobs=2),
+    ]
+    res = sm.sample(
+        logits, params, prompt_tokens=[[1], [], [2]], output_tokens=[[1], [], []], step=2
+    )
+    assert res.seeds == (5, derive_seed(0, 1), derive_seed(0, 2))
+    assert int(res.tokens[1]) == int(np.argmax(logits[1]))
+    direct = sm.sample_batch(
+        jnp.asarray(logits),
+        _rows(
+            [
+                {"seed": 5, "top_k": 3},
+                {"temperature": 0.0, "seed": derive_seed(0, 1)},
+                {"min_p": 0.2, "top_logprobs": 2, "seed": derive_seed(0, 2)},
+            ]
+        ),
+        _hist(3, prompts=[[1], [], [2]], outputs=[[1], [], []]),
+        None,
+        2,
+    )
+    np.testing.assert_array_equal(res.tokens, direct.token)
+    lp = sm.processed_logprobs(
+        logits, params, prompt_tokens=[[1], [], [2]], output_tokens=[[1], [], []]
+    )
+    assert lp.shape == (3, V) and np.isfinite(lp).sum(axis=1)[0] == 3
+    one = sm.sample(logits, SamplingParams(seed=1))
+    assert one.seeds == (1, 1, 1)
