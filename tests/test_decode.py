@@ -14,10 +14,10 @@ import pytest
 from flax import nnx
 
 from jaxsample import InvalidRequestError, SamplingParams
-from jaxsample.sampler import sample
 from jaxsample.api import Engine
 from jaxsample.decode import _generate_jit
 from jaxsample.model import Llama, Tokenizer, default_model_path, read_gguf, tiny_config
+from jaxsample.sampler import sample
 
 
 @pytest.fixture(scope="module")
