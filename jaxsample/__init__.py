@@ -1,5 +1,8 @@
 """jaxsample: every OpenRouter sampling parameter as a pure, per-row JAX function."""
 
+from jaxsample.api import Completion as Completion
+from jaxsample.api import Engine as Engine
+from jaxsample.api import generate as generate
 from jaxsample.params import LOGIT_BIAS_MAX as LOGIT_BIAS_MAX
 from jaxsample.params import STOP_MAX_BYTES as STOP_MAX_BYTES
 from jaxsample.params import InvalidRequestError as InvalidRequestError
@@ -41,4 +44,7 @@ __all__ = [
     "sample_batch",
     "sample_row",
     "sample_rows",
+    "Completion",
+    "Engine",
+    "generate",
 ]
