@@ -463,10 +463,14 @@ def test_budget_exhaustive_small(grammar):
 # ------------------------------------------------------------------------- other rules
 
 
+_advance = jax.jit(jm.advance)
+_allowed = jax.jit(jm.allowed)
+
+
 def _state_after(g, toks):
     s = jm.init_state(g)
     for t in toks:
-        s = jm.advance(g, s, jnp.int32(t))
+        s = _advance(g, s, jnp.int32(t))
     return s
 
 
@@ -475,17 +479,17 @@ def test_whitespace_runs_are_bounded(grammar):
     ws_tokens = [i for i, b in enumerate(VOCAB) if b and all(c in b" \t\n\r" for c in b)]
     s = _state_after(grammar, [idx[b'{"'], idx[b"a"], idx[b'":']])
     for n in range(jm.WS_RUN_MAX + 2):
-        m = np.asarray(jm.allowed(grammar, s, jnp.int32(BIG)))
+        m = np.asarray(_allowed(grammar, s, jnp.int32(BIG)))
         assert m[ws_tokens].all() == (n < jm.WS_RUN_MAX)
         assert m[idx[b"1"]] and m[idx[b'"']]
-        s = jm.advance(grammar, s, jnp.int32(idx[b" "])) if n < jm.WS_RUN_MAX else s
+        s = _advance(grammar, s, jnp.int32(idx[b" "])) if n < jm.WS_RUN_MAX else s
     # inside a string spaces are content and are never capped (raw \t \n \r are refused)
     s = _state_after(grammar, [idx[b'{"']] + [idx[b" "]] * (jm.WS_RUN_MAX + 3))
-    m = np.asarray(jm.allowed(grammar, s, jnp.int32(BIG)))
+    m = np.asarray(_allowed(grammar, s, jnp.int32(BIG)))
     assert all(m[t] == (b" " * len(VOCAB[t]) == VOCAB[t]) for t in ws_tokens)
     # after the object: whitespace up to the cap, then only EOS
     s = _state_after(grammar, [idx[b"{}"]] + [idx[b"\n"]] * jm.WS_RUN_MAX)
-    m = np.asarray(jm.allowed(grammar, s, jnp.int32(BIG)))
+    m = np.asarray(_allowed(grammar, s, jnp.int32(BIG)))
     assert np.flatnonzero(m).tolist() == [EOS]
 
 
@@ -495,8 +499,8 @@ def test_budget_steering_closes_in_time(grammar):
     # inside a string at depth 3: cost = close_cost + depth; with exactly that budget every
     # allowed token keeps a closing path, and with one token less nothing extra is allowed
     f = int(grammar.close_cost[int(s.q)]) + int(s.depth)
-    m_free = np.asarray(jm.allowed(grammar, s, jnp.int32(BIG)))
-    m_tight = np.asarray(jm.allowed(grammar, s, jnp.int32(f)))
+    m_free = np.asarray(_allowed(grammar, s, jnp.int32(BIG)))
+    m_tight = np.asarray(_allowed(grammar, s, jnp.int32(f)))
     assert m_tight.sum() < m_free.sum() and (m_tight <= m_free).all()
     assert not m_tight[idx[b"x"]]  # one more character cannot be afforded
     assert m_tight[idx[b'"']] or m_tight[idx[b'"]']] or m_tight[idx[b'"]}']]

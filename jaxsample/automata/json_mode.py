@@ -478,30 +478,32 @@ def _close_costs(lx: _Lexer, nxt, pops, pushes, peak, depth) -> np.ndarray:
     f[DONE] = 0
     own = np.where(lx.cont_arr == _NONE, 2, lx.cont_arr).astype(np.int64)
     nxt_own = nxt[np.arange(S), own, :].astype(np.int64)  # [S, V]
-    plain = (pops == 0) & (pushes == 0) & (peak == 0) & (nxt_own != DEAD)
-    closer = (pops == 1) & (pushes == 0) & (peak == 0) & (nxt != DEAD).all(1)
-    start_ok = (nxt[START, 2] != DEAD) & (peak[START] <= depth)
-    cand = np.flatnonzero(plain.any(0) | closer.any(0) | start_ok)
-    nxt_c = nxt[:, :, cand].astype(np.int64)
-    nxt_own_c, plain_c, closer_c = nxt_own[:, cand], plain[:, cand], closer[:, cand]
-    push_start = pushes[START, cand].astype(np.int64)
+    # edges, deduplicated: plain q -> q' (a boolean matrix), closers q -> (q'_obj, q'_arr,
+    # q'_none), START -> (q', brackets left open)
+    pq, pt = np.nonzero((pops == 0) & (pushes == 0) & (peak == 0) & (nxt_own != DEAD))
+    plain = np.zeros((S, S), bool)
+    plain[pq, nxt_own[pq, pt]] = True
+    cq, ct = np.nonzero((pops == 1) & (pushes == 0) & (peak == 0) & (nxt != DEAD).all(1))
+    cn = nxt[cq, :, ct].astype(np.int64)  # [n, 3]
+    st = np.flatnonzero((nxt[START, 2] != DEAD) & (peak[START] <= depth))
+    start = np.zeros((S, depth + 1), bool)
+    start[nxt[START, 2, st], pushes[START, st]] = True
+    sq, sm = np.nonzero(start)
     # closable states (a greatest fixed point): one closing token leads, whatever bracket it
     # uncovers, to a closable state or DONE; there f = 0 (the depth pays for the closers)
     zero = np.ones(S, bool)
     zero[[START, DEAD]] = False
     while True:
-        ok_next = zero[nxt_c] | (nxt_c == DONE)  # [S, 3, n]
-        z = zero & (closer_c & ok_next.all(1)).any(1)
+        good = (zero[cn] | (cn == DONE)).all(1)
+        z = zero & np.bincount(cq[good], minlength=S).astype(bool)
         if np.array_equal(z, zero):
             break
         zero = z
     f[zero] = 0
     for _ in range(4 * S):
-        c1 = np.where(plain_c, 1 + f[nxt_own_c], _INF).min(1, initial=_INF)
-        c2 = np.where(closer_c, f[nxt_c].max(1), _INF).min(1, initial=_INF)
-        new = np.minimum(f, np.minimum(c1, c2))
-        c3 = np.where(start_ok[cand], 1 + f[nxt_c[START, 2]] + push_start, _INF)
-        new[START] = min(new[START], c3.min(initial=_INF))
+        new = np.minimum(f, np.where(plain, 1 + f[None, :], _INF).min(1))
+        np.minimum.at(new, cq, f[cn].max(1))
+        new[START] = min(new[START], (1 + f[sq] + sm).min(initial=_INF))
         new[DONE] = 0
         new[DEAD] = _INF
         new = np.minimum(new, _INF)
@@ -565,12 +567,13 @@ def compile_tables(vocab_bytes, eos_id, special_ids, max_depth) -> dict:
     )
     # bracket-effect classes: (k, pop pattern, peak, m, push pattern), class 0 = no brackets
     valid = (nxt != DEAD).any(1)
-    key = np.stack([pops, pp, peak, pushes, up], -1).astype(np.int64)
+    has = valid & ((pops != 0) | (peak != 0))  # (peak == 0 implies no push)
+    key = np.stack([pops[has], pp[has], peak[has], pushes[has], up[has]], -1).astype(np.int64)
     uniq, inv = np.unique(
-        np.concatenate([np.zeros((1, 5), np.int64), key[valid]]), axis=0, return_inverse=True
+        np.concatenate([np.zeros((1, 5), np.int64), key]), axis=0, return_inverse=True
     )
     tok_class = np.zeros(pops.shape, np.int16 if len(uniq) > 255 else np.uint8)
-    tok_class[valid] = inv.reshape(-1)[1:]
+    tok_class[has] = inv.reshape(-1)[1:]
     delta = f[nxt.astype(np.int64)].astype(np.int64) - pops[:, None, :] + pushes[:, None, :]
     cost = np.where(nxt == DEAD, COST_INVALID, np.minimum(delta, COST_INVALID - 1)).astype(np.int8)
     S, V = pops.shape
