@@ -75,6 +75,10 @@ def bench_jaxsample(batches, new_tokens: int, repeats: int) -> dict:
     n_params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx_state(model)))
     prompt = engine.encode_input([{"role": "user", "content": PROMPT}])
     out = {"parameters": n_params, "prompt_tokens": len(prompt), "batches": {}}
+    cache = model.init_cache(1, len(prompt))
+    prompt_logits, _ = model.prefill(
+        jnp.asarray([prompt], jnp.int32), jnp.asarray([len(prompt)], jnp.int32), cache
+    )
     for b in batches:
         plist = [SamplingParams(seed=i, **SETTINGS) for i in range(b)]
         rows = pack_rows(plist, vocab_size=cfg.vocab_size, seeds=list(range(b)))
@@ -94,7 +98,7 @@ def bench_jaxsample(batches, new_tokens: int, repeats: int) -> dict:
         step = (total - t1) / (new_tokens - 1)
         # the sampler alone on this batch's shapes
         rows_d = jax.tree.map(jnp.asarray, rows)
-        logits = jax.random.normal(jax.random.key(0), (b, cfg.vocab_size)) * 3.0
+        logits = jnp.tile(prompt_logits, (b, 1))  # the model's real next-token logits
         hist = History(
             counts=jnp.zeros((b, cfg.vocab_size), jnp.int32),
             in_prompt=jnp.zeros((b, cfg.vocab_size), jnp.bool_),
@@ -119,6 +123,48 @@ def bench_jaxsample(batches, new_tokens: int, repeats: int) -> dict:
             file=sys.stderr,
             flush=True,
         )
+    return out
+
+
+def bench_constraints_in_loop(batch: int, new_tokens: int, repeats: int) -> dict:
+    """Per-step decode time of the same batch: plain rows, JSON-mode rows, rows with 4 stop
+    strings each (stop strings that never occur, so every row runs the whole budget)."""
+    from jaxsample import SamplingParams, pack_rows
+    from jaxsample.api import Engine
+    from jaxsample.decode import decode
+
+    engine = Engine.load()
+    cfg = engine.model.config
+    prompt = engine.encode_input([{"role": "user", "content": PROMPT}])
+    variants = {
+        "plain": {},
+        "json_object": {"response_format": {"type": "json_object"}},
+        "stop_x4": {"stop": ["\u0001a", "\u0001b", "\u0001c", "\u0001d"]},
+    }
+    out = {"batch": batch}
+    for name, extra in variants.items():
+        plist = [SamplingParams(seed=i, **SETTINGS, **extra) for i in range(batch)]
+        rows = pack_rows(plist, vocab_size=cfg.vocab_size, seeds=list(range(batch)))
+        constraints = engine.constraints(plist)
+
+        def run(n, rows=rows, constraints=constraints):
+            # eos_id=-1: no row ends early, every configuration runs the same number of steps
+            return decode(engine.model, [prompt] * batch, rows, [n] * batch, constraints, eos_id=-1)
+
+        run(new_tokens), run(1)
+        total = _median_time(lambda: run(new_tokens), repeats)
+        first = _median_time(lambda: run(1), repeats)
+        out[name] = {"step_ms": (total - first) / (new_tokens - 1) * 1e3}
+    plain = out["plain"]["step_ms"]
+    for name in variants:
+        out[name]["ratio_to_plain"] = out[name]["step_ms"] / plain
+    print(
+        f"# constraints at batch {batch}: plain {plain:.1f} ms/step, JSON "
+        f"{out['json_object']['ratio_to_plain']:.3f}x, 4 stop strings "
+        f"{out['stop_x4']['ratio_to_plain']:.3f}x",
+        file=sys.stderr,
+        flush=True,
+    )
     return out
 
 
@@ -182,6 +228,8 @@ def main() -> None:
     }
     result["limits"] = machine_limits()
     result["jaxsample"] = bench_jaxsample(batches, args.new_tokens, args.repeats)
+    if not args.quick:
+        result["constraints"] = bench_constraints_in_loop(8, args.new_tokens, args.repeats)
     if not (args.quick or args.no_hf):
         result["transformers"] = bench_hf(batches, args.new_tokens, args.repeats)
 
@@ -212,6 +260,14 @@ def main() -> None:
             f"{(hf['tokens_per_s'] if hf else float('nan')):>9.1f} | {ratio:>6.2f} | "
             f"{j['fraction_of_roofline']:>8.2f} | {j['step_ms']:>7.1f} | "
             f"{100 * j['sampler_share']:>6.1f}% | {j['compile_s']:>9.1f}"
+        )
+    if "constraints" in result:
+        c = result["constraints"]
+        print(
+            f"\nconstraints in the loop (batch {c['batch']}): plain step "
+            f"{c['plain']['step_ms']:.1f} ms; JSON mode {c['json_object']['step_ms']:.1f} ms "
+            f"({c['json_object']['ratio_to_plain']:.3f}x); 4 stop strings per row "
+            f"{c['stop_x4']['step_ms']:.1f} ms ({c['stop_x4']['ratio_to_plain']:.3f}x)"
         )
     out = args.out or os.path.join(ROOT, "results", f"bench_decode_{result['platform']}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
