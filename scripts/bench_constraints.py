@@ -10,9 +10,9 @@ Writes results/bench_constraints_<platform>.json and prints a table. Measures:
   (``json_mode.allowed``) plus ``json_mode.advance``; the stop automata
   (``stop.advance``, 4 stop strings per row) for tokens of ordinary text and for the
   longest tokens of the vocabulary (the worst case of the byte walk);
-- with ``--with-model``: the real decode loop (jaxsample.decode) per step, plain rows vs
-  every row in JSON mode vs every row with 4 stop strings, same batch and model
-  (:func:`decode_step_comparison`, which the decode benchmark can also call).
+- with ``--with-model``: the real decode loop per step, plain rows vs every row in JSON
+  mode vs every row with 4 stop strings, same batch and model (the decode benchmark's
+  ``bench_constraints_in_loop``, run at each batch of ``--batches``).
 """
 
 from __future__ import annotations
@@ -143,46 +143,19 @@ def bench_steps(tok, repeats: int = 50) -> dict:
 
 
 def decode_step_comparison(batches=BATCHES, new_tokens: int = 32, repeats: int = 3) -> dict:
-    """Per-step time of the real decode loop: plain rows, all rows in JSON mode, all rows
-    with 4 stop strings (same batch, model, settings; EOS ignored so all rows run)."""
-    from jaxsample import SamplingParams, pack_rows
-    from jaxsample.api import Engine
-    from jaxsample.decode import decode
+    """Whole decode steps, plain vs JSON mode vs 4 stop strings per row, same batch and
+    model: delegates to ``bench_constraints_in_loop`` of scripts/bench_decode.py."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from bench_decode import bench_constraints_in_loop
 
-    engine = Engine.load()
-    model = engine.model
-    prompt = engine.encode_input([{"role": "user", "content": "Describe a cat as JSON."}])
-    kinds = {
-        "plain": {},
-        "json": {"response_format": {"type": "json_object"}},
-        "stop4": {"stop": list(STOPS)},
-    }
-    out = {}
-    for b in batches:
-        res = {}
-        for name, extra in kinds.items():
-            plist = [SamplingParams(seed=i, temperature=0.8, top_p=0.9, **extra) for i in range(b)]
-            rows = pack_rows(plist, vocab_size=model.config.vocab_size, seeds=list(range(b)))
-            cons = engine.constraints(plist)
-
-            def run(n, rows=rows, cons=cons, b=b):
-                return decode(model, [prompt] * b, rows, [n] * b, cons, eos_id=-1)
-
-            run(new_tokens)
-            run(1)
-            total = _median_time(lambda run=run: run(new_tokens), repeats)
-            pre = _median_time(lambda run=run: run(1), repeats)
-            res[name + "_step_ms"] = (total - pre) / (new_tokens - 1) * 1e3
-        res["json_over_plain"] = res["json_step_ms"] / res["plain_step_ms"]
-        res["stop_over_plain"] = res["stop4_step_ms"] / res["plain_step_ms"]
-        out[str(b)] = res
-        print(f"# decode batch {b}: {res}", file=sys.stderr, flush=True)
-    return out
+    return {str(b): bench_constraints_in_loop(b, new_tokens, repeats) for b in batches}
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--with-model", action="store_true", help="also time whole decode steps")
+    ap.add_argument("--batches", default="1,8,32", help="batches for --with-model")
+    ap.add_argument("--new-tokens", type=int, default=32, help="steps per run (--with-model)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     tok = load_tokenizer()
@@ -196,7 +169,8 @@ def main(argv=None) -> dict:
         "per_step": bench_steps(tok),
     }
     if args.with_model:
-        result["decode_steps"] = decode_step_comparison()
+        batches = tuple(int(b) for b in args.batches.split(","))
+        result["decode_steps"] = decode_step_comparison(batches, args.new_tokens)
     c = result["compile"]
     print(
         f"JSON grammar: {c['vocab']} tokens x {c['lexical_states']} states, compile "
@@ -218,9 +192,9 @@ def main(argv=None) -> dict:
         )
     for b, r in result.get("decode_steps", {}).items():
         print(
-            f"decode batch {b}: plain {r['plain_step_ms']:.1f} ms, json {r['json_step_ms']:.1f} ms "
-            f"({r['json_over_plain']:.2f}x), stop {r['stop4_step_ms']:.1f} ms "
-            f"({r['stop_over_plain']:.3f}x)"
+            f"decode batch {b}: plain {r['plain']['step_ms']:.1f} ms/step, JSON "
+            f"{r['json_object']['ratio_to_plain']:.3f}x, 4 stop strings "
+            f"{r['stop_x4']['ratio_to_plain']:.3f}x"
         )
     path = args.out or os.path.join(ROOT, "results", f"bench_constraints_{result['platform']}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)

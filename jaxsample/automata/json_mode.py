@@ -38,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxsample.automata._tokens import token_matrix
+
 #: Default and largest supported nesting depth (the stack is the bits of one uint32).
 MAX_DEPTH = 32
 
@@ -366,13 +368,6 @@ class State(struct.PyTreeNode):
 # ------------------------------------------------------------------------------- compile
 
 
-def _token_matrix(vocab: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
-    lengths = np.fromiter((len(b) for b in vocab), np.int32, len(vocab))
-    width = max(1, int(lengths.max(initial=0)))
-    buf = np.frombuffer(b"".join(bytes(b).ljust(width, b"\0") for b in vocab), np.uint8)
-    return buf.reshape(len(vocab), width), lengths
-
-
 def _walk_tokens(lx: _Lexer, tok: np.ndarray, lengths: np.ndarray, usable: np.ndarray, depth):
     """Walk every usable token's bytes from every lexical state; return the effect tables.
 
@@ -556,7 +551,7 @@ def compile_grammar(
 def compile_tables(vocab_bytes, eos_id, special_ids, max_depth) -> dict:
     """The host (numpy) tables behind :func:`compile_grammar`, uncached (for tests/bench)."""
     lx = _lexer()
-    tok, lengths = _token_matrix(vocab_bytes)
+    tok, lengths = token_matrix(vocab_bytes)
     usable = np.ones(len(vocab_bytes), bool)
     usable[list(special_ids)] = False
     usable[int(eos_id)] = False

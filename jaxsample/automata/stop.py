@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxsample.automata._tokens import token_matrix
 from jaxsample.params import STOP_MAX_BYTES, STOP_MAX_COUNT, InvalidRequestError
 
 
@@ -44,12 +45,8 @@ class TokenBytes:
         >>> TokenBytes.from_vocab([b"a", b"bc", b""]).table.shape
         (3, 2)
         """
-        lengths = np.fromiter((len(b) for b in vocab_bytes), np.int32, len(vocab_bytes))
-        width = max(1, int(lengths.max(initial=0)))
-        buf = np.frombuffer(b"".join(bytes(b).ljust(width, b"\0") for b in vocab_bytes), np.uint8)
-        return cls(
-            table=jnp.asarray(buf.reshape(len(vocab_bytes), width)), lengths=jnp.asarray(lengths)
-        )
+        table, lengths = token_matrix(vocab_bytes)
+        return cls(table=jnp.asarray(table), lengths=jnp.asarray(lengths))
 
 
 @struct.dataclass
