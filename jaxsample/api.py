@@ -226,15 +226,16 @@ class Engine:
         content_ids = ids[:-1] if code == _decode.FINISH_EOS and ids else ids
         pieces = [tok.token_bytes[t] for t in content_ids]
         raw = b"".join(pieces)
+        cut = False
         if p.stop:
-            raw, _ = stop.truncate(raw, tuple(p.stop))
+            raw, cut = stop.truncate(raw, tuple(p.stop))
         text = raw.decode("utf-8", errors="replace")
         logprobs = None
         if p.logprobs:
             logprobs = []
             start = 0
             for j, t in enumerate(content_ids):
-                if start >= len(raw) and j > 0:
+                if cut and start >= len(raw):
                     break  # this token lies wholly inside the cut-away stop string
                 start += len(pieces[j])
                 logprobs.append(self._logprob_entry(out, b, j, t, p.top_logprobs))
