@@ -161,7 +161,9 @@ def test_stop_strings_cut_the_text(engine):
     x, y = tok.encode("x"), tok.encode("y")
     assert len(x) == len(y) == 1
     bias = {str(x[0]): 100.0, str(y[0]): 100.0}
-    p = SamplingParams(temperature=1.0, seed=3, max_tokens=30, logit_bias=bias, stop=["xy"])
+    p = SamplingParams(
+        temperature=1.0, seed=3, max_tokens=30, logit_bias=bias, stop=["xy"], logprobs=True
+    )
     c = engine.generate(["go"], p)[0]
     full = b"".join(tok.token_bytes[t] for t in c.token_ids)
     assert b"xy" in full
@@ -170,6 +172,8 @@ def test_stop_strings_cut_the_text(engine):
     assert c.text.encode() == full[:cut]
     # the row stopped at the step whose token completed the stop string, not later
     assert cut + 2 == len(full)
+    # logprobs cover the tokens of the returned text only (one byte each here)
+    assert len(c.logprobs) == cut
 
 
 def test_json_mode_rows_beside_plain_rows(engine):
