@@ -173,3 +173,19 @@ def test_candidates_say_when_they_cannot_resolve():
         )
         assert not bool(exact) or bool(kept_all)
         assert np.asarray(f_mask).sum() == V
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    x=hnp.arrays(
+        np.float32,
+        st.integers(200, 700),
+        elements=st.sampled_from([0.0, 1.0, 2.0, -1.0, -np.inf, 3e38]) | st.floats(-5, 5, width=32),
+    ),
+    k=st.integers(1, 3),
+)
+def test_top_candidates_equals_lax_top_k(x, k):
+    got = tf.top_candidates(jnp.asarray(x), k)
+    want = jax.lax.top_k(jnp.asarray(x), k)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])  # ties: lower index first

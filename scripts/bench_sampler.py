@@ -1,0 +1,216 @@
+"""Benchmark of the sampler against log_softmax (the floor) and a sort-based chain.
+
+Measures, in one process on the same logits, the median wall time of:
+
+* ``floor``: ``jax.nn.log_softmax`` over ``[B, V]``;
+* ``full``: :func:`jaxsample.sample_batch` with every parameter on (logit_bias, repetition,
+  frequency and presence penalties, temperature, top_k, top_p, top_a, min_p, the draw and
+  top_logprobs=20);
+* each transform alone (the same sampler with only that parameter away from neutral;
+  ``neutral`` is plain softmax sampling, ``greedy`` is temperature 0);
+* ``sort_chain``: a straightforward sort-based chain in the style of Hugging Face's Flax
+  warpers (one full descending sort of the vocabulary for top_k/top_p, softmax for top_a and
+  min_p, ``jax.random.categorical``), with the same parameters.
+
+Grid: B in {1, 64}, V in {49152, 128256, 262144}; "realistic" logits (Zipf-like ranks with a
+per-row exponent, so the top token has probability ~0.3-0.9, plus a little Gumbel noise) and
+"flat" logits (standard normal: the worst case for candidate-based filtering).
+
+Usage::
+
+    .venv/bin/python scripts/bench_sampler.py            # full grid, ~5-10 minutes on 2 cores
+    .venv/bin/python scripts/bench_sampler.py --quick    # small smoke run, prints only
+
+Writes ``results/bench_sampler_cpu.json`` (full run) and prints a table of ratios.
+No extra dependencies beyond the project's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxsample.params import SamplingParams, pack_rows
+from jaxsample.sampler import History, sample_batch
+
+FULL = dict(
+    temperature=0.8,
+    top_k=50,
+    top_p=0.9,
+    top_a=0.1,
+    min_p=0.05,
+    repetition_penalty=1.1,
+    frequency_penalty=0.3,
+    presence_penalty=0.2,
+    logit_bias={11: 2.0, 220: -5.0, 1000: 1.5, 3000: -100.0},
+    logprobs=True,
+    top_logprobs=20,
+)
+ALONE = {
+    "neutral": {},
+    "greedy": dict(temperature=0.0),
+    "logit_bias": dict(logit_bias=FULL["logit_bias"]),
+    "repetition_penalty": dict(repetition_penalty=1.1),
+    "frequency_penalty": dict(frequency_penalty=0.3),
+    "presence_penalty": dict(presence_penalty=0.2),
+    "temperature": dict(temperature=0.8),
+    "top_k": dict(top_k=50),
+    "top_p": dict(top_p=0.9),
+    "top_a": dict(top_a=0.1),
+    "min_p": dict(min_p=0.05),
+    "top_logprobs": dict(logprobs=True, top_logprobs=20),
+}
+
+
+def make_logits(kind: str, b: int, v: int, rng: np.random.Generator) -> np.ndarray:
+    """``[B, V]`` float32 logits: "realistic" (peaked, heavy-tailed) or "flat"."""
+    if kind == "flat":
+        return rng.standard_normal((b, v)).astype(np.float32)
+    exponent = rng.uniform(1.6, 2.6, size=(b, 1))  # top-token probability ~0.35-0.8
+    ranks = np.argsort(rng.random((b, v)), axis=1) + 1.0
+    noise = rng.gumbel(size=(b, v)) * 0.1
+    return (-exponent * np.log(ranks) + noise + 8.0).astype(np.float32)
+
+
+def make_history(b: int, v: int, rng: np.random.Generator) -> History:
+    """A history with a 512-token prompt and 128 output tokens per row."""
+    counts = np.zeros((b, v), np.int32)
+    in_prompt = np.zeros((b, v), np.bool_)
+    for i in range(b):
+        in_prompt[i, rng.integers(0, v, 512)] = True
+        np.add.at(counts[i], rng.integers(0, v, 128), 1)
+    return History(counts=jnp.asarray(counts), in_prompt=jnp.asarray(in_prompt))
+
+
+def rows_for(fields: dict, b: int, v: int):
+    params = [SamplingParams(**fields, seed=i) for i in range(b)]
+    return jax.tree.map(jnp.asarray, pack_rows(params, vocab_size=v, seeds=list(range(b))))
+
+
+@jax.jit
+def floor(logits):
+    return jax.nn.log_softmax(logits)
+
+
+@jax.jit
+def sort_chain(logits, rows, hist, position):
+    """A plain sort-based chain (the usual way): full sort for top_k and top_p."""
+
+    def one(z, row, counts, in_prompt):
+        z = z.astype(jnp.float32)
+        z = z.at[row.bias_ids].add(row.bias_values)
+        seen = in_prompt | (counts > 0)
+        r = jnp.maximum(row.repetition_penalty, 1e-6)
+        z = jnp.where(seen, jnp.where(z > 0, z / r, z * r), z)
+        z = z - row.frequency_penalty * counts - row.presence_penalty * (counts > 0)
+        greedy_token = jnp.argmax(z)
+        z = z / jnp.maximum(row.temperature, 1e-5)
+        sorted_z, order = lax.top_k(z, z.shape[0])  # full sort, as HF's top-p warper does
+        k = jnp.where(row.top_k > 0, row.top_k, z.shape[0])
+        z = jnp.where(z < sorted_z[k - 1], -jnp.inf, z)
+        sorted_z = jnp.where(jnp.arange(z.shape[0]) < k, sorted_z, -jnp.inf)
+        cum = jnp.cumsum(jax.nn.softmax(sorted_z))
+        cut = jnp.minimum(jnp.sum(cum < row.top_p), z.shape[0] - 1)
+        z = jnp.where(z < sorted_z[cut], -jnp.inf, z)
+        p = jax.nn.softmax(z)
+        z = jnp.where(p < row.top_a * jnp.max(p) ** 2, -jnp.inf, z)
+        p = jax.nn.softmax(z)
+        z = jnp.where(p < row.min_p * jnp.max(p), -jnp.inf, z)
+        key = jax.random.wrap_key_data(row.seed_words, impl="threefry2x32")
+        token = jax.random.categorical(jax.random.fold_in(key, position), z)
+        token = jnp.where(row.temperature < 1e-5, greedy_token, token)
+        raw = jax.nn.log_softmax(z)
+        top_lp, top_ids = lax.top_k(raw, 20)
+        return token, raw[token], top_ids, top_lp
+
+    return jax.vmap(one)(logits, rows, hist.counts, hist.in_prompt)
+
+
+def timed(fn, *args) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - start
+
+
+def bench_config(b, v, kind, reps, sort_reps, rng):
+    logits = jnp.asarray(make_logits(kind, b, v, rng))
+    hist = make_history(b, v, rng)
+    pos = jnp.int32(3)
+    cases = {"floor": (floor, (logits,))}
+    cases["full"] = (sample_batch, (logits, rows_for(FULL, b, v), hist, None, pos))
+    for name, fields in ALONE.items():
+        cases[name] = (sample_batch, (logits, rows_for(fields, b, v), hist, None, pos))
+    cases["sort_chain"] = (sort_chain, (logits, rows_for(FULL, b, v), hist, pos))
+    for fn, args in cases.values():  # compile and warm up
+        timed(fn, *args)
+    times = {name: [] for name in cases}
+    for r in range(reps):  # round-robin, so machine load hits every case alike
+        for name, (fn, args) in cases.items():
+            if name == "sort_chain" and r >= sort_reps:
+                continue
+            times[name].append(timed(fn, *args))
+    med = {name: float(np.median(t)) * 1e3 for name, t in times.items()}
+    return med
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small smoke run (prints only)")
+    ap.add_argument(
+        "--out", default=None, help="JSON path (default: results/bench_sampler_cpu.json)"
+    )
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--only", default=None, help="one grid point B,V (prints only)")
+    args = ap.parse_args()
+    if args.quick:
+        grid, reps, sort_reps = [(4, 8192)], args.reps or 3, 2
+    else:
+        grid = [(b, v) for b in (1, 64) for v in (49152, 128256, 262144)]
+        reps, sort_reps = args.reps or 9, 3
+    if args.only:
+        grid = [tuple(int(x) for x in args.only.split(","))]
+    out = args.out or (None if args.quick or args.only else "results/bench_sampler_cpu.json")
+    rng = np.random.default_rng(0)
+    results = []
+    names = ["floor", "full", "sort_chain", *ALONE]
+    header = f"{'B':>3} {'V':>7} {'logits':>9} {'floor ms':>9} {'full ms':>8} {'full/floor':>10} "
+    header += f"{'sort/full':>9}  " + " ".join(f"{n[:8]:>8}" for n in ALONE)
+    print("ratios: time / floor (log_softmax); sort/full = sort_chain time / full sampler time")
+    print(header)
+    for b, v in grid:
+        for kind in ("realistic", "flat"):
+            med = bench_config(b, v, kind, reps, sort_reps, rng)
+            f = med["floor"]
+            results.append(dict(B=b, V=v, logits=kind, median_ms=med))
+            line = f"{b:>3} {v:>7} {kind:>9} {f:>9.2f} {med['full']:>8.2f} "
+            line += f"{med['full'] / f:>10.2f} {med['sort_chain'] / med['full']:>9.1f}  "
+            line += " ".join(f"{med[n] / f:>8.2f}" for n in ALONE)
+            print(line, flush=True)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        meta = dict(
+            jax=jax.__version__,
+            backend=jax.default_backend(),
+            cpu_count=os.cpu_count(),
+            machine=platform.machine(),
+            params_full={k: v for k, v in FULL.items() if k != "logit_bias"}
+            | {"logit_bias_entries": len(FULL["logit_bias"])},
+            names=names,
+            reps=reps,
+            sort_reps=sort_reps,
+        )
+        Path(out).write_text(json.dumps(dict(meta=meta, results=results), indent=1) + "\n")
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
