@@ -358,51 +358,76 @@ def _from_order_key(k: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(jnp.where(k < 0, k ^ 0x7FFFFFFF, k), jnp.float32)
 
 
-def _largest_threshold(s: FullRow, measure, target: jax.Array, run: jax.Array) -> jax.Array:
-    """The largest token logit ``t`` with ``measure(kept & z >= t) >= target``, by bisection
-    over the float32 order (at most 32 passes over the row; none when ``run`` is False).
+#: The bisection stops once at most this many tokens lie between its bounds.
+BISECTION_WINDOW = 64
 
-    ``measure`` maps a ``bool[V]`` to a scalar that grows with the set (a count or a mass).
+
+def _largest_threshold(
+    s: FullRow, amount: jax.Array, target: jax.Array, run: jax.Array
+) -> jax.Array:
+    """The largest token logit ``t`` with ``sum(amount[kept & z >= t]) >= target``.
+
+    ``amount: f32[V] >= 0`` (ones for a count, the weights for a mass). Bisection over the
+    float32 order, each pass measuring the amount and the number of tokens above the midpoint;
+    it stops once at most ``BISECTION_WINDOW`` tokens lie between the bounds, and one
+    ``top_candidates`` over that window finishes exactly (a cumulative sum from the upper
+    bound's amount). At most 32 passes, usually about half; none when ``run`` is False.
     Returns ``-inf`` when ``run`` is False or no threshold reaches ``target``.
     """
     keep = full_keep(s)
     keys = _order_key(s.z)
+    amount = jnp.where(keep, amount, 0.0)
+    count0 = jnp.sum(keep.astype(jnp.float32))
+    reachable = jnp.sum(amount) >= target
     hi0 = _order_key(jnp.max(jnp.where(keep, s.z, -jnp.inf))) + 1
     lo0 = jnp.int32(np.iinfo(np.int32).min)
-    reachable = measure(keep) >= target
+    zero = jnp.float32(0.0)
 
     def cond(state):
-        lo, hi = state
-        return run & reachable & (lo + 1 < hi)
+        lo, hi, count_lo, count_hi, _ = state
+        wide = count_lo - count_hi > BISECTION_WINDOW
+        return run & reachable & (lo + 1 < hi) & wide
 
     def body(state):
-        lo, hi = state
+        lo, hi, count_lo, count_hi, amount_hi = state
         mid = (lo & hi) + ((lo ^ hi) >> 1)  # floor((lo + hi) / 2) without overflow
-        ok = measure(keep & (keys >= mid)) >= target
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+        above = keep & (keys >= mid)
+        amount_mid = jnp.sum(jnp.where(above, amount, 0.0))
+        count_mid = jnp.sum(above.astype(jnp.float32))
+        ok = amount_mid >= target
+        return (
+            jnp.where(ok, mid, lo),
+            jnp.where(ok, hi, mid),
+            jnp.where(ok, count_mid, count_lo),
+            jnp.where(ok, count_hi, count_mid),
+            jnp.where(ok, amount_hi, amount_mid),
+        )
 
-    lo, _ = lax.while_loop(cond, body, (lo0, hi0))
-    return jnp.where(run & reachable, _from_order_key(lo), -jnp.inf)
+    lo, hi, _, _, amount_hi = lax.while_loop(cond, body, (lo0, hi0, count0, zero, zero))
+    # Finish inside the window [lo, hi): its tokens in descending order, the first one where
+    # the amount above the window plus the window's cumulative amount reaches the target.
+    window = keep & (keys >= lo) & (keys < hi)
+    size = min(BISECTION_WINDOW, s.z.shape[0])
+    values, ids = top_candidates(jnp.where(window, s.z, -jnp.inf), size)
+    cum = amount_hi + jnp.cumsum(jnp.where(values > -jnp.inf, amount[ids], 0.0))
+    first = jnp.sum(cum < target)
+    last = jnp.maximum(jnp.sum(values > -jnp.inf) - 1, 0)
+    found = values[jnp.minimum(first, last)]
+    result = jnp.where(lo + 1 < hi, found, _from_order_key(lo))
+    return jnp.where(run & reachable, result, -jnp.inf)
 
 
 def top_k_full(s: FullRow, k: jax.Array, run: jax.Array, *, vocab_size: int) -> FullRow:
-    """Step 6 on the whole vocabulary: the k-th largest logit by bisection on the count."""
+    """Step 6 on the whole vocabulary: the k-th largest logit (ties kept), by bisection."""
     active = (k > 0) & (k < vocab_size)
-
-    def count(mask):
-        return jnp.sum(mask.astype(jnp.int32))
-
-    kth = _largest_threshold(s, count, k, run & active)
+    ones = jnp.ones_like(s.z)
+    kth = _largest_threshold(s, ones, k.astype(jnp.float32), run & active)
     return s._replace(z_min=jnp.maximum(s.z_min, kth))
 
 
 def top_p_full(s: FullRow, p: jax.Array, run: jax.Array) -> FullRow:
     """Step 7 on the whole vocabulary: the boundary logit by bisection on the kept mass."""
-
-    def mass(mask):
-        return jnp.sum(jnp.where(mask, s.weights, 0.0))
-
-    boundary = _largest_threshold(s, mass, p * full_mass(s), run & (p < 1.0))
+    boundary = _largest_threshold(s, s.weights, p * full_mass(s), run & (p < 1.0))
     return s._replace(z_min=jnp.maximum(s.z_min, boundary))
 
 

@@ -189,3 +189,32 @@ def test_top_candidates_equals_lax_top_k(x, k):
     want = jax.lax.top_k(jnp.asarray(x), k)
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])  # ties: lower index first
+
+
+@partial(jax.jit, static_argnames="vocab")
+def _full_top_k_top_p(z, k, p, *, vocab):
+    s = tf.init_full(z)
+    sk = tf.top_k_full(s, k, jnp.bool_(True), vocab_size=vocab)
+    sp = tf.top_p_full(s, p, jnp.bool_(True))
+    return tf.full_keep(sk), tf.full_keep(sp)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    k=st.integers(1, 1999),
+    p=st.floats(0, 0.999),
+    scale=st.sampled_from([0.1, 1.0, 4.0]),
+    decimals=st.sampled_from([1, 3, 7]),
+)
+def test_full_vocabulary_bisection_matches_reference(seed, k, p, scale, decimals):
+    """A row long enough for the bisection loop to run before its exact window finish."""
+    v = 2000
+    rng = np.random.default_rng(seed)
+    z = np.round(rng.standard_normal(v) * scale, decimals).astype(np.float32)
+    z[rng.random(v) < 0.1] = -np.inf
+    got_k, got_p = (np.asarray(x) for x in _full_top_k_top_p(jnp.asarray(z), k, p, vocab=v))
+    want_k = reference_keep(z, {"top_k": k})
+    np.testing.assert_array_equal(got_k, want_k)
+    tight, loose = (reference_keep(z, {"top_p": p}, slack=e) for e in (-1e-4, 1e-4))
+    _assert_between(got_p, tight, loose)
