@@ -11,6 +11,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+# Token-axis tile: XLA CPU's matmul gives a column the same bits whatever the number of
+# columns, as long as that number is a multiple of 16 (measured; 8 is not enough).
+INVARIANT_TILE = 16
+
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
@@ -21,7 +25,11 @@ class LlamaConfig:
     (H * d need not equal D), hidden_dim F (SwiGLU width), rope_theta (RoPE base),
     norm_eps (RMSNorm epsilon), context_length (maximum positions), bos_id / eos_id
     (token ids), tie_embeddings (output projection = token embedding), attn_block
-    (keys per block in the blockwise attention; cache lengths are multiples of it).
+    (keys per block in the blockwise attention; cache lengths are multiples of it),
+    batch_invariant (pad the token axis of every matmul to a multiple of
+    ``INVARIANT_TILE`` so a row's arithmetic, hence its logits bit for bit, does not
+    depend on the batch size, its place in the batch or the prompt padding; costs speed
+    at small batches, see docs/model.md).
     """
 
     vocab_size: int
@@ -38,6 +46,7 @@ class LlamaConfig:
     eos_id: int = 2
     tie_embeddings: bool = True
     attn_block: int = 128
+    batch_invariant: bool = False
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxsample.model.config import LlamaConfig
+from jaxsample.model.config import INVARIANT_TILE, LlamaConfig
 
 
 class KVCache(NamedTuple):
@@ -61,10 +61,25 @@ class KVCache(NamedTuple):
         return self.k[0].shape[0]
 
 
+def _sum_rows(x: jax.Array) -> jax.Array:
+    """Sum over axis 0 of x [D, N] -> [1, N] by repeated halving (elementwise adds only).
+
+    XLA CPU's reduce over an axis rounds differently for different N (its vectorization
+    changes with the shape); a fixed tree of elementwise adds gives every column the same
+    bits whatever N, which keeps rows batch-invariant.
+    """
+    while x.shape[0] > 1:
+        n = x.shape[0]
+        half = n // 2
+        y = x[:half] + x[half : 2 * half]
+        x = jnp.concatenate([y, x[2 * half :]], axis=0) if n % 2 else y
+    return x
+
+
 def _rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     """Feature-major RMSNorm: ``x / sqrt(mean(x**2, axis=0) + eps) * w``; x [D, N], w [D]."""
     x = x.astype(jnp.float32)
-    ms = jnp.mean(x * x, axis=0, keepdims=True)
+    ms = _sum_rows(x * x) * (1.0 / x.shape[0])
     return x * jax.lax.rsqrt(ms + eps) * w.astype(jnp.float32).reshape(-1, 1)
 
 
@@ -93,42 +108,78 @@ def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=1)
 
 
-def _attend(qh, q_pos, ck, cv, n_blocks, blk: int):
-    """Blockwise causal attention with an online softmax over fixed-size key blocks.
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
 
-    qh: float32 [B, K, G, T, d] queries, already scaled by d**-0.5 (K kv heads, G query
-    heads per kv head); q_pos: int32 [B, 1, 1, T, 1], each query's position (it sees keys at
-    positions <= q_pos); ck, cv: [B, K, S, d] cache; n_blocks: int or int32 scalar, the
-    blocks 0..n_blocks-1 of ``blk`` keys to visit. Returns float32 [B, K, G, T, d].
+
+def _pad_last(x: jax.Array, n: int) -> jax.Array:
+    """Zero-pad the last axis of x to length n (no-op when it already has n).
+
+    The padded array goes through ``optimization_barrier``: otherwise XLA rewrites
+    ``dot(W, pad(x))`` into ``pad(dot(W, x))`` and the matmul runs on the unpadded width
+    again, which defeats ``batch_invariant``.
+    """
+    extra = n - x.shape[-1]
+    if extra == 0:
+        return x
+    return jax.lax.optimization_barrier(jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)]))
+
+
+def _attend_row(qh, q_pos, ck, cv, n_blocks, blk: int):
+    """One row's blockwise causal attention with an online softmax over key blocks.
+
+    qh: float32 [K, G, T, d] queries, already scaled by d**-0.5 (K kv heads, G query heads
+    per kv head); q_pos: int32 [1, 1, T, 1], each query's position (it sees keys at
+    positions <= q_pos); ck, cv: [K, S, d] the row's cache; n_blocks: int32 scalar, the
+    blocks 0..n_blocks-1 of ``blk`` keys to visit. Returns float32 [K, G, T, d].
 
     Per block: ``m' = max(m, max s)``, ``l' = e^(m-m') l + sum e^(s-m')``,
     ``acc' = e^(m-m') acc + e^(s-m') v``. A block masked entirely for a query leaves
     (m, l, acc) bit-for-bit unchanged, so visiting extra blocks never changes a result.
     Block 0 always holds position 0, so m is finite after it.
     """
-    B, K, G, T, d = qh.shape
+    K, G, T, d = qh.shape
 
     def body(j, carry):
         m, l, acc = carry
-        kb = jax.lax.dynamic_slice_in_dim(ck, j * blk, blk, axis=2).astype(jnp.float32)
-        vb = jax.lax.dynamic_slice_in_dim(cv, j * blk, blk, axis=2).astype(jnp.float32)
-        s = jnp.einsum("bkgtd,bksd->bkgts", qh, kb, preferred_element_type=jnp.float32)
-        k_pos = (j * blk + jnp.arange(blk, dtype=jnp.int32)).reshape(1, 1, 1, 1, blk)
+        kb = jax.lax.dynamic_slice_in_dim(ck, j * blk, blk, axis=1).astype(jnp.float32)
+        vb = jax.lax.dynamic_slice_in_dim(cv, j * blk, blk, axis=1).astype(jnp.float32)
+        s = jnp.einsum("kgtd,ksd->kgts", qh, kb, preferred_element_type=jnp.float32)
+        k_pos = (j * blk + jnp.arange(blk, dtype=jnp.int32)).reshape(1, 1, 1, blk)
         s = jnp.where(k_pos <= q_pos, s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[..., None])
         l = alpha * l + jnp.sum(p, axis=-1)
-        pv = jnp.einsum("bkgts,bksd->bkgtd", p, vb, preferred_element_type=jnp.float32)
+        pv = jnp.einsum("kgts,ksd->kgtd", p, vb, preferred_element_type=jnp.float32)
         return m_new, l, alpha[..., None] * acc + pv
 
     init = (
-        jnp.full((B, K, G, T), -jnp.inf, jnp.float32),
-        jnp.zeros((B, K, G, T), jnp.float32),
-        jnp.zeros((B, K, G, T, d), jnp.float32),
+        jnp.full((K, G, T), -jnp.inf, jnp.float32),
+        jnp.zeros((K, G, T), jnp.float32),
+        jnp.zeros((K, G, T, d), jnp.float32),
     )
     _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
     return acc / l[..., None]
+
+
+def _attend(qh, q_pos, ck, cv, last_pos, blk: int):
+    """Attention for every row, one row at a time (``lax.map``).
+
+    qh [B, K, G, T, d]; q_pos [B, 1, 1, T, 1]; ck, cv [B, K, S, d]; last_pos int32 [B], the
+    largest query position of each row that matters (row b visits blocks
+    0..last_pos[b] // blk only). Returns float32 [B, K, G, T, d].
+
+    Row by row on purpose: every row runs the same-shaped computation whatever the batch,
+    so its result is bit-identical alone or in any batch (a batched einsum is not: XLA CPU
+    vectorizes it differently for different batch sizes), and it is faster on CPU.
+    """
+
+    def row(args):
+        q, qp, k, v, last = args
+        return _attend_row(q, qp, k, v, last // blk + 1, blk)
+
+    return jax.lax.map(row, (qh, q_pos, ck, cv, last_pos))
 
 
 class Block(nnx.Module):
@@ -230,9 +281,14 @@ class Llama(nnx.Module):
 
     def _logits(self, h: jax.Array) -> jax.Array:
         """h [D, N] -> float32 logits [N, V] (final RMSNorm, then the output embedding)."""
+        n = h.shape[1]
+        if self.config.batch_invariant:
+            h = _pad_last(h, _round_up(n, INVARIANT_TILE))
         h = _rms_norm(h, self.norm[...], self.config.norm_eps)
         out = self.embed[...] if self.config.tie_embeddings else self.output[...]
-        return _mm(out, h).T
+        # The barrier keeps XLA from folding the transpose into the matmul (it would pick a
+        # different matmul kernel depending on whether the batch was padded).
+        return jax.lax.optimization_barrier(_mm(out, h))[:, :n].T
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         """Zeroed KV cache for ``batch`` rows and at least ``max_len`` positions.
@@ -270,11 +326,16 @@ class Llama(nnx.Module):
         if T > S:
             raise ValueError(f"prompt length {T} exceeds the cache length {S}")
         H, K, d, G = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.group_size
-        n_blocks = -(-T // blk)
+        if cfg.batch_invariant:  # every matmul sees a multiple of INVARIANT_TILE columns
+            T = min(_round_up(T, INVARIANT_TILE), S)
+            tokens = _pad_last(tokens, T)
+        # Row b's queries that matter end at lengths[b]-1; later (padding) queries still see
+        # block 0 at least, so they stay finite.
+        last = jnp.clip(lengths.astype(jnp.int32) - 1, 0, T - 1)
         x = self._embed(tokens.reshape(-1))  # [D, B*T], column b*T + t
         pos = jnp.arange(T, dtype=jnp.int32)
         cos, sin = rope_angles(jnp.tile(pos, B), d, cfg.rope_theta)  # [d/2, B*T]
-        q_pos = pos.reshape(1, 1, 1, T, 1)
+        q_pos = jnp.broadcast_to(pos.reshape(1, 1, 1, T, 1), (B, 1, 1, T, 1))
         new_k, new_v = [], []
         for li, layer in enumerate(self.layers):
             q, k, v = layer.qkv(x, cos, sin, cfg)
@@ -285,9 +346,8 @@ class Llama(nnx.Module):
             new_k.append(ck)
             new_v.append(cv)
             qh = (q * d**-0.5).reshape(K, G, d, B, T).transpose(3, 0, 1, 4, 2)  # [B,K,G,T,d]
-            attn = _attend(qh, q_pos, ck, cv, n_blocks, blk)
+            attn = _attend(qh, q_pos, ck, cv, last, blk)
             x = layer.finish(x, attn.transpose(1, 2, 4, 0, 3).reshape(H * d, B * T), cfg)
-        last = jnp.clip(lengths.astype(jnp.int32) - 1, 0, T - 1)
         h_last = jnp.take_along_axis(x.reshape(-1, B, T), last.reshape(1, B, 1), axis=2)
         return self._logits(h_last.reshape(-1, B)), KVCache(k=tuple(new_k), v=tuple(new_v))
 
@@ -309,9 +369,10 @@ class Llama(nnx.Module):
         blk = cfg.attn_block
         H, K, d, G = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.group_size
         positions = positions.astype(jnp.int32)
-        n_blocks = jnp.max(positions) // blk + 1
-        x = self._embed(tokens)  # [D, B]
-        cos, sin = rope_angles(positions, d, cfg.rope_theta)  # [d/2, B]
+        # With batch_invariant, the matmuls run on Bp >= B columns (zero tokens appended).
+        Bp = _round_up(B, INVARIANT_TILE) if cfg.batch_invariant else B
+        x = self._embed(_pad_last(tokens, Bp))  # [D, Bp]
+        cos, sin = rope_angles(_pad_last(positions, Bp), d, cfg.rope_theta)  # [d/2, Bp]
         rows = jnp.arange(B, dtype=jnp.int32).reshape(B, 1)
         heads = jnp.arange(K, dtype=jnp.int32).reshape(1, K)
         pos_col = positions.reshape(B, 1)
@@ -319,6 +380,7 @@ class Llama(nnx.Module):
         new_k, new_v = [], []
         for li, layer in enumerate(self.layers):
             q, k, v = layer.qkv(x, cos, sin, cfg)
+            q, k, v = q[..., :B], k[..., :B], v[..., :B]
             k = k.transpose(2, 0, 1).astype(self.dtype)  # [B, K, d]
             v = v.transpose(2, 0, 1).astype(self.dtype)
             ck = cache.k[li].at[rows, heads, pos_col].set(k)
@@ -326,9 +388,9 @@ class Llama(nnx.Module):
             new_k.append(ck)
             new_v.append(cv)
             qh = (q * d**-0.5).reshape(K, G, d, B).transpose(3, 0, 1, 2).reshape(B, K, G, 1, d)
-            attn = _attend(qh, q_pos, ck, cv, n_blocks, blk)  # [B, K, G, 1, d]
-            x = layer.finish(x, attn.reshape(B, H * d).T, cfg)
-        return self._logits(x), KVCache(k=tuple(new_k), v=tuple(new_v))
+            attn = _attend(qh, q_pos, ck, cv, positions, blk)  # [B, K, G, 1, d]
+            x = layer.finish(x, _pad_last(attn.reshape(B, H * d).T, Bp), cfg)
+        return self._logits(x[:, :B]), KVCache(k=tuple(new_k), v=tuple(new_v))
 
 
 def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
