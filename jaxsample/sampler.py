@@ -296,9 +296,12 @@ def sample_row(
 
     Example::
 
-        >>> from jaxsample.rows import RowParams
-        >>> out = sample_row(jnp.array([0.0, 5.0, 1.0]), row, History.from_tokens([], [], 3),
-        ...                  None, jnp.int32(0))  # doctest: +SKIP
+        >>> from jaxsample import SamplingParams, pack_rows
+        >>> rows = pack_rows([SamplingParams(temperature=0.0)], vocab_size=3, seeds=[0])
+        >>> row = jax.tree.map(lambda x: jnp.asarray(x[0]), rows)
+        >>> hist = History.from_tokens([], [], vocab_size=3)
+        >>> int(sample_row(jnp.array([0.0, 5.0, 1.0]), row, hist, None, 0).token)
+        1
     """
     u = jax.random.uniform(_row_key(row, position), (), jnp.float32)
     d = _distribution(

@@ -71,11 +71,16 @@ PARAMS = st.fixed_dictionaries(
 
 def logit_rows(dtype=np.float32):
     elements = st.one_of(st.sampled_from(SPECIAL), st.floats(-20, 20, width=32))
-    return hnp.arrays(np.float32, V, elements=elements).map(lambda x: x.astype(dtype))
+
+    def cast(x):
+        with np.errstate(over="ignore"):  # 3e38 -> inf in float16, on purpose
+            return x.astype(dtype)
+
+    return hnp.arrays(np.float32, V, elements=elements).map(cast)
 
 
 @pytest.mark.parametrize("num_candidates", [V, 6])
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
     logits=st.sampled_from([np.float32, jnp.float16, jnp.bfloat16]).flatmap(logit_rows),
     params=PARAMS,
@@ -251,7 +256,7 @@ def _tree_equal(a, b):
 def test_jit_equals_eager_and_vmap_equals_loop(num_candidates):
     logits, rows, hist = _mixed_inputs()
     batched = sm.sample_batch(logits, rows, hist, None, 5, num_candidates=num_candidates)
-    for i in (0, 2):  # eager runs op by op: two rows suffice
+    for i in (2,):  # eager runs op by op (slow): one row with every kind of output
         row, h = jax.tree.map(lambda x, i=i: x[i], (rows, hist))
         eager = sm.sample_row(logits[i], row, h, None, jnp.int32(5), num_candidates=num_candidates)
         jitted = jax.jit(sm.sample_row, static_argnames="num_candidates")(
@@ -420,3 +425,31 @@ def test_host_wrappers():
     assert lp.shape == (3, V) and np.isfinite(lp).sum(axis=1)[0] == 3
     one = sm.sample(logits, SamplingParams(seed=1))
     assert one.seeds == (1, 1, 1)
+
+
+def test_logit_bias_tiers_with_full_capacity():
+    """Rows packed at full capacity (1024 entries): tiers none / 16 / 128 / all in one batch."""
+    from jaxsample.params import LOGIT_BIAS_MAX
+
+    v = 2048
+    rng = np.random.default_rng(4)
+    logits = rng.standard_normal((4, v)).astype(np.float32)
+    biases = [
+        {},
+        {int(t): float(b) for t, b in zip(rng.choice(v, 10, replace=False), rng.normal(0, 5, 10))},
+        {
+            int(t): float(b)
+            for t, b in zip(rng.choice(v, 100, replace=False), rng.normal(0, 5, 100))
+        },
+        {int(t): 3.0 for t in rng.choice(v, 700, replace=False)},
+    ]
+    params = [{"logit_bias": b, "seed": i} for i, b in enumerate(biases)]
+    rows = _rows(params, nb=LOGIT_BIAS_MAX)
+    for batch in ([0, 1], [2, 3], [0, 1, 2, 3]):
+        sub = jax.tree.map(lambda x, batch=batch: x[np.asarray(batch)], rows)
+        got = np.asarray(
+            sm.processed_logprobs_batch(jnp.asarray(logits[batch]), sub, _hist(len(batch), v), None)
+        )
+        for j, i in enumerate(batch):
+            want, _ = reference_probs(logits[i], params[i])
+            np.testing.assert_allclose(np.exp(got[j]), want, atol=1e-6, rtol=1e-4)
