@@ -88,6 +88,13 @@ class LoopState:
     finish: jax.Array  # shape=(B,), int32; RUNNING or a finish code
 
 
+def _where_rows(mask, new, old):
+    """Per row b, ``new`` where ``mask[b]`` else ``old`` (pytrees with a leading axis B)."""
+    return jax.tree.map(
+        lambda n, o: jnp.where(mask.reshape(mask.shape + (1,) * (n.ndim - 1)), n, o), new, old
+    )
+
+
 def _decode_loop(
     model,
     logits,
@@ -139,23 +146,11 @@ def _decode_loop(
         json_state = jax.vmap(json_mode.advance, in_axes=(None, 0, 0))(
             grammar, state.json_state, safe_token
         )
-        json_state = jax.tree.map(
-            lambda new, old: jnp.where(
-                (emitted & constraints.json_enabled).reshape((batch,) + (1,) * (new.ndim - 1)),
-                new,
-                old,
-            ),
-            json_state,
-            state.json_state,
-        )
+        json_state = _where_rows(emitted & constraints.json_enabled, json_state, state.json_state)
         stop_state, hit = jax.vmap(stop.advance, in_axes=(0, 0, 0, None))(
             constraints.stops, state.stop_state, safe_token, constraints.token_bytes
         )
-        stop_state = jax.tree.map(
-            lambda new, old: jnp.where(emitted.reshape((batch,) + (1,) * (new.ndim - 1)), new, old),
-            stop_state,
-            state.stop_state,
-        )
+        stop_state = _where_rows(emitted, stop_state, state.stop_state)
 
         finish = state.finish
         finish = jnp.where(running & ~out.ok, FINISH_NO_TOKEN, finish)
