@@ -563,6 +563,7 @@ def pack_rows(
         bias_ids=bias_ids,
         bias_values=bias_values,
         seed_words=words,
+        logprobs=column("logprobs", np.bool_),
         top_logprobs=column("top_logprobs", np.int32),
         processed_logprobs=np.array(
             [p.logprobs_mode == "processed" for p in params_list], np.bool_

@@ -29,5 +29,6 @@ class RowParams:
     bias_ids: jax.Array  # shape=(NB,), int32; padded with 0
     bias_values: jax.Array  # shape=(NB,), float32; padded with 0.0
     seed_words: jax.Array  # shape=(2,), uint32; the 64-bit seed as [hi, lo]
+    logprobs: jax.Array  # shape=(), bool; report log probabilities (else NaN, and none on top)
     top_logprobs: jax.Array  # shape=(), int32; 0..TOP_LOGPROBS_MAX
     processed_logprobs: jax.Array  # shape=(), bool; logprobs of the processed distribution

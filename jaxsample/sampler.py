@@ -112,7 +112,7 @@ class _Dist(NamedTuple):
     """The step-10 distribution of one row: kept = (z >= z_min) & (w >= w_min) & (z > -inf),
     w = exp(z - shift), probability w / mass."""
 
-    raw: jax.Array  # (V,) f32 sanitized model logits
+    logits: jax.Array  # (V,) the model logits as given (tf.sanitize gives the raw row)
     z: jax.Array  # (V,) f32 scaled logits after steps 1-5
     cands: tf.Candidates  # the candidates after steps 6-9
     shift: jax.Array  # () f32 max of z
@@ -130,22 +130,51 @@ def _batch_any(x: jax.Array, axis_name: str | None) -> jax.Array:
     return (x if axis_name is None else lax.psum(x, axis_name)) > 0
 
 
-def _bias_tiered(ids, values, vocab, axis_name):
-    """The dense logit_bias vector over only as many entries as the batch uses.
+def _scale(x, allowed, bias, row: RowParams, seen, counts):
+    """Steps 1-5 elementwise: mask, bias, repetition, frequency/presence, temperature.
 
-    A scatter on CPU costs about 0.2-0.4 us per entry, so 64 rows x 1024 padded entries would
-    cost more than a softmax. Entries past a row's last nonzero value add 0 and are skipped;
-    the tier (none, 16, 128 or all entries) is chosen for the whole batch by a ``lax.switch``
-    on a batch-level maximum, and only the small ids/values cross the switch.
+    Works on any shape: the whole row ``[V]`` (with ``bias = None``: no bias) or the few
+    biased entries gathered from it, so both give bit-identical values.
     """
-    nb = ids.shape[-1]
+    z = x if allowed is None else tf.hard_mask(x, allowed)
+    if bias is not None:
+        z = tf.add_bias(z, bias)
+    z = tf.repetition_penalty(z, row.repetition_penalty, seen)
+    z = tf.frequency_presence_penalty(z, counts, row.frequency_penalty, row.presence_penalty)
+    return tf.temperature(z, row.temperature)
+
+
+def _steps_1_to_5(logits, row: RowParams, hist: History, allowed, axis_name=None):
+    """Steps 1-5 over the row: ``z[V]``, with logit_bias applied sparsely.
+
+    Every token goes through the elementwise chain without bias; then a row's biased entries
+    are gathered, run through the same chain with their bias and written back (ids are
+    distinct per row; entries with bias 0, the padding included, are skipped), so no dense
+    ``[V]`` bias vector is ever built and both give bit-identical values. Scattering costs
+    about 0.2-0.4 us per entry on CPU, so only as many entries as the batch uses are visited:
+    the tier (none, 16, 128 or all) is chosen for the whole batch by a ``lax.switch`` on a
+    batch-level maximum. Each branch computes ``z`` itself (from the unsanitized logits), so
+    neither the sanitized logits nor a copy of ``z`` is materialized for the switch.
+    """
+    ids, values = row.bias_ids, row.bias_values
+    nb, vocab = ids.shape[-1], logits.shape[-1]
     used = jnp.max(jnp.where(values != 0, jnp.arange(nb) + 1, 0))
     if axis_name is not None:
         used = lax.pmax(used, axis_name)
     tiers = [t for t in BIAS_TIERS if t < nb] + [nb]
-    branches = [lambda: jnp.zeros(vocab, jnp.float32)] + [
-        partial(lambda t: tf.bias_vector(ids[:t], values[:t], vocab), t) for t in tiers
-    ]
+
+    def unbiased():
+        seen = hist.in_prompt | (hist.counts > 0)
+        return _scale(tf.sanitize(logits), allowed, None, row, seen, hist.counts)
+
+    def biased(t):
+        i, v = ids[:t], values[:t]
+        seen = hist.in_prompt[i] | (hist.counts[i] > 0)
+        a = None if allowed is None else allowed[i]
+        new = _scale(tf.sanitize(logits[i]), a, v, row, seen, hist.counts[i])
+        return unbiased().at[jnp.where(v != 0, i, vocab)].set(new, mode="drop")
+
+    branches = [unbiased] + [partial(biased, t) for t in tiers]
     index = jnp.where(used == 0, 0, 1 + jnp.sum(jnp.array(tiers[:-1]) < used))
     return lax.switch(index, branches)
 
@@ -153,16 +182,6 @@ def _bias_tiered(ids, values, vocab, axis_name):
 def _when(pred, axis_name, fn, x):
     """``fn(x)`` if ``pred`` holds for some row of the batch, else ``x`` (a batch-level cond)."""
     return lax.cond(_batch_any(pred, axis_name), fn, lambda x: x, x)
-
-
-def _steps_1_to_5(logits, row: RowParams, hist: History, allowed, axis_name=None):
-    raw = tf.sanitize(logits)
-    z = raw if allowed is None else tf.hard_mask(raw, allowed)
-    z = tf.add_bias(z, _bias_tiered(row.bias_ids, row.bias_values, z.shape[-1], axis_name))
-    seen = hist.in_prompt | (hist.counts > 0)
-    z = tf.repetition_penalty(z, row.repetition_penalty, seen)
-    z = tf.frequency_presence_penalty(z, hist.counts, row.frequency_penalty, row.presence_penalty)
-    return raw, tf.temperature(z, row.temperature)
 
 
 def _draw_candidates(c: tf.Candidates, u: jax.Array) -> jax.Array:
@@ -197,12 +216,22 @@ def _distribution(
 ) -> _Dist:
     """Steps 1-10 for one row; the full-vocabulary path runs only if some row needs it."""
     vocab = logits.shape[-1]
-    raw, z = _steps_1_to_5(logits, row, hist, allowed, axis_name)
+    z = _steps_1_to_5(logits, row, hist, allowed, axis_name)
     greedy = tf.is_greedy(row.temperature)
-    c0 = tf.init_candidates(z, num_candidates)
+    c0 = tf.init_candidates(z, num_candidates, total=False)
     ok = c0.values[0] > -jnp.inf
     shift = jnp.where(ok, c0.values[0], 0.0)
     ck = tf.top_k(c0, row.top_k, vocab_size=vocab)
+    # The full-vocabulary normalizer (one exp pass) only matters to a filter that runs while
+    # every token is still kept, that is when top_k did not cut: skipped when no row needs it.
+    filters = (row.top_p < 1.0) | (row.top_a > 0.0) | (row.min_p > 0.0)
+    need_total = ok & ~greedy & ck.kept_all & filters
+    total = lax.cond(
+        _batch_any(need_total, axis_name),
+        lambda: tf.vocabulary_total(z, c0.values[0]),
+        lambda: jnp.float32(jnp.nan),
+    )
+    ck = ck._replace(total=total)
     c = tf.min_p(tf.top_a(tf.top_p(ck, row.top_p), row.top_a), row.min_p)
     resolved = c.exact & ~c.kept_all
     need_full = ok & ~greedy & ~resolved
@@ -234,7 +263,7 @@ def _distribution(
     token = jnp.where(need_full, token, _draw_candidates(c, u) if draw else 0)
     token = jnp.where(greedy, c0.ids[0], token)
     return _Dist(
-        raw=raw,
+        logits=logits,
         z=z,
         cands=c,
         shift=shift,
@@ -291,8 +320,10 @@ def sample_row(
     Returns:
       :class:`SampleOut`. Greedy rows (temperature < 1e-5) take the argmax of the processed
       logits (ties: lowest id). ``logprob``/``top_logprobs`` are ``log_softmax(logits)`` (raw,
-      default) or the processed distribution (``row.processed_logprobs``). ``ok`` is False and
-      ``token = -1`` when no token is allowed.
+      default) or the processed distribution (``row.processed_logprobs``); a row with
+      ``row.logprobs`` False gets ``logprob = NaN`` and no top entries (ids -1), and when no
+      row of the batch wants raw log probabilities their full-row pass is skipped. ``ok`` is
+      False and ``token = -1`` when no token is allowed.
 
     Example::
 
@@ -316,11 +347,7 @@ def sample_row(
     )
     token = d.token
     safe = jnp.maximum(token, 0)
-    raw_block_max = tf.block_max(d.raw)  # one pass: the max for lse and the top-20's stage 1
-    lse = _raw_logsumexp(d.raw, jnp.max(raw_block_max))
-    raw_lp = d.raw[safe] - lse
     proc_lp = _processed(d, d.z[safe], safe)
-    logprob = jnp.where(d.ok, jnp.where(row.processed_logprobs, proc_lp, raw_lp), -jnp.inf)
 
     # processed top 20: the leading candidates (the kept set is an upper set of the logits)
     vocab = logits.shape[-1]
@@ -331,31 +358,46 @@ def sample_row(
         _processed(d, d.cands.values[:k], d.cands.ids[:k]), (0, pad), constant_values=-jnp.inf
     )
 
-    def raw_top():
-        vals, ids = tf.top_candidates(d.raw, min(TOP_LOGPROBS_MAX, vocab), raw_block_max)
-        lp = jnp.where(vals > -jnp.inf, vals - lse, -jnp.inf)
-        return (
-            jnp.pad(ids, (0, TOP_LOGPROBS_MAX - ids.shape[0]), constant_values=-1),
-            jnp.pad(lp, (0, TOP_LOGPROBS_MAX - lp.shape[0]), constant_values=-jnp.inf),
-        )
-
     def no_top():
         return (
             jnp.full((TOP_LOGPROBS_MAX,), -1, jnp.int32),
             jnp.full((TOP_LOGPROBS_MAX,), -jnp.inf, jnp.float32),
         )
 
-    wants_raw_top = (row.top_logprobs > 0) & ~row.processed_logprobs
-    raw_ids, raw_lps = lax.cond(_batch_any(wants_raw_top, axis_name), raw_top, no_top)
+    # Raw log probabilities need log_softmax's normalizer over the whole row (an exp pass) and
+    # the raw top 20 a selection over it: both run only if some row of the batch asks.
+    wants_raw = row.logprobs & ~row.processed_logprobs
+    wants_raw_top = wants_raw & (row.top_logprobs > 0)
+
+    def raw_stats():
+        raw = tf.sanitize(d.logits)
+        block_max = tf.block_max(raw)  # one pass: the max for lse and the top-20's stage 1
+        lse = _raw_logsumexp(raw, jnp.max(block_max))
+
+        def raw_top():
+            vals, ids = tf.top_candidates(raw, min(TOP_LOGPROBS_MAX, vocab), block_max)
+            lp = jnp.where(vals > -jnp.inf, vals - lse, -jnp.inf)
+            return (
+                jnp.pad(ids, (0, TOP_LOGPROBS_MAX - ids.shape[0]), constant_values=-1),
+                jnp.pad(lp, (0, TOP_LOGPROBS_MAX - lp.shape[0]), constant_values=-jnp.inf),
+            )
+
+        return (lse, *lax.cond(_batch_any(wants_raw_top, axis_name), raw_top, no_top))
+
+    lse, raw_ids, raw_lps = lax.cond(
+        _batch_any(wants_raw, axis_name), raw_stats, lambda: (jnp.float32(jnp.nan), *no_top())
+    )
+    raw_lp = tf.sanitize(d.logits[safe]) - lse
+    logprob = jnp.where(d.ok, jnp.where(row.processed_logprobs, proc_lp, raw_lp), -jnp.inf)
     # a row that asked for no top_logprobs gets none, whatever the rest of the batch asked
     none_ids, none_lps = no_top()
-    wants_top = row.top_logprobs > 0
+    wants_top = row.logprobs & (row.top_logprobs > 0)
     use_proc = row.processed_logprobs
     top_ids = jnp.where(use_proc, cand_ids, raw_ids)
     top_lps = jnp.where(use_proc, cand_lp, raw_lps)
     return SampleOut(
         token=token,
-        logprob=logprob,
+        logprob=jnp.where(row.logprobs, logprob, jnp.nan),
         top_ids=jnp.where(wants_top, top_ids, none_ids),
         top_logprobs=jnp.where(wants_top, top_lps, none_lps),
         ok=d.ok,
@@ -465,7 +507,9 @@ def _host_inputs(logits, params, prompt_tokens, output_tokens):
         if lists is not None and len(lists) != batch:
             raise ValueError(f"{name} must hold {batch} lists, got {len(lists)}")
     seeds = tuple(p.seed if p.seed is not None else derive_seed(0, i) for i, p in enumerate(plist))
-    rows = jax.tree.map(jnp.asarray, pack_rows(plist, vocab_size=vocab, seeds=seeds))
+    rows = pack_rows(plist, vocab_size=vocab, seeds=seeds)
+    # the host wrappers always report log probabilities (the loop computes them on request)
+    rows = jax.tree.map(jnp.asarray, rows.replace(logprobs=np.ones(batch, np.bool_)))
     hist = History.stack(
         [
             History.from_tokens(
@@ -486,6 +530,8 @@ def sample(logits, params, *, prompt_tokens=None, output_tokens=None, step=0) ->
     ``prompt_tokens``/``output_tokens`` lists of B token-id lists (for the penalties);
     ``step`` the output position ``i`` of this draw (the key is ``fold_in(key(seed), i)``).
     A request without a seed uses ``derive_seed(0, row_index)`` (reported in ``seeds``).
+    The chosen token's log probability is always reported here, whatever ``logprobs`` says
+    (``top_logprobs`` still sets how many top entries a row gets).
 
     Example::
 

@@ -216,11 +216,14 @@ class Candidates(NamedTuple):
     exact: jax.Array  # shape=(), bool; False once the kept set is not known from the candidates
 
 
-def init_candidates(z: jax.Array, num_candidates: int) -> Candidates:
+def init_candidates(z: jax.Array, num_candidates: int, *, total: bool = True) -> Candidates:
     """Takes the ``C = min(num_candidates, V)`` largest logits of ``z`` (``lax.top_k``).
 
     ``f32[V] -> Candidates``. When the candidates hold every finite token (``C == V``, or the
     smallest candidate is ``-inf``), the kept set is the finite candidates (``kept_all`` False).
+    ``total=False`` skips the full-vocabulary ``exp`` pass (``total`` is then NaN): only a
+    filter that runs while ``kept_all`` reads it, and a caller that knows none will (top_k
+    has cut) or computes it later (see :func:`vocabulary_total`) saves that pass.
     """
     vocab = z.shape[-1]
     c = min(num_candidates, vocab)
@@ -229,7 +232,6 @@ def init_candidates(z: jax.Array, num_candidates: int) -> Candidates:
     shift = jnp.where(top == -jnp.inf, 0.0, top)
     weights = jnp.exp(values - shift)
     cum = jnp.cumsum(weights)
-    total = jnp.sum(jnp.exp(z - shift))
     finite = jnp.sum(values > -jnp.inf).astype(jnp.int32)
     complete = (values[-1] == -jnp.inf) | (c == vocab)
     return Candidates(
@@ -237,11 +239,16 @@ def init_candidates(z: jax.Array, num_candidates: int) -> Candidates:
         ids=ids,
         weights=weights,
         cum=cum,
-        total=total,
+        total=vocabulary_total(z, values[0]) if total else jnp.float32(jnp.nan),
         n=jnp.where(complete, finite, c).astype(jnp.int32),
         kept_all=~complete,
         exact=jnp.bool_(True),
     )
+
+
+def vocabulary_total(z: jax.Array, top: jax.Array) -> jax.Array:
+    """``sum(exp(z - top))`` over the row (``top``: its max; ``-inf`` for an empty row)."""
+    return jnp.sum(jnp.exp(z - jnp.where(top == -jnp.inf, 0.0, top)))
 
 
 def candidate_mass(s: Candidates) -> jax.Array:

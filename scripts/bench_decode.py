@@ -2,6 +2,9 @@
 
     .venv/bin/python scripts/bench_decode.py          # -> results/bench_decode_<platform>.json
     .venv/bin/python scripts/bench_decode.py --quick    # batch 1 only, no transformers
+    # on a machine without the model file (the GPU runs): random weights of the same shape
+    .venv/bin/python scripts/bench_decode.py --export-metadata meta.json      # here, once
+    python3 scripts/bench_decode.py --random-weights meta.json --hf-random    # there
 
 In one run it measures:
 - this machine's limits: memory read bandwidth and float32 matmul FLOP/s (through XLA);
@@ -10,7 +13,13 @@ In one run it measures:
   64 tokens), compile time apart, prefill apart, and the share of a step spent in the sampler;
 - the same model file and settings through Hugging Face transformers' generate() on
   PyTorch CPU, in its own virtual environment (.venv-bench: torch==2.13.0, transformers,
-  gguf), made by this script when missing; --no-hf skips it.
+  gguf), made by this script when missing; --no-hf skips it. With ``--hf-random`` it runs in
+  this interpreter instead, on a randomly initialised transformers Llama of the same shape
+  (for a machine whose own torch has a GPU and no model file).
+``--random-weights META.json`` replaces the model file's weights by random ones of the same
+shape (the tokenizer and configuration come from the file's metadata, exported with
+``--export-metadata``): the speed of a step does not depend on the weights' values (the end of
+sequence is ignored), only the sampler share is then measured on other logits.
 Each decode figure is also given as a fraction of its roofline: batch 1 is bound by reading
 every weight once per step (bandwidth / weight bytes), large batches by matmul FLOP/s
 (FLOP/s / (2 * parameters) tokens per second).
@@ -19,7 +28,6 @@ every weight once per step (bandwidth / weight bytes), large batches by matmul F
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -63,13 +71,63 @@ def machine_limits() -> dict:
     return {"read_bandwidth_GBps": bandwidth / 1e9, "matmul_f32_GFLOPs": flops / 1e9}
 
 
-def bench_jaxsample(batches, new_tokens: int, repeats: int) -> dict:
-    from jaxsample import SamplingParams, pack_rows
+def load_engine(random_weights: str | None):
+    """The default model, or random weights of its shape from exported metadata."""
     from jaxsample.api import Engine
-    from jaxsample.decode import decode
-    from jaxsample.sampler import History, sample_rows
 
-    engine = Engine.load()
+    if random_weights is None:
+        return Engine.load()
+    import types
+
+    from flax import nnx
+
+    from jaxsample.model import Llama, LlamaConfig, Tokenizer
+
+    with open(random_weights) as f:
+        meta = json.load(f)
+    cfg = LlamaConfig.from_gguf_metadata(meta, tie_embeddings=True)
+    model = Llama(cfg, rngs=nnx.Rngs(0))
+    model.embed[...] = model.embed[...] * 0.05  # logits of a realistic spread
+    tok = Tokenizer.from_gguf(types.SimpleNamespace(metadata=meta))
+    return Engine(model, tok, model_name="random-weights")
+
+
+def export_metadata(path: str) -> None:
+    from jaxsample.model import default_model_path, read_gguf
+
+    meta = read_gguf(default_model_path()).metadata
+    keep = {k: v for k, v in meta.items() if k.startswith(("llama.", "tokenizer.", "general."))}
+    with open(path, "w") as f:
+        json.dump(keep, f)
+    print(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
+
+
+def sampler_in_loop(rows, hist, allowed, logits, n: int = 16):
+    """Seconds per call of the sampler inside a jitted fori_loop (as in the decode loop,
+    where XLA reuses its buffers), and of one standalone call (fresh buffers each time)."""
+    from jaxsample.sampler import sample_rows
+
+    @jax.jit
+    def loop(logits, rows, hist, allowed):
+        def body(i, acc):  # the logits change each step so nothing is hoisted out
+            x = logits + i.astype(jnp.float32) * 1e-30
+            return acc + sample_rows(x, rows, hist, allowed, i).token
+
+        return jax.lax.fori_loop(0, n, body, jnp.zeros(logits.shape[0], jnp.int32))
+
+    samp = jax.jit(sample_rows)
+    loop(logits, rows, hist, allowed).block_until_ready()
+    samp(logits, rows, hist, allowed, 0).token.block_until_ready()
+    in_loop = _median_time(lambda: loop(logits, rows, hist, allowed), 7) / n
+    alone = _median_time(lambda: samp(logits, rows, hist, allowed, 0).token, 20)
+    return in_loop, alone
+
+
+def bench_jaxsample(engine, batches, new_tokens: int, repeats: int) -> dict:
+    from jaxsample import SamplingParams, pack_rows
+    from jaxsample.decode import decode
+    from jaxsample.sampler import History
+
     model = engine.model
     cfg = model.config
     n_params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx_state(model)))
@@ -104,9 +162,7 @@ def bench_jaxsample(batches, new_tokens: int, repeats: int) -> dict:
             in_prompt=jnp.zeros((b, cfg.vocab_size), jnp.bool_),
         )
         allowed = jnp.ones((b, cfg.vocab_size), jnp.bool_)
-        samp = jax.jit(sample_rows)
-        samp(logits, rows_d, hist, allowed, 0).token.block_until_ready()
-        t_s = _median_time(functools.partial(samp, logits, rows_d, hist, allowed, 0), 20)
+        t_s, t_alone = sampler_in_loop(rows_d, hist, allowed, logits)
         out["batches"][str(b)] = {
             "compile_s": compile_s,
             "seconds": total,
@@ -115,6 +171,7 @@ def bench_jaxsample(batches, new_tokens: int, repeats: int) -> dict:
             "prefill_s": t1,
             "step_ms": step * 1e3,
             "sampler_ms": t_s * 1e3,
+            "sampler_standalone_ms": t_alone * 1e3,
             "sampler_share": t_s / step,
         }
         print(
@@ -126,14 +183,12 @@ def bench_jaxsample(batches, new_tokens: int, repeats: int) -> dict:
     return out
 
 
-def bench_constraints_in_loop(batch: int, new_tokens: int, repeats: int) -> dict:
+def bench_constraints_in_loop(engine, batch: int, new_tokens: int, repeats: int) -> dict:
     """Per-step decode time of the same batch: plain rows, JSON-mode rows, rows with 4 stop
     strings each (stop strings that never occur, so every row runs the whole budget)."""
     from jaxsample import SamplingParams, pack_rows
-    from jaxsample.api import Engine
     from jaxsample.decode import decode
 
-    engine = Engine.load()
     cfg = engine.model.config
     prompt = engine.encode_input([{"role": "user", "content": PROMPT}])
     variants = {
@@ -181,7 +236,8 @@ def ensure_hf_venv() -> str:
         subprocess.run([sys.executable, "-m", "venv", venv], check=True)
         subprocess.run([py, "-m", "pip", "install", "-q", "torch==2.13.0"], check=True)
         subprocess.run(
-            [py, "-m", "pip", "install", "-q", "transformers", "gguf", "numpy"], check=True
+            [py, "-m", "pip", "install", "-q", "transformers", "accelerate", "gguf", "numpy"],
+            check=True,
         )
     return py
 
@@ -206,6 +262,67 @@ def bench_hf(batches, new_tokens: int, repeats: int) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def bench_hf_random(cfg, prompt, batches, new_tokens: int, repeats: int) -> dict:
+    """transformers' generate() on a random Llama of the same shape, in this interpreter
+    (on its GPU when torch sees one)."""
+    import torch
+    import transformers
+
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        intermediate_size=cfg.hidden_dim,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        max_position_embeddings=cfg.context_length,
+        tie_word_embeddings=True,
+        bos_token_id=cfg.bos_id,
+        eos_token_id=cfg.eos_id,
+    )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(hf_cfg).to(device=device, dtype=torch.float32).eval()
+    out = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": device,
+        "weights": "random (same shape)",
+        "batches": {},
+    }
+    for b in batches:
+        ids = torch.tensor([prompt] * b, device=device)
+        times = []
+        for r in range(repeats + 1):
+            torch.manual_seed(r)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                gen = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    do_sample=True,
+                    **SETTINGS,
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    pad_token_id=cfg.eos_id,
+                )
+            if device == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            assert gen.shape[1] - ids.shape[1] == new_tokens
+            if r > 0:  # the first run warms up
+                times.append(dt)
+        med = statistics.median(times)
+        out["batches"][str(b)] = {"seconds": med, "tokens_per_s": b * new_tokens / med}
+        print(f"# hf batch {b}: {b * new_tokens / med:.1f} tok/s", file=sys.stderr, flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="batch 1 only, no transformers")
@@ -214,7 +331,13 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--random-weights", default=None, metavar="META.json")
+    ap.add_argument("--export-metadata", default=None, metavar="META.json")
+    ap.add_argument("--hf-random", action="store_true", help="transformers in this interpreter")
     args = ap.parse_args()
+    if args.export_metadata:
+        export_metadata(args.export_metadata)
+        return
     batches = [1] if args.quick else [int(x) for x in args.batches.split(",")]
     device = jax.devices()[0]
     result = {
@@ -226,11 +349,21 @@ def main() -> None:
         "settings": SETTINGS,
         "new_tokens": args.new_tokens,
     }
+    result["weights"] = "random (same shape)" if args.random_weights else "model file"
     result["limits"] = machine_limits()
-    result["jaxsample"] = bench_jaxsample(batches, args.new_tokens, args.repeats)
+    engine = load_engine(args.random_weights)
+    result["jaxsample"] = bench_jaxsample(engine, batches, args.new_tokens, args.repeats)
     if not args.quick:
-        result["constraints"] = bench_constraints_in_loop(8, args.new_tokens, args.repeats)
-    if not (args.quick or args.no_hf):
+        result["constraints"] = bench_constraints_in_loop(engine, 8, args.new_tokens, args.repeats)
+    if args.hf_random:
+        prompt = engine.encode_input([{"role": "user", "content": PROMPT}])
+        try:
+            result["transformers"] = bench_hf_random(
+                engine.model.config, prompt, batches, args.new_tokens, args.repeats
+            )
+        except Exception as err:  # keep the jaxsample figures even if this side fails
+            print(f"# transformers side failed: {err!r}", file=sys.stderr, flush=True)
+    elif not (args.quick or args.no_hf):
         result["transformers"] = bench_hf(batches, args.new_tokens, args.repeats)
 
     lim = result["limits"]

@@ -31,6 +31,7 @@ def make_rows(params: list[dict], nb: int = 4):
         frequency_penalty=0.0,
         presence_penalty=0.0,
         seed=0,
+        logprobs=True,
         top_logprobs=0,
         processed_logprobs=False,
         logit_bias={},
@@ -63,6 +64,7 @@ def make_rows(params: list[dict], nb: int = 4):
         bias_ids=bias_ids,
         bias_values=bias_values,
         seed_words=words,
+        logprobs=col("logprobs", np.bool_),
         top_logprobs=col("top_logprobs", np.int32),
         processed_logprobs=col("processed_logprobs", np.bool_),
     )

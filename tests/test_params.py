@@ -486,6 +486,7 @@ def test_pack_rows():
         "bias_ids": np.int32,
         "bias_values": np.float32,
         "seed_words": np.uint32,
+        "logprobs": np.bool_,
         "top_logprobs": np.int32,
         "processed_logprobs": np.bool_,
     }

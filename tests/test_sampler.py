@@ -342,6 +342,23 @@ def test_logprobs_raw_and_processed():
         np.testing.assert_allclose(out.top_logprobs[i], src[i, order], rtol=1e-5, atol=1e-6)
 
 
+def test_rows_without_logprobs_get_none_and_draw_the_same():
+    # logprobs=False rows report NaN and no top entries; no row's token changes, and a batch
+    # where no row asks skips the raw pass without changing any token either
+    logits, rows, hist = _mixed_inputs()
+    asked = sm.sample_batch(logits, rows, hist, None, 2)
+    off = np.array([False, True, False, True, True, False])
+    some = sm.sample_batch(logits, rows.replace(logprobs=~off), hist, None, 2)
+    none = sm.sample_batch(logits, rows.replace(logprobs=np.zeros_like(off)), hist, None, 2)
+    np.testing.assert_array_equal(some.token, asked.token)
+    np.testing.assert_array_equal(none.token, asked.token)
+    assert np.isnan(np.asarray(some.logprob)[off]).all()
+    np.testing.assert_array_equal(np.asarray(some.logprob)[~off], np.asarray(asked.logprob)[~off])
+    assert (np.asarray(some.top_ids)[off] == -1).all()
+    np.testing.assert_array_equal(np.asarray(some.top_ids)[~off], np.asarray(asked.top_ids)[~off])
+    assert np.isnan(np.asarray(none.logprob)).all()
+
+
 # ------------------------------------------------------------------ bad logits
 
 
