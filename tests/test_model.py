@@ -136,6 +136,23 @@ def test_tiny_config_shapes(tiny_random):
     assert cache.max_len == 64 and cache.batch == 3
 
 
+def test_batched_attention_equals_row_by_row():
+    """The accelerator layout (vmap over rows, the block loop to the longest row) gives the
+    same logits as the CPU one (lax.map, each row its own blocks), rows of different lengths
+    (so some rows visit blocks that are fully masked for them)."""
+    outs = []
+    for batched in (False, True):
+        cfg = tiny_config(batched_attention=batched, attn_block=8)
+        model = Llama(cfg, rngs=nnx.Rngs(0))
+        prefill, decode = _jitted(model)
+        tokens, lengths = _pad([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [3, 4]], 11, fill=0)
+        logits, cache = prefill(tokens, lengths, model.init_cache(2, 32))
+        nxt, _ = decode(jnp.asarray([20, 21], jnp.int32), lengths, cache)
+        outs.append((np.asarray(logits), np.asarray(nxt)))
+    for a, b in zip(*outs, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_prefill_then_decode_equals_one_prefill(tiny_random):
     """Prefill k tokens + decode the rest one by one == prefill of the whole sequence."""
     model = tiny_random

@@ -29,7 +29,10 @@ class LlamaConfig:
     batch_invariant (pad the token axis of every matmul to a multiple of
     ``INVARIANT_TILE`` so a row's arithmetic, hence its logits bit for bit, does not
     depend on the batch size, its place in the batch or the prompt padding; costs speed
-    at small batches, see docs/model.md).
+    at small batches, see docs/model.md), batched_attention (attention for all rows at
+    once with ``vmap`` instead of one row at a time with ``lax.map``; None = auto: per row
+    on CPU, where it is faster and keeps rows bit-identical whatever the batch, batched on
+    GPU/TPU, where a per-row loop of small kernels serializes the batch).
     """
 
     vocab_size: int
@@ -47,6 +50,7 @@ class LlamaConfig:
     tie_embeddings: bool = True
     attn_block: int = 128
     batch_invariant: bool = False
+    batched_attention: bool | None = None
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:

@@ -163,23 +163,29 @@ def _attend_row(qh, q_pos, ck, cv, n_blocks, blk: int):
     return acc / l[..., None]
 
 
-def _attend(qh, q_pos, ck, cv, last_pos, blk: int):
-    """Attention for every row, one row at a time (``lax.map``).
+def _attend(qh, q_pos, ck, cv, last_pos, blk: int, batched: bool | None = None):
+    """Attention for every row: one row at a time (``lax.map``) or all at once (``vmap``).
 
     qh [B, K, G, T, d]; q_pos [B, 1, 1, T, 1]; ck, cv [B, K, S, d]; last_pos int32 [B], the
     largest query position of each row that matters (row b visits blocks
     0..last_pos[b] // blk only). Returns float32 [B, K, G, T, d].
 
-    Row by row on purpose: every row runs the same-shaped computation whatever the batch,
-    so its result is bit-identical alone or in any batch (a batched einsum is not: XLA CPU
-    vectorizes it differently for different batch sizes), and it is faster on CPU.
+    Row by row (the CPU default): every row runs the same-shaped computation whatever the
+    batch, so its result is bit-identical alone or in any batch (a batched einsum is not: XLA
+    CPU vectorizes it differently for different batch sizes), and it is faster on CPU.
+    Batched (``batched=True``, the GPU/TPU default; None = by backend): one ``vmap`` over the
+    rows; the block loop runs to the largest row's block count, and the extra blocks a row
+    visits are fully masked for it, so they leave its result unchanged.
     """
 
     def row(args):
         q, qp, k, v, last = args
         return _attend_row(q, qp, k, v, last // blk + 1, blk)
 
-    return jax.lax.map(row, (qh, q_pos, ck, cv, last_pos))
+    if batched is None:
+        batched = jax.default_backend() != "cpu"
+    args = (qh, q_pos, ck, cv, last_pos)
+    return jax.vmap(row)(args) if batched else jax.lax.map(row, args)
 
 
 class Block(nnx.Module):
@@ -346,7 +352,7 @@ class Llama(nnx.Module):
             new_k.append(ck)
             new_v.append(cv)
             qh = (q * d**-0.5).reshape(K, G, d, B, T).transpose(3, 0, 1, 4, 2)  # [B,K,G,T,d]
-            attn = _attend(qh, q_pos, ck, cv, last, blk)
+            attn = _attend(qh, q_pos, ck, cv, last, blk, cfg.batched_attention)
             x = layer.finish(x, attn.transpose(1, 2, 4, 0, 3).reshape(H * d, B * T), cfg)
         h_last = jnp.take_along_axis(x.reshape(-1, B, T), last.reshape(1, B, 1), axis=2)
         return self._logits(h_last.reshape(-1, B)), KVCache(k=tuple(new_k), v=tuple(new_v))
@@ -388,7 +394,7 @@ class Llama(nnx.Module):
             new_k.append(ck)
             new_v.append(cv)
             qh = (q * d**-0.5).reshape(K, G, d, B).transpose(3, 0, 1, 2).reshape(B, K, G, 1, d)
-            attn = _attend(qh, q_pos, ck, cv, positions, blk)  # [B, K, G, 1, d]
+            attn = _attend(qh, q_pos, ck, cv, positions, blk, cfg.batched_attention)
             x = layer.finish(x, _pad_last(attn.reshape(B, H * d).T, Bp), cfg)
         return self._logits(x[:, :B]), KVCache(k=tuple(new_k), v=tuple(new_v))
 
