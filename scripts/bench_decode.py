@@ -183,7 +183,7 @@ def bench_jaxsample(engine, batches, new_tokens: int, repeats: int) -> dict:
     return out
 
 
-def bench_constraints_in_loop(engine, batch: int, new_tokens: int, repeats: int) -> dict:
+def bench_constraints_in_loop(engine, batch: int, new_tokens: int, rounds: int) -> dict:
     """Per-step decode time of the same batch: plain rows, JSON-mode rows, rows with 4 stop
     strings each (stop strings that never occur, so every row runs the whole budget)."""
     from jaxsample import SamplingParams, pack_rows
@@ -196,7 +196,8 @@ def bench_constraints_in_loop(engine, batch: int, new_tokens: int, repeats: int)
         "json_object": {"response_format": {"type": "json_object"}},
         "stop_x4": {"stop": ["\u0001a", "\u0001b", "\u0001c", "\u0001d"]},
     }
-    out = {"batch": batch}
+    out = {"batch": batch, "rounds": rounds}
+    runs = {}
     for name, extra in variants.items():
         plist = [SamplingParams(seed=i, **SETTINGS, **extra) for i in range(batch)]
         rows = pack_rows(plist, vocab_size=cfg.vocab_size, seeds=list(range(batch)))
@@ -207,12 +208,24 @@ def bench_constraints_in_loop(engine, batch: int, new_tokens: int, repeats: int)
             return decode(engine.model, [prompt] * batch, rows, [n] * batch, constraints, eos_id=-1)
 
         run(new_tokens), run(1)
-        total = _median_time(lambda: run(new_tokens), repeats)
-        first = _median_time(lambda: run(1), repeats)
-        out[name] = {"step_ms": (total - first) / (new_tokens - 1) * 1e3}
-    plain = out["plain"]["step_ms"]
+        runs[name] = run
+    # Round-robin: each round times every variant once, back to back, so that the machine's
+    # drift hits them alike; the ratio is the median over rounds of each round's ratio.
+    steps = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            total = _median_time(lambda run=run: run(new_tokens), 1)
+            first = _median_time(lambda run=run: run(1), 1)
+            steps[name].append((total - first) / (new_tokens - 1) * 1e3)
     for name in variants:
-        out[name]["ratio_to_plain"] = out[name]["step_ms"] / plain
+        out[name] = {
+            "step_ms": statistics.median(steps[name]),
+            "step_ms_rounds": steps[name],
+            "ratio_to_plain": statistics.median(
+                [a / b for a, b in zip(steps[name], steps["plain"], strict=True)]
+            ),
+        }
+    plain = out["plain"]["step_ms"]
     print(
         f"# constraints at batch {batch}: plain {plain:.1f} ms/step, JSON "
         f"{out['json_object']['ratio_to_plain']:.3f}x, 4 stop strings "
@@ -331,6 +344,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--constraint-rounds", type=int, default=7)
+    ap.add_argument("--only-constraints", action="store_true", help="just that section")
     ap.add_argument("--random-weights", default=None, metavar="META.json")
     ap.add_argument("--export-metadata", default=None, metavar="META.json")
     ap.add_argument("--hf-random", action="store_true", help="transformers in this interpreter")
@@ -352,9 +367,22 @@ def main() -> None:
     result["weights"] = "random (same shape)" if args.random_weights else "model file"
     result["limits"] = machine_limits()
     engine = load_engine(args.random_weights)
+    if args.only_constraints:
+        result["constraints"] = bench_constraints_in_loop(
+            engine, 8, args.new_tokens, args.constraint_rounds
+        )
+        out = args.out or os.path.join(
+            ROOT, "results", f"bench_decode_constraints_{result['platform']}.json"
+        )
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {out}")
+        return
     result["jaxsample"] = bench_jaxsample(engine, batches, args.new_tokens, args.repeats)
     if not args.quick:
-        result["constraints"] = bench_constraints_in_loop(engine, 8, args.new_tokens, args.repeats)
+        result["constraints"] = bench_constraints_in_loop(
+            engine, 8, args.new_tokens, args.constraint_rounds
+        )
     if args.hf_random:
         prompt = engine.encode_input([{"role": "user", "content": PROMPT}])
         try:
