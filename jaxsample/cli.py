@@ -6,12 +6,18 @@
 ``--prompt`` is sent as one user message through the model's chat template (``--raw`` sends
 it as plain text). Every sampling parameter has a flag; the flags are turned into an
 OpenRouter request body and validated exactly like ``--request`` bodies.
+
+The command keeps XLA's compiled programs in a persistent cache (``$JAXSAMPLE_MODEL_DIR``
+or ``~/.cache/jaxsample``, folder ``xla``): the first run compiles the decode loop (tens of
+seconds on a small CPU), later runs with the same shapes load it. ``--no-compile-cache``
+turns it off; a cache directory already set in JAX's own configuration is left alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 # flag name -> (request field, type)
@@ -49,7 +55,28 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--logprobs-mode", choices=["raw", "processed"], default=None)
     gen.add_argument("--response-format", dest="response_format", choices=["text", "json_object"])
     gen.add_argument("--stop", action="append", default=None, help="a stop string (repeat)")
+    gen.add_argument(
+        "--no-compile-cache", action="store_true", help="do not keep compiled programs on disk"
+    )
     return parser
+
+
+def _enable_compile_cache() -> None:
+    """Persistent XLA compilation cache under the jaxsample cache folder (unless JAX already
+    has one configured)."""
+    import jax
+
+    from jaxsample.model.gguf_file import _cache_dir
+
+    if jax.config.jax_compilation_cache_dir:
+        return
+    path = _cache_dir() / "xla"
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:  # a read-only home: run without the cache
+        return
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def _body_from_flags(args) -> dict:
@@ -104,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
+    if not args.no_compile_cache:
+        _enable_compile_cache()
     try:
         dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
         engine = Engine.load(args.model, dtype=dtype)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -14,18 +15,22 @@ from jaxsample import cli
 pytestmark = pytest.mark.real_model
 
 
-def run_cli(args, stdin: str | None = None):
+def run_cli(args, stdin: str | None = None, cache_dir=None):
+    env = dict(os.environ)
+    if cache_dir is not None:  # the compile cache (and model lookup) folder
+        env["JAXSAMPLE_MODEL_DIR"] = str(cache_dir)
     proc = subprocess.run(
         [sys.executable, "-m", "jaxsample.cli", *args],
         input=stdin,
         capture_output=True,
         text=True,
         timeout=600,
+        env=env,
     )
     return proc
 
 
-def test_generate_prompt_greedy_answers():
+def test_generate_prompt_greedy_answers(tmp_path):
     proc = run_cli(
         [
             "generate",
@@ -35,10 +40,13 @@ def test_generate_prompt_greedy_answers():
             "0",
             "--max-tokens",
             "24",
-        ]
+        ],
+        cache_dir=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
+    # the command kept its compiled programs for the next run
+    assert any((tmp_path / "xla").iterdir())
 
 
 def test_generate_request_prints_chat_completion(monkeypatch, capsys):
@@ -53,7 +61,7 @@ def test_generate_request_prints_chat_completion(monkeypatch, capsys):
         "stop": ["\n\n"],
     }
     monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(body)))
-    assert cli.main(["generate", "--request", "-"]) == 0
+    assert cli.main(["generate", "--request", "-", "--no-compile-cache"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["object"] == "chat.completion" and out["seed"] == 3
     choice = out["choices"][0]
