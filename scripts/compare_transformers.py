@@ -46,9 +46,8 @@ print(json.dumps(out))
 
 
 def main() -> None:
-    from bench_decode import ensure_hf_venv
-
     import jax.numpy as jnp
+    from bench_decode import ensure_hf_venv
 
     from jaxsample.api import Engine
     from jaxsample.model import default_model_path
@@ -91,7 +90,8 @@ def main() -> None:
         )
         r = rows[-1]
         print(
-            f"{p!r}: same ids {r['same_prompt_ids']}, max |dlogprob| {r['max_abs_logprob_diff']:.2e}"
+            f"{p!r}: same ids {r['same_prompt_ids']}, "
+            f"max |dlogprob| {r['max_abs_logprob_diff']:.2e}"
             f" (top 100: {r['max_abs_diff_top100']:.2e})\n  jaxsample    {r['top5_jaxsample']}"
             f"\n  transformers {r['top5_transformers']}"
         )
