@@ -66,11 +66,11 @@ def _enable_compile_cache() -> None:
     has one configured)."""
     import jax
 
-    from jaxsample.model.gguf_file import _cache_dir
+    from jaxsample.model.gguf_file import cache_dir
 
     if jax.config.jax_compilation_cache_dir:
         return
-    path = _cache_dir() / "xla"
+    path = cache_dir() / "xla"
     try:
         os.makedirs(path, exist_ok=True)
     except OSError:  # a read-only home: run without the cache

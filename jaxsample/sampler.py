@@ -112,7 +112,6 @@ class _Dist(NamedTuple):
     """The step-10 distribution of one row: kept = (z >= z_min) & (w >= w_min) & (z > -inf),
     w = exp(z - shift), probability w / mass."""
 
-    logits: jax.Array  # (V,) the model logits as given (tf.sanitize gives the raw row)
     z: jax.Array  # (V,) f32 scaled logits after steps 1-5
     cands: tf.Candidates  # the candidates after steps 6-9
     shift: jax.Array  # () f32 max of z
@@ -169,9 +168,9 @@ def _steps_1_to_5(logits, row: RowParams, hist: History, allowed, axis_name=None
 
     def biased(t):
         i, v = ids[:t], values[:t]
-        seen = hist.in_prompt[i] | (hist.counts[i] > 0)
+        counts = hist.counts[i]
         a = None if allowed is None else allowed[i]
-        new = _scale(tf.sanitize(logits[i]), a, v, row, seen, hist.counts[i])
+        new = _scale(tf.sanitize(logits[i]), a, v, row, hist.in_prompt[i] | (counts > 0), counts)
         return unbiased().at[jnp.where(v != 0, i, vocab)].set(new, mode="drop")
 
     branches = [unbiased] + [partial(biased, t) for t in tiers]
@@ -263,7 +262,6 @@ def _distribution(
     token = jnp.where(need_full, token, _draw_candidates(c, u) if draw else 0)
     token = jnp.where(greedy, c0.ids[0], token)
     return _Dist(
-        logits=logits,
         z=z,
         cands=c,
         shift=shift,
@@ -286,8 +284,7 @@ def _processed(d: _Dist, values: jax.Array, ids: jax.Array) -> jax.Array:
 
 
 def _raw_logsumexp(raw: jax.Array, top: jax.Array) -> jax.Array:
-    shift = jnp.where(top == -jnp.inf, 0.0, top)
-    return shift + jnp.log(jnp.sum(jnp.exp(raw - shift)))
+    return jnp.where(top == -jnp.inf, 0.0, top) + jnp.log(tf.vocabulary_total(raw, top))
 
 
 def _row_key(row: RowParams, position) -> jax.Array:
@@ -370,7 +367,7 @@ def sample_row(
     wants_raw_top = wants_raw & (row.top_logprobs > 0)
 
     def raw_stats():
-        raw = tf.sanitize(d.logits)
+        raw = tf.sanitize(logits)
         block_max = tf.block_max(raw)  # one pass: the max for lse and the top-20's stage 1
         lse = _raw_logsumexp(raw, jnp.max(block_max))
 
@@ -387,7 +384,7 @@ def sample_row(
     lse, raw_ids, raw_lps = lax.cond(
         _batch_any(wants_raw, axis_name), raw_stats, lambda: (jnp.float32(jnp.nan), *no_top())
     )
-    raw_lp = tf.sanitize(d.logits[safe]) - lse
+    raw_lp = tf.sanitize(logits[safe]) - lse
     logprob = jnp.where(d.ok, jnp.where(row.processed_logprobs, proc_lp, raw_lp), -jnp.inf)
     # a row that asked for no top_logprobs gets none, whatever the rest of the batch asked
     none_ids, none_lps = no_top()

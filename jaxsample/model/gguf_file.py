@@ -38,7 +38,7 @@ class ModelNotFoundError(FileNotFoundError):
     """The model file is missing or does not match its published checksum."""
 
 
-def _cache_dir() -> pathlib.Path:
+def cache_dir() -> pathlib.Path:
     """The cache directory searched after site-packages: $JAXSAMPLE_MODEL_DIR, else
     $XDG_CACHE_HOME/jaxsample, else ~/.cache/jaxsample."""
     env = os.environ.get(CACHE_ENV)
@@ -60,7 +60,7 @@ def _candidates() -> list[pathlib.Path]:
     for entry in sys.path:
         if entry and os.path.isdir(entry):
             found.append(pathlib.Path(entry) / DEFAULT_MODEL_PACKAGE / DEFAULT_MODEL_FILE)
-    found.append(_cache_dir() / DEFAULT_MODEL_FILE)
+    found.append(cache_dir() / DEFAULT_MODEL_FILE)
     out, seen = [], set()
     for p in found:
         key = os.path.abspath(p)
@@ -115,7 +115,7 @@ def default_model_path() -> str:
         msg += f" (a copy failed its sha256 check: {', '.join(bad)})"
     msg += (
         f". Install it with:\n    {FIX_COMMAND}\n"
-        f"or place the file in {_cache_dir()} (sha256 {DEFAULT_MODEL_SHA256}),"
+        f"or place the file in {cache_dir()} (sha256 {DEFAULT_MODEL_SHA256}),"
         " or pass the path of any Llama-architecture GGUF file."
     )
     raise ModelNotFoundError(msg)
