@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -492,25 +493,46 @@ def seed_words(seed: int) -> np.ndarray:
 @jax.jit
 def _derived_bits(words: jax.Array, index: jax.Array) -> jax.Array:
     key = jax.random.wrap_key_data(words, impl="threefry2x32")
-    return jax.random.bits(jax.random.fold_in(key, index), (2,), jnp.uint32)
+    for i in range(index.shape[0]):
+        key = jax.random.fold_in(key, index[i])
+    return jax.random.bits(key, (2,), jnp.uint32)
 
 
-def derive_seed(job_seed: int, index: int) -> int:
-    """The seed of the request at ``index`` of a job whose requests carry no seed.
+#: Folded in before the two words of a string key, so that string and integer keys never
+#: share a derivation path (an integer key folds in one word, a string key three).
+_STRING_KEY_TAG = 0x5354524B  # "STRK"
 
-    ``bits(fold_in(key(job_seed), index))``: two uint32 words ``[hi, lo]`` read as one signed
-    64-bit int, where ``key(job_seed)`` is built from :func:`seed_words` (the whole 64-bit job
-    seed counts). Deterministic; distinct indices give independent seeds. ``index`` is in
-    ``[0, 2**32)``.
+
+def _key_words(key: int | str) -> np.ndarray:
+    if isinstance(key, str):
+        digest = hashlib.sha256(key.encode("utf-8")).digest()
+        hi, lo = int.from_bytes(digest[:4], "big"), int.from_bytes(digest[4:8], "big")
+        return np.array([_STRING_KEY_TAG, hi, lo], np.uint32)
+    index = _integer("index", key, 0, 2**32 - 1, "an integer in [0, 2**32 - 1] or a string")
+    return np.array([index], np.uint32)
+
+
+def derive_seed(job_seed: int, key: int | str) -> int:
+    """The seed of a request that carries none, from the job seed and a stable request key.
+
+    ``key`` is the request's index in the job (an int in ``[0, 2**32)``) or a string such as
+    a batch job's ``custom_id``. The result is ``bits(fold_in(key(job_seed), index))`` for an
+    int (two uint32 words ``[hi, lo]`` read as one signed 64-bit int; ``key(job_seed)`` is
+    built from :func:`seed_words`, so the whole 64-bit job seed counts), and for a string the
+    same with three words folded in: a tag, then the first 64 bits of the string's SHA-256.
+    Deterministic and independent of the order in which requests arrive; distinct keys give
+    independent seeds.
 
     Example::
 
         >>> derive_seed(0, 1) == derive_seed(0, 1) != derive_seed(0, 2)
         True
+        >>> a = derive_seed(7, "request-42")
+        >>> a == derive_seed(7, "request-42") != derive_seed(8, "request-42")
+        True
     """
     words = seed_words(job_seed)
-    index = _integer("index", index, 0, 2**32 - 1, "an integer in [0, 2**32 - 1]")
-    hi, lo = (int(w) for w in np.asarray(_derived_bits(words, np.uint32(index))))
+    hi, lo = (int(w) for w in np.asarray(_derived_bits(words, _key_words(key))))
     u = (hi << 32) | lo
     return u - 2**64 if u > INT64_MAX else u
 
