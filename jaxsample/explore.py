@@ -33,14 +33,27 @@ def _prefill_logits(graphdef, state, tokens, lengths):
     return model.prefill(tokens, lengths, cache)[0]
 
 
+def _input_ids(engine, item) -> list[int]:
+    if isinstance(item, (list, tuple, np.ndarray)) and all(
+        isinstance(t, (int, np.integer)) for t in item
+    ):
+        ids = [int(t) for t in item]
+        if not ids or min(ids) < 0 or max(ids) >= engine.vocab_size:
+            raise ValueError(f"token ids must be a non-empty list in [0, {engine.vocab_size})")
+        return ids
+    return engine.encode_input(item)
+
+
 def next_token_logits(engine, inputs: Sequence) -> np.ndarray:
     """``float32[B, V]``: the model's logits for the next token after each of B inputs.
 
-    Each input is a prompt string (used as is, no chat template) or a list of chat messages
+    Each input is a prompt string (used as is, no chat template), a list of chat messages
     (rendered with the chat template and the assistant turn opened, exactly as
-    :meth:`~jaxsample.Engine.generate` renders it). To look at a later step of an answer,
-    pass the rendered prompt plus the answer so far as a string. Prompts are right-padded to
-    a power-of-two length so that similar prompts reuse one compiled prefill.
+    :meth:`~jaxsample.Engine.generate` renders it) or a list of token ids (used as is). To
+    look at a later step of an answer, pass the prompt's ids plus the answer's ids so far
+    (or the rendered prompt plus the answer as a string, which is tokenised anew). Inputs
+    are right-padded to a power-of-two length so that similar ones reuse one compiled
+    prefill.
 
     Example::
 
@@ -49,7 +62,7 @@ def next_token_logits(engine, inputs: Sequence) -> np.ndarray:
         logits = next_token_logits(engine, [msgs])          # [1, 49152]
         lp = processed_logprobs(logits, SamplingParams(top_p=0.9))
     """
-    ids = [engine.encode_input(item) for item in inputs]
+    ids = [_input_ids(engine, item) for item in inputs]
     if not ids:
         raise ValueError("next_token_logits needs at least one input")
     lengths = np.array([len(t) for t in ids], np.int32)

@@ -13,6 +13,7 @@ Usage::
     python scripts/build_notebooks.py                 # every source
     python scripts/build_notebooks.py parameters      # one notebook
     python scripts/build_notebooks.py --no-execute    # just regenerate the .ipynb files
+    python scripts/build_notebooks.py --text-only sweep   # new markdown, code unchanged
 
 Needs the ``notebooks`` extra (``pip install -e '.[notebooks]'``).
 """
@@ -136,6 +137,23 @@ def save_figures(nb) -> list[pathlib.Path]:
     return written
 
 
+def update_text(name: str) -> None:
+    """Puts the source's markdown into the saved notebook, keeping its code cells and their
+    outputs; refuses when any code cell changed (then the notebook must run again)."""
+    import nbformat
+
+    out = NOTEBOOKS / f"{name}.ipynb"
+    saved = nbformat.read(out, as_version=4)
+    new = make_notebook(SOURCES / f"{name}.py")
+    old_code = [c for c in saved.cells if c.cell_type == "code"]
+    if [c.source for c in old_code] != [c.source for c in new.cells if c.cell_type == "code"]:
+        raise SystemExit(f"{name}: code cells changed; rebuild it without --text-only")
+    it = iter(old_code)
+    new.cells = [next(it) if c.cell_type == "code" else c for c in new.cells]
+    nbformat.write(new, out)
+    print(f"{name:>16}: markdown updated")
+
+
 def build(name: str, *, run: bool = True) -> None:
     import nbformat
 
@@ -159,10 +177,16 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("names", nargs="*", help="notebook names (default: every source)")
     ap.add_argument("--no-execute", action="store_true", help="write the notebooks unexecuted")
+    ap.add_argument(
+        "--text-only", action="store_true", help="update markdown cells, keep code and outputs"
+    )
     args = ap.parse_args(argv)
     names = args.names or sorted(p.stem for p in SOURCES.glob("*.py"))
     for name in names:
-        build(name, run=not args.no_execute)
+        if args.text_only:
+            update_text(name)
+        else:
+            build(name, run=not args.no_execute)
 
 
 if __name__ == "__main__":

@@ -88,12 +88,12 @@ def test_next_token_logits_equal_unpadded_prefill(tiny_engine):
 
     from jaxsample.explore import next_token_logits
 
-    inputs = ["Hello", [{"role": "user", "content": "Name a colour."}], "1 2 3 4 5 6 7"]
+    inputs = ["Hello", [{"role": "user", "content": "Name a colour."}], [5, 17, 300, 2, 9]]
     got = next_token_logits(tiny_engine, inputs)
     assert got.shape == (3, tiny_engine.vocab_size) and got.dtype == np.float32
     model = tiny_engine.model
     for b, item in enumerate(inputs):
-        ids = tiny_engine.encode_input(item)
+        ids = item if b == 2 else tiny_engine.encode_input(item)
         cache = model.init_cache(1, len(ids))
         want, _ = model.prefill(jnp.asarray([ids]), jnp.asarray([len(ids)]), cache)
         np.testing.assert_allclose(got[b], np.asarray(want[0]), rtol=1e-5, atol=1e-5)
