@@ -28,7 +28,7 @@ if not jax.config.jax_compilation_cache_dir:  # keep compiled programs between s
 plt.rcParams.update({"figure.dpi": 72, "font.size": 9, "axes.spines.top": False,
                      "axes.spines.right": False})
 
-engine = jaxsample.Engine.load()  # the default GGUF file, offline
+engine = jaxsample.Engine.load(max_seq_len=256)  # the default GGUF file, offline
 tok = engine.tokenizer
 print(engine.model_name, "vocabulary:", engine.vocab_size)
 
