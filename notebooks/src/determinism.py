@@ -16,6 +16,7 @@ import os
 import jax
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.colors import ListedColormap
 
 import jaxsample
 from jaxsample import SamplingParams, derive_seed, sample
@@ -96,7 +97,7 @@ assert all(streamed[f"req-{i}"].token_ids == c.token_ids for i, c in enumerate(o
 # be reproduced later by passing that seed explicitly.
 
 # %%
-unseeded = SamplingParams(temperature=1.0, max_tokens=12)
+unseeded = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=12)
 prompt = [{"role": "user", "content": "Name an animal."}]
 job = engine.generate([prompt] * 3, unseeded, job_seed=7)
 for i, c in enumerate(job):
@@ -109,7 +110,7 @@ assert [c.token_ids for c in engine.generate([prompt] * 3, unseeded, job_seed=7)
 # another job seed: other seeds
 assert engine.generate([prompt], unseeded, job_seed=8)[0].seed != job[0].seed
 # reproduce one answer on its own, from its reported seed
-[redo] = engine.generate([prompt], SamplingParams(temperature=1.0, max_tokens=12,
+[redo] = engine.generate([prompt], SamplingParams(temperature=0.8, top_p=0.9, max_tokens=12,
                                                   seed=job[2].seed))
 assert redo.token_ids == job[2].token_ids
 print("index 2 reproduced alone from its seed:", redo.text == job[2].text)
@@ -152,7 +153,8 @@ for i in [0, 7, 31]:
     assert np.array_equal(got, grid[:, i])
 
 fig, ax = plt.subplots(figsize=(9, 4))
-im = ax.imshow(grid, cmap="tab10", vmin=-0.5, vmax=9.5, aspect="auto")
+cmap = ListedColormap(plt.cm.tab10.colors[:V])
+im = ax.imshow(grid, cmap=cmap, vmin=-0.5, vmax=V - 0.5, aspect="auto")
 ax.set_xlabel("output position i")
 ax.set_ylabel("seed")
 ax.set_title("token drawn from a uniform distribution over 8 tokens, key = fold_in(key(seed), i)")
