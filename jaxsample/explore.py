@@ -7,6 +7,8 @@
 * :func:`token_texts`: readable text of token ids (for plot labels).
 * :func:`json_allowed_masks`: replay JSON mode's automaton over a token sequence and return
   the allowed-token mask of every step (what the decode loop applied).
+* :func:`use_compile_cache`: keep XLA's compiled programs on disk, so that the decode loop
+  compiles once, not once per notebook or session.
 
 These are host conveniences over the public pieces (``Engine``, the model's ``prefill``,
 ``jaxsample.automata.json_mode``); nothing in the decode loop uses them.
@@ -105,4 +107,19 @@ def json_allowed_masks(engine, token_ids, max_tokens: int) -> np.ndarray:
     return np.asarray(masks)
 
 
-__all__ = ["json_allowed_masks", "next_token_logits", "token_texts"]
+def use_compile_cache() -> str:
+    """Turns on JAX's persistent compilation cache; returns its folder.
+
+    Uses the folder JAX is already configured with (e.g. ``$JAX_COMPILATION_CACHE_DIR``),
+    else ``xla`` under the jaxsample cache folder (``~/.cache/jaxsample/xla``, as the
+    command uses). Programs that took at least a second to compile are kept.
+    """
+    from jaxsample.model.gguf_file import cache_dir
+
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    return jax.config.jax_compilation_cache_dir
+
+
+__all__ = ["json_allowed_masks", "next_token_logits", "token_texts", "use_compile_cache"]

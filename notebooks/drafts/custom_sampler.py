@@ -13,7 +13,6 @@
 # alike, the kept set does not depend on the temperature. Jaxsample does not ship it.
 
 # %%
-import os
 
 import jax
 import jax.numpy as jnp
@@ -21,12 +20,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import jaxsample
-from jaxsample import SamplingParams, processed_logprobs
-from jaxsample.explore import next_token_logits, token_texts
-from jaxsample.transforms import UserTransform
+from jaxsample import SamplingParams, UserTransform, processed_logprobs
+from jaxsample.explore import next_token_logits, token_texts, use_compile_cache
 
-if not jax.config.jax_compilation_cache_dir:  # keep compiled programs between sessions
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/jaxsample/xla"))
+use_compile_cache()  # compiled programs kept on disk: the decode loop compiles once
 plt.rcParams.update({"figure.dpi": 72, "font.size": 9, "axes.spines.top": False,
                      "axes.spines.right": False})
 
@@ -127,6 +124,32 @@ for ax, name in zip(axes, ["confident", "uncertain"]):
 axes[0].set_ylabel("tokens kept")
 axes[0].legend()
 plt.show()
+
+# %% [markdown]
+# ## The distribution as an object, and the draw
+#
+# `jaxsample.distribution(logits, row, hist, allowed, transforms=...)` returns the public
+# `Distribution` that step 10 draws from; `jaxsample.draw(dist, key)` draws with any key,
+# `jaxsample.log_prob(dist, ids)` scores tokens. Vmapping the draw over 20000 keys gives the
+# empirical frequencies of the top-1σ distribution at the uncertain step; they must match
+# its probabilities (a chi-square test; the draw is exact, not an approximation).
+
+# %%
+params = with_n(1.0)
+rows = jaxsample.pack_rows([params], vocab_size=engine.vocab_size, seeds=[0], transforms=chain)
+row = jax.tree.map(lambda x: jnp.asarray(x[0]), rows)
+hist = jaxsample.History.from_tokens([], [], engine.vocab_size)
+dist = jaxsample.distribution(jnp.asarray(logits["uncertain"]), row, hist, None,
+                              transforms=chain)
+keys = jax.random.split(jax.random.key(0), 20000)
+tokens = np.asarray(jax.jit(jax.vmap(lambda k: jaxsample.draw(dist, k)))(keys))
+kept = np.flatnonzero(numpy_top_n_sigma(logits["uncertain"], 1.0))
+probs = np.exp(np.asarray(jaxsample.log_prob(dist, jnp.asarray(kept))))
+observed = np.array([(tokens == t).sum() for t in kept])
+assert set(np.unique(tokens)) <= set(kept)  # never a token outside the kept set
+chi2 = float((((observed - probs * len(keys)) ** 2) / (probs * len(keys))).sum())
+print(f"{len(kept)} kept tokens; chi-square {chi2:.1f} on {len(kept) - 1} degrees of freedom")
+assert chi2 < len(kept) - 1 + 5 * np.sqrt(2 * (len(kept) - 1))  # mean + 5 sd of chi2(k-1)
 
 # %% [markdown]
 # ## Inside the compiled decoding loop

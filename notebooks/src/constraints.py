@@ -15,18 +15,15 @@
 
 # %%
 import json
-import os
 
-import jax
 import matplotlib.pyplot as plt
 import numpy as np
 
 import jaxsample
 from jaxsample import SamplingParams
-from jaxsample.explore import json_allowed_masks, token_texts
+from jaxsample.explore import json_allowed_masks, token_texts, use_compile_cache
 
-if not jax.config.jax_compilation_cache_dir:  # keep compiled programs between sessions
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/jaxsample/xla"))
+use_compile_cache()  # compiled programs kept on disk: the decode loop compiles once
 plt.rcParams.update({"figure.dpi": 72, "font.size": 9, "axes.spines.top": False,
                      "axes.spines.right": False})
 

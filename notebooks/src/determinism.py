@@ -11,18 +11,16 @@
 # its seed, and draws the per-position keys.
 
 # %%
-import os
 
-import jax
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import ListedColormap
 
 import jaxsample
 from jaxsample import SamplingParams, derive_seed, sample
+from jaxsample.explore import use_compile_cache
 
-if not jax.config.jax_compilation_cache_dir:  # keep compiled programs between sessions
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/jaxsample/xla"))
+use_compile_cache()  # compiled programs kept on disk: the decode loop compiles once
 plt.rcParams.update({"figure.dpi": 72, "font.size": 9, "axes.spines.top": False,
                      "axes.spines.right": False})
 

@@ -5,9 +5,8 @@
 
 # %%
 import numpy as np
-import jax
-import jaxsample
-from jaxsample import SamplingParams, sample, processed_logprobs
+
+from jaxsample import SamplingParams, processed_logprobs, sample
 
 # %% [markdown]
 # ## What each parameter does to a distribution
@@ -41,6 +40,7 @@ out.tokens, out.logprobs
 
 # %%
 from jaxsample import generate
+
 [c] = generate([{"role": "user", "content": "What is the capital of France?"}],
                SamplingParams(temperature=0.0, max_tokens=24))
 print(c.text, c.finish_reason)
