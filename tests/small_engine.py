@@ -38,6 +38,11 @@ def with_template(engine: Engine, source: str | None) -> Engine:
     return Engine(engine.model, tok, model_name=engine.model_name)
 
 
+#: A short chat (a system message replaces the template's long default one): its prompt
+#: stays within 32 tokens, so most tests share one compiled prompt size.
+SYSTEM = {"role": "system", "content": "Be brief."}
+HI = [SYSTEM, {"role": "user", "content": "Hi"}]
+
 #: A template that refuses two messages of the same role in a row (as many GGUF templates
 #: do with raise_exception), then renders like the model's own.
 ALTERNATE_CHECK = (

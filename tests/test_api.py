@@ -16,9 +16,8 @@ import pytest
 import jaxsample
 from jaxsample import InvalidRequestError, SamplingParams, derive_seed
 from jaxsample.api import choice_seed, normalize_inputs, validate_messages
-from tests.small_engine import ALTERNATE_CHECK, nan_engine, small_engine, with_template
+from tests.small_engine import ALTERNATE_CHECK, HI, SYSTEM, nan_engine, small_engine, with_template
 
-HI = [{"role": "user", "content": "Hi"}]
 P = SamplingParams(temperature=1.0, seed=4, max_tokens=6)
 
 
@@ -62,7 +61,7 @@ def test_a_list_of_either_is_a_batch(engine):
 
 def test_a_raising_chat_template_fails_that_request_alone(engine):
     strict = with_template(engine, ALTERNATE_CHECK + engine.tokenizer.chat_template)
-    twice = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    twice = [SYSTEM, {"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
     out = strict.generate([HI, twice, HI], P)
     assert out[1].finish_reason == "error" and out[1].error.field == "messages"
     assert "roles must alternate" in str(out[1].error)
@@ -113,7 +112,7 @@ def test_text_parts_are_joined_with_newlines(engine):
     parts = [{"type": "text", "text": "Tell me"}, {"type": "text", "text": "a story."}]
     joined = [{"role": "user", "content": "Tell me\na story."}]
     assert validate_messages([{"role": "user", "content": parts}]) == joined
-    a, b = engine.generate([[{"role": "user", "content": parts}], joined], P)
+    a, b = engine.generate([[SYSTEM, {"role": "user", "content": parts}], [SYSTEM, *joined]], P)
     assert a.token_ids == b.token_ids and a.prompt_tokens == b.prompt_tokens
 
 
@@ -155,15 +154,15 @@ def test_no_token_allowed_is_not_a_normal_stop(engine):
 
 def test_choice_zero_is_the_plain_request_and_seeds_follow_the_job(engine):
     body = {"messages": HI, "max_tokens": 6, "temperature": 1.0}
-    plain, three = engine.chat_completions([body, {**body, "n": 3}], job_seed=9)
-    # the keys differ (0 and 1), so the derived seeds differ; give the n=3 one plain's seed
-    assert plain["seed"] == derive_seed(9, 0) and three["seed"] == derive_seed(9, 1)
-    three = engine.chat_completion({**body, "n": 3, "seed": plain["seed"]})
-    assert three["choices"][0]["message"] == plain["choices"][0]["message"]
-    assert three["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
-    seeds = [choice_seed(plain["seed"], i) for i in range(3)]
-    assert seeds[0] == plain["seed"] and len(set(seeds)) == 3
-    assert seeds[1] == derive_seed(plain["seed"], 1)
+    seed = derive_seed(9, 0)  # what the plain request (key 0) gets from job seed 9
+    plain, two = engine.chat_completions([body, {**body, "n": 2, "seed": seed}], job_seed=9)
+    assert plain["seed"] == two["seed"] == seed
+    assert two["choices"][0]["message"] == plain["choices"][0]["message"]
+    assert two["choices"][1]["message"] != plain["choices"][0]["message"]
+    assert two["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
+    seeds = [choice_seed(seed, i) for i in range(3)]
+    assert seeds[0] == seed and len(set(seeds)) == 3
+    assert seeds[1] == derive_seed(seed, 1)
 
 
 def test_n_out_of_range_is_refused(engine):

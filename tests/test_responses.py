@@ -22,9 +22,9 @@ from openai.types.shared import ErrorObject
 from jaxsample import cli
 from jaxsample.api import NO_PROBABILITY, Engine, choice_seed
 from jaxsample.params import derive_seed
-from tests.small_engine import nan_engine, small_engine
+from tests.small_engine import SYSTEM, nan_engine, small_engine
 
-M = [{"role": "user", "content": "Tell me a story."}]
+M = [SYSTEM, {"role": "user", "content": "Tell me a story."}]
 LP = {"logprobs": True}
 PROC = {"logprobs": True, "logprobs_mode": "processed"}
 IM_START, IM_END = 1, 2
@@ -50,13 +50,14 @@ GOOD = {
     "no_seed": {"seed": None, "max_completion_tokens": 8},
     "text_parts": {
         "messages": [
+            SYSTEM,
             {
                 "role": "user",
                 "content": [
                     {"type": "text", "text": "Tell me"},
                     {"type": "text", "text": "a story."},
                 ],
-            }
+            },
         ]
     },
 }
@@ -230,3 +231,27 @@ def test_cli_writes_strict_json(engine, monkeypatch, capsys):
     assert out["choices"][0]["logprobs"]["content"][0]["top_logprobs"][-1]["logprob"] == -9999.0
     with pytest.raises(ValueError):
         cli._dumps({"logprob": float("-inf")})
+
+
+@pytest.mark.real_model
+def test_real_model_response_is_strict_and_openai_valid():
+    from jaxsample.api import default_engine
+
+    b = {
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "n": 2,
+        "seed": 1,
+        "max_tokens": 12,
+        "logprobs": True,
+        "top_logprobs": 5,
+        "logprobs_mode": "processed",
+        "top_k": 3,
+    }
+    r = strict_roundtrip(default_engine().chat_completion(b))
+    cc = ChatCompletion.model_validate(r)
+    assert len(cc.choices) == 2
+    for c in cc.choices:
+        assert c.finish_reason in ("stop", "length")
+        for e in c.logprobs.content:
+            lps = [t.logprob for t in e.top_logprobs]
+            assert lps[3:] == [NO_PROBABILITY] * 2 and all(lp > NO_PROBABILITY for lp in lps[:3])
