@@ -234,3 +234,36 @@ def test_chat_completions_keeps_input_order(engine):
         "body",
     ]
     assert res[2]["usage"]["prompt_tokens"] == len(engine.tokenizer.encode("Hi"))
+
+
+# ---- tokenizer and template pieces (no model run) ---------------------------------------
+
+
+def test_shown_bytes_are_the_text_of_special_tokens(engine):
+    tok = engine.tokenizer
+    for i in range(tok.vocab_size):
+        if i in tok.special_ids:
+            assert tok.token_bytes[i] == b""
+            assert tok.shown_bytes[i] == tok.id_to_token(i).encode("utf-8")
+            assert tok.encode(tok.shown_bytes[i].decode()) == [i]  # the text is the token
+        else:
+            assert tok.shown_bytes[i] == tok.token_bytes[i]
+    assert tok.shown_bytes[tok.eos_id] == b"<|im_end|>"
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ messages[0]['content'] + 1 }}",  # TypeError inside the template
+        "{{ messages[5]['content'].upper() }}",  # UndefinedError
+        "{% for %}",  # a template that does not compile
+    ],
+)
+def test_any_template_failure_is_a_messages_error(engine, template):
+    broken = with_template(engine, template)
+    with pytest.raises(InvalidRequestError) as err:
+        broken.render(HI)
+    assert err.value.field == "messages" and "chat template" in str(err.value)
+    with pytest.raises(InvalidRequestError) as again:  # a refused input re-raises itself
+        engine.encode_input(err.value)
+    assert again.value is err.value
