@@ -411,17 +411,21 @@ class Engine:
             eos_id=self.tokenizer.eos_id,
         )
         for b, (i, ids, p, _, seed) in enumerate(good):
-            n = int(out.n_tokens[b])
-            results[i] = self.completion(
-                [int(t) for t in out.tokens[b, :n]],
-                int(out.finish[b]),
-                p,
-                seed=seed,
-                prompt_tokens=len(ids),
-                logprobs=out.logprobs[b, :n],
-                top_ids=out.top_ids[b, :n],
-                top_logprobs=out.top_logprobs[b, :n],
-            )
+            results[i] = self._completion(out, b, ids, p, seed)
+
+    def _completion(self, out, b: int, prompt_ids, p: SamplingParams, seed: int) -> Completion:
+        """Row ``b`` of a :class:`jaxsample.decode.DecodeOutput` as a :meth:`completion`."""
+        n = int(out.n_tokens[b])
+        return self.completion(
+            out.tokens[b, :n],
+            int(out.finish[b]),
+            p,
+            seed=seed,
+            prompt_tokens=len(prompt_ids),
+            logprobs=out.logprobs[b, :n],
+            top_ids=out.top_ids[b, :n],
+            top_logprobs=out.top_logprobs[b, :n],
+        )
 
     def completion(
         self,
@@ -498,7 +502,7 @@ class Engine:
 
     # ---- OpenAI-shaped requests and responses ---------------------------------------
 
-    def _request(self, body: Any, key: Any, job_seed: int) -> tuple[str, SamplingParams, int]:
+    def _chat_request(self, body: Any, key: Any, job_seed: int) -> tuple[str, SamplingParams, int]:
         """``(prompt text, params with the request's seed, n)`` of one request body."""
         p = SamplingParams.from_request(body)
         n = request_n(body.get("n"))
@@ -540,7 +544,7 @@ class Engine:
         def items():
             for serial, (key, body) in enumerate(bodies):
                 try:
-                    text, p, n = self._request(body, key, job_seed)
+                    text, p, n = self._chat_request(body, key, job_seed)
                 except InvalidRequestError as err:
                     # refused: one item that the engine answers with this error, in order
                     pending[serial] = {"key": key, "n": 1, "p": None, "done": {}}
