@@ -22,16 +22,20 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import os
 import pathlib
 import re
 import sys
+import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 SOURCES = NOTEBOOKS / "src"
 FIGURE = re.compile(r"^# figure: (\S+\.png)\s*$")
+KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
+KERNEL = "jaxsample-notebooks"
 
 
 def parse_cells(text: str) -> list[tuple[str, str]]:
@@ -60,15 +64,11 @@ def make_notebook(src_path: pathlib.Path):
     import nbformat
 
     nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {
-        "name": "python3",
-        "display_name": "Python 3",
-        "language": "python",
-    }
+    nb.metadata["kernelspec"] = dict(KERNELSPEC)
     nb.metadata["language_info"] = {"name": "python"}
-    for kind, src in parse_cells(src_path.read_text()):
+    for i, (kind, src) in enumerate(parse_cells(src_path.read_text())):
         new = nbformat.v4.new_markdown_cell if kind == "markdown" else nbformat.v4.new_code_cell
-        nb.cells.append(new(src))
+        nb.cells.append(new(src, id=f"cell-{i:02d}"))  # stable ids: rebuilds diff cleanly
     return nb
 
 
@@ -89,25 +89,41 @@ def kernel_env() -> dict[str, str]:
     return env
 
 
+def _kernelspec_dir(tmp: str) -> str:
+    """A kernelspec that runs this very interpreter (not whatever 'python3' a machine has
+    registered), in ``tmp/kernels/``; returns the folder to put on ``JUPYTER_PATH``."""
+    spec = pathlib.Path(tmp) / "kernels" / KERNEL
+    spec.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    spec.joinpath("kernel.json").write_text(
+        json.dumps({"argv": argv, "display_name": "jaxsample", "language": "python"})
+    )
+    return tmp
+
+
 def execute(nb, *, timeout: int = 600):
-    """Runs ``nb`` in place in a fresh python3 kernel (cwd notebooks/); raises
+    """Runs ``nb`` in place in a fresh kernel of this interpreter (cwd notebooks/); raises
     ``nbclient.exceptions.CellExecutionError`` on the first failing cell."""
     from nbclient import NotebookClient
 
-    env = kernel_env()
     old = dict(os.environ)
-    os.environ.update(env)  # the kernel inherits this process's environment
-    try:
-        client = NotebookClient(
-            nb,
-            timeout=timeout,
-            kernel_name="python3",
-            resources={"metadata": {"path": str(NOTEBOOKS)}},
-        )
-        client.execute()
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
+    with tempfile.TemporaryDirectory() as tmp:
+        env = kernel_env()
+        paths = [_kernelspec_dir(tmp), env.get("JUPYTER_PATH")]
+        env["JUPYTER_PATH"] = os.pathsep.join(filter(None, paths))
+        os.environ.update(env)  # the kernel inherits this process's environment
+        try:
+            client = NotebookClient(
+                nb,
+                timeout=timeout,
+                kernel_name=KERNEL,
+                resources={"metadata": {"path": str(NOTEBOOKS)}},
+            )
+            client.execute()
+        finally:
+            os.environ.clear()
+            os.environ.update(old)
+    nb.metadata["kernelspec"] = dict(KERNELSPEC)  # saved for readers: a plain python3 kernel
     return nb
 
 
