@@ -13,6 +13,7 @@ uninterrupted one), and ``max_seq_len`` caps the context a request may use.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 from itertools import islice
 
@@ -47,4 +48,7 @@ def stream_chat(
             {**b, "seed": derive_seed(job_seed, k)} if b.get("seed") is None else b
             for k, b in chunk
         ]
-        yield from zip(keys, engine.chat_completions(reqs, job_seed=job_seed))
+        for key, res in zip(keys, engine.chat_completions(reqs, job_seed=job_seed)):
+            if "error" in res:  # the index in the group is no business of the batch job
+                res["error"]["message"] = re.sub(r" \(request \d+\)", "", res["error"]["message"])
+            yield key, res
