@@ -60,7 +60,7 @@ def add_parsers(sub) -> None:
         default=None,
         help="progress bar on stderr (default: only when stderr is a terminal)",
     )
-    b.add_argument("--sync-lines", type=_positive, default=32, help="fsync after this many lines")
+    b.add_argument("--sync-lines", type=_positive, default=256, help="fsync after this many lines")
     b.add_argument("--sync-seconds", type=float, default=1.0, help="or after this many seconds")
     dist = b.add_argument_group(
         "several hosts (jax.distributed); each process writes OUTPUT.shard-K-of-N"
@@ -151,7 +151,7 @@ def run(args) -> int:
         print(format_summary(summary), file=sys.stderr)
         return 0
 
-    from jaxsample.batch.job import JobConfig, run_job
+    from jaxsample.batch.job import JobConfig, JobError, run_job
 
     if not os.path.isfile(args.input):
         print(f"jaxsample batch: no input file {args.input}", file=sys.stderr)
@@ -181,7 +181,7 @@ def run(args) -> int:
     )
     try:
         summary = run_job(cfg)
-    except (ManifestError, JournalError) as err:
+    except (ManifestError, JournalError, JobError) as err:
         print(f"jaxsample batch: {err}", file=sys.stderr)
         return 1
     print(format_summary(summary), file=sys.stderr)

@@ -31,6 +31,10 @@ from jaxsample.batch.summary import (
 )
 
 
+class JobError(RuntimeError):
+    """A job that cannot start as configured."""
+
+
 @dataclasses.dataclass
 class JobConfig:
     """What one process of a batch job runs.
@@ -51,7 +55,7 @@ class JobConfig:
     job_seed: int = 0
     shard: tuple[int, int] = (0, 1)
     progress: bool | None = None
-    sync_lines: int = 32
+    sync_lines: int = 256
     sync_seconds: float = 1.0
 
     def settings(self) -> dict:
@@ -164,7 +168,11 @@ def run_job(cfg: JobConfig, *, engine=None, engine_factory: Callable | None = No
     something is left to run.
     """
     k, n = cfg.shard
+    if not 0 <= k < n:
+        raise JobError(f"shard={cfg.shard}: the process index must lie in [0, {n})")
     out = shard_output(cfg.output, k, n)
+    if os.path.realpath(out) == os.path.realpath(cfg.input):
+        raise JobError(f"--output {out} is the input file")
     model_path = model_file(cfg.model)
     Manifest.build(cfg.input, model_path, cfg.settings(), shard=cfg.shard).check_or_write(out)
     clock = _Clock()

@@ -99,7 +99,7 @@ class Journal:
         self._last_sync = time.monotonic()
 
     @classmethod
-    def open(cls, path: str, *, sync_lines: int = 32, sync_seconds: float = 1.0) -> Journal:
+    def open(cls, path: str, *, sync_lines: int = 256, sync_seconds: float = 1.0) -> Journal:
         """Opens (or creates) the journal: repairs a torn tail and lists what is done."""
         if sync_lines < 1 or sync_seconds < 0:
             raise ValueError(f"sync_lines={sync_lines} >= 1 and sync_seconds={sync_seconds} >= 0")
