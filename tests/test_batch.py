@@ -328,3 +328,24 @@ def test_memory_grows_only_with_the_custom_id_sets(tmp_path):
     per_line = (big - small) / 3000
     print(f"peak {small} -> {big} bytes: {per_line:.0f} bytes per line")
     assert per_line < 400, (small, big, per_line)
+
+
+def test_output_equal_to_input_and_bad_shard_are_refused(job):
+    from jaxsample.batch.job import JobError
+
+    cfg = job()
+    with pytest.raises(JobError, match="is the input file"):
+        run_job(JobConfig(input=cfg.input, output=cfg.input, model=cfg.model), engine=FakeEngine())
+    with pytest.raises(JobError, match="process index"):
+        run_job(job(shard=(2, 2)), engine=FakeEngine())
+
+
+def test_several_hosts_need_all_three_flags(tmp_path):
+    from jaxsample.cli import _parser
+
+    inp = _write(tmp_path / "in.jsonl", [])
+    args = _parser().parse_args(["batch", inp, "-o", str(tmp_path / "o"), "--num-processes", "2"])
+    from jaxsample.batch.command import run
+
+    with pytest.raises(SystemExit, match="--coordinator-address, --process-id"):
+        run(args)
