@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -144,6 +145,7 @@ class _Clock:
     """Seconds spent in the job layer, by part."""
 
     def __init__(self):
+        self.manifest = 0.0  # hashing the input and model files
         self.parse = 0.0  # reading and checking input lines
         self.records = 0.0  # building output records
         self.write = 0.0  # encoding, writing and syncing them
@@ -174,9 +176,10 @@ def run_job(cfg: JobConfig, *, engine=None, engine_factory: Callable | None = No
     if os.path.realpath(out) == os.path.realpath(cfg.input):
         raise JobError(f"--output {out} is the input file")
     model_path = model_file(cfg.model)
-    Manifest.build(cfg.input, model_path, cfg.settings(), shard=cfg.shard).check_or_write(out)
     clock = _Clock()
     t_start = time.perf_counter()
+    Manifest.build(cfg.input, model_path, cfg.settings(), shard=cfg.shard).check_or_write(out)
+    clock.manifest = time.perf_counter() - t_start
     journal = Journal.open(out, sync_lines=cfg.sync_lines, sync_seconds=cfg.sync_seconds)
     try:
         shard_lines = todo = 0
@@ -205,7 +208,7 @@ def run_job(cfg: JobConfig, *, engine=None, engine_factory: Callable | None = No
         journal.close()
     complete = len(journal.done) == shard_lines
     seconds = t_end - t_run
-    layer = clock.parse + clock.records + clock.write
+    layer = clock.manifest + clock.parse + clock.records + clock.write
     summary = {
         "output": out,
         "input": os.path.abspath(cfg.input),
@@ -225,12 +228,14 @@ def run_job(cfg: JobConfig, *, engine=None, engine_factory: Callable | None = No
             "requests_per_s": run.records / seconds if seconds > 0 else 0.0,
             "tokens_per_s": run.completion_tokens / seconds if seconds > 0 else 0.0,
             "job_layer_seconds": {
+                "manifest": clock.manifest,
                 "parse": clock.parse,
                 "records": clock.records,
                 "write_and_sync": clock.write,
                 "total": layer,
             },
-            "job_layer_share": layer / (t_end - t_start) if t_end > t_start else 0.0,
+            # of the whole run apart from loading the model (compiling is in the run)
+            "job_layer_share": layer / max(t_end - t_start - load_s, 1e-9),
             "fsyncs": journal.syncs,
         },
     }
@@ -241,8 +246,15 @@ def run_job(cfg: JobConfig, *, engine=None, engine_factory: Callable | None = No
 def _run(cfg: JobConfig, engine, journal: Journal, clock: _Clock, run: Tally, progress) -> None:
     k, n = cfg.shard
     pending: set[str] = set()  # handed to the engine, no result yet
+    # requests() writes the error records of bad lines while the engine pulls from it: a
+    # lock keeps lines whole even if an engine pulled from another thread
+    lock = threading.Lock()
 
     def write(record: dict) -> None:
+        with lock:
+            _write(record)
+
+    def _write(record: dict) -> None:
         t0 = time.perf_counter()
         try:
             journal.append(record)  # encodes before it writes anything
