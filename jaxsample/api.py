@@ -14,13 +14,15 @@ Decisions (see docs/api.md):
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 from jaxsample import decode as _decode
 from jaxsample.automata import json_mode, stop
@@ -85,20 +87,51 @@ class Engine:
         print(c.text)
     """
 
-    def __init__(self, model, tokenizer, *, model_name: str = "SmolLM2-135M-Instruct"):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        model_name: str = "SmolLM2-135M-Instruct",
+        slots: int = 16,
+        chunk_steps: int = 32,
+        refill_free: int = 1,
+        max_seq_len: int | None = None,
+        devices=None,
+        transforms=(),
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.model_name = model_name
+        #: the slot engine's settings (see :class:`jaxsample.engine.SlotEngine`)
+        self.engine_options = {
+            "slots": slots,
+            "chunk_steps": chunk_steps,
+            "refill_free": refill_free,
+            "max_seq_len": max_seq_len or min(model.config.context_length, 2048),
+            "devices": devices,
+            "transforms": transforms,
+        }
         self._token_bytes = None
         self._grammar = None
+        self._slot_engine = None
 
     @classmethod
-    def load(cls, path: str | None = None, *, dtype=jnp.float32) -> Engine:
+    def load(
+        cls, path: str | None = None, *, dtype=jnp.float32, batch_invariant: bool = True, **options
+    ) -> Engine:
+        """Loads a GGUF file (default: SmolLM2-135M-Instruct) into an engine.
+
+        ``batch_invariant=True`` (the default) makes every request's tokens and log
+        probabilities bit-identical whatever shares the batch (docs/engine.md); ``options``
+        are the slot engine's settings (``slots``, ``chunk_steps``, ``refill_free``,
+        ``max_seq_len``, ``devices``, ``transforms``).
+        """
         from jaxsample.model import load_model
 
-        model, tok = load_model(path, dtype=dtype)
+        model, tok = load_model(path, dtype=dtype, batch_invariant=batch_invariant)
         name = "SmolLM2-135M-Instruct" if path is None else str(path).rsplit("/", 1)[-1]
-        return cls(model, tok, model_name=name)
+        return cls(model, tok, model_name=name, **options)
 
     @property
     def vocab_size(self) -> int:
@@ -106,7 +139,22 @@ class Engine:
 
     @property
     def context_length(self) -> int:
-        return self.model.config.context_length
+        """Positions per request (prompt + output): the model's context, or the engine's
+        smaller ``max_seq_len`` (each slot's KV cache length)."""
+        return min(self.model.config.context_length, self.engine_options["max_seq_len"])
+
+    def slot_engine(self):
+        """The :class:`jaxsample.engine.SlotEngine` behind :meth:`stream` (built once)."""
+        if self._slot_engine is None:
+            from jaxsample.engine import SlotEngine
+
+            self._slot_engine = SlotEngine(
+                self.model,
+                grammar=self.grammar(),
+                token_bytes=self.token_bytes(),
+                **self.engine_options,
+            )
+        return self._slot_engine
 
     def token_bytes(self):
         if self._token_bytes is None:
@@ -147,6 +195,60 @@ class Engine:
             raise InvalidRequestError(kind, value, "a prompt of at least one token")
         return ids
 
+    def _request(self, key, item, p, job_seed: int):
+        """Validates, tokenises and packs one request into a slot request (raises
+        :class:`InvalidRequestError`)."""
+        from jaxsample.engine import SlotRequest
+
+        if not isinstance(p, SamplingParams):
+            raise InvalidRequestError("params", p, "a SamplingParams")
+        ids = self.encode_input(item)
+        max_tokens = check_for_model(
+            p,
+            vocab_size=self.vocab_size,
+            context_length=self.context_length,
+            prompt_length=len(ids),
+        )
+        seed = p.seed if p.seed is not None else derive_seed(job_seed, key)
+        return SlotRequest(
+            key=(key, ids, p, seed),
+            prompt=ids,
+            rows=pack_rows([p], vocab_size=self.vocab_size, seeds=[seed]),
+            max_tokens=max_tokens,
+            stops=tuple(p.stop),
+            json_mode=p.response_format == "json_object",
+        )
+
+    def stream(
+        self, items: Iterable[tuple[Any, Any, SamplingParams]], *, job_seed: int = 0
+    ) -> Iterator[tuple[Any, Completion]]:
+        """Runs ``(key, input, SamplingParams)`` items through the slot engine; yields
+        ``(key, Completion)`` as each request finishes (completion order).
+
+        Items are pulled lazily as slots free up, so an endless iterable costs constant
+        memory. A request without a seed gets ``derive_seed(job_seed, key)`` (``key`` an int
+        or a str, e.g. a batch job's custom_id), reported in ``Completion.seed``. A bad item
+        comes back as a Completion whose ``error`` is its :class:`InvalidRequestError`
+        (``finish_reason == "error"``); the others run.
+        """
+        errors: collections.deque = collections.deque()
+
+        def requests():
+            for key, item, p in items:
+                try:
+                    yield self._request(key, item, p, job_seed)
+                except InvalidRequestError as err:
+                    err.index = key
+                    errors.append((key, Completion(error=err, finish_reason="error")))
+
+        for res in self.slot_engine().run(requests()):
+            while errors:
+                yield errors.popleft()
+            key, ids, p, seed = res.key
+            yield key, self._completion(_as_batch(res), 0, ids, p, seed)
+        while errors:
+            yield errors.popleft()
+
     def generate(
         self,
         inputs: Sequence,
@@ -160,9 +262,10 @@ class Engine:
         Args:
           inputs: B prompts (raw text, no chat template) or chat message lists.
           params: one SamplingParams for all, or one per input (default: SamplingParams()).
-          job_seed: the job-level seed from which rows without a seed get theirs.
-          strict: raise the first InvalidRequestError instead of returning it in
-            ``Completion.error``.
+          job_seed: the job-level seed from which rows without a seed get theirs
+            (``derive_seed(job_seed, index)``).
+          strict: raise the first InvalidRequestError (before any device work) instead of
+            returning it in ``Completion.error``.
         """
         inputs = list(inputs)
         if params is None:
@@ -174,48 +277,18 @@ class Engine:
             raise InvalidRequestError(
                 "params", len(params), f"one SamplingParams per input ({len(inputs)})"
             )
-        results = [Completion() for _ in inputs]
-        good = []  # (index, prompt ids, params, max_tokens, seed)
-        for i, (item, p) in enumerate(zip(inputs, params)):
-            try:
-                if not isinstance(p, SamplingParams):
-                    raise InvalidRequestError("params", p, "a SamplingParams")
-                ids = self.encode_input(item)
-                max_tokens = check_for_model(
-                    p,
-                    vocab_size=self.vocab_size,
-                    context_length=self.context_length,
-                    prompt_length=len(ids),
-                )
-            except InvalidRequestError as err:
-                err.index = i
-                if strict:
+        items = list(zip(range(len(inputs)), inputs, params))
+        if strict:
+            for i, item, p in items:
+                try:
+                    self._request(i, item, p, job_seed)
+                except InvalidRequestError as err:
+                    err.index = i
                     raise
-                results[i].error = err
-                results[i].finish_reason = "error"
-                continue
-            seed = p.seed if p.seed is not None else derive_seed(job_seed, i)
-            good.append((i, ids, p, max_tokens, seed))
-        if good:
-            self._run(good, results)
+        results: list[Completion | None] = [None] * len(inputs)
+        for i, c in self.stream(items, job_seed=job_seed):
+            results[i] = c
         return results
-
-    def _run(self, good, results) -> None:
-        prompts = [g[1] for g in good]
-        plist = [g[2] for g in good]
-        max_tokens = [g[3] for g in good]
-        seeds = [g[4] for g in good]
-        rows = pack_rows(plist, vocab_size=self.vocab_size, seeds=seeds)
-        out = _decode.decode(
-            self.model,
-            prompts,
-            rows,
-            max_tokens,
-            self.constraints(plist),
-            eos_id=self.tokenizer.eos_id,
-        )
-        for b, (i, ids, p, _, seed) in enumerate(good):
-            results[i] = self._completion(out, b, ids, p, seed)
 
     def _completion(self, out, b: int, prompt_ids, p: SamplingParams, seed: int) -> Completion:
         tok = self.tokenizer
@@ -327,6 +400,18 @@ class Engine:
             },
             "seed": c.seed,
         }
+
+
+def _as_batch(res) -> _decode.DecodeOutput:
+    """One slot result as a batch of one (the shape :meth:`Engine._completion` reads)."""
+    return _decode.DecodeOutput(
+        tokens=res.tokens[None],
+        n_tokens=np.array([len(res.tokens)], np.int32),
+        logprobs=res.logprobs[None],
+        top_ids=res.top_ids[None],
+        top_logprobs=res.top_logprobs[None],
+        finish=np.array([res.finish], np.int32),
+    )
 
 
 def error_response(err: InvalidRequestError) -> dict:

@@ -12,8 +12,21 @@ import dataclasses
 from typing import Any
 
 # Token-axis tile: XLA CPU's matmul gives a column the same bits whatever the number of
-# columns, as long as that number is a multiple of 16 (measured; 8 is not enough).
+# columns and whatever its place among them, as long as that number is an ODD multiple of 16
+# (measured: 16, 48, 80, 112, ... all agree with each other; 32, 64, 96, ... take another
+# kernel path and agree only among themselves; 8 is not enough). See invariant_width.
 INVARIANT_TILE = 16
+
+
+def invariant_width(n: int) -> int:
+    """The number of matmul columns used for ``n`` columns in batch-invariant mode: the
+    smallest odd multiple of ``INVARIANT_TILE`` that is >= n.
+
+    >>> [invariant_width(n) for n in (1, 16, 17, 32, 33, 48, 49)]
+    [16, 16, 48, 48, 48, 48, 80]
+    """
+    tiles = max(1, -(-n // INVARIANT_TILE))
+    return (tiles + (tiles % 2 == 0)) * INVARIANT_TILE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,13 +39,14 @@ class LlamaConfig:
     norm_eps (RMSNorm epsilon), context_length (maximum positions), bos_id / eos_id
     (token ids), tie_embeddings (output projection = token embedding), attn_block
     (keys per block in the blockwise attention; cache lengths are multiples of it),
-    batch_invariant (pad the token axis of every matmul to a multiple of
-    ``INVARIANT_TILE`` so a row's arithmetic, hence its logits bit for bit, does not
-    depend on the batch size, its place in the batch or the prompt padding; costs speed
-    at small batches, see docs/model.md), batched_attention (attention for all rows at
-    once with ``vmap`` instead of one row at a time with ``lax.map``; None = auto: per row
-    on CPU, where it is faster and keeps rows bit-identical whatever the batch, batched on
-    GPU/TPU, where a per-row loop of small kernels serializes the batch).
+    batch_invariant (pad the token axis of every matmul to an odd multiple of
+    ``INVARIANT_TILE``, :func:`invariant_width`, so a row's arithmetic, hence its logits
+    bit for bit, does not depend on the batch size, its place in the batch or the prompt
+    padding; costs speed at small batches, see docs/model.md), batched_attention
+    (attention for all rows at once with ``vmap`` instead of one row at a time with
+    ``lax.map``; None = auto: per row on CPU, where it is faster and keeps rows
+    bit-identical whatever the batch, batched on GPU/TPU, where a per-row loop of small
+    kernels serializes the batch).
     """
 
     vocab_size: int

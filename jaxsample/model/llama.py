@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxsample.model.config import INVARIANT_TILE, LlamaConfig
+from jaxsample.model.config import INVARIANT_TILE, LlamaConfig, invariant_width
 
 
 class KVCache(NamedTuple):
@@ -289,7 +289,7 @@ class Llama(nnx.Module):
         """h [D, N] -> float32 logits [N, V] (final RMSNorm, then the output embedding)."""
         n = h.shape[1]
         if self.config.batch_invariant:
-            h = _pad_last(h, _round_up(n, INVARIANT_TILE))
+            h = _pad_last(h, invariant_width(n))
         h = _rms_norm(h, self.norm[...], self.config.norm_eps)
         out = self.embed[...] if self.config.tie_embeddings else self.output[...]
         # The barrier keeps XLA from folding the transpose into the matmul (it would pick a
@@ -332,19 +332,24 @@ class Llama(nnx.Module):
         if T > S:
             raise ValueError(f"prompt length {T} exceeds the cache length {S}")
         H, K, d, G = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.group_size
-        if cfg.batch_invariant:  # every matmul sees a multiple of INVARIANT_TILE columns
+        if cfg.batch_invariant:  # rows padded to whole tiles, as in any batch
             T = min(_round_up(T, INVARIANT_TILE), S)
             tokens = _pad_last(tokens, T)
         # Row b's queries that matter end at lengths[b]-1; later (padding) queries still see
         # block 0 at least, so they stay finite.
         last = jnp.clip(lengths.astype(jnp.int32) - 1, 0, T - 1)
-        x = self._embed(tokens.reshape(-1))  # [D, B*T], column b*T + t
+        # With batch_invariant, the matmuls run on an odd number of tiles of columns (zero
+        # columns appended): see invariant_width.
+        N = B * T
+        Np = invariant_width(N) if cfg.batch_invariant else N
+        x = self._embed(_pad_last(tokens.reshape(-1), Np))  # [D, Np], column b*T + t
         pos = jnp.arange(T, dtype=jnp.int32)
-        cos, sin = rope_angles(jnp.tile(pos, B), d, cfg.rope_theta)  # [d/2, B*T]
+        cos, sin = rope_angles(_pad_last(jnp.tile(pos, B), Np), d, cfg.rope_theta)
         q_pos = jnp.broadcast_to(pos.reshape(1, 1, 1, T, 1), (B, 1, 1, T, 1))
         new_k, new_v = [], []
         for li, layer in enumerate(self.layers):
             q, k, v = layer.qkv(x, cos, sin, cfg)
+            q, k, v = q[..., :N], k[..., :N], v[..., :N]
             k = k.reshape(K, d, B, T).transpose(2, 0, 3, 1).astype(self.dtype)  # [B,K,T,d]
             v = v.reshape(K, d, B, T).transpose(2, 0, 3, 1).astype(self.dtype)
             ck = jax.lax.dynamic_update_slice(cache.k[li], k, (0, 0, 0, 0))
@@ -353,8 +358,9 @@ class Llama(nnx.Module):
             new_v.append(cv)
             qh = (q * d**-0.5).reshape(K, G, d, B, T).transpose(3, 0, 1, 4, 2)  # [B,K,G,T,d]
             attn = _attend(qh, q_pos, ck, cv, last, blk, cfg.batched_attention)
-            x = layer.finish(x, attn.transpose(1, 2, 4, 0, 3).reshape(H * d, B * T), cfg)
-        h_last = jnp.take_along_axis(x.reshape(-1, B, T), last.reshape(1, B, 1), axis=2)
+            attn = attn.transpose(1, 2, 4, 0, 3).reshape(H * d, N)
+            x = layer.finish(x, _pad_last(attn, Np), cfg)
+        h_last = jnp.take_along_axis(x[:, :N].reshape(-1, B, T), last.reshape(1, B, 1), axis=2)
         return self._logits(h_last.reshape(-1, B)), KVCache(k=tuple(new_k), v=tuple(new_v))
 
     # ----------------------------------------------------------------- decode
@@ -376,7 +382,7 @@ class Llama(nnx.Module):
         H, K, d, G = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.group_size
         positions = positions.astype(jnp.int32)
         # With batch_invariant, the matmuls run on Bp >= B columns (zero tokens appended).
-        Bp = _round_up(B, INVARIANT_TILE) if cfg.batch_invariant else B
+        Bp = invariant_width(B) if cfg.batch_invariant else B
         x = self._embed(_pad_last(tokens, Bp))  # [D, Bp]
         cos, sin = rope_angles(_pad_last(positions, Bp), d, cfg.rope_theta)  # [d/2, Bp]
         rows = jnp.arange(B, dtype=jnp.int32).reshape(B, 1)

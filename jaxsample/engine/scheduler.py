@@ -1,0 +1,412 @@
+"""The host side of the slot engine: a small loop that only moves requests and slot indices.
+
+::
+
+    while requests are pending or slots are busy:
+        fill every free slot: prefill the next request in its bucketed shape and insert it
+        run one chunk (<= K decode steps on the device; it leaves once r slots are free)
+        drain the slots that finished: their tokens become results, the slots are free
+
+Requests are pulled lazily from the caller's iterator as slots free up, so an endless input
+costs constant memory; results are yielded as requests finish.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxsample.automata import stop
+from jaxsample.decode import RUNNING, bucket
+from jaxsample.engine import slots as sl
+from jaxsample.rows import TOP_LOGPROBS_MAX, RowParams
+
+_AXIS = "slots"
+
+# ------------------------------------------------------------------------------ compiles
+
+_COMPILES = [0]
+
+
+def _on_event(event: str, duration: float, **_) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        _COMPILES[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
+def compile_count() -> int:
+    """How many XLA programs this process has compiled so far (every jit, not only ours)."""
+    return _COMPILES[0]
+
+
+# ------------------------------------------------------------------------------ requests
+
+
+class SlotRequest(NamedTuple):
+    """One request, ready for a slot (everything validated and packed on the host)."""
+
+    key: Any  # the caller's handle, returned with the result
+    prompt: list[int]  # token ids, 1 <= len
+    rows: RowParams  # numpy, leading axis 1
+    max_tokens: int  # budget; prompt + max_tokens <= the engine's max_seq_len
+    stops: tuple[str, ...] = ()
+    json_mode: bool = False
+
+
+class SlotResult(NamedTuple):
+    """One finished request (host numpy arrays; ``n`` tokens)."""
+
+    key: Any
+    tokens: np.ndarray  # [n] int32
+    logprobs: np.ndarray  # [n] float32
+    top_ids: np.ndarray  # [n, 20] int32
+    top_logprobs: np.ndarray  # [n, 20] float32
+    finish: int  # a finish code of jaxsample.decode
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """Counters of a run (host side). Occupancy = tokens / slot_steps."""
+
+    chunks: int = 0  # device round trips
+    steps: int = 0  # decode steps
+    slot_steps: int = 0  # steps x slots
+    tokens: int = 0  # tokens produced
+    requests: int = 0  # requests finished
+    prefill_s: float = 0.0  # time in prefill + insert calls (host wall clock)
+    chunk_s: float = 0.0  # time in chunk calls, until their outputs are on the host
+    host_s: float = 0.0  # the rest of the loop: draining, bookkeeping, pulling requests
+    wall_s: float = 0.0
+
+    @property
+    def occupancy(self) -> float:
+        return self.tokens / self.slot_steps if self.slot_steps else 0.0
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["occupancy"] = self.occupancy
+        d["steps_per_round_trip"] = self.steps / self.chunks if self.chunks else 0.0
+        return d
+
+
+@dataclasses.dataclass
+class _Running:
+    request: SlotRequest
+    tokens: list = dataclasses.field(default_factory=list)
+    logprobs: list = dataclasses.field(default_factory=list)
+    top_ids: list = dataclasses.field(default_factory=list)
+    top_logprobs: list = dataclasses.field(default_factory=list)
+
+    def result(self, finish: int) -> SlotResult:
+        def cat(parts, shape, dtype):
+            return np.concatenate(parts) if parts else np.zeros(shape, dtype)
+
+        return SlotResult(
+            key=self.request.key,
+            tokens=cat(self.tokens, (0,), np.int32),
+            logprobs=cat(self.logprobs, (0,), np.float32),
+            top_ids=cat(self.top_ids, (0, TOP_LOGPROBS_MAX), np.int32),
+            top_logprobs=cat(self.top_logprobs, (0, TOP_LOGPROBS_MAX), np.float32),
+            finish=finish,
+        )
+
+
+# ------------------------------------------------------------------------------ the engine
+
+
+class SlotEngine:
+    """Continuous batching inside the compiled loop, over ``slots`` fixed slots.
+
+    Args:
+      model: a :class:`jaxsample.model.Llama`; build it with ``batch_invariant=True`` (the
+        default of :meth:`jaxsample.Engine.load`) for tokens that do not depend on the other
+        slots.
+      grammar, token_bytes: the JSON-mode tables and the token-bytes table (shared).
+      slots: S, the number of slots (static). A multiple of the number of devices.
+      chunk_steps: K, the most decode steps per device round trip (static).
+      refill_free: r, a chunk ends early once r slots are free and requests are waiting
+        (a value: changing it never recompiles).
+      max_seq_len: positions per slot (prompt + output), the KV cache's length per slot;
+        default ``min(context_length, 2048)``.
+      devices: the devices the slots are split over (data parallel; default: one device).
+      transforms: a static user transform chain for the sampler (see docs/sampler.md).
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        grammar,
+        token_bytes: stop.TokenBytes,
+        slots: int = 16,
+        chunk_steps: int = 32,
+        refill_free: int = 1,
+        max_seq_len: int | None = None,
+        devices=None,
+        transforms=(),
+    ):
+        cfg = model.config
+        devices = list(devices) if devices is not None else jax.devices()[:1]
+        if slots < 1 or slots % len(devices):
+            raise ValueError(f"slots={slots} must be >= 1 and a multiple of {len(devices)} devices")
+        if chunk_steps < 1:
+            raise ValueError(f"chunk_steps={chunk_steps} must be >= 1")
+        self.n_slots = int(slots)
+        self.chunk_steps = int(chunk_steps)
+        self.refill_free = int(refill_free)
+        if not 1 <= self.refill_free <= self.n_slots:
+            raise ValueError(f"refill_free={refill_free} must be in [1, slots={slots}]")
+        self.max_seq_len = int(max_seq_len or min(cfg.context_length, 2048))
+        self.transforms = transforms
+        self.model_config = cfg
+        self._dtype = model.dtype
+        self.mesh = Mesh(np.array(devices), (_AXIS,))
+        self.n_devices = len(devices)
+        self._replicated = NamedSharding(self.mesh, P())
+        self._split = NamedSharding(self.mesh, P(_AXIS))
+        graphdef, state = nnx.split(model)
+        self._graphdef = graphdef
+        self._model_state = jax.device_put(state, self._replicated)
+        self._shared = jax.device_put(sl.Shared(grammar, token_bytes), self._replicated)
+        self.stats = EngineStats()
+        self._slots = None
+
+    def _init_slots(self, rows: RowParams):
+        return _init(
+            self._graphdef,
+            self._model_state,
+            self._shared,
+            rows,
+            n_slots=self.n_slots,
+            max_len=self.max_seq_len,
+            sharding=self._split,
+        )
+
+    # -------------------------------------------------------------- host loop
+    def prompt_bucket(self, n: int) -> int:
+        """The static prefill length for a prompt of ``n`` tokens."""
+        return min(bucket(n), self.max_seq_len)
+
+    def warmup(self, rows: RowParams, prompt_lengths: Iterable[int] = (1,)) -> None:
+        """Compiles the chunk loop and the prefill of every bucket the given prompt lengths
+        fall in, so that a later workload of those lengths compiles nothing.
+
+        ``rows``: any one-row RowParams of the kind the workload uses (for the shapes).
+        """
+        keys = [f"warmup-{n}" for n in prompt_lengths]
+        reqs = [
+            SlotRequest(key=k, prompt=[0] * n, rows=rows, max_tokens=1)
+            for k, n in zip(keys, prompt_lengths)
+        ]
+        stats = self.stats
+        for _ in self.run(reqs):
+            pass
+        self.stats = stats
+
+    def run(self, requests: Iterable[SlotRequest]) -> Iterator[SlotResult]:
+        """Decodes every request; yields each :class:`SlotResult` as its request finishes."""
+        stats = self.stats
+        start = time.perf_counter()
+        it = iter(requests)
+        waiting: SlotRequest | None = None  # pulled from the iterator, not yet placed
+        exhausted = False
+        owners: list[_Running | None] = [None] * self.n_slots
+        free = list(range(self.n_slots))
+
+        def pull():
+            nonlocal waiting, exhausted
+            if waiting is None and not exhausted:
+                waiting = next(it, None)
+                exhausted = waiting is None
+
+        while True:
+            t0 = time.perf_counter()
+            pull()
+            while free and waiting is not None:
+                slot = free.pop(0)
+                self._place(slot, waiting)
+                owners[slot] = _Running(waiting)
+                waiting = None
+                pull()
+            t1 = time.perf_counter()
+            stats.prefill_s += t1 - t0
+            if not any(owners):
+                break
+            # while requests wait, leave once refill_free slots are free; otherwise run on
+            free_target = self.refill_free if waiting is not None else self.n_slots + 1
+            self._slots, out = _chunk(
+                self._graphdef,
+                self._model_state,
+                self._shared,
+                self._slots,
+                jnp.int32(free_target),
+                chunk_steps=self.chunk_steps,
+                transforms=self.transforms,
+                mesh=self.mesh,
+            )
+            out = jax.device_get(out)
+            t2 = time.perf_counter()
+            stats.chunk_s += t2 - t1
+            steps = int(out.steps)
+            stats.chunks += 1
+            stats.steps += steps
+            stats.slot_steps += steps * self.n_slots
+            for s, owner in enumerate(owners):
+                if owner is None:
+                    continue
+                n = int(out.n_out[s]) - sum(len(t) for t in owner.tokens)
+                if n:
+                    owner.tokens.append(out.tokens[s, :n])
+                    owner.logprobs.append(out.logprobs[s, :n])
+                    owner.top_ids.append(out.top_ids[s, :n])
+                    owner.top_logprobs.append(out.top_logprobs[s, :n])
+                    stats.tokens += n
+                if int(out.finish[s]) != RUNNING:
+                    owners[s] = None
+                    free.append(s)
+                    free.sort()
+                    stats.requests += 1
+                    stats.host_s += time.perf_counter() - t2
+                    yield owner.result(int(out.finish[s]))
+                    t2 = time.perf_counter()
+            stats.host_s += time.perf_counter() - t2
+        stats.wall_s += time.perf_counter() - start
+
+    def _place(self, slot: int, req: SlotRequest) -> None:
+        n = len(req.prompt)
+        if not 1 <= n or n + req.max_tokens > self.max_seq_len or req.max_tokens < 1:
+            raise ValueError(
+                f"request {req.key!r}: prompt {n} + max_tokens {req.max_tokens} must fit in "
+                f"max_seq_len {self.max_seq_len} (checked by the API before this)"
+            )
+        if self._slots is None:
+            self._slots = self._init_slots(req.rows)
+        t = self.prompt_bucket(n)
+        tokens = np.zeros((1, t), np.int32)
+        tokens[0, :n] = req.prompt
+        stops = stop.compile_stops([tuple(req.stops)])
+        self._slots = _admit(
+            self._graphdef,
+            self._model_state,
+            self._shared,
+            self._slots,
+            jnp.int32(slot),
+            jnp.asarray(tokens),
+            jnp.asarray([n], jnp.int32),
+            jax.tree.map(jnp.asarray, req.rows),
+            jnp.asarray([req.json_mode]),
+            stops,
+            jnp.asarray([req.max_tokens], jnp.int32),
+            mesh=self.mesh,
+        )
+
+    def memory_per_slot(self) -> dict:
+        """Device bytes each slot holds: its KV cache, history and the rest."""
+        cfg = self.model_config
+        itemsize = jnp.dtype(self._dtype).itemsize
+        blk = cfg.attn_block
+        length = -(-self.max_seq_len // blk) * blk
+        kv = 2 * cfg.n_layers * cfg.n_kv_heads * length * cfg.head_dim * itemsize
+        hist = cfg.vocab_size * 5
+        logits = cfg.vocab_size * 4
+        stops = 4 * 65 * 256 + 4 * 4
+        return {
+            "kv_cache": kv,
+            "history": hist,
+            "logits": logits,
+            "stop_tables": stops,
+            "total": kv + hist + logits + stops,
+        }
+
+
+# ------------------------------------------------------------------------------ compiled
+# Module-level jitted functions with the static structure as static arguments, so engines
+# with the same model structure, mesh and settings share compiled programs.
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("n_slots", "max_len", "sharding"))
+def _init(graphdef, state, shared, rows, *, n_slots, max_len, sharding):
+    slots = sl.init_slots(nnx.merge(graphdef, state), shared, n_slots, max_len, rows)
+    return jax.lax.with_sharding_constraint(slots, sharding)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnums=(0,),
+    static_argnames=("chunk_steps", "transforms", "mesh"),
+    donate_argnums=(3,),
+)
+def _chunk(graphdef, state, shared, slots, free_target, *, chunk_steps, transforms, mesh):
+    def chunk(state, shared, slots, free_target):
+        return sl.run_chunk(
+            nnx.merge(graphdef, state),
+            shared,
+            slots,
+            free_target,
+            chunk_steps=chunk_steps,
+            transforms=transforms,
+            axis_name=_AXIS,
+        )
+
+    out_chunk = sl.ChunkOut(*([P(_AXIS)] * 6), steps=P())
+    return jax.shard_map(
+        chunk,
+        mesh=mesh,
+        in_specs=(P(), P(), P(_AXIS), P()),
+        out_specs=(P(_AXIS), out_chunk),
+        check_vma=False,
+    )(state, shared, slots, free_target)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("mesh",), donate_argnums=(3,))
+def _admit(
+    graphdef, state, shared, slots, slot, tokens, length, rows, json_on, stops, budget, *, mesh
+):
+    n_devices = mesh.devices.size
+
+    def admit(state, shared, slots, slot, tokens, length, rows, json_on, stops, budget):
+        s_local = slots.finish.shape[0]
+        local = slot - jax.lax.axis_index(_AXIS) * s_local
+        mine = (local >= 0) & (local < s_local)
+        index = jnp.clip(local, 0, s_local - 1)
+
+        def fill(slots):
+            logits, keys, values = sl.prefill(nnx.merge(graphdef, state), tokens, length)
+            return sl.insert(
+                slots,
+                shared,
+                index,
+                mine,
+                logits,
+                keys,
+                values,
+                tokens,
+                length,
+                rows,
+                json_on,
+                stops,
+                budget,
+            )
+
+        # only the device that owns the slot runs the prefill
+        return jax.lax.cond(mine, fill, lambda s: s, slots) if n_devices > 1 else fill(slots)
+
+    return jax.shard_map(
+        admit,
+        mesh=mesh,
+        in_specs=(P(), P(), P(_AXIS)) + (P(),) * 7,
+        out_specs=P(_AXIS),
+        check_vma=False,
+    )(state, shared, slots, slot, tokens, length, rows, json_on, stops, budget)
