@@ -108,7 +108,7 @@ def engine_only(inp: str, slots: int, model: str | None, devices: int) -> dict:
     engine = load_engine(cfg)
     t0 = time.perf_counter()
     tokens = n = 0
-    for _, res in stream_chat(engine, bodies, job_seed=0, slots=slots):
+    for _, res in stream_chat(engine, bodies, job_seed=0):
         n += 1
         tokens += (res.get("usage") or {}).get("completion_tokens", 0)
     seconds = time.perf_counter() - t0

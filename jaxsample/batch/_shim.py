@@ -1,54 +1,51 @@
-"""TEMPORARY SHIM: delete this file once ``Engine.stream_chat`` and the slot engine are on
-main (docs/batch.md, "Engine"). Nothing else in jaxsample.batch depends on its internals:
-job.py calls :func:`load_engine` and :func:`stream_chat` only when the Engine class has no
-``stream_chat`` of its own.
+"""TEMPORARY SHIM: delete this file once ``Engine.stream_chat`` is on main (issue 11); job.py
+calls :func:`stream_chat` only when the engine has no ``stream_chat`` of its own.
 
-It gives the interface of ``Engine.stream_chat(bodies, *, job_seed)`` (docs/briefs:
-interfaces item 3) over today's ``Engine.chat_completions``: bodies are taken ``group`` at a
-time, each without a seed gets ``derive_seed(job_seed, key)``, and the group's results are
-yielded in input order. The model is loaded with ``batch_invariant=True`` so that a request's
-tokens do not depend on the other requests of its group (what makes a resumed job equal an
-uninterrupted one), and ``max_seq_len`` caps the context a request may use.
+It gives the interface of ``Engine.stream_chat(bodies, *, job_seed)`` (interfaces item 3)
+over the slot engine's items-level ``Engine.stream`` (item 2): each body is read into
+SamplingParams and messages as ``Engine.chat_completions`` reads them, and each Completion is
+turned into a ``chat.completion`` with ``Engine.response``.
 """
 
 from __future__ import annotations
 
-import re
+import collections
 from collections.abc import Iterable, Iterator
-from itertools import islice
 
 
-def load_engine(model_path: str, *, dtype, max_seq_len: int | None):
-    """An ``Engine`` over today's static decode (batch-invariant, context capped)."""
-    import os
+def stream_chat(engine, bodies: Iterable[tuple], *, job_seed: int = 0) -> Iterator[tuple]:
+    """``(key, chat.completion or OpenAI error object)`` for each ``(key, body)``, as each
+    request finishes; a request without a seed gets ``derive_seed(job_seed, key)``."""
+    from jaxsample.api import _validate_messages, error_response
+    from jaxsample.params import InvalidRequestError, SamplingParams
 
-    from jaxsample.api import Engine
-    from jaxsample.model import load_model
+    refused: collections.deque = collections.deque()  # bodies refused before the engine
+    params: dict = {}  # key -> SamplingParams of the requests in the engine
 
-    class _CappedEngine(Engine):
-        @property
-        def context_length(self) -> int:
-            n = self.model.config.context_length
-            return n if max_seq_len is None else min(n, max_seq_len)
+    def items():
+        for key, body in bodies:
+            try:
+                p = SamplingParams.from_request(body)
+                if "messages" in body:
+                    _validate_messages(body["messages"])
+                    item = body["messages"]
+                elif isinstance(body.get("prompt"), str):
+                    item = body["prompt"]
+                else:
+                    raise InvalidRequestError(
+                        "messages", body.get("messages"), "a non-empty list of messages"
+                    )
+            except InvalidRequestError as err:
+                err.index = key
+                refused.append((key, error_response(err)))
+                continue
+            params[key] = p
+            yield key, item, p
 
-    model, tok = load_model(model_path, dtype=dtype, batch_invariant=True)
-    return _CappedEngine(model, tok, model_name=os.path.basename(str(model_path)))
-
-
-def stream_chat(
-    engine, bodies: Iterable[tuple], *, job_seed: int = 0, group: int = 16
-) -> Iterator[tuple]:
-    """``(key, response dict)`` for each ``(key, body)``, ``group`` requests per decode call."""
-    from jaxsample.params import derive_seed
-
-    it = iter(bodies)
-    while chunk := list(islice(it, group)):
-        keys = [k for k, _ in chunk]
-        reqs = [
-            {**b, "seed": derive_seed(job_seed, k)} if b.get("seed") is None else b
-            for k, b in chunk
-        ]
-        for key, res in zip(keys, engine.chat_completions(reqs, job_seed=job_seed)):
-            if "error" in res:  # the index in the group is no business of the batch job
-                res["error"]["message"] = re.sub(r" \(request \d+\)", "", res["error"]["message"])
-            yield key, res
+    for key, c in engine.stream(items(), job_seed=job_seed):
+        while refused:
+            yield refused.popleft()
+        p = params.pop(key)
+        yield key, (error_response(c.error) if c.error else engine.response(c, p))
+    while refused:
+        yield refused.popleft()

@@ -91,33 +91,38 @@ def model_file(path: str | None) -> str:
 
 
 def load_engine(cfg: JobConfig):
-    """The Engine for a job's settings."""
+    """The Engine for a job's settings: the slot engine over ``cfg.devices`` local devices
+    (default: all of this process's devices), batch-invariant."""
+    import jax
     import jax.numpy as jnp
 
     from jaxsample.api import Engine
 
-    dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
-    if not hasattr(Engine, "stream_chat"):  # TEMPORARY: until the slot engine lands
-        from jaxsample.batch import _shim
-
-        return _shim.load_engine(model_file(cfg.model), dtype=dtype, max_seq_len=cfg.max_seq_len)
+    local = jax.local_devices()
+    n = len(local) if cfg.devices is None else cfg.devices
+    if n > len(local):
+        raise JobError(f"--devices {n}: this process has {len(local)} devices")
+    if cfg.slots % n:
+        raise JobError(f"--slots {cfg.slots} must be a multiple of the {n} devices used")
     return Engine.load(
         cfg.model,
-        dtype=dtype,
+        dtype=jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32,
+        batch_invariant=True,
         slots=cfg.slots,
-        max_seq_len=cfg.max_seq_len,
         chunk_steps=cfg.chunk_steps,
-        devices=cfg.devices,
+        max_seq_len=cfg.max_seq_len,
+        devices=local[:n],
     )
 
 
-def stream_chat(engine, bodies, *, job_seed: int, slots: int) -> Iterator[tuple]:
-    """``engine.stream_chat`` (interfaces item 3), or the temporary shim over today's API."""
+def stream_chat(engine, bodies, *, job_seed: int) -> Iterator[tuple]:
+    """``engine.stream_chat`` (interfaces item 3), or the temporary shim over
+    ``Engine.stream`` until it lands."""
     if hasattr(engine, "stream_chat"):
         return engine.stream_chat(bodies, job_seed=job_seed)
     from jaxsample.batch import _shim
 
-    return _shim.stream_chat(engine, bodies, job_seed=job_seed, group=slots)
+    return _shim.stream_chat(engine, bodies, job_seed=job_seed)
 
 
 def _new_id(prefix: str) -> str:
@@ -282,7 +287,7 @@ def _run(cfg: JobConfig, engine, journal: Journal, clock: _Clock, run: Tally, pr
             pending.add(line.key)
             yield line.key, line.body
 
-    for key, result in stream_chat(engine, requests(), job_seed=cfg.job_seed, slots=cfg.slots):
+    for key, result in stream_chat(engine, requests(), job_seed=cfg.job_seed):
         if key not in pending:
             raise RuntimeError(f"the engine returned a result for {key!r}, which it was not given")
         pending.discard(key)
