@@ -1,7 +1,7 @@
 """The batch job end to end: ``jaxsample batch`` on a mixed workload, against the engine alone.
 
     PYTHONPATH=. .venv/bin/python scripts/bench_batch.py  # 200 requests, 1 and 4 devices
-    PYTHONPATH=. .venv/bin/python scripts/bench_batch.py --quick  # 16 short requests, 1 device
+    PYTHONPATH=. .venv/bin/python scripts/bench_batch.py --quick  # 16 short requests
     PYTHONPATH=. .venv/bin/python scripts/bench_batch.py --scale-only  # memory of 1k vs 100k lines
 
 In one run, for each device count (4 simulated CPU devices through
@@ -170,7 +170,7 @@ def main() -> None:
     p.add_argument("--slots", type=int, default=16)
     p.add_argument("--devices", type=int, nargs="+", default=[1, 4])
     p.add_argument("--model", default=None)
-    p.add_argument("--quick", action="store_true", help="16 requests of mean 8 tokens, 1 device")
+    p.add_argument("--quick", action="store_true", help="16 requests of mean 8 tokens")
     p.add_argument("--scale-lines", type=int, default=100_000)
     p.add_argument("--scale-only", action="store_true")
     p.add_argument("--no-scale", action="store_true")
@@ -181,7 +181,7 @@ def main() -> None:
         print(json.dumps(engine_only(args.engine_only, args.slots, args.model, args.devices[0])))
         return
     if args.quick:
-        args.requests, args.mean_tokens, args.cap, args.devices = 16, 8, 16, [1]
+        args.requests, args.mean_tokens, args.cap = 16, 8, 16
         args.scale_lines = min(args.scale_lines, 10_000)
     from jaxsample.model import default_model_path
     from jaxsample.model.gguf_file import read_gguf

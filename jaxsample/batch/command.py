@@ -45,7 +45,7 @@ def add_parsers(sub) -> None:
         "--max-seq-len",
         type=_positive,
         default=None,
-        help="tokens of prompt + output per request (default: the model's context)",
+        help="tokens of prompt + output per request (default: the model's context, at most 2048)",
     )
     b.add_argument(
         "--chunk-steps", type=_positive, default=32, help="decode steps between host refills"
