@@ -173,6 +173,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="16 requests of mean 8 tokens")
     p.add_argument("--scale-lines", type=int, default=100_000)
     p.add_argument("--scale-only", action="store_true")
+    p.add_argument("--no-warmup", action="store_true", help="the compile cache is warm already")
     p.add_argument("--no-scale", action="store_true")
     p.add_argument("--out", default=os.path.join(ROOT, "results", "bench_batch.json"))
     p.add_argument("--engine-only", default=None, help=argparse.SUPPRESS)
@@ -210,7 +211,8 @@ def main() -> None:
         )
     print(f"{'devices':>7} {'run':>14} {'req/s':>8} {'tok/s':>8} {'wall s':>8} {'job layer':>10}")
     for d in [] if args.scale_only else args.devices:
-        _batch(inp, os.path.join(tmp, f"warm{d}.jsonl"), args, d)  # fills the compile cache
+        if not args.no_warmup:  # fills the compile cache
+            _batch(inp, os.path.join(tmp, f"warm{d}.jsonl"), args, d)
         base = _engine_only(inp, args, d)
         wall, s = _batch(inp, os.path.join(tmp, f"out{d}.jsonl"), args, d)
         run = s["this_run"]

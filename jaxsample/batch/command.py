@@ -184,6 +184,13 @@ def run(args) -> int:
     except (ManifestError, JournalError, JobError) as err:
         print(f"jaxsample batch: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(
+            "\njaxsample batch: interrupted; what was written is kept: run the same command "
+            "again to resume",
+            file=sys.stderr,
+        )
+        return 130
     print(format_summary(summary), file=sys.stderr)
     if not summary["complete"]:
         return 1
