@@ -159,6 +159,7 @@ def test_two_processes_on_localhost_shard_and_merge(setup):
     ]
     errs = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs
+    assert all("%|" not in e and "complete" in e for e in errs)  # no bar off a terminal
     shards = [canonical(f"{out}.shard-0000{k}-of-00002") for k in range(2)]
     assert shards[0] and shards[1] and not set(shards[0]) & set(shards[1])
     assert len(canonical(one)) == len(lines)
