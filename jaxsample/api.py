@@ -1,24 +1,31 @@
 """Notebook and OpenAI-shaped APIs over the decode loop.
 
-``Engine`` holds a model, its tokenizer and the compiled constraint tables; its
-``generate`` takes prompts or chat messages with one :class:`SamplingParams` each and returns
-:class:`Completion` objects; ``chat_completion`` takes an OpenRouter/OpenAI chat-completions
-request body and returns an OpenAI ``chat.completion`` dict.
+``Engine`` holds a model, its tokenizer and the compiled constraint tables. ``generate``
+takes prompts or chat messages with one :class:`SamplingParams` each and returns
+:class:`Completion` objects; ``stream`` does the same lazily over ``(key, input, params)``
+items; ``stream_chat`` / ``chat_completions`` take OpenRouter/OpenAI chat-completions request
+bodies and give OpenAI ``chat.completion`` dicts (or OpenAI error objects).
 
 Decisions (see docs/api.md):
-- A request without a seed gets ``derive_seed(job_seed, index)`` where ``index`` is its
-  position in the job; the seed used is reported in every completion.
+- Inputs: a string is ONE prompt, a list of message dicts is ONE conversation, a list of
+  either is a batch (:func:`normalize_inputs`, for ``Engine.generate`` and ``generate``).
+- A request without a seed gets ``derive_seed(job_seed, key)`` (``key``: its index in the
+  job, or a str such as a batch job's custom_id); choice ``i`` of a request with ``n``
+  choices has :func:`choice_seed` ``(seed, i)``. The seed is reported in every response.
 - A bad request in a batch fails alone: its completion carries the
   :class:`InvalidRequestError` in ``error`` and the others run (``strict=True`` raises).
+- Responses never hold NaN or infinity: a token with no probability has log probability
+  ``NO_PROBABILITY`` (-9999.0, the value the OpenAI API documents for it).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -26,18 +33,56 @@ import numpy as np
 
 from jaxsample import decode as _decode
 from jaxsample.automata import json_mode, stop
+from jaxsample.model.chat import ChatTemplateError
 from jaxsample.params import (
     InvalidRequestError,
     SamplingParams,
     check_for_model,
     derive_seed,
     pack_rows,
+    request_n,
+)
+
+#: The log probability written for a token with no probability (``-inf``): the value the
+#: OpenAI API documents for "very unlikely". JSON has no infinity.
+NO_PROBABILITY = -9999.0
+
+#: finish code (jaxsample.decode) -> OpenAI ``finish_reason``. "No token allowed" is
+#: ``content_filter``: the constraints of the request (logit_bias, JSON mode, ...) or
+#: non-finite logits removed every token, which a strict OpenAI client accepts and which
+#: differs from a normal stop.
+FINISH_REASONS = {
+    _decode.FINISH_EOS: "stop",
+    _decode.FINISH_LENGTH: "length",
+    _decode.FINISH_STOP: "stop",
+    _decode.FINISH_NO_TOKEN: "content_filter",
+}
+
+#: finish code -> the precise reason, reported as ``native_finish_reason`` (as OpenRouter
+#: reports its providers' own reasons beside the normalised one).
+NATIVE_FINISH_REASONS = {
+    _decode.FINISH_EOS: "eos",
+    _decode.FINISH_LENGTH: "length",
+    _decode.FINISH_STOP: "stop_string",
+    _decode.FINISH_NO_TOKEN: "no_token_allowed",
+}
+
+ROLES = ("system", "user", "assistant", "developer")
+_MESSAGE_KEYS = ("role", "content")
+_MESSAGES_ALLOWED = (
+    "a non-empty list of messages {'role': one of system, user, assistant, developer, "
+    "'content': a string or a list of text parts {'type': 'text', 'text': str}}"
 )
 
 
 @dataclasses.dataclass
 class Completion:
-    """One request's result."""
+    """One request's result (one choice).
+
+    ``finish_reason`` is the OpenAI value ("stop", "length", "content_filter" when no token
+    was allowed, or "error" for a refused request); ``native_finish_reason`` says which
+    stop it was ("eos", "stop_string", "length", "no_token_allowed").
+    """
 
     text: str = ""
     token_ids: list[int] = dataclasses.field(default_factory=list)
@@ -46,34 +91,121 @@ class Completion:
     prompt_tokens: int = 0
     seed: int | None = None
     error: InvalidRequestError | None = None
+    native_finish_reason: str | None = None
 
     @property
     def completion_tokens(self) -> int:
         return len(self.token_ids)
 
 
-def _messages_or_prompt(item) -> tuple[str, Any]:
-    if isinstance(item, str):
-        return "prompt", item
-    if isinstance(item, (list, tuple)) and all(isinstance(m, dict) for m in item):
-        return "messages", list(item)
-    raise InvalidRequestError(
-        "messages", item, "a prompt string or a list of {'role', 'content'} messages"
-    )
+def _refused(err: InvalidRequestError, seed: int | None = None) -> Completion:
+    return Completion(finish_reason="error", native_finish_reason="error", error=err, seed=seed)
 
 
-def _validate_messages(messages) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequestError("messages", messages, "a non-empty list of messages")
-    for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise InvalidRequestError("messages", m, "each message a dict with a 'role' string")
-        if m["role"] not in ("system", "user", "assistant", "developer"):
-            raise InvalidRequestError(
-                "messages", m["role"], "role one of system, user, assistant, developer"
+def normalize_inputs(inputs: Any) -> list:
+    """The list of inputs of a ``generate`` call: a string is one prompt, a list of message
+    dicts one conversation, any other list (or iterable) a batch of prompts/conversations.
+
+    >>> normalize_inputs("Hi")
+    ['Hi']
+    >>> normalize_inputs([{"role": "user", "content": "Hi"}])
+    [[{'role': 'user', 'content': 'Hi'}]]
+    >>> normalize_inputs(["Hi", [{"role": "user", "content": "Hi"}]])
+    ['Hi', [{'role': 'user', 'content': 'Hi'}]]
+    """
+    if isinstance(inputs, str):
+        return [inputs]
+    if isinstance(inputs, Mapping) or not isinstance(inputs, Iterable):
+        raise InvalidRequestError(
+            "inputs",
+            inputs,
+            "a prompt string, a list of messages, or a list of prompts and message lists",
+        )
+    items = list(inputs)
+    if any(isinstance(x, Mapping) for x in items):  # messages: one conversation
+        return [items]
+    return items
+
+
+def _content_text(content: Any) -> str:
+    """A message's content as one string: a string, or text parts joined with newlines."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, (list, tuple)) or not content:
+        raise InvalidRequestError(
+            "messages", content, _MESSAGES_ALLOWED, reason="content is not a string or parts"
+        )
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind != "text":
+            reason = (
+                f"content part type {kind!r} is not supported: the model reads text only"
+                if isinstance(kind, str)
+                else "a content part must be an object with a 'type'"
             )
-        if not isinstance(m.get("content"), str):
-            raise InvalidRequestError("messages", m.get("content"), "content a string")
+            raise InvalidRequestError("messages", part, _MESSAGES_ALLOWED, reason=reason)
+        extra = sorted(str(k) for k in part if k not in ("type", "text"))
+        if not isinstance(part.get("text"), str) or extra:
+            raise InvalidRequestError(
+                "messages",
+                part,
+                _MESSAGES_ALLOWED,
+                reason=f"unknown keys {extra}" if extra else "'text' is not a string",
+            )
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def validate_messages(messages: Any) -> list[dict]:
+    """Checks a chat message list and returns it with every content as one string.
+
+    Roles are system, user, assistant, developer; a message has exactly the keys ``role``
+    and ``content``; content is a string or a non-empty list of text parts (joined with
+    ``"\\n"``). Anything else raises :class:`InvalidRequestError` with field ``messages``.
+
+    >>> validate_messages([{"role": "user", "content": [{"type": "text", "text": "a"},
+    ...                                                 {"type": "text", "text": "b"}]}])
+    [{'role': 'user', 'content': 'a\\nb'}]
+    """
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise InvalidRequestError("messages", messages, _MESSAGES_ALLOWED)
+    out = []
+    for m in messages:
+        if not isinstance(m, Mapping):
+            raise InvalidRequestError("messages", m, _MESSAGES_ALLOWED, reason="not an object")
+        role = m.get("role")
+        if not isinstance(role, str) or role not in ROLES:
+            raise InvalidRequestError(
+                "messages", m, _MESSAGES_ALLOWED, reason=f"role {role!r} is not supported"
+            )
+        extra = sorted(str(k) for k in m if k not in _MESSAGE_KEYS)
+        if extra:
+            raise InvalidRequestError(
+                "messages", m, _MESSAGES_ALLOWED, reason=f"unsupported keys {extra}"
+            )
+        if "content" not in m:
+            raise InvalidRequestError("messages", m, _MESSAGES_ALLOWED, reason="no content")
+        out.append({"role": role, "content": _content_text(m["content"])})
+    return out
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The seed of choice ``index`` of a request with seed ``seed`` (``n`` choices).
+
+    Choice 0 uses the request's seed (so ``n = 1`` is the plain request); choice ``i > 0``
+    uses ``derive_seed(seed, i)``. A request with ``n`` choices equals the same request sent
+    ``n`` times with these seeds.
+
+    >>> choice_seed(7, 0), choice_seed(7, 1) == choice_seed(7, 1) != choice_seed(8, 1)
+    (7, True)
+    """
+    return seed if index == 0 else derive_seed(seed, index)
+
+
+def _logprob(x) -> float:
+    x = float(x)
+    return x if math.isfinite(x) else NO_PROBABILITY
 
 
 class Engine:
@@ -82,7 +214,7 @@ class Engine:
     Example::
 
         engine = Engine.load()            # the default SmolLM2-135M-Instruct GGUF
-        [c] = engine.generate([[{"role": "user", "content": "Hi"}]],
+        [c] = engine.generate([{"role": "user", "content": "Hi"}],
                               SamplingParams(temperature=0.7, seed=1, max_tokens=20))
         print(c.text)
     """
@@ -183,32 +315,61 @@ class Engine:
             token_bytes=self.token_bytes(),
         )
 
+    # ---- inputs -----------------------------------------------------------------------
+
+    def render(self, messages: Any) -> str:
+        """The prompt text of a chat: ``messages`` checked (:func:`validate_messages`) and
+        rendered with the model file's chat template (a generation prompt added).
+
+        Every failure, including a template that raises (``raise_exception``) and a model
+        file without a template, is an :class:`InvalidRequestError` with field ``messages``.
+        """
+        messages = validate_messages(messages)
+        try:
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except ChatTemplateError as err:
+            raise InvalidRequestError(
+                "messages", messages, "messages the model's chat template accepts", reason=str(err)
+            ) from err
+
     def encode_input(self, item) -> list[int]:
-        kind, value = _messages_or_prompt(item)
-        if kind == "messages":
-            _validate_messages(value)
-            text = self.tokenizer.apply_chat_template(value, add_generation_prompt=True)
+        """The prompt token ids of one input: a prompt string (tokenised as is) or a list of
+        chat messages (rendered with the chat template first). An input that is an
+        :class:`InvalidRequestError` (a request refused before it got here) raises it."""
+        if isinstance(item, InvalidRequestError):
+            raise item
+        if isinstance(item, str):
+            field, text = "prompt", item
+        elif isinstance(item, (list, tuple)):
+            field, text = "messages", self.render(item)
         else:
-            text = value
+            raise InvalidRequestError(
+                "messages", item, "a prompt string or a list of chat messages"
+            )
         ids = self.tokenizer.encode(text)
         if not ids:
-            raise InvalidRequestError(kind, value, "a prompt of at least one token")
+            raise InvalidRequestError(field, item, "a prompt of at least one token")
         return ids
+
+    def prepare(self, item, params) -> tuple[list[int], int]:
+        """``(prompt ids, resolved max_tokens)`` of one request, or InvalidRequestError."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("params", params, "a SamplingParams")
+        ids = self.encode_input(item)
+        max_tokens = check_for_model(
+            params,
+            vocab_size=self.vocab_size,
+            context_length=self.context_length,
+            prompt_length=len(ids),
+        )
+        return ids, max_tokens
 
     def _request(self, key, item, p, job_seed: int):
         """Validates, tokenises and packs one request into a slot request (raises
         :class:`InvalidRequestError`)."""
         from jaxsample.engine import SlotRequest
 
-        if not isinstance(p, SamplingParams):
-            raise InvalidRequestError("params", p, "a SamplingParams")
-        ids = self.encode_input(item)
-        max_tokens = check_for_model(
-            p,
-            vocab_size=self.vocab_size,
-            context_length=self.context_length,
-            prompt_length=len(ids),
-        )
+        ids, max_tokens = self.prepare(item, p)
         seed = p.seed if p.seed is not None else derive_seed(job_seed, key)
         return SlotRequest(
             key=(key, ids, p, seed),
@@ -239,7 +400,7 @@ class Engine:
                     yield self._request(key, item, p, job_seed)
                 except InvalidRequestError as err:
                     err.index = key
-                    errors.append((key, Completion(error=err, finish_reason="error")))
+                    errors.append((key, _refused(err)))
 
         for res in self.slot_engine().run(requests()):
             while errors:
@@ -251,23 +412,25 @@ class Engine:
 
     def generate(
         self,
-        inputs: Sequence,
+        inputs,
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         job_seed: int = 0,
         strict: bool = False,
     ) -> list[Completion]:
-        """Generate one completion per input (a prompt string or a list of chat messages).
+        """Generate one completion per input (see :func:`normalize_inputs`: a string is one
+        prompt, a message list one conversation, a list of either a batch).
 
         Args:
-          inputs: B prompts (raw text, no chat template) or chat message lists.
+          inputs: a prompt (raw text, no chat template), a chat message list, or a list of
+            prompts and message lists.
           params: one SamplingParams for all, or one per input (default: SamplingParams()).
           job_seed: the job-level seed from which rows without a seed get theirs
             (``derive_seed(job_seed, index)``).
           strict: raise the first InvalidRequestError (before any device work) instead of
             returning it in ``Completion.error``.
         """
-        inputs = list(inputs)
+        inputs = normalize_inputs(inputs)
         if params is None:
             params = SamplingParams()
         if isinstance(params, SamplingParams):
@@ -291,114 +454,206 @@ class Engine:
         return results
 
     def _completion(self, out, b: int, prompt_ids, p: SamplingParams, seed: int) -> Completion:
-        tok = self.tokenizer
+        """Row ``b`` of a :class:`jaxsample.decode.DecodeOutput` as a :meth:`completion`."""
         n = int(out.n_tokens[b])
-        ids = [int(t) for t in out.tokens[b, :n]]
-        code = int(out.finish[b])
+        return self.completion(
+            out.tokens[b, :n],
+            int(out.finish[b]),
+            p,
+            seed=seed,
+            prompt_tokens=len(prompt_ids),
+            logprobs=out.logprobs[b, :n],
+            top_ids=out.top_ids[b, :n],
+            top_logprobs=out.top_logprobs[b, :n],
+        )
+
+    def completion(
+        self,
+        token_ids: Sequence[int],
+        finish_code: int,
+        p: SamplingParams,
+        *,
+        seed: int,
+        prompt_tokens: int,
+        logprobs=None,
+        top_ids=None,
+        top_logprobs=None,
+    ) -> Completion:
+        """One row's :class:`Completion` from what the device produced.
+
+        Args:
+          token_ids: the N tokens emitted (the end-of-sequence token included, if any).
+          finish_code: the row's finish code (``jaxsample.decode.FINISH_*``).
+          p: the request's params (stop strings, logprobs, top_logprobs).
+          seed: the seed the row used; prompt_tokens: the prompt's length.
+          logprobs: f32[N] and top_ids i32[N, 20], top_logprobs f32[N, 20]: the sampler's
+            values per emitted token (needed when ``p.logprobs``).
+        """
+        tb = self.tokenizer.token_bytes
+        ids = [int(t) for t in token_ids]
         # the text: EOS is not part of it; a stop string and what follows are cut away
-        content_ids = ids[:-1] if code == _decode.FINISH_EOS and ids else ids
-        pieces = [tok.token_bytes[t] for t in content_ids]
+        content_ids = ids[:-1] if finish_code == _decode.FINISH_EOS and ids else ids
+        pieces = [tb[t] for t in content_ids]
         raw = b"".join(pieces)
         cut = False
         if p.stop:
             raw, cut = stop.truncate(raw, tuple(p.stop))
-        text = raw.decode("utf-8", errors="replace")
-        logprobs = None
+        entries = None
         if p.logprobs:
-            logprobs = []
+            entries = []
             start = 0
             for j, t in enumerate(content_ids):
                 if cut and start >= len(raw):
                     break  # this token lies wholly inside the cut-away stop string
                 start += len(pieces[j])
-                logprobs.append(self._logprob_entry(out, b, j, t, p.top_logprobs))
+                top = [(int(top_ids[j, k]), top_logprobs[j, k]) for k in range(p.top_logprobs)]
+                entries.append(self.logprob_entry(t, logprobs[j], top))
         return Completion(
-            text=text,
+            text=raw.decode("utf-8", errors="replace"),
             token_ids=ids,
-            finish_reason=_decode.FINISH_REASONS.get(code, "length"),
-            logprobs=logprobs,
-            prompt_tokens=len(prompt_ids),
+            finish_reason=FINISH_REASONS.get(finish_code, "length"),
+            native_finish_reason=NATIVE_FINISH_REASONS.get(finish_code, "length"),
+            logprobs=entries,
+            prompt_tokens=prompt_tokens,
             seed=seed,
         )
 
-    def _logprob_entry(self, out, b: int, j: int, token: int, n_top: int) -> dict:
-        tb = self.tokenizer.token_bytes
+    def logprob_entry(self, token: int, logprob, top: Sequence[tuple[int, Any]]) -> dict:
+        """One OpenAI ``logprobs.content`` entry: ``token`` (text), ``logprob``, ``bytes``,
+        ``top_logprobs`` (from ``top``, ``(id, logprob)`` pairs; ids outside the vocabulary
+        are padding and left out).
 
-        def entry(t: int, lp: float) -> dict:
-            bts = tb[t]
+        A special token shows its own text (``"<|im_end|>"``) and that text's UTF-8 bytes;
+        a log probability of -inf (no probability) is written ``NO_PROBABILITY``.
+        """
+        shown = self.tokenizer.shown_bytes
+
+        def entry(t: int, lp) -> dict:
+            bts = shown[t]
             return {
                 "token": bts.decode("utf-8", errors="replace"),
-                "logprob": float(lp),
+                "logprob": _logprob(lp),
                 "bytes": list(bts),
             }
 
-        e = entry(token, out.logprobs[b, j])
-        e["top_logprobs"] = [
-            entry(int(out.top_ids[b, j, k]), out.top_logprobs[b, j, k]) for k in range(n_top)
-        ]
+        e = entry(token, logprob)
+        e["top_logprobs"] = [entry(t, lp) for t, lp in top if 0 <= t < len(shown)]
         return e
 
     # ---- OpenAI-shaped requests and responses ---------------------------------------
 
-    def chat_completions(self, bodies: Sequence[dict], *, job_seed: int = 0) -> list[dict]:
-        """Answer a batch of chat-completions request bodies; a bad one fails alone."""
-        inputs, params, errors = [], [], {}
-        for i, body in enumerate(bodies):
-            try:
-                p = SamplingParams.from_request(body)
-                if "messages" in body:
-                    _validate_messages(body["messages"])
-                    item = body["messages"]
-                elif "prompt" in body and isinstance(body["prompt"], str):
-                    item = body["prompt"]
-                else:
-                    raise InvalidRequestError(
-                        "messages", body.get("messages"), "a non-empty list of messages"
-                    )
-            except InvalidRequestError as err:
-                err.index = i
-                errors[i] = err
-                item, p = "", SamplingParams()
-            if p.seed is None:  # the seed follows the request's index in the whole job
-                p = dataclasses.replace(p, seed=derive_seed(job_seed, i))
-            inputs.append(item)
-            params.append(p)
-        keep = [i for i in range(len(bodies)) if i not in errors]
-        done = self.generate([inputs[i] for i in keep], [params[i] for i in keep])
-        results: list[dict] = []
-        by_index = dict(zip(keep, done))
-        for i in range(len(bodies)):
-            if i in errors:
-                results.append(error_response(errors[i]))
+    def _chat_request(self, body: Any, key: Any, job_seed: int) -> tuple[str, SamplingParams, int]:
+        """``(prompt text, params with the request's seed, n)`` of one request body."""
+        p = SamplingParams.from_request(body)
+        n = request_n(body.get("n"))
+        messages, prompt = body.get("messages"), body.get("prompt")
+        if messages is not None and prompt is not None:
+            raise InvalidRequestError(
+                "prompt", prompt, "either messages or prompt, not both", reason="both given"
+            )
+        if messages is not None:
+            text = self.render(messages)
+        elif prompt is not None:
+            if not isinstance(prompt, str):
+                raise InvalidRequestError("prompt", prompt, "a string (raw text)")
+            text = prompt
+        else:
+            raise InvalidRequestError("messages", None, _MESSAGES_ALLOWED, reason="missing")
+        if p.seed is None:
+            if not isinstance(key, (int, str)):
+                raise InvalidRequestError(
+                    "seed", None, "a seed, or an int or str request key to derive one from"
+                )
+            p = dataclasses.replace(p, seed=derive_seed(job_seed, key))
+        return text, p, n
+
+    def stream_chat(
+        self, bodies: Iterable[tuple[Any, Any]], *, job_seed: int = 0
+    ) -> Iterator[tuple[Any, dict]]:
+        """Answer ``(key, body)`` chat-completions requests lazily, yielding ``(key, dict)``
+        as each request finishes (all its ``n`` choices).
+
+        The dict is a ``chat.completion`` object or an OpenAI error object
+        (:func:`error_response`); a bad request fails alone. A request without a seed gets
+        ``derive_seed(job_seed, key)`` (key an int or a str such as a custom_id); choice
+        ``i`` runs with :func:`choice_seed` ``(seed, i)``. Bodies are pulled as the engine
+        takes requests, so an endless iterator runs in flat memory.
+        """
+        pending: dict[int, dict] = {}
+
+        def items():
+            for serial, (key, body) in enumerate(bodies):
+                try:
+                    text, p, n = self._chat_request(body, key, job_seed)
+                except InvalidRequestError as err:
+                    # refused: one item that the engine answers with this error, in order
+                    pending[serial] = {"key": key, "n": 1, "p": None, "done": {}}
+                    yield (serial, 0), err, SamplingParams(seed=0)
+                    continue
+                pending[serial] = {"key": key, "n": n, "p": p, "done": {}}
+                for i in range(n):
+                    yield (serial, i), text, dataclasses.replace(p, seed=choice_seed(p.seed, i))
+
+        for (serial, i), c in self.stream(items(), job_seed=job_seed):
+            state = pending[serial]
+            state["done"][i] = c
+            if len(state["done"]) < state["n"]:
+                continue
+            del pending[serial]
+            choices = [state["done"][k] for k in range(state["n"])]
+            failed = [c.error for c in choices if c.error is not None]
+            if failed:
+                key = state["key"]
+                failed[0].index = key if isinstance(key, (int, str)) else None
+                yield key, error_response(failed[0])
             else:
-                c = by_index[i]
-                results.append(error_response(c.error) if c.error else self.response(c, params[i]))
-        return results
+                yield state["key"], self.response(choices, state["p"])
+
+    def chat_completions(self, bodies: Sequence[dict], *, job_seed: int = 0) -> list[dict]:
+        """Answer a list of chat-completions request bodies (the key of each is its index);
+        a bad one fails alone (an OpenAI error object in its place)."""
+        bodies = list(bodies)
+        results = dict(self.stream_chat(enumerate(bodies), job_seed=job_seed))
+        return [results[i] for i in range(len(bodies))]
 
     def chat_completion(self, body: dict, *, job_seed: int = 0) -> dict:
-        """Answer one chat-completions request body with a ``chat.completion`` dict."""
+        """Answer one chat-completions request body (key 0) with a ``chat.completion`` dict."""
         return self.chat_completions([body], job_seed=job_seed)[0]
 
-    def response(self, c: Completion, p: SamplingParams) -> dict:
-        message = {"role": "assistant", "content": c.text}
-        choice = {
-            "index": 0,
-            "message": message,
-            "finish_reason": c.finish_reason,
-            "logprobs": {"content": c.logprobs} if p.logprobs else None,
-        }
+    def response(self, choices: Completion | Sequence[Completion], p: SamplingParams) -> dict:
+        """The OpenAI ``chat.completion`` object of one request's choices.
+
+        ``usage.prompt_tokens`` counts the prompt once, ``completion_tokens`` the tokens of
+        all choices (an end-of-sequence token included); ``seed`` is the request's seed
+        (choice 0's). Each choice also carries ``native_finish_reason``.
+        """
+        if isinstance(choices, Completion):
+            choices = [choices]
+        out = []
+        for i, c in enumerate(choices):
+            out.append(
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": c.text, "refusal": None},
+                    "finish_reason": c.finish_reason,
+                    "native_finish_reason": c.native_finish_reason,
+                    "logprobs": {"content": c.logprobs, "refusal": None} if p.logprobs else None,
+                }
+            )
+        prompt_tokens = choices[0].prompt_tokens
+        completion_tokens = sum(c.completion_tokens for c in choices)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": self.model_name,
-            "choices": [choice],
+            "choices": out,
             "usage": {
-                "prompt_tokens": c.prompt_tokens,
-                "completion_tokens": c.completion_tokens,
-                "total_tokens": c.prompt_tokens + c.completion_tokens,
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
             },
-            "seed": c.seed,
+            "seed": choices[0].seed,
         }
 
 
@@ -447,7 +702,8 @@ def generate(
 ) -> list[Completion]:
     """Generate completions for prompts or chat messages (see :meth:`Engine.generate`).
 
-    ``inputs`` may be one prompt string, one message list, or a list of either.
+    ``inputs`` may be one prompt string, one message list, or a list of either
+    (:func:`normalize_inputs`, the same rule as ``Engine.generate``).
 
     Example::
 
@@ -455,12 +711,20 @@ def generate(
         [c] = generate([{"role": "user", "content": "Name a colour."}],
                        SamplingParams(temperature=0.0, max_tokens=8))
     """
-    if isinstance(inputs, str) or (
-        isinstance(inputs, list) and inputs and isinstance(inputs[0], dict)
-    ):
-        inputs = [inputs]
     engine = engine or default_engine()
     return engine.generate(inputs, params, job_seed=job_seed, strict=strict)
 
 
-__all__ = ["Completion", "Engine", "default_engine", "error_response", "generate"]
+__all__ = [
+    "FINISH_REASONS",
+    "NATIVE_FINISH_REASONS",
+    "NO_PROBABILITY",
+    "Completion",
+    "Engine",
+    "choice_seed",
+    "default_engine",
+    "error_response",
+    "generate",
+    "normalize_inputs",
+    "validate_messages",
+]

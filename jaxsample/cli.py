@@ -11,6 +11,8 @@ The command keeps XLA's compiled programs in a persistent cache (``$JAXSAMPLE_MO
 or ``~/.cache/jaxsample``, folder ``xla``): the first run compiles the decode loop (tens of
 seconds on a small CPU), later runs with the same shapes load it. ``--no-compile-cache``
 turns it off; a cache directory already set in JAX's own configuration is left alone.
+
+JSON is written strictly (``allow_nan=False``): a response never holds NaN or infinity.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ _SAMPLING_FLAGS = {
     "seed": int,
     "max_tokens": int,
     "top_logprobs": int,
+    "n": int,
 }
 
 
@@ -115,6 +118,11 @@ def _read_request(path: str) -> dict:
         raise SystemExit(f"jaxsample: the request is not JSON: {err}") from err
 
 
+def _dumps(obj) -> str:
+    """Strict JSON: NaN and infinity are refused (``allow_nan=False``), never written."""
+    return json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in ("batch", "batch-merge"):
@@ -132,10 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # refuse a bad body before loading anything
         SamplingParams.from_request(body)
     except InvalidRequestError as err:
-        print(
-            json.dumps(error_response(err), indent=2),
-            file=sys.stdout if args.request else sys.stderr,
-        )
+        print(_dumps(error_response(err)), file=sys.stdout if args.request else sys.stderr)
         return 2
 
     if not args.no_compile_cache:
@@ -148,12 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     response = engine.chat_completion(body, job_seed=args.job_seed)
     if "error" in response:
-        print(json.dumps(response, indent=2), file=sys.stdout if args.request else sys.stderr)
+        print(_dumps(response), file=sys.stdout if args.request else sys.stderr)
         return 2
     if args.request or args.json:
-        print(json.dumps(response, indent=2, ensure_ascii=False))
-    else:
-        print(response["choices"][0]["message"]["content"])
+        print(_dumps(response))
+    else:  # the text of each choice (--n), separated by a blank line
+        print("\n\n".join(c["message"]["content"] for c in response["choices"]))
     return 0
 
 

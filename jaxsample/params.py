@@ -248,9 +248,25 @@ def _response_format(value: Any) -> str:
 
 # ----------------------------------------------------------------------------- SamplingParams
 
-#: Body fields that describe the request rather than sampling; accepted and ignored here
-#: (``stream`` and ``n`` only with their neutral values, checked in ``from_request``).
-REQUEST_FIELDS = ("model", "messages", "prompt", "user", "metadata", "stream", "n")
+#: The most choices one request may ask for (``n``), as the OpenAI API.
+N_MAX = 128
+
+#: Body fields that describe the request rather than sampling; accepted here and left to the
+#: API layer (``messages``, ``prompt``, ``n``), or accepted and ignored because they cannot
+#: change the output (``model``, ``user``, ``metadata``, ``safety_identifier``,
+#: ``prompt_cache_key``; ``stream`` and ``store`` only false). Checked in ``from_request``.
+REQUEST_FIELDS = (
+    "model",
+    "messages",
+    "prompt",
+    "user",
+    "metadata",
+    "safety_identifier",
+    "prompt_cache_key",
+    "stream",
+    "store",
+    "n",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,6 +353,15 @@ class SamplingParams:
             )
         put("response_format", _response_format(self.response_format))
         put("stop", _stop(self.stop))
+        if self.stop and self.response_format != "text":
+            # a stop string cuts the text wherever it occurs, which can leave unclosed JSON
+            raise InvalidRequestError(
+                "stop",
+                list(self.stop),
+                "no stop strings with a JSON response_format (the constrained output ends "
+                "when the JSON value is complete)",
+                reason=f"response_format is {self.response_format!r}",
+            )
         if not isinstance(self.logprobs_mode, str) or self.logprobs_mode not in LOGPROBS_MODES:
             raise InvalidRequestError("logprobs_mode", self.logprobs_mode, "'raw' or 'processed'")
 
@@ -349,9 +374,11 @@ class SamplingParams:
     def from_request(cls, body: Any) -> SamplingParams:
         """Builds the params of an OpenRouter/OpenAI chat-completions request body.
 
-        Keeps the sampling fields; accepts the request fields of ``REQUEST_FIELDS`` (``stream``
-        only false, ``n`` only 1); ``max_completion_tokens`` is taken as ``max_tokens``. A JSON
-        ``null`` means the default. Any other field is refused, naming it.
+        Keeps the sampling fields; checks the request fields of ``REQUEST_FIELDS`` (``stream``
+        and ``store`` only false, ``n`` an integer in [1, ``N_MAX``], read with
+        :func:`request_n`) and leaves them to the API layer; ``max_completion_tokens`` is
+        taken as ``max_tokens``. A JSON ``null`` means the default. Any other field is
+        refused, naming it.
 
         Example::
 
@@ -408,8 +435,26 @@ _SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 def _check_request_field(key: str, value: Any) -> None:
     if key == "stream" and value is not None and value is not False:
         raise InvalidRequestError("stream", value, "false (streaming is not supported)")
-    if key == "n" and value is not None and not (_is_int(value) and value == 1):
-        raise InvalidRequestError("n", value, "1 (one choice per request)")
+    if key == "store" and value is not None and value is not False:
+        raise InvalidRequestError("store", value, "false (completions are not stored)")
+    if key == "n" and value is not None:
+        request_n(value)
+    if key in ("user", "safety_identifier", "prompt_cache_key") and value is not None:
+        if not isinstance(value, str):
+            raise InvalidRequestError(key, value, "a string", reason=type(value).__name__)
+    if key == "metadata" and value is not None and not isinstance(value, Mapping):
+        raise InvalidRequestError(key, value, "an object of string keys and values")
+
+
+def request_n(value: Any) -> int:
+    """The number of choices ``n`` of a request body (JSON ``null`` or absent means 1).
+
+    >>> request_n(None), request_n(3)
+    (1, 3)
+    """
+    if value is None:
+        return 1
+    return _integer("n", value, 1, N_MAX, f"an integer in [1, {N_MAX}]")
 
 
 def _unknown_allowed(key: Any) -> str:

@@ -149,11 +149,10 @@ def test_values_never_recompile(engine):
                 frequency_penalty=1,
                 presence_penalty=-1,
                 logit_bias={"5": 2.0},
-                stop=["e"],
                 response_format={"type": "json_object"},
                 **base,
             ),
-            SamplingParams(temperature=0.0, seed=5, **base),
+            SamplingParams(temperature=0.0, seed=5, stop=["e"], **base),
         ],
     )
     assert compile_count() == before

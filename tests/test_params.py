@@ -119,7 +119,10 @@ INVALID = [
     ({"echo": True}, "echo", "True"),
     ({"stream": True}, "stream", "True"),
     ({"stream": "no"}, "stream", "'no'"),
-    ({"n": 2}, "n", "2"),
+    ({"n": 0}, "n", "0"),
+    ({"n": 129}, "n", "129"),
+    ({"store": True}, "store", "True"),
+    ({"response_format": {"type": "json_object"}, "stop": ["{"]}, "stop", "'{'"),
     ({"n": True}, "n", "True"),
     ({"n": 1.0}, "n", "1.0"),
 ]
@@ -214,7 +217,7 @@ def test_full_request_round_trip():
         "logit_bias": {"50256": -100, 7: 100, "0": 0.5},
         "logprobs": True,
         "top_logprobs": 20,
-        "response_format": {"type": "json_object"},
+        "response_format": {"type": "text"},
         "stop": ["\n\n", "END"],
         "logprobs_mode": "processed",
     }
@@ -226,7 +229,7 @@ def test_full_request_round_trip():
     assert p.logit_bias == ((0, 0.5), (7, 100.0), (50256, -100.0))
     assert p.logit_bias_dict == {0: 0.5, 7: 100.0, 50256: -100.0}
     assert p.logprobs is True and p.top_logprobs == 20
-    assert p.response_format == "json_object"
+    assert p.response_format == "text"
     assert p.stop == ("\n\n", "END")
     assert p.logprobs_mode == "processed"
     assert isinstance(p.presence_penalty, float) and isinstance(p.top_a, float)
@@ -330,7 +333,7 @@ def test_any_in_range_value_is_kept_exactly(
         "logit_bias": clean,
         "logprobs": True,
         "top_logprobs": top_logprobs,
-        "stop": stop,
+        "stop": [] if json else stop,  # stop strings with JSON mode are refused
         "response_format": {"type": "json_object" if json else "text"},
     }
     p = SamplingParams.from_request(body)
@@ -344,7 +347,7 @@ def test_any_in_range_value_is_kept_exactly(
         top_logprobs,
     )
     assert p.logit_bias == tuple(sorted((int(k), float(v)) for k, v in clean.items()))
-    assert p.stop == tuple(stop)
+    assert p.stop == (() if json else tuple(stop))
     assert p.response_format == ("json_object" if json else "text")
 
 

@@ -27,8 +27,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxsample.automata import stop
-from jaxsample.decode import RUNNING, bucket
+from jaxsample.decode import RUNNING
 from jaxsample.engine import slots as sl
+from jaxsample.model.config import INVARIANT_TILE
 from jaxsample.rows import TOP_LOGPROBS_MAX, RowParams
 
 _AXIS = "slots"
@@ -196,8 +197,16 @@ class SlotEngine:
 
     # -------------------------------------------------------------- host loop
     def prompt_bucket(self, n: int) -> int:
-        """The static prefill length for a prompt of ``n`` tokens."""
-        return min(bucket(n), self.max_seq_len)
+        """The static prefill length for a prompt of ``n`` tokens: the smallest
+        ``(2**k - 1) * 16 >= n`` (16, 48, 112, 240, 496, ...), capped at ``max_seq_len``.
+
+        Geometric, so a few programs cover every length, and each an odd multiple of 16, the
+        width the batch-invariant matmuls run at anyway (no padding on top of the bucket).
+        """
+        size = INVARIANT_TILE
+        while size < n:
+            size = 2 * size + INVARIANT_TILE
+        return min(size, self.max_seq_len)
 
     def warmup(self, rows: RowParams, prompt_lengths: Iterable[int] = (1,)) -> None:
         """Compiles the chunk loop and the prefill of every bucket the given prompt lengths

@@ -19,7 +19,8 @@ import json
 
 
 class ChatTemplateError(ValueError):
-    """The chat template rejected the messages (``raise_exception`` in the template)."""
+    """The messages could not be rendered: the template rejected them (``raise_exception``),
+    failed on them (a jinja2 error, a wrong type), could not be compiled, or is missing."""
 
 
 def _raise(message):
@@ -42,10 +43,26 @@ def _compile(source: str):
 def render_chat(
     template: str, messages: list[dict], *, add_generation_prompt: bool = True, **variables
 ) -> str:
-    """Render ``messages`` with the jinja2 ``template``; extra ``variables`` are passed in."""
+    """Render ``messages`` with the jinja2 ``template``; extra ``variables`` are passed in.
+
+    Every failure is a :class:`ChatTemplateError`, whatever the template does: the template
+    is code stored in the model file, and what it raises depends on the messages.
+
+    >>> render_chat("{{ raise_exception('roles must alternate') }}", [])
+    Traceback (most recent call last):
+    ...
+    jaxsample.model.chat.ChatTemplateError: roles must alternate
+    """
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {m!r}")
-    return _compile(template).render(
-        messages=messages, add_generation_prompt=add_generation_prompt, **variables
-    )
+            raise ChatTemplateError(
+                f"messages[{i}] must be a dict with 'role' and 'content', got {m!r}"
+            )
+    try:
+        return _compile(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **variables
+        )
+    except ChatTemplateError:
+        raise
+    except Exception as err:  # jinja2 errors, TypeError, ... raised by the template's code
+        raise ChatTemplateError(f"the chat template failed: {type(err).__name__}: {err}") from err

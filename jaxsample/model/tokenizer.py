@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import json
 
-from jaxsample.model.chat import render_chat
+from jaxsample.model.chat import ChatTemplateError, render_chat
 
 # Pre-tokenizer types whose split is "each \p{N} alone, then GPT-2's regex".
 _DIGITS_THEN_GPT2 = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone"}
@@ -61,7 +61,11 @@ class Tokenizer:
       vocab_size: number of ids.
       bos_id, eos_id: special ids from the GGUF metadata.
       special_ids: frozenset of control/user-defined token ids (matched whole in text).
-      token_bytes: list[bytes], the raw bytes each id stands for; b"" for special ids.
+      token_bytes: list[bytes], the raw bytes each id stands for; b"" for special ids
+        (a special token adds nothing to the generated text).
+      shown_bytes: list[bytes], the bytes that log probabilities report for each id: the
+        ``token_bytes`` of a normal id, the UTF-8 of the token's own text for a special id
+        (``b"<|im_end|>"``), as the OpenAI API and vLLM show special tokens.
       chat_template: the jinja2 source stored in the file (or None).
     """
 
@@ -110,15 +114,19 @@ class Tokenizer:
         self._tk = tk
         inv = {c: b for b, c in bytes_to_unicode().items()}
         tb = []
+        shown = []
         for i, t in enumerate(tokens):
             if i in self.special_ids:
                 tb.append(b"")
-            else:
-                try:
-                    tb.append(bytes(inv[c] for c in t))
-                except KeyError:  # not a byte-level string: take its UTF-8
-                    tb.append(t.encode("utf-8"))
+                shown.append(t.encode("utf-8"))
+                continue
+            try:
+                tb.append(bytes(inv[c] for c in t))
+            except KeyError:  # not a byte-level string: take its UTF-8
+                tb.append(t.encode("utf-8"))
+            shown.append(tb[-1])
         self.token_bytes: list[bytes] = tb
+        self.shown_bytes: list[bytes] = shown
 
     @classmethod
     def from_gguf(cls, gf) -> Tokenizer:
@@ -167,13 +175,16 @@ class Tokenizer:
     ) -> str:
         """Render ``messages`` ([{"role": ..., "content": ...}]) with the file's template.
 
+        Raises :class:`~jaxsample.model.chat.ChatTemplateError` when the file has no template
+        or the template fails on these messages.
+
         Example::
 
             tok.apply_chat_template([{"role": "user", "content": "Hi"}])
             # '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, ...'
         """
         if not self.chat_template:
-            raise ValueError("this model file has no tokenizer.chat_template")
+            raise ChatTemplateError("this model file has no tokenizer.chat_template")
         return render_chat(
             self.chat_template,
             messages,

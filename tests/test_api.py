@@ -1,0 +1,269 @@
+"""The generation API's contracts (docs/api.md), on the small random model.
+
+Input normalisation of both entry points, per-request failures (chat templates, content,
+JSON mode with stop), the finish reason of "no token allowed", ``n`` choices and seeds, and
+the lazy ``stream`` / ``stream_chat``. Strict JSON and the openai client's models are in
+tests/test_responses.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+
+import jaxsample
+from jaxsample import InvalidRequestError, SamplingParams, derive_seed
+from jaxsample.api import choice_seed, normalize_inputs, validate_messages
+from tests.small_engine import ALTERNATE_CHECK, HI, SYSTEM, nan_engine, small_engine, with_template
+
+P = SamplingParams(temperature=1.0, seed=4, max_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return small_engine()
+
+
+# ---- one input normalisation ----------------------------------------------------------
+
+
+def test_a_string_is_one_prompt_in_both_entry_points(engine):
+    ids = engine.tokenizer.encode("Hi")
+    for out in (engine.generate("Hi", P), jaxsample.generate("Hi", P, engine=engine)):
+        assert len(out) == 1  # not "H" and "i"
+        assert out[0].error is None and out[0].prompt_tokens == len(ids)
+    assert engine.generate("Hi", P)[0].token_ids == engine.generate(["Hi"], P)[0].token_ids
+
+
+def test_a_message_list_is_one_conversation_in_both_entry_points(engine):
+    want = engine.generate([HI], P)
+    assert want[0].error is None
+    assert want[0].prompt_tokens == len(engine.tokenizer.encode(engine.render(HI)))
+    for out in (engine.generate(HI, P), jaxsample.generate(HI, P, engine=engine)):
+        assert [c.token_ids for c in out] == [want[0].token_ids]
+
+
+def test_a_list_of_either_is_a_batch(engine):
+    out = engine.generate(["Hi", HI, "Hi"], P)
+    assert len(out) == 3 and all(c.error is None for c in out)
+    assert out[0].token_ids == out[2].token_ids == engine.generate("Hi", P)[0].token_ids
+    assert out[1].token_ids == engine.generate(HI, P)[0].token_ids
+    assert normalize_inputs(()) == [] and normalize_inputs(iter(["a", "b"])) == ["a", "b"]
+    with pytest.raises(InvalidRequestError) as err:
+        normalize_inputs(5)
+    assert err.value.field == "inputs"
+
+
+# ---- per-request failures --------------------------------------------------------------
+
+
+def test_a_raising_chat_template_fails_that_request_alone(engine):
+    strict = with_template(engine, ALTERNATE_CHECK + engine.tokenizer.chat_template)
+    twice = [SYSTEM, {"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    out = strict.generate([HI, twice, HI], P)
+    assert out[1].finish_reason == "error" and out[1].error.field == "messages"
+    assert "roles must alternate" in str(out[1].error)
+    assert out[0].token_ids == out[2].token_ids == engine.generate(HI, P)[0].token_ids
+    # the same through chat_completions: an OpenAI error object in its place
+    bodies = [{"messages": m, "max_tokens": 6, "seed": 4} for m in (HI, twice, HI)]
+    res = strict.chat_completions(bodies)
+    assert res[1]["error"]["param"] == "messages" and "alternate" in res[1]["error"]["message"]
+    assert res[0]["choices"][0]["message"]["content"] == out[0].text
+
+
+def test_a_model_file_without_a_template_refuses_messages_only(engine):
+    bare = with_template(engine, None)
+    out = bare.generate([HI, "Hi"], P)
+    assert out[0].error.field == "messages" and "no tokenizer.chat_template" in str(out[0].error)
+    assert out[1].error is None and out[1].token_ids == engine.generate("Hi", P)[0].token_ids
+    with pytest.raises(InvalidRequestError):
+        bare.generate(HI, P, strict=True)
+
+
+@pytest.mark.parametrize(
+    "messages,reason",
+    [
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "image_url"),
+        ([{"role": "user", "content": [{"type": "input_audio"}]}], "input_audio"),
+        ([{"role": "user", "content": [{"type": "text", "text": 5}]}], "'text'"),
+        ([{"role": "user", "content": [{"text": "x"}]}], "'type'"),
+        ([{"role": "user", "content": []}], "parts"),
+        ([{"role": "user", "content": None}], "parts"),
+        ([{"role": "user", "content": "x", "name": "bob"}], "name"),
+        ([{"role": "tool", "content": "x"}], "tool"),
+        ([{"role": "user"}], "no content"),
+        (["Hi"], "not an object"),
+        ([], None),
+    ],
+)
+def test_bad_messages_are_refused_naming_messages(engine, messages, reason):
+    with pytest.raises(InvalidRequestError) as err:
+        validate_messages(messages)
+    assert err.value.field == "messages"
+    if reason:
+        assert reason in str(err.value)
+    res = engine.chat_completions([{"messages": messages}])
+    assert res[0]["error"]["param"] == "messages"
+
+
+def test_text_parts_are_joined_with_newlines(engine):
+    parts = [{"type": "text", "text": "Tell me"}, {"type": "text", "text": "a story."}]
+    joined = [{"role": "user", "content": "Tell me\na story."}]
+    assert validate_messages([{"role": "user", "content": parts}]) == joined
+    a, b = engine.generate([[SYSTEM, {"role": "user", "content": parts}], [SYSTEM, *joined]], P)
+    assert a.token_ids == b.token_ids and a.prompt_tokens == b.prompt_tokens
+
+
+def test_json_mode_with_stop_is_refused_naming_stop(engine):
+    with pytest.raises(InvalidRequestError) as err:
+        SamplingParams(response_format="json_object", stop=["{"])
+    assert err.value.field == "stop" and "json_object" in str(err.value)
+    res = engine.chat_completions(
+        [{"messages": HI, "response_format": {"type": "json_object"}, "stop": ["{"]}]
+    )
+    assert res[0]["error"]["param"] == "stop"
+    # each alone is fine, and JSON mode's text is valid JSON
+    ok = engine.generate(HI, SamplingParams(response_format="json_object", seed=1, max_tokens=6))[0]
+    json.loads(ok.text)
+
+
+# ---- finish reasons ----------------------------------------------------------------------
+
+
+def test_no_token_allowed_is_not_a_normal_stop(engine):
+    eos = engine.tokenizer.eos_id
+    ended = engine.generate(HI, SamplingParams(seed=1, max_tokens=6, logit_bias={eos: 100}))[0]
+    assert (ended.finish_reason, ended.native_finish_reason) == ("stop", "eos")
+    assert ended.token_ids == [eos]
+    none = nan_engine(engine).generate(HI, SamplingParams(seed=1, max_tokens=6))[0]
+    assert (none.finish_reason, none.native_finish_reason) == ("content_filter", "no_token_allowed")
+    assert none.token_ids == [] and none.text == "" and none.error is None
+    x = engine.tokenizer.encode("x")[0]
+    stopped = engine.generate(
+        HI, SamplingParams(seed=1, max_tokens=6, logit_bias={x: 100}, stop=["x"])
+    )[0]
+    assert (stopped.finish_reason, stopped.native_finish_reason) == ("stop", "stop_string")
+    long = engine.generate(HI, SamplingParams(seed=1, max_tokens=6, logit_bias={x: 100}))[0]
+    assert (long.finish_reason, long.native_finish_reason) == ("length", "length")
+
+
+# ---- n choices and seeds -----------------------------------------------------------------
+
+
+def test_choice_zero_is_the_plain_request_and_seeds_follow_the_job(engine):
+    body = {"messages": HI, "max_tokens": 6, "temperature": 1.0}
+    seed = derive_seed(9, 0)  # what the plain request (key 0) gets from job seed 9
+    plain, two = engine.chat_completions([body, {**body, "n": 2, "seed": seed}], job_seed=9)
+    assert plain["seed"] == two["seed"] == seed
+    assert two["choices"][0]["message"] == plain["choices"][0]["message"]
+    assert two["choices"][1]["message"] != plain["choices"][0]["message"]
+    assert two["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
+    seeds = [choice_seed(seed, i) for i in range(3)]
+    assert seeds[0] == seed and len(set(seeds)) == 3
+    assert seeds[1] == derive_seed(seed, 1)
+
+
+def test_n_out_of_range_is_refused(engine):
+    for n in (0, 129, 1.0, True, "2"):
+        res = engine.chat_completion({"messages": HI, "n": n})
+        assert res["error"]["param"] == "n", n
+
+
+# ---- streams -----------------------------------------------------------------------------
+
+
+def test_stream_chat_is_lazy_on_an_endless_iterator(engine):
+    pulled = []
+
+    def bodies():
+        for k in itertools.count():
+            pulled.append(k)
+            bad = k % 3 == 1
+            yield f"req-{k}", {"messages": HI, "max_tokens": 2, "temperature": 3 if bad else 1}
+
+    engine.stream_group = 4  # provisional engine: groups of 4 (the slot engine ignores it)
+    try:
+        got = list(itertools.islice(engine.stream_chat(bodies(), job_seed=5), 6))
+    finally:
+        del engine.stream_group
+    assert len(pulled) < 1000  # an endless iterator: it ended, having pulled what it ran
+    by_key = dict(got)
+    assert len(by_key) == 6
+    for key, r in by_key.items():
+        k = int(key.split("-")[1])
+        if k % 3 == 1:
+            assert r["error"]["param"] == "temperature" and key in r["error"]["message"]
+        else:
+            assert r["seed"] == derive_seed(5, key)  # seeds from (job_seed, key)
+
+
+def test_stream_items_with_str_and_int_keys(engine):
+    items = [
+        ("a", "Hi", SamplingParams(max_tokens=3)),
+        (7, HI, SamplingParams(max_tokens=3, seed=11)),
+        ("bad", HI, SamplingParams(max_tokens=10_000)),
+    ]
+    got = dict(engine.stream(iter(items), job_seed=2))
+    assert got["a"].seed == derive_seed(2, "a") and got[7].seed == 11
+    assert got["bad"].error.field == "max_tokens" and got["bad"].finish_reason == "error"
+    assert (
+        got[7].token_ids == engine.generate(HI, SamplingParams(max_tokens=3, seed=11))[0].token_ids
+    )
+
+
+def test_chat_completions_keeps_input_order(engine):
+    bodies = [
+        {"messages": HI, "max_tokens": 2, "seed": 1},
+        {"messages": HI, "temperature": -1},
+        {"prompt": "Hi", "max_tokens": 2, "seed": 1},
+        {"prompt": "Hi", "messages": HI},
+        {"prompt": 5},
+        {"max_tokens": 2},
+        "not a body",
+    ]
+    res = engine.chat_completions(bodies)
+    assert [r.get("error", {}).get("param") for r in res] == [
+        None,
+        "temperature",
+        None,
+        "prompt",
+        "prompt",
+        "messages",
+        "body",
+    ]
+    assert res[2]["usage"]["prompt_tokens"] == len(engine.tokenizer.encode("Hi"))
+
+
+# ---- tokenizer and template pieces (no model run) ---------------------------------------
+
+
+def test_shown_bytes_are_the_text_of_special_tokens(engine):
+    tok = engine.tokenizer
+    for i in range(tok.vocab_size):
+        if i in tok.special_ids:
+            assert tok.token_bytes[i] == b""
+            assert tok.shown_bytes[i] == tok.id_to_token(i).encode("utf-8")
+            assert tok.encode(tok.shown_bytes[i].decode()) == [i]  # the text is the token
+        else:
+            assert tok.shown_bytes[i] == tok.token_bytes[i]
+    assert tok.shown_bytes[tok.eos_id] == b"<|im_end|>"
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ messages[0]['content'] + 1 }}",  # TypeError inside the template
+        "{{ messages[5]['content'].upper() }}",  # UndefinedError
+        "{% for %}",  # a template that does not compile
+    ],
+)
+def test_any_template_failure_is_a_messages_error(engine, template):
+    broken = with_template(engine, template)
+    with pytest.raises(InvalidRequestError) as err:
+        broken.render(HI)
+    assert err.value.field == "messages" and "chat template" in str(err.value)
+    with pytest.raises(InvalidRequestError) as again:  # a refused input re-raises itself
+        engine.encode_input(err.value)
+    assert again.value is err.value
