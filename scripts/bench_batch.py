@@ -98,7 +98,7 @@ def _batch(inp: str, out: str, args, devices: int) -> tuple[float, dict]:
 
 def engine_only(inp: str, slots: int, model: str | None, devices: int) -> dict:
     """(in a subprocess) stream_chat over the parsed bodies: no file read or written."""
-    from jaxsample.batch.job import JobConfig, load_engine, stream_chat
+    from jaxsample.batch.job import JobConfig, load_engine
     from jaxsample.batch.reader import read_lines
     from jaxsample.cli import _enable_compile_cache
 
@@ -108,7 +108,7 @@ def engine_only(inp: str, slots: int, model: str | None, devices: int) -> dict:
     engine = load_engine(cfg)
     t0 = time.perf_counter()
     tokens = n = 0
-    for _, res in stream_chat(engine, bodies, job_seed=0):
+    for _, res in engine.stream_chat(bodies, job_seed=0):
         n += 1
         tokens += (res.get("usage") or {}).get("completion_tokens", 0)
     seconds = time.perf_counter() - t0
@@ -189,11 +189,8 @@ def main() -> None:
     from jaxsample.model.tokenizer import Tokenizer
 
     eos = Tokenizer.from_gguf(read_gguf(args.model or default_model_path())).eos_id
-    import jaxsample.api
-
     report = {
         "command": " ".join(sys.argv),
-        "engine": "slot engine" if hasattr(jaxsample.api.Engine, "stream_chat") else "shim",
         "workload": {
             "requests": args.requests,
             "mean_tokens": args.mean_tokens,

@@ -115,16 +115,6 @@ def load_engine(cfg: JobConfig):
     )
 
 
-def stream_chat(engine, bodies, *, job_seed: int) -> Iterator[tuple]:
-    """``engine.stream_chat`` (interfaces item 3), or the temporary shim over
-    ``Engine.stream`` until it lands."""
-    if hasattr(engine, "stream_chat"):
-        return engine.stream_chat(bodies, job_seed=job_seed)
-    from jaxsample.batch import _shim
-
-    return _shim.stream_chat(engine, bodies, job_seed=job_seed)
-
-
 def _new_id(prefix: str) -> str:
     return prefix + uuid.uuid4().hex
 
@@ -287,7 +277,7 @@ def _run(cfg: JobConfig, engine, journal: Journal, clock: _Clock, run: Tally, pr
             pending.add(line.key)
             yield line.key, line.body
 
-    for key, result in stream_chat(engine, requests(), job_seed=cfg.job_seed):
+    for key, result in engine.stream_chat(requests(), job_seed=cfg.job_seed):
         if key not in pending:
             raise RuntimeError(f"the engine returned a result for {key!r}, which it was not given")
         pending.discard(key)
