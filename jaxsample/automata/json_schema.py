@@ -1301,7 +1301,7 @@ def _compile(schema, voc: _Vocab, vkey, text, strict) -> CompiledSchema:
         frag = b.schema(schema, "", 0)
         if frag is None:
             raise _err("schema", "", schema, "no instance satisfies it (within the nesting limit)")
-        whole = b.seq(b.ws(), frag, b.ws())
+        whole = frag  # no whitespace before or after the value (then only EOS)
         delta, sets = _determinize(b.n, whole[0], whole[1])
     except _TooBig as e:
         raise _err("schema", "", "...", f"too large for the tables: {e}") from None
@@ -1456,9 +1456,9 @@ def min_tokens(compiled: CompiledSchema) -> int:
 # ------------------------------------------------------------------------------------ pool
 #: Bucketed pool capacities: (states, sparse entries, dense rows). Pick by workload.
 POOL_SIZES = {
-    "small": (1 << 14, 1 << 19, 32),
-    "medium": (1 << 16, 1 << 21, 64),
-    "large": (1 << 18, 1 << 23, 128),
+    "small": (1 << 14, 1 << 19, 64),
+    "medium": (1 << 16, 1 << 21, 128),
+    "large": (1 << 18, 1 << 23, 256),
 }
 _N_GLOBAL_ROWS = 1 + N_SUB  # row 0: nothing; rows 1..14: the free-string template
 DEAD = 0  # pool state 0: nothing allowed
@@ -1746,3 +1746,48 @@ def advance(p: Pool, s: State, token) -> State:
 def is_complete(p: Pool, s: State) -> jax.Array:
     """bool[]: the output so far is a complete valid instance (possibly with whitespace)."""
     return p.accept[s.q]
+
+
+_CHECKED: dict = {}
+
+
+def check_schema(schema: Any, *, strict: bool = True) -> None:
+    """Refuse a schema outside the supported subset, before any vocabulary is known
+    (builds the NFA only; cached). Raises InvalidRequestError naming keyword and pointer.
+
+    >>> check_schema({"type": "object", "properties": {"a": {"type": "string"}}})
+    >>> check_schema({"allOf": []})
+    Traceback (most recent call last):
+    ...
+    jaxsample.params.InvalidRequestError: invalid request: 'response_format.json_schema.schema' = {'allOf': []} ('allOf' at /allOf: keyword not supported); allowed: a JSON Schema inside the supported subset (docs/constraints.md)
+    """
+    text = schema if isinstance(schema, str) else canonical(schema)
+    key = (text, bool(strict))
+    if key in _CHECKED:
+        return
+    obj = json.loads(text)
+    b = _Builder(obj, bool(strict))
+    try:
+        frag = b.schema(obj, "", 0)
+    except _TooBig as e:
+        raise _err("schema", "", "...", f"too large for the tables: {e}") from None
+    except RecursionError:
+        raise _err("schema", "", "...", "nested too deeply to compile") from None
+    if frag is None:
+        raise _err("schema", "", obj, "no instance satisfies it (within the nesting limit)")
+    if len(_CHECKED) > 4096:
+        _CHECKED.clear()
+    _CHECKED[key] = True
+
+
+def check_budget(max_tokens: int | None, compiled: CompiledSchema) -> None:
+    """Refuse a ``max_tokens`` smaller than the shortest valid answer (``min_tokens``)."""
+    if max_tokens is not None and max_tokens < compiled.min_tokens:
+        from jaxsample.params import InvalidRequestError
+
+        raise InvalidRequestError(
+            "max_tokens",
+            max_tokens,
+            f"an integer >= {compiled.min_tokens} (the shortest answer valid against the schema)",
+            reason="too small for the schema",
+        )
