@@ -113,7 +113,7 @@ def vocab():
 @pytest.fixture(scope="module")
 def pool(vocab):
     tb, eos, specials = vocab
-    sp = js.SchemaPool(tb, eos_id=eos, special_ids=specials, size="small")
+    sp = js.SchemaPool(tb, eos_id=eos, special_ids=specials, size="medium")
     handles = {}
     for name, sch in SCHEMAS.items():
         c = js.compile_schema(sch, tb, eos_id=eos, special_ids=specials, strict=STRICT.get(name, True))

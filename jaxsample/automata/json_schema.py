@@ -450,8 +450,11 @@ class _Builder:
         return self.alt(alts)
 
     def int_range(self, lo: int | None, hi: int | None):
-        """Numerals of the integers in [lo, hi] (None = unbounded); "-0" is not written."""
+        """Numerals of the integers in [lo, hi] (None = unbounded); "-0" when 0 and negative
+        integers are in range (as llguidance)."""
         alts = []
+        if (lo is None or lo < 0) and (hi is None or hi >= 0):
+            alts.append(self.lit(b"-0"))
         if hi is None or hi >= 0:
             alts.append(self.nonneg_range(max(lo, 0) if lo is not None else 0, hi))
         if lo is None or lo < 0:
@@ -1401,6 +1404,22 @@ def _compile(schema, voc: _Vocab, vkey, text, strict) -> CompiledSchema:
     live = f[en] < INF
     eq, et, en, ee, ec = eq[live], et[live], en[live], ee[live], ec[live]
 
+    # whitespace: where every whitespace-only token leads to one state, one entry per state
+    ws_next = np.full(S, -1, np.int64)
+    n_ws = int(voc.ws_only.sum())
+    is_ws = voc.ws_only[et] & (ee < 0) & ~is_t[eq]
+    if is_ws.any():
+        wq, wn = eq[is_ws], en[is_ws]
+        cnt_ws = np.bincount(wq, minlength=S)
+        lo_n = np.full(S, INF, np.int64)
+        hi_n = np.full(S, -1, np.int64)
+        np.minimum.at(lo_n, wq, wn)
+        np.maximum.at(hi_n, wq, wn)
+        uniform = (cnt_ws == n_ws) & (lo_n == hi_n) & ~counted[np.maximum(hi_n, 0)]
+        ws_next[uniform] = hi_n[uniform]
+        drop = is_ws & uniform[eq]
+        eq, et, en, ee, ec = eq[~drop], et[~drop], en[~drop], ee[~drop], ec[~drop]
+
     # sparse lists or dense rows
     orderk = np.lexsort((et, eq))
     eq, et, en, ee, ec = eq[orderk], et[orderk], en[orderk], ee[orderk], ec[orderk]
@@ -1419,6 +1438,7 @@ def _compile(schema, voc: _Vocab, vkey, text, strict) -> CompiledSchema:
     sp_len = np.bincount(sq, minlength=S)
     sp_start = np.concatenate([[0], np.cumsum(sp_len)[:-1]])
     tables = dict(
+        ws_next=ws_next.astype(np.int32),
         tsub=np.where(is_t, tsub, -1).astype(np.int32),
         base=base.astype(np.int32),
         drow=drow.astype(np.int32),
@@ -1471,6 +1491,7 @@ class Pool:
 
     base: jax.Array  # shape=(S,), int32; next = base + row value for dense-row tokens
     drow: jax.Array  # shape=(S,), int32; the state's dense row (0 = none)
+    ws_next: jax.Array  # shape=(S,), int32; next state of every whitespace-only token (-1: n/a)
     cost: jax.Array  # shape=(S,), int32; fewest tokens to a complete answer (INF: never)
     cmin: jax.Array  # shape=(S,), int32; counted string: minLength (else 0)
     cmax: jax.Array  # shape=(S,), int32; counted string: maxLength (else BIG)
@@ -1549,6 +1570,7 @@ class SchemaPool:
         self.np = dict(
             base=np.zeros(S, np.int32),
             drow=np.zeros(S, np.int32),
+            ws_next=np.full(S, -1, np.int32),
             cost=np.full(S, INF, np.int32),
             cmin=np.zeros(S, np.int32),
             cmax=np.full(S, BIG, np.int32),
@@ -1595,7 +1617,8 @@ class SchemaPool:
                 self.free_rows += h.rows
                 self.np["sp_len"][h.s_off : h.s_off + h.n_s] = 0
                 self.np["drow"][h.s_off : h.s_off + h.n_s] = 0
-                self._dirty |= {"sp_len", "drow"}
+                self.np["ws_next"][h.s_off : h.s_off + h.n_s] = -1
+                self._dirty |= {"sp_len", "drow", "ws_next"}
                 return True
         return False
 
@@ -1644,6 +1667,7 @@ class SchemaPool:
         drow = np.where(dense, np.asarray(rows + [0], np.int32)[t["drow"]], drow)
         a["drow"][sl] = drow
         a["base"][sl] = s_off + t["base"]
+        a["ws_next"][sl] = np.where(t["ws_next"] >= 0, s_off + t["ws_next"], -1)
         for k in ("cost", "cmin", "cmax", "counted", "accept", "in_string", "sp_len"):
             a[k][sl] = t[k]
         a["sp_start"][sl] = e_off + t["sp_start"]
@@ -1704,6 +1728,11 @@ def allowed(p: Pool, s: State, remaining) -> jax.Array:
     nxt = jnp.where(ok, p.base[q] + row, DEAD)
     cnt = jnp.where(p.counted[q], s.cnt, 0) + p.rows_nch[p.drow[q]].astype(jnp.int32)
     ws_blocked = ~p.in_string[q] & (s.ws_run >= WS_RUN_MAX)
+    wn = p.ws_next[q]
+    ws_tok = p.ws_only & (wn >= 0)  # whitespace tokens of a uniform-whitespace state
+    ok = ok | ws_tok
+    nxt = jnp.where(ws_tok, wn, nxt)
+    cnt = jnp.where(ws_tok, 0, cnt)
     exact = ok & (cnt <= p.cmax[q]) & ~(p.ws_only & ws_blocked)
     steered = exact & (_cost(p, nxt, cnt) <= spare)
     v_ok, tok, nx, new = _sparse(p, s)
@@ -1732,8 +1761,10 @@ def advance(p: Pool, s: State, token) -> State:
     hit = v_ok & (tok == t)
     k = jnp.argmax(hit)
     s_ok = jnp.any(hit)
+    w_ok = p.ws_only[t] & (p.ws_next[q] >= 0)
     nq = jnp.where(s_ok, nx[k], jnp.where(d_ok, p.base[q] + v, DEAD))
-    ncnt = jnp.where(s_ok, new[k], d_cnt)
+    nq = jnp.where(w_ok, p.ws_next[q], nq)
+    ncnt = jnp.where(s_ok, new[k], jnp.where(w_ok, 0, d_cnt))
     ws = p.ws_only[t] & ~p.in_string[q]
     out = State(
         q=nq.astype(jnp.int32),
