@@ -62,7 +62,7 @@ SCHEMAS = {
         "properties": {
             "t": {
                 "type": "array",
-                "prefixItems": [{"type": "string", "pattern": "^[A-Z]{2}-\\d{2,3}$"}, {"const": 7}],
+                "prefixItems": [{"type": "string", "pattern": "^[A-Z]{2}-[0-9]{2,3}$"}, {"const": 7}],
                 "items": False,
                 "minItems": 1,
             },
@@ -125,14 +125,17 @@ _allowed = jax.jit(js.allowed)
 _advance = jax.jit(js.advance)
 
 
-def _excused_mine_only(m, t, vocab, in_string):
+def _excused_mine_only(m, t, vocab, in_string, text):
     """A token our mask allows and llguidance's mask does not: fine if llguidance still
     accepts it when consumed (its mask keeps forced text to one tokenization), or it holds
     DEL inside a string (JSON allows it; llguidance does not)."""
     mm = m.deep_copy()
     if mm.try_consume_tokens([int(t)]) == 1:
         return True
-    return b"\x7f" in vocab[t] and in_string
+    # JSON allows DEL raw, the escape \\/ and \\uXXXX of any non-surrogate; llguidance
+    # does not (docs/constraints.md)
+    near = text[-6:] + vocab[t]
+    return in_string and (b"\x7f" in vocab[t] or b"\\/" in near or b"\\u" in near)
 
 
 def _compare_walk(sp, h, m, vocab, eos, rng, steps, forced=None):
@@ -152,7 +155,7 @@ def _compare_walk(sp, h, m, vocab, eos, rng, steps, forced=None):
                 f"llguidance allows {vocab[t]!r} after {text!r}"
             )
         for t in np.flatnonzero(mine & ~theirs):
-            assert _excused_mine_only(m, t, vocab, in_str), f"we allow {vocab[t]!r} after {text!r}"
+            assert _excused_mine_only(m, t, vocab, in_str, text), f"we allow {vocab[t]!r} after {text!r}"
         n_cmp += 1
         if forced_t is None:
             both = np.flatnonzero(mine & theirs)
@@ -161,7 +164,7 @@ def _compare_walk(sp, h, m, vocab, eos, rng, steps, forced=None):
             t = int(rng.choice(both))
         else:
             t = int(forced_t)
-            assert mine[t], f"valid instance token {vocab[t]!r} refused"
+            assert mine[t], f"valid instance token {vocab[t]!r} refused after {text!r}"
         if t == eos:
             break
         s = _advance(pool, s, jnp.int32(t))
@@ -187,6 +190,8 @@ def _segment(text: bytes, index, rng: random.Random):
     out, i = [], 0
     while i < len(text):
         cands = [n for n in range(1, min(12, len(text) - i) + 1) if text[i : i + n] in index]
+        if not cands:  # a character this vocabulary cannot spell (e.g. U+40000 and up)
+            return None
         n = rng.choice(cands)
         out.append(index[text[i : i + n]])
         i += n
@@ -213,13 +218,50 @@ def _ordered(schema, inst, root):
     return inst
 
 
+def _instances(schema, root, depth=0):
+    """A hypothesis strategy of valid instances: hypothesis-jsonschema for the leaves;
+    objects, arrays, anyOf and $ref composed here (hypothesis-jsonschema 0.23's object
+    strategy uses a Hypothesis internal that Hypothesis 6.170 no longer has)."""
+    from hypothesis import strategies as st
+    from hypothesis_jsonschema import from_schema
+
+    if "$ref" in schema:
+        node = root
+        for part in schema["$ref"][2:].split("/"):
+            node = node[part]
+        return _instances(node, root, depth)
+    if "anyOf" in schema:
+        return st.one_of([_instances(x, root, depth) for x in schema["anyOf"]])
+    if schema.get("type") == "object":
+        props, req = schema.get("properties", {}), set(schema.get("required", []))
+        sub = {k: _instances(v, root, depth + 1) for k, v in props.items()}
+        return st.fixed_dictionaries(
+            {k: v for k, v in sub.items() if k in req},
+            optional={k: v for k, v in sub.items() if k not in req},
+        )
+    if schema.get("type") == "array":
+        pre = [_instances(x, root, depth + 1) for x in schema.get("prefixItems", [])]
+        lo, hi = schema.get("minItems", 0), schema.get("maxItems", 4)
+        if depth >= 4:
+            hi = min(hi, lo)
+        if schema.get("items") is False:
+            hi = min(hi, len(pre))
+        rest = _instances(schema.get("items", {}), root, depth + 1) if len(pre) < hi else None
+        n_rest = st.integers(max(0, lo - len(pre)), max(0, hi - len(pre)))
+        head = st.tuples(*pre).map(list) if pre else st.just([])
+        return st.tuples(head, n_rest).flatmap(
+            lambda hn: st.lists(rest, min_size=hn[1], max_size=hn[1]).map(lambda r: hn[0] + r)
+            if rest is not None
+            else st.just(hn[0])
+        )
+    return from_schema(schema)
+
+
 @pytest.mark.parametrize("name", ["person", "tree", "anyof", "optional", "tuple", "enum"])
 def test_instances_from_hypothesis_jsonschema(vocab, pool, name):
     """Random valid instances, randomly tokenized: every prefix token is allowed by our mask
     and llguidance's (then masks compared), and the end is complete."""
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis_jsonschema import from_schema
-
+    from hypothesis import HealthCheck, assume, given, settings
     tb, eos, _ = vocab
     sp, handles = pool
     index = {b: i for i, b in enumerate(tb) if b}
@@ -227,10 +269,11 @@ def test_instances_from_hypothesis_jsonschema(vocab, pool, name):
     seen = []
 
     @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-    @given(from_schema(schema))
+    @given(_instances(schema, schema))
     def run(inst):
         text = json.dumps(_ordered(schema, inst, schema), ensure_ascii=False, separators=(",", ":"))
         toks = _segment(text.encode(), index, random.Random(len(seen)))
+        assume(toks is not None)
         m = S.ll_matcher(schema)
         _, s = _compare_walk(sp, handles[name], m, tb, eos, None, 0, forced=toks)
         assert bool(js.is_complete(sp.pool, s)), text
@@ -321,13 +364,19 @@ def _shortest_tokenization(text: bytes, vocab) -> int:
 
 
 @pytest.mark.parametrize(
-    "const", [{"a": 1}, "hello world, this is a constant", [1, 2, 3], {"key": {"nested": [True, None]}}]
+    "const",
+    ["hello world, this is a constant", -12.5e3, 17, {"a": 1}, [1, 2, 3], {"k": {"n": [True, None]}}],
 )
 def test_min_tokens_of_a_const_is_its_shortest_tokenization(vocab, const):
+    """Scalars: exactly the shortest tokenization; objects and arrays may use whitespace
+    inside (flexible, as llguidance), so at most the compact text's."""
     tb, eos, specials = vocab
     c = js.compile_schema({"const": const}, tb, eos_id=eos, special_ids=specials)
     text = json.dumps(const, separators=(",", ":")).encode()
-    assert js.min_tokens(c) == _shortest_tokenization(text, tb)
+    if isinstance(const, (dict, list)):
+        assert 1 <= js.min_tokens(c) <= _shortest_tokenization(text, tb)
+    else:
+        assert js.min_tokens(c) == _shortest_tokenization(text, tb)
 
 
 # ----------------------------------------------------------------------- refusals

@@ -675,7 +675,26 @@ class _Builder:
                 text = _literal_text(v)
                 if text not in keep:
                     keep.append(text)
-        return self.alt([self.lit(t) for t in keep])
+        return self.alt([self.lit_value(json.loads(t)) for t in keep])
+
+    def lit_value(self, v):
+        """One JSON value exactly, with flexible whitespace inside objects and arrays."""
+        if isinstance(v, dict):
+            parts = [self.lit(b"{"), self.ws()]
+            for i, (k, x) in enumerate(v.items()):
+                if i:
+                    parts += [self.ws(), self.lit(b","), self.ws()]
+                parts += [self.lit(_literal_text(k)), self.ws(), self.lit(b":"), self.ws()]
+                parts.append(self.lit_value(x))
+            return self.seq(*parts, self.ws(), self.lit(b"}"))
+        if isinstance(v, list):
+            parts = [self.lit(b"["), self.ws()]
+            for i, x in enumerate(v):
+                if i:
+                    parts += [self.ws(), self.lit(b","), self.ws()]
+                parts.append(self.lit_value(x))
+            return self.seq(*parts, self.ws(), self.lit(b"]"))
+        return self.lit(_literal_text(v))
 
     def string(self, s, path):
         lo, hi = s.get("minLength", 0), s.get("maxLength", BIG)
