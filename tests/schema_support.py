@@ -77,47 +77,55 @@ def ll_mask(m, V) -> np.ndarray:
 # ------------------------------------------------------------------------ sampling loop
 @functools.partial(jax.jit, static_argnames=("steps",))
 def rollout(pool, starts, bias, budgets, key, *, steps):
-    """Sample ``steps`` tokens per row under the schema mask (budget-aware), with logits
-    ``bias[b] + Gumbel noise``. Returns (tokens int32[B, steps] (-1 after the end),
-    complete bool[B]). ``budgets[b]`` is the row's max_tokens."""
-    B = starts.shape[0]
-    st0 = jax.vmap(js.init_state)(starts)
-    eos = pool.eos_id
+    """Sample up to ``steps`` tokens per row under the schema mask (budget-aware), with
+    logits ``bias[b]`` plus noise; stops early once every row is done. Returns (tokens
+    int32[B, steps] (-1 after the end), complete bool[B]). ``budgets[b]``: max_tokens."""
+    B, V = bias.shape
+    table = jax.random.gumbel(key, (16, V))  # per-step noise: a row of a small table
+    rows = jnp.arange(B)
 
-    def step(carry, i):
-        st, done, key = carry
-        key, sub = jax.random.split(key)
+    def cond(c):
+        return (c[2] < steps) & ~jnp.all(c[1])
+
+    def body(c):
+        st, done, i, toks = c
         mask = jax.vmap(js.allowed, in_axes=(None, 0, 0))(pool, st, budgets - i)
-        g = jax.random.gumbel(sub, bias.shape)
-        logits = jnp.where(mask, bias + g, -jnp.inf)
+        logits = jnp.where(mask, bias + table[(rows * 7 + i) % 16], -jnp.inf)
         tok = jnp.argmax(logits, -1).astype(jnp.int32)
         live = ~done & (i < budgets) & jnp.any(mask, -1)
         new = jax.vmap(js.advance, in_axes=(None, 0, 0))(pool, st, tok)
-        st = jax.tree.map(lambda a, b: jnp.where(live.reshape((B,) + (1,) * (a.ndim - 1)), a, b), new, st)
-        out = jnp.where(live & (tok != eos), tok, -1)
-        done = done | ~live | (tok == eos)
-        return (st, done, key), out
+        st = jax.tree.map(lambda a, b: jnp.where(live, a, b), new, st)
+        out = jnp.where(live & (tok != pool.eos_id), tok, -1)
+        toks = jax.lax.dynamic_update_slice(toks, out[:, None], (0, i))
+        return st, done | ~live | (tok == pool.eos_id), i + 1, toks
 
-    (st, _, _), toks = jax.lax.scan(step, (st0, jnp.zeros(B, bool), key), jnp.arange(steps))
-    return toks.T, jax.vmap(js.is_complete, in_axes=(None, 0))(pool, st)
+    st0 = jax.vmap(js.init_state)(starts)
+    init = (st0, jnp.zeros(B, bool), jnp.int32(0), jnp.full((B, steps), -1, jnp.int32))
+    st, _, _, toks = jax.lax.while_loop(cond, body, init)
+    return toks, jax.vmap(js.is_complete, in_axes=(None, 0))(pool, st)
+
+
+@functools.lru_cache(maxsize=2)
+def _categories(vocab_key):
+    vocab, eos, _ = real_vocab() if vocab_key == "real" else vocab_key
+    cat = {
+        "close": np.array([any(c in t for c in b"}]") for t in vocab]),
+        "quote": np.array([b'"' in t for t in vocab]),
+        "digit": np.array([t[:1].isdigit() for t in vocab]),
+        "ws": np.array([bool(t) and t.strip() == b"" for t in vocab]),
+    }
+    return cat
 
 
 def adversarial_bias(vocab, eos, rng: np.random.Generator, strength=6.0) -> np.ndarray:
-    """float32[V]: random logits pushed toward closers, quotes, digits, whitespace, EOS."""
-    V = len(vocab)
-    b = rng.normal(0, 1, V).astype(np.float32)
+    """float32[V]: random logits pushed toward closers, quotes, digits, whitespace, EOS
+    (one of them, or all)."""
+    cat = _categories("real" if len(vocab) == len(real_vocab()[0]) else (tuple(vocab), eos, ()))
+    b = rng.normal(0, 1, len(vocab)).astype(np.float32)
     pick = rng.choice(["close", "quote", "digit", "ws", "eos", "mixed"])
-    for i, t in enumerate(vocab):
-        if not t:
-            continue
-        if pick in ("close", "mixed") and any(c in t for c in b"}]"):
-            b[i] += strength
-        if pick in ("quote", "mixed") and b'"' in t:
-            b[i] += strength
-        if pick in ("digit", "mixed") and t[:1].isdigit():
-            b[i] += strength
-        if pick in ("ws", "mixed") and t.strip() == b"":
-            b[i] += strength
+    for name, m in cat.items():
+        if pick in (name, "mixed"):
+            b[m] += strength
     if pick in ("eos", "mixed"):
         b[eos] += 2 * strength
     return b

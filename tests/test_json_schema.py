@@ -4,6 +4,7 @@ hypothesis-jsonschema, fuzzed rollouts validated with jsonschema, refusals, the 
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import jax
@@ -303,7 +304,8 @@ def _fuzz(vocab, pool, names, n_rows, budgets, seed, steps):
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_fuzz_rollouts_validate(vocab, pool, seed):
-    """Adversarial rollouts with ample and small budgets: every answer validates."""
+    """4 x 256 = 1024 adversarial rollouts over all schemas, half with budgets of the
+    minimum to minimum + 3 tokens, half up to 40: every answer is complete and validates."""
     names = list(SCHEMAS)
     sp, handles = pool
     rng = np.random.default_rng(100 + seed)
@@ -311,15 +313,15 @@ def test_fuzz_rollouts_validate(vocab, pool, seed):
     budgets = []
     for i in range(n):
         lo = handles[names[i % len(names)]].min_tokens
-        budgets.append(int(rng.integers(lo, lo + 4)) if i % 2 else int(rng.integers(lo, 64)))
-    assert _fuzz(vocab, pool, names, n, budgets, seed, steps=64) == n
+        budgets.append(int(rng.integers(lo, lo + 4)) if i % 2 else int(rng.integers(lo, max(lo, 40) + 1)))
+    assert _fuzz(vocab, pool, names, n, budgets, seed, steps=max(budgets)) == n
 
 
-@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("JAXSAMPLE_SLOW"), reason="long fuzz: JAXSAMPLE_SLOW=1")
 def test_fuzz_rollouts_validate_many(vocab, pool):
     names = list(SCHEMAS)
     for seed in range(10, 30):
-        _fuzz(vocab, pool, names, 256, [96] * 256, seed, steps=96)
+        _fuzz(vocab, pool, names, 256, [128] * 256, seed, steps=128)
 
 
 # ----------------------------------------------------------------------- pool, recompile

@@ -71,6 +71,11 @@ WS_RUN_MAX = 3
 INF = 1 << 20
 #: Counter limit meaning "no limit".
 BIG = 1 << 30
+#: The pool packs a state's cost (21 bits, INF included) and its minLength (10 bits).
+_CMIN_SHIFT = 21
+_COST_MASK = (1 << _CMIN_SHIFT) - 1
+#: Largest ``minLength`` of a free-form string (the pool packs it in 10 bits).
+MAX_MIN_LENGTH = 1023
 
 _WS = b" \t\n\r"
 _ANNOTATIONS = {
@@ -715,6 +720,8 @@ class _Builder:
             return self.pattern_string(_FORMAT_RE[f], _ptr(path, "format"), "format")
         if lo > hi:
             return None
+        if lo > MAX_MIN_LENGTH:
+            raise _err("minLength", _ptr(path, "minLength"), lo, f"over {MAX_MIN_LENGTH} (table limit)")
         return self.free_string(lo, hi)
 
     def obj(self, s, path, depth):
@@ -966,7 +973,7 @@ _H = "[0-9a-fA-F]"
 _DATE = (
     r"([1-9]\d{3}|0[1-9]\d\d|00[1-9]\d|000[1-9])-((0[1-9]|1[0-2])-(0[1-9]|1\d|2[0-8])"
     r"|(0[13-9]|1[0-2])-(29|30)|(0[13578]|1[02])-31)"
-    r"|(\d\d(0[48]|[2468][048]|[13579][26])|([02468][048]|[13579][26])00)-02-29"
+    r"|(\d\d(0[48]|[2468][048]|[13579][26])|([2468][048]|[13579][26]|0[48])00)-02-29"
 )
 _TIME = r"([01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.\d+)?(Z|[+-]([01]\d|2[0-3]):[0-5]\d)"
 _DUR_T = r"T(\d+H(\d+M(\d+S)?)?|\d+M(\d+S)?|\d+S)"
@@ -1511,7 +1518,7 @@ class Pool:
     base: jax.Array  # shape=(S,), int32; next = base + row value for dense-row tokens
     drow: jax.Array  # shape=(S,), int32; the state's dense row (0 = none)
     ws_next: jax.Array  # shape=(S,), int32; next state of every whitespace-only token (-1: n/a)
-    cost: jax.Array  # shape=(S,), int32; fewest tokens to a complete answer (INF: never)
+    cost: jax.Array  # shape=(S,), int32; fewest tokens to complete (INF: never) | cmin << 21
     cmin: jax.Array  # shape=(S,), int32; counted string: minLength (else 0)
     cmax: jax.Array  # shape=(S,), int32; counted string: maxLength (else BIG)
     counted: jax.Array  # shape=(S,), bool; inside a length-limited free string
@@ -1687,8 +1694,9 @@ class SchemaPool:
         a["drow"][sl] = drow
         a["base"][sl] = s_off + t["base"]
         a["ws_next"][sl] = np.where(t["ws_next"] >= 0, s_off + t["ws_next"], -1)
-        for k in ("cost", "cmin", "cmax", "counted", "accept", "in_string", "sp_len"):
+        for k in ("cmin", "cmax", "counted", "accept", "in_string", "sp_len"):
             a[k][sl] = t[k]
+        a["cost"][sl] = t["cost"] | (t["cmin"] << _CMIN_SHIFT)
         a["sp_start"][sl] = e_off + t["sp_start"]
         el = slice(e_off, e_off + len(t["sp_tok"]))
         a["sp_tok"][el] = t["sp_tok"]
@@ -1725,7 +1733,9 @@ def _sparse(p: Pool, s: State):
 
 
 def _cost(p: Pool, nxt, cnt):
-    return p.cost[nxt] + jnp.where(p.counted[nxt], jnp.maximum(p.cmin[nxt] - cnt, 0), 0)
+    """Tokens to complete after reaching ``nxt`` with counter ``cnt`` (one gather)."""
+    pk = p.cost[nxt]
+    return (pk & _COST_MASK) + jnp.maximum((pk >> _CMIN_SHIFT) - cnt, 0)
 
 
 def allowed(p: Pool, s: State, remaining) -> jax.Array:
