@@ -26,7 +26,7 @@ def real_vocab():
     return list(tok.token_bytes), int(tok.eos_id), sorted(int(i) for i in tok.special_ids)
 
 
-class _Greedy:
+class GreedyTokenizer:
     """The tokenizer object llguidance's TokenizerWrapper wants (greedy longest match;
     llguidance only uses it for forced text, never for the masks compared here)."""
 
@@ -56,7 +56,7 @@ def ll_tokenizer(key):
     import llguidance as llg
 
     vocab, eos, specials = real_vocab()
-    return llg.LLTokenizer(llg.TokenizerWrapper(_Greedy(vocab, eos, specials)))
+    return llg.LLTokenizer(llg.TokenizerWrapper(GreedyTokenizer(vocab, eos, specials)))
 
 
 def ll_matcher(schema):

@@ -95,7 +95,21 @@ _ANNOTATIONS = {
     "x-taplo",
     "x-taplo-info",
     "$anchor",
+    "example",
+    "deprecationMessage",
+    "enumDescriptions",
+    "markdownEnumDescriptions",
+    "defaultSnippets",
+    "errorMessage",
+    "patternErrorMessage",
+    "doNotSuggest",
+    "contentMediaType",
+    "contentEncoding",
 }
+#: Most states of pattern/enum strings with a large token set (each needs a dense row).
+MAX_DENSE_STATES = 32
+#: Most (state, trie node) pairs one compile may visit (bounds the compile time).
+MAX_WALK_PAIRS = 12_000_000
 FORMATS = ("date", "time", "date-time", "duration", "uuid", "email", "hostname", "ipv4", "ipv6")
 
 
@@ -583,7 +597,7 @@ class _Builder:
             "exclusiveMinimum", "exclusiveMaximum",
         }  # fmt: skip
         for k in s:
-            if k not in known and k not in _ANNOTATIONS:
+            if k not in known and k not in _ANNOTATIONS and not k.startswith("x-"):
                 if k == "uniqueItems" and s[k] is False:
                     continue
                 raise _err(k, _ptr(path, k), s[k], "keyword not supported")
@@ -608,7 +622,16 @@ class _Builder:
             subs = s["anyOf"]
             if not isinstance(subs, list) or not subs:
                 raise _err("anyOf", _ptr(path, "anyOf"), subs, "not a non-empty array")
-            return self.alt([self.schema(x, _ptr(path, "anyOf", i), depth) for i, x in enumerate(subs)])
+            # a free-form string alternative subsumes the other string-only ones
+            free = any(self._string_kind(x) == "free" for x in subs)
+            return self.alt(
+                [
+                    self.schema(x, _ptr(path, "anyOf", i), depth)
+                    for i, x in enumerate(subs)
+                    if not (free and self._string_kind(x) == "other")
+                    and not (free and self._string_kind(x) == "free" and i != self._first_free(subs))
+                ]
+            )
         types = s.get("type")
         all_types = ["object", "array", "string", "number", "integer", "boolean", "null"]
         if types is None:
@@ -645,6 +668,26 @@ class _Builder:
             else:
                 alts.append(self.lit(b"null"))
         return self.alt(alts)
+
+    def _string_kind(self, x, seen=0):
+        """"free": exactly every string; "other": only strings; None: anything else."""
+        if isinstance(x, dict) and set(x) - _ANNOTATIONS == {"$ref"} and seen < 8:
+            try:
+                return self._string_kind(self.resolve(x["$ref"], "")[0], seen + 1)
+            except Exception:
+                return None
+        if not isinstance(x, dict):
+            return None
+        keys = {k for k in x if k not in _ANNOTATIONS and not k.startswith("x-")}
+        if x.get("type") == "string" and keys == {"type"}:
+            return "free"
+        vals = x.get("enum", [x["const"]] if "const" in x else None)
+        if x.get("type") == "string" or (vals and all(isinstance(v, str) for v in vals)):
+            return "other"
+        return None
+
+    def _first_free(self, subs):
+        return next(i for i, x in enumerate(subs) if self._string_kind(x) == "free")
 
     def literals(self, s, types, path):
         if "const" in s:
@@ -1078,6 +1121,11 @@ class _Vocab:
         usable[eos_id] = False
         usable &= self.lengths > 0
         self.usable = usable
+        self.first_count = np.bincount(self.tok[usable, 0], minlength=256)
+        two = usable & (self.lengths >= 2)
+        pair = self.tok[two, 0].astype(np.int64) * 256 + self.tok[two, 1]
+        self.pair_count = np.bincount(pair, minlength=65536).reshape(256, 256)
+        self.single_count = np.bincount(self.tok[usable & (self.lengths == 1), 0], minlength=256)
         self.ws_only = np.array(
             [len(b) > 0 and all(c in _WS for c in b) for b in vocab_bytes], bool
         ) & usable
@@ -1204,11 +1252,15 @@ def _trie_walk(voc: _Vocab, delta, meta: _Meta, starts):
     st = q.copy()
     cnt = np.zeros(len(q), np.int64)
     out = []
+    work = 0
     while len(q):
         cc = voc.ch_count[node]
         total = int(cc.sum())
         if total == 0:
             break
+        work += total
+        if work > MAX_WALK_PAIRS:
+            raise _TooBig(f"more than {MAX_WALK_PAIRS} (state, token prefix) pairs to walk")
         rep = np.repeat(np.arange(len(q)), cc)
         off = np.arange(total) - np.repeat(np.cumsum(cc) - cc, cc)
         e = voc.ch_start[node][rep] + off
@@ -1388,7 +1440,10 @@ def _compile(schema, voc: _Vocab, vkey, text, strict) -> CompiledSchema:
         base[i] = block_base[int(tinst[i])]
 
     # walks: non-template states through the trie; template states: only their exit tokens
-    parts = _trie_walk(voc, delta, meta, np.flatnonzero(~is_t))
+    try:
+        parts = _trie_walk(voc, delta, meta, np.flatnonzero(~is_t))
+    except _TooBig as e:
+        raise _err("schema", "", "...", f"too large for the tables: {e}") from None
     tq, tt = [], []
     for i in np.flatnonzero(is_t):
         ex = voc.exits[tsub[i]]
@@ -1452,6 +1507,12 @@ def _compile(schema, voc: _Vocab, vkey, text, strict) -> CompiledSchema:
     counts = np.bincount(eq, minlength=S)
     dense_states = np.flatnonzero(counts > SPARSE_MAX)
     dense_states = dense_states[~is_t[dense_states]]
+    if len(dense_states) > MAX_DENSE_STATES:
+        raise _err(
+            "pattern", "", "...", f"{len(dense_states)} string states with over {SPARSE_MAX} "
+            f"valid tokens each (pattern, format or enum strings next to other strings); the "
+            f"tables hold {MAX_DENSE_STATES}",
+        )
     dense = np.full((len(dense_states), voc.V), -1, np.int16)
     dense_nch = np.zeros((len(dense_states), voc.V), np.int8)
     drow = np.full(S, -1, np.int64)
