@@ -15,9 +15,9 @@ is clamped: a value that is accepted is kept exactly as given. The ranges are th
 from __future__ import annotations
 
 import dataclasses
-import json
 import difflib
 import hashlib
+import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -252,7 +252,10 @@ def _json_schema_object(value: Any) -> str:
         raise InvalidRequestError(f"{field}.strict", strict, "a boolean (true or false)")
     if "schema" not in value or not isinstance(value["schema"], (Mapping, bool)):
         raise InvalidRequestError(
-            f"{field}.schema", value.get("schema"), "a JSON Schema object", reason="missing or not an object"
+            f"{field}.schema",
+            value.get("schema"),
+            "a JSON Schema object",
+            reason="missing or not an object",
         )
     try:
         text = js.canonical(value["schema"])

@@ -38,15 +38,26 @@ def openai_examples() -> dict:
     s, n, i, b = {"type": "string"}, {"type": "number"}, {"type": "integer"}, {"type": "boolean"}
     return {
         "openai/math_reasoning": _o(
-            {"steps": {"type": "array", "items": _o({"explanation": s, "output": s})}, "final_answer": s}
+            {
+                "steps": {"type": "array", "items": _o({"explanation": s, "output": s})},
+                "final_answer": s,
+            }
         ),
         "openai/research_paper": _o(
-            {"title": s, "authors": {"type": "array", "items": s}, "abstract": s, "keywords": {"type": "array", "items": s}}
+            {
+                "title": s,
+                "authors": {"type": "array", "items": s},
+                "abstract": s,
+                "keywords": {"type": "array", "items": s},
+            }
         ),
         "openai/ui_recursive": {
             **_o(
                 {
-                    "type": {"type": "string", "enum": ["div", "button", "header", "section", "field", "form"]},
+                    "type": {
+                        "type": "string",
+                        "enum": ["div", "button", "header", "section", "field", "form"],
+                    },
                     "label": s,
                     "children": {"type": "array", "items": {"$ref": "#"}},
                     "attributes": {"type": "array", "items": _o({"name": s, "value": s})},
@@ -56,11 +67,18 @@ def openai_examples() -> dict:
         "openai/moderation": _o(
             {
                 "is_violating": b,
-                "category": {"anyOf": [{"type": "string", "enum": ["violence", "sexual", "self_harm"]}, {"type": "null"}]},
+                "category": {
+                    "anyOf": [
+                        {"type": "string", "enum": ["violence", "sexual", "self_harm"]},
+                        {"type": "null"},
+                    ]
+                },
                 "explanation_if_violating": {"type": ["string", "null"]},
             }
         ),
-        "openai/calendar_event": _o({"name": s, "date": s, "participants": {"type": "array", "items": s}}),
+        "openai/calendar_event": _o(
+            {"name": s, "date": s, "participants": {"type": "array", "items": s}}
+        ),
         "openai/weather_function": _o(
             {"location": s, "unit": {"type": ["string", "null"], "enum": ["F", "C", None]}}
         ),
@@ -68,7 +86,10 @@ def openai_examples() -> dict:
             **_o({"linked_list": {"$ref": "#/$defs/linked_list_node"}}),
             "$defs": {
                 "linked_list_node": _o(
-                    {"value": n, "next": {"anyOf": [{"$ref": "#/$defs/linked_list_node"}, {"type": "null"}]}}
+                    {
+                        "value": n,
+                        "next": {"anyOf": [{"$ref": "#/$defs/linked_list_node"}, {"type": "null"}]},
+                    }
                 )
             },
         },
@@ -76,7 +97,9 @@ def openai_examples() -> dict:
             {
                 "entities": {
                     "type": "array",
-                    "items": _o({"name": s, "type": {"enum": ["person", "org", "place"]}, "salience": n}),
+                    "items": _o(
+                        {"name": s, "type": {"enum": ["person", "org", "place"]}, "salience": n}
+                    ),
                 }
             }
         ),
@@ -103,20 +126,44 @@ def own_schemas() -> dict:
                     "type": "array",
                     "minItems": 1,
                     "maxItems": 20,
-                    "items": _o({"sku": s, "qty": {"type": "integer", "minimum": 1}, "price": {"type": "number", "minimum": 0}}),
+                    "items": _o(
+                        {
+                            "sku": s,
+                            "qty": {"type": "integer", "minimum": 1},
+                            "price": {"type": "number", "minimum": 0},
+                        }
+                    ),
                 },
                 "notes": {"type": ["string", "null"], "maxLength": 200},
             },
             ["invoice_no", "date", "lines"],
         ),
         "own/address": _o(
-            {"street": s, "city": s, "zip": {"type": "string", "pattern": "^[0-9]{5}(-[0-9]{4})?$"}, "country": {"enum": ["US", "CA", "MX"]}}
+            {
+                "street": s,
+                "city": s,
+                "zip": {"type": "string", "pattern": "^[0-9]{5}(-[0-9]{4})?$"},
+                "country": {"enum": ["US", "CA", "MX"]},
+            }
         ),
         "own/tree": {
-            "$defs": {"node": _o({"v": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 3}})},
+            "$defs": {
+                "node": _o(
+                    {
+                        "v": {"type": "integer"},
+                        "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 3},
+                    }
+                )
+            },
             "$ref": "#/$defs/node",
         },
-        "own/net": _o({"host": {"type": "string", "format": "hostname"}, "v4": {"type": "string", "format": "ipv4"}, "v6": {"type": "string", "format": "ipv6"}}),
+        "own/net": _o(
+            {
+                "host": {"type": "string", "format": "hostname"},
+                "v4": {"type": "string", "format": "ipv4"},
+                "v6": {"type": "string", "format": "ipv6"},
+            }
+        ),
         "own/free_json": {"type": "object", "additionalProperties": True},
     }
 
@@ -134,7 +181,11 @@ def schemastore() -> dict:
         for key in ("definitions", "$defs"):
             for d, sub in (sch.get(key) or {}).items():
                 if isinstance(sub, dict):
-                    out[f"schemastore-def/{name}#{d}"] = {**sub, key: sch[key]} if "$ref" not in sub else {"$ref": f"#/{key}/{d}", key: sch[key]}
+                    out[f"schemastore-def/{name}#{d}"] = (
+                        {**sub, key: sch[key]}
+                        if "$ref" not in sub
+                        else {"$ref": f"#/{key}/{d}", key: sch[key]}
+                    )
     return out
 
 
@@ -152,7 +203,13 @@ def compile_one(schema, vocab, eos, specials, strict):
         kind = m.group(1) if m else f"error:{type(e).__name__}"
         return {"ok": False, "seconds": dt, "refused_by": kind, "message": str(e)[:300]}
     dt = time.perf_counter() - t
-    return {"ok": True, "seconds": dt, "states": c.n_states, "bytes": c.nbytes, "min_tokens": c.min_tokens}
+    return {
+        "ok": True,
+        "seconds": dt,
+        "states": c.n_states,
+        "bytes": c.nbytes,
+        "min_tokens": c.min_tokens,
+    }
 
 
 def ll_one(schema, tok):
@@ -263,8 +320,14 @@ def main():
         if tok is not None:
             r["llguidance"] = ll_one(sch, tok)
         rows[name] = r
-        print(f"{name:60s} {'ok ' if r['ok'] else 'REF'} {1e3 * r['seconds']:8.1f} ms  "
-              + (f"{r['states']:6d} states {r['bytes'] / 1024:8.0f} KiB" if r["ok"] else r["refused_by"]))
+        print(
+            f"{name:60s} {'ok ' if r['ok'] else 'REF'} {1e3 * r['seconds']:8.1f} ms  "
+            + (
+                f"{r['states']:6d} states {r['bytes'] / 1024:8.0f} KiB"
+                if r["ok"]
+                else r["refused_by"]
+            )
+        )
 
     def summary(names):
         ok = [rows[n] for n in names if rows[n]["ok"]]
@@ -299,7 +362,9 @@ def main():
     result["all"] = summary(list(rows))
     if not args.no_step:
         sch = [corpus[n] for n in corpus if rows[n]["ok"] and n.startswith(("openai", "own"))]
-        sc, pool_bytes = step_cost(vocab, eos, specials, sch, [int(b) for b in args.batches.split(",")])
+        sc, pool_bytes = step_cost(
+            vocab, eos, specials, sch, [int(b) for b in args.batches.split(",")]
+        )
         result["step"] = sc
         result["pool_bytes"] = pool_bytes
     result["schemas"] = rows
@@ -307,15 +372,22 @@ def main():
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print()
-    print(f"{'group':18s} {'n':>4s} {'compiled':>9s} {'p50 ms':>8s} {'p99 ms':>8s} {'max ms':>8s} {'KiB p50':>8s}  llguidance ok / p50 ms")
+    head = ("p50 ms", "p99 ms", "max ms", "KiB p50")
+    print(f"{'group':18s} {'n':>4s} {'compiled':>9s} " + " ".join(f"{h:>8s}" for h in head), end="")
+    print("  llguidance ok / p50 ms")
     for g, d in list(result["groups"].items()) + [("all", result["all"])]:
         ll = d.get("llguidance", {})
-        print(f"{g:18s} {d['schemas']:4d} {d['compiled']:9d} {d['compile_ms_p50']:8.1f} {d['compile_ms_p99']:8.1f} "
-              f"{d['compile_ms_max']:8.1f} {d['table_kib_p50']:8.0f}  {ll.get('compiled', '-')} / {ll.get('ms_p50', float('nan')):.1f}")
+        cells = (d["compile_ms_p50"], d["compile_ms_p99"], d["compile_ms_max"], d["table_kib_p50"])
+        line = f"{g:18s} {d['schemas']:4d} {d['compiled']:9d} " + " ".join(
+            f"{x:8.1f}" for x in cells
+        )
+        print(line + f"  {ll.get('compiled', '-')} / {ll.get('ms_p50', float('nan')):.1f}")
     print("refused by:", result["all"]["refused_by"])
-    if "step" in result:
-        for B, d in result["step"].items():
-            print(f"batch {B}: schema allowed+advance {d['schema_ms']:.2f} ms, JSON mode {d['json_mode_ms']:.2f} ms, ratio {d['ratio']:.2f}")
+    for B, d in result.get("step", {}).items():
+        print(
+            f"batch {B}: schema allowed+advance {d['schema_ms']:.2f} ms, "
+            f"JSON mode {d['json_mode_ms']:.2f} ms, ratio {d['ratio']:.2f}"
+        )
     print(f"wrote {args.out}")
 
 

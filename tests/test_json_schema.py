@@ -48,14 +48,18 @@ SCHEMAS = {
     "anyof": {
         **OBJ,
         "properties": {
-            "x": {"anyOf": [{"type": "string", "minLength": 2}, {"type": "integer"}, {"type": "null"}]},
+            "x": {
+                "anyOf": [{"type": "string", "minLength": 2}, {"type": "integer"}, {"type": "null"}]
+            },
             "y": {"type": "number"},
         },
         "required": ["x", "y"],
     },
     "optional": {
         **OBJ,
-        "properties": {k: {"type": t} for k, t in zip("abcd", ["string", "integer", "boolean", "number"])},
+        "properties": {
+            k: {"type": t} for k, t in zip("abcd", ["string", "integer", "boolean", "number"])
+        },
         "required": ["c"],
     },
     "tuple": {
@@ -63,7 +67,10 @@ SCHEMAS = {
         "properties": {
             "t": {
                 "type": "array",
-                "prefixItems": [{"type": "string", "pattern": "^[A-Z]{2}-[0-9]{2,3}$"}, {"const": 7}],
+                "prefixItems": [
+                    {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{2,3}$"},
+                    {"const": 7},
+                ],
                 "items": False,
                 "minItems": 1,
             },
@@ -73,14 +80,27 @@ SCHEMAS = {
     },
     "enum": {
         **OBJ,
-        "properties": {"e": {"enum": ["x", 1, None, {"k": [1, 2]}, True, "é\"q"]}, "s": {"type": "string", "minLength": 3, "maxLength": 5}},
+        "properties": {
+            "e": {"enum": ["x", 1, None, {"k": [1, 2]}, True, 'é"q']},
+            "s": {"type": "string", "minLength": 3, "maxLength": 5},
+        },
         "required": ["e", "s"],
     },
     "formats": {
         **OBJ,
         "properties": {
             f: {"type": "string", "format": f}
-            for f in ["date", "time", "date-time", "duration", "uuid", "email", "hostname", "ipv4", "ipv6"]
+            for f in [
+                "date",
+                "time",
+                "date-time",
+                "duration",
+                "uuid",
+                "email",
+                "hostname",
+                "ipv4",
+                "ipv6",
+            ]
         },
         "required": ["date", "uuid", "ipv4", "date-time"],
     },
@@ -117,7 +137,9 @@ def pool(vocab):
     sp = js.SchemaPool(tb, eos_id=eos, special_ids=specials, size="medium")
     handles = {}
     for name, sch in SCHEMAS.items():
-        c = js.compile_schema(sch, tb, eos_id=eos, special_ids=specials, strict=STRICT.get(name, True))
+        c = js.compile_schema(
+            sch, tb, eos_id=eos, special_ids=specials, strict=STRICT.get(name, True)
+        )
         handles[name] = sp.add(c)
     return sp, handles
 
@@ -156,7 +178,9 @@ def _compare_walk(sp, h, m, vocab, eos, rng, steps, forced=None):
                 f"llguidance allows {vocab[t]!r} after {text!r}"
             )
         for t in np.flatnonzero(mine & ~theirs):
-            assert _excused_mine_only(m, t, vocab, in_str, text), f"we allow {vocab[t]!r} after {text!r}"
+            assert _excused_mine_only(m, t, vocab, in_str, text), (
+                f"we allow {vocab[t]!r} after {text!r}"
+            )
         n_cmp += 1
         if forced_t is None:
             both = np.flatnonzero(mine & theirs)
@@ -251,9 +275,11 @@ def _instances(schema, root, depth=0):
         n_rest = st.integers(max(0, lo - len(pre)), max(0, hi - len(pre)))
         head = st.tuples(*pre).map(list) if pre else st.just([])
         return st.tuples(head, n_rest).flatmap(
-            lambda hn: st.lists(rest, min_size=hn[1], max_size=hn[1]).map(lambda r: hn[0] + r)
-            if rest is not None
-            else st.just(hn[0])
+            lambda hn: (
+                st.lists(rest, min_size=hn[1], max_size=hn[1]).map(lambda r: hn[0] + r)
+                if rest is not None
+                else st.just(hn[0])
+            )
         )
     return from_schema(schema)
 
@@ -263,13 +289,16 @@ def test_instances_from_hypothesis_jsonschema(vocab, pool, name):
     """Random valid instances, randomly tokenized: every prefix token is allowed by our mask
     and llguidance's (then masks compared), and the end is complete."""
     from hypothesis import HealthCheck, assume, given, settings
+
     tb, eos, _ = vocab
     sp, handles = pool
     index = {b: i for i, b in enumerate(tb) if b}
     schema = SCHEMAS[name]
     seen = []
 
-    @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @settings(
+        max_examples=6, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True
+    )
     @given(_instances(schema, schema))
     def run(inst):
         text = json.dumps(_ordered(schema, inst, schema), ensure_ascii=False, separators=(",", ":"))
@@ -313,7 +342,9 @@ def test_fuzz_rollouts_validate(vocab, pool, seed):
     budgets = []
     for i in range(n):
         lo = handles[names[i % len(names)]].min_tokens
-        budgets.append(int(rng.integers(lo, lo + 4)) if i % 2 else int(rng.integers(lo, max(lo, 40) + 1)))
+        budgets.append(
+            int(rng.integers(lo, lo + 4)) if i % 2 else int(rng.integers(lo, max(lo, 40) + 1))
+        )
     assert _fuzz(vocab, pool, names, n, budgets, seed, steps=max(budgets)) == n
 
 
@@ -367,7 +398,14 @@ def _shortest_tokenization(text: bytes, vocab) -> int:
 
 @pytest.mark.parametrize(
     "const",
-    ["hello world, this is a constant", -12.5e3, 17, {"a": 1}, [1, 2, 3], {"k": {"n": [True, None]}}],
+    [
+        "hello world, this is a constant",
+        -12.5e3,
+        17,
+        {"a": 1},
+        [1, 2, 3],
+        {"k": {"n": [True, None]}},
+    ],
 )
 def test_min_tokens_of_a_const_is_its_shortest_tokenization(vocab, const):
     """Scalars: exactly the shortest tokenization; objects and arrays may use whitespace
@@ -386,9 +424,17 @@ def test_min_tokens_of_a_const_is_its_shortest_tokenization(vocab, const):
     "schema,keyword,pointer",
     [
         ({"allOf": [{"type": "string"}]}, "allOf", "/allOf"),
-        ({"type": "object", "properties": {"a": {"not": {"type": "string"}}}}, "not", "/properties/a/not"),
+        (
+            {"type": "object", "properties": {"a": {"not": {"type": "string"}}}},
+            "not",
+            "/properties/a/not",
+        ),
         ({"if": {}, "then": {}}, "if", "/if"),
-        ({"type": "object", "patternProperties": {"^a": {}}}, "patternProperties", "/patternProperties"),
+        (
+            {"type": "object", "patternProperties": {"^a": {}}},
+            "patternProperties",
+            "/patternProperties",
+        ),
         ({"type": "object", "dependentSchemas": {}}, "dependentSchemas", "/dependentSchemas"),
         ({"type": "string", "format": "uri"}, "format", "/format"),
         ({"type": "string", "pattern": "(?=a)b"}, "pattern", "/pattern"),
@@ -396,8 +442,16 @@ def test_min_tokens_of_a_const_is_its_shortest_tokenization(vocab, const):
         ({"$ref": "https://example.com/s.json"}, "$ref", "/$ref"),
         ({"type": "array", "maxItems": 1000}, "maxItems", "/maxItems"),
         ({"type": "array", "items": {"oneOf": [{}]}}, "oneOf", "/items/oneOf"),
-        ({"type": "object", "properties": {"a~/b": {"type": "integer", "multipleOf": 2}}}, "multipleOf", "/properties/a~0~1b/multipleOf"),
-        ({"type": "object", "additionalProperties": True}, "additionalProperties", "/additionalProperties"),
+        (
+            {"type": "object", "properties": {"a~/b": {"type": "integer", "multipleOf": 2}}},
+            "multipleOf",
+            "/properties/a~0~1b/multipleOf",
+        ),
+        (
+            {"type": "object", "additionalProperties": True},
+            "additionalProperties",
+            "/additionalProperties",
+        ),
         ({"type": "object", "properties": {}, "required": ["x"]}, "required", "/required"),
     ],
 )
@@ -413,7 +467,10 @@ def test_max_tokens_below_minimum_refused(vocab):
     from jaxsample.params import SamplingParams
 
     tb, eos, specials = vocab
-    rf = {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMAS["person"], "strict": True}}
+    rf = {
+        "type": "json_schema",
+        "json_schema": {"name": "p", "schema": SCHEMAS["person"], "strict": True},
+    }
     p = SamplingParams(response_format=rf, max_tokens=3)
     c = js.compile_schema(json.loads(p.json_schema)["schema"], tb, eos_id=eos, special_ids=specials)
     assert c.min_tokens > 3
@@ -438,10 +495,22 @@ def test_params_response_format_json_schema():
     assert SamplingParams.from_request(body).json_schema == p.json_schema
     bad = [
         ({"type": "json_schema"}, "response_format"),
-        ({"type": "json_schema", "json_schema": {"schema": sch}}, "response_format.json_schema.name"),
-        ({"type": "json_schema", "json_schema": {"name": "x", "schema": sch, "strict": "yes"}}, "response_format.json_schema.strict"),
-        ({"type": "json_schema", "json_schema": {"name": "x", "schema": sch, "extra": 1}}, "response_format.json_schema"),
-        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"allOf": []}}}, "response_format.json_schema.schema"),
+        (
+            {"type": "json_schema", "json_schema": {"schema": sch}},
+            "response_format.json_schema.name",
+        ),
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": sch, "strict": "yes"}},
+            "response_format.json_schema.strict",
+        ),
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": sch, "extra": 1}},
+            "response_format.json_schema",
+        ),
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"allOf": []}}},
+            "response_format.json_schema.schema",
+        ),
     ]
     for value, field in bad:
         with pytest.raises(InvalidRequestError) as e:

@@ -75,13 +75,19 @@ def _greedy(graphdef, state, pool, tokens, lengths, starts, cache, *, steps):
         mask = jax.vmap(js.allowed, in_axes=(None, 0, None))(pool, st, steps - i)
         tok = jnp.argmax(jnp.where(mask, logits, -jnp.inf), -1).astype(jnp.int32)
         live = ~done
-        st = jax.tree.map(lambda a, b: jnp.where(live, a, b), jax.vmap(js.advance, in_axes=(None, 0, 0))(pool, st, tok), st)
+        st = jax.tree.map(
+            lambda a, b: jnp.where(live, a, b),
+            jax.vmap(js.advance, in_axes=(None, 0, 0))(pool, st, tok),
+            st,
+        )
         done = done | (tok == pool.eos_id)
         logits, cache = model.decode(tok, lengths + i, cache)
         return (logits, st, done, cache), jnp.where(live, tok, -1)
 
     st0 = jax.vmap(js.init_state)(starts)
-    (_, st, _, _), toks = jax.lax.scan(body, (logits, st0, jnp.zeros(B, bool), cache), jnp.arange(steps))
+    (_, st, _, _), toks = jax.lax.scan(
+        body, (logits, st0, jnp.zeros(B, bool), cache), jnp.arange(steps)
+    )
     return toks.T, jax.vmap(js.is_complete, in_axes=(None, 0))(pool, st)
 
 
@@ -105,7 +111,14 @@ def test_extraction_prompts_answer_with_valid_instances(setup):
     cache = model.init_cache(len(ids), T + steps)
     graphdef, state = nnx.split(model)
     toks, complete = _greedy(
-        graphdef, state, sp.pool, jnp.asarray(tokens), lengths, jnp.asarray(starts), cache, steps=steps
+        graphdef,
+        state,
+        sp.pool,
+        jnp.asarray(tokens),
+        lengths,
+        jnp.asarray(starts),
+        cache,
+        steps=steps,
     )
     toks = np.asarray(toks)
     answers = []

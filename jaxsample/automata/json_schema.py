@@ -391,7 +391,12 @@ class _Builder:
         self.n.edge(s, rng(0xC2, 0xDF), c1)
         self.n.edge(s, rng(0xE1, 0xEC) | rng(0xEE, 0xEF), c2)
         self.n.edge(s, rng(0xF1, 0xF3), c3)
-        for lead, lo, hi, nx in [(0xE0, 0xA0, 0xBF, c1), (0xED, 0x80, 0x9F, c1), (0xF0, 0x90, 0xBF, c2), (0xF4, 0x80, 0x8F, c2)]:
+        for lead, lo, hi, nx in [
+            (0xE0, 0xA0, 0xBF, c1),
+            (0xED, 0x80, 0x9F, c1),
+            (0xF0, 0x90, 0xBF, c2),
+            (0xF4, 0x80, 0x8F, c2),
+        ]:
             m = st()
             self.n.edge(s, 1 << lead, m)
             self.n.edge(m, rng(lo, hi), nx)
@@ -490,7 +495,12 @@ class _Builder:
             if kw in s:
                 v = s[kw]
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                    raise _err(kw, _ptr(path, kw), v, "not a finite number (draft-4 boolean form unsupported)")
+                    raise _err(
+                        kw,
+                        _ptr(path, kw),
+                        v,
+                        "not a finite number (draft-4 boolean form unsupported)",
+                    )
                 if kw in ("minimum", "exclusiveMinimum"):
                     if lo is None or v > lo or (v == lo and kw == "exclusiveMinimum"):
                         lo, lo_x = v, kw == "exclusiveMinimum"
@@ -498,8 +508,16 @@ class _Builder:
                     if hi is None or v < hi or (v == hi and kw == "exclusiveMaximum"):
                         hi, hi_x = v, kw == "exclusiveMaximum"
         # integers satisfying the bounds
-        ilo = None if lo is None else (math.floor(lo) + 1 if lo_x and float(lo).is_integer() else math.ceil(lo))
-        ihi = None if hi is None else (math.ceil(hi) - 1 if hi_x and float(hi).is_integer() else math.floor(hi))
+        ilo = (
+            None
+            if lo is None
+            else (math.floor(lo) + 1 if lo_x and float(lo).is_integer() else math.ceil(lo))
+        )
+        ihi = (
+            None
+            if hi is None
+            else (math.ceil(hi) - 1 if hi_x and float(hi).is_integer() else math.floor(hi))
+        )
         if ilo is not None and ilo > 0 and lo_x and not float(lo).is_integer():
             ilo = math.ceil(lo)
         ints = self.int_range(ilo, ihi) if (ilo is None or ihi is None or ilo <= ihi) else None
@@ -508,7 +526,11 @@ class _Builder:
         if lo is None and hi is None:
             frac = self.opt(self.seq(self.lit(b"."), self.rep(self.dig, 1, None)))
             exp = self.opt(
-                self.seq(self.dig(_mask(b"eE")), self.opt(self.dig(_mask(b"+-"))), self.rep(self.dig, 1, None))
+                self.seq(
+                    self.dig(_mask(b"eE")),
+                    self.opt(self.dig(_mask(b"+-"))),
+                    self.rep(self.dig, 1, None),
+                )
             )
             return self.seq(self.int_range(None, None), frac, exp)
         # with bounds: an integer, or k.ddd whose whole interval [k, k+1] fits (no exponent)
@@ -517,13 +539,20 @@ class _Builder:
         klo = 0 if lo is None else max(0, math.floor(lo) + 1 if lo_x else math.ceil(lo))
         khi = None if hi is None else math.floor(hi) - 1
         if khi is None or klo <= khi:
-            alts.append(self.seq(self.nonneg_range(klo, khi), self.lit(b"."), self.rep(self.dig, 1, None)))
+            alts.append(
+                self.seq(self.nonneg_range(klo, khi), self.lit(b"."), self.rep(self.dig, 1, None))
+            )
         # negative: -(k.ddd), value in (-(k+1), -k]
         nlo = 0 if hi is None else max(0, math.floor(-hi) + 1 if hi_x else math.ceil(-hi))
         nhi = None if lo is None else math.floor(-lo) - 1
         if nhi is None or nlo <= nhi:
             alts.append(
-                self.seq(self.lit(b"-"), self.nonneg_range(nlo, nhi), self.lit(b"."), self.rep(self.dig, 1, None))
+                self.seq(
+                    self.lit(b"-"),
+                    self.nonneg_range(nlo, nhi),
+                    self.lit(b"."),
+                    self.rep(self.dig, 1, None),
+                )
             )
         return self.alt(alts)
 
@@ -546,7 +575,13 @@ class _Builder:
 
     def any_object(self, depth, left):
         def member():
-            return self.seq(self.free_string(), self.ws(), self.lit(b":"), self.ws(), self.any_value(depth, left))
+            return self.seq(
+                self.free_string(),
+                self.ws(),
+                self.lit(b":"),
+                self.ws(),
+                self.any_value(depth, left),
+            )
 
         return self.members_list(member, depth)
 
@@ -605,10 +640,14 @@ class _Builder:
         if "$ref" in s:
             others = [k for k in constraints if k != "$ref"]
             if others:
-                raise _err(others[0], _ptr(path, others[0]), s[others[0]], "next to '$ref' (not supported)")
+                raise _err(
+                    others[0], _ptr(path, others[0]), s[others[0]], "next to '$ref' (not supported)"
+                )
             ref = s["$ref"]
             if self.ref_stack.count(ref) > MAX_NESTING + 1 or len(self.ref_stack) > 64:
-                raise _err("$ref", _ptr(path, "$ref"), ref, "recursion that never nests an object or array")
+                raise _err(
+                    "$ref", _ptr(path, "$ref"), ref, "recursion that never nests an object or array"
+                )
             target, tpath = self.resolve(ref, _ptr(path, "$ref"))
             self.ref_stack.append(ref)
             try:
@@ -618,7 +657,12 @@ class _Builder:
         if "anyOf" in s:
             others = [k for k in constraints if k != "anyOf"]
             if others:
-                raise _err(others[0], _ptr(path, others[0]), s[others[0]], "next to 'anyOf' (not supported)")
+                raise _err(
+                    others[0],
+                    _ptr(path, others[0]),
+                    s[others[0]],
+                    "next to 'anyOf' (not supported)",
+                )
             subs = s["anyOf"]
             if not isinstance(subs, list) or not subs:
                 raise _err("anyOf", _ptr(path, "anyOf"), subs, "not a non-empty array")
@@ -629,7 +673,9 @@ class _Builder:
                     self.schema(x, _ptr(path, "anyOf", i), depth)
                     for i, x in enumerate(subs)
                     if not (free and self._string_kind(x) == "other")
-                    and not (free and self._string_kind(x) == "free" and i != self._first_free(subs))
+                    and not (
+                        free and self._string_kind(x) == "free" and i != self._first_free(subs)
+                    )
                 ]
             )
         types = s.get("type")
@@ -648,7 +694,12 @@ class _Builder:
         elif isinstance(types, str):
             types = [types]
         if not isinstance(types, list) or not types or any(t not in all_types for t in types):
-            raise _err("type", _ptr(path, "type"), s.get("type"), f"not one of {all_types} or a list of them")
+            raise _err(
+                "type",
+                _ptr(path, "type"),
+                s.get("type"),
+                f"not one of {all_types} or a list of them",
+            )
         if "integer" in types and "number" in types:
             types = [t for t in types if t != "integer"]
         if "enum" in s or "const" in s:
@@ -670,7 +721,7 @@ class _Builder:
         return self.alt(alts)
 
     def _string_kind(self, x, seen=0):
-        """"free": exactly every string; "other": only strings; None: anything else."""
+        """ "free": exactly every string; "other": only strings; None: anything else."""
         if isinstance(x, dict) and set(x) - _ANNOTATIONS == {"$ref"} and seen < 8:
             try:
                 return self._string_kind(self.resolve(x["$ref"], "")[0], seen + 1)
@@ -696,7 +747,18 @@ class _Builder:
             values, kw = s["enum"], "enum"
             if not isinstance(values, list) or not values:
                 raise _err("enum", _ptr(path, "enum"), values, "not a non-empty array")
-        for k in ("minLength", "maxLength", "pattern", "format", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "properties", "items"):
+        for k in (
+            "minLength",
+            "maxLength",
+            "pattern",
+            "format",
+            "minimum",
+            "maximum",
+            "exclusiveMinimum",
+            "exclusiveMaximum",
+            "properties",
+            "items",
+        ):
             if k in s:
                 raise _err(k, _ptr(path, k), s[k], f"next to '{kw}' (not supported)")
 
@@ -708,7 +770,11 @@ class _Builder:
             if t == "string":
                 return isinstance(v, str)
             if t == "integer":
-                return isinstance(v, int) and not isinstance(v, bool) or (isinstance(v, float) and v.is_integer())
+                return (
+                    isinstance(v, int)
+                    and not isinstance(v, bool)
+                    or (isinstance(v, float) and v.is_integer())
+                )
             if t == "number":
                 return isinstance(v, (int, float)) and not isinstance(v, bool)
             if t == "object":
@@ -750,21 +816,35 @@ class _Builder:
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise _err(kw, _ptr(path, kw), v, "not a non-negative integer")
         if "pattern" in s and "format" in s:
-            raise _err("format", _ptr(path, "format"), s["format"], "together with 'pattern' (not supported)")
+            raise _err(
+                "format",
+                _ptr(path, "format"),
+                s["format"],
+                "together with 'pattern' (not supported)",
+            )
         if ("pattern" in s or "format" in s) and ("minLength" in s or "maxLength" in s):
             kw = "minLength" if "minLength" in s else "maxLength"
-            raise _err(kw, _ptr(path, kw), s[kw], "together with 'pattern' or 'format' (not supported)")
+            raise _err(
+                kw, _ptr(path, kw), s[kw], "together with 'pattern' or 'format' (not supported)"
+            )
         if "pattern" in s:
             return self.pattern_string(s["pattern"], _ptr(path, "pattern"), "pattern")
         if "format" in s:
             f = s["format"]
             if f not in FORMATS:
-                raise _err("format", _ptr(path, "format"), f, f"format not supported (supported: {', '.join(FORMATS)})")
+                raise _err(
+                    "format",
+                    _ptr(path, "format"),
+                    f,
+                    f"format not supported (supported: {', '.join(FORMATS)})",
+                )
             return self.pattern_string(_FORMAT_RE[f], _ptr(path, "format"), "format")
         if lo > hi:
             return None
         if lo > MAX_MIN_LENGTH:
-            raise _err("minLength", _ptr(path, "minLength"), lo, f"over {MAX_MIN_LENGTH} (table limit)")
+            raise _err(
+                "minLength", _ptr(path, "minLength"), lo, f"over {MAX_MIN_LENGTH} (table limit)"
+            )
         return self.free_string(lo, hi)
 
     def obj(self, s, path, depth):
@@ -778,17 +858,27 @@ class _Builder:
             raise _err("required", _ptr(path, "required"), req, "not an array of strings")
         missing = [r for r in req if r not in props]
         if missing:
-            raise _err("required", _ptr(path, "required"), req, f"names {missing[0]!r}, which is not in 'properties'")
+            raise _err(
+                "required",
+                _ptr(path, "required"),
+                req,
+                f"names {missing[0]!r}, which is not in 'properties'",
+            )
         ap = s.get("additionalProperties", False)
         if ap is not False:
             if self.strict:
-                raise _err("additionalProperties", _ptr(path, "additionalProperties"), ap, "must be false with strict: true")
+                raise _err(
+                    "additionalProperties",
+                    _ptr(path, "additionalProperties"),
+                    ap,
+                    "must be false with strict: true",
+                )
         names = list(props)
         n = len(names)
         reqset = set(req)
         # member fragments, each once
         entries, exits = [], []
-        for i, name in enumerate(names):
+        for name in names:
             key = self.lit(b'"' + _canon_str(name) + b'"')
             v = self.schema(props[name], _ptr(path, "properties", name), depth + 1)
             m = self.seq(key, self.ws(), self.lit(b":"), self.ws(), v)
@@ -806,9 +896,14 @@ class _Builder:
         after0 = w0[1]
         extra = None
         if ap is not False:
+
             def member():
                 key = self.excluding_key(names)
-                v = self.schema(ap, _ptr(path, "additionalProperties"), depth + 1) if ap is not True else self.any_value(depth + 1, ANY_NESTING)
+                v = (
+                    self.schema(ap, _ptr(path, "additionalProperties"), depth + 1)
+                    if ap is not True
+                    else self.any_value(depth + 1, ANY_NESTING)
+                )
                 return self.seq(key, self.ws(), self.lit(b":"), self.ws(), v)
 
             m = member()
@@ -905,7 +1000,12 @@ class _Builder:
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
                 raise _err(kw, _ptr(path, kw), v, "not a non-negative integer")
             if v is not None and v > MAX_ITEMS_UNROLL:
-                raise _err(kw, _ptr(path, kw), v, f"over {MAX_ITEMS_UNROLL} (the tables unroll item positions)")
+                raise _err(
+                    kw,
+                    _ptr(path, kw),
+                    v,
+                    f"over {MAX_ITEMS_UNROLL} (the tables unroll item positions)",
+                )
         if items is False:
             hi = len(prefix) if hi is None else min(hi, len(prefix))
         if hi is not None and lo > hi:
@@ -925,7 +1025,12 @@ class _Builder:
         # positions 0..fixed-1 unrolled, then a loop of `items` if unbounded
         fixed = max(k, lo) if hi is None else hi
         if fixed > MAX_ITEMS_UNROLL:
-            raise _err("prefixItems", _ptr(path, "prefixItems"), len(prefix), f"over {MAX_ITEMS_UNROLL} positions")
+            raise _err(
+                "prefixItems",
+                _ptr(path, "prefixItems"),
+                len(prefix),
+                f"over {MAX_ITEMS_UNROLL} positions",
+            )
         close = self.n.new()
         start = self.n.new()
         w = self.ws()
@@ -1030,7 +1135,8 @@ _FORMAT_RE = {
     "uuid": f"^{_H}{{8}}-{_H}{{4}}-{_H}{{4}}-{_H}{{4}}-{_H}{{12}}$",
     "email": r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
     r"@[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$",
-    "hostname": r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$",
+    "hostname": r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
+    r"(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$",
     "ipv4": rf"^{_OCT}(\.{_OCT}){{3}}$",
     "ipv6": (
         f"^(({_H4}:){{7}}{_H4}|({_H4}:){{1,7}}:|({_H4}:){{1,6}}:{_H4}|({_H4}:){{1,5}}(:{_H4}){{1,2}}"
@@ -1126,9 +1232,9 @@ class _Vocab:
         pair = self.tok[two, 0].astype(np.int64) * 256 + self.tok[two, 1]
         self.pair_count = np.bincount(pair, minlength=65536).reshape(256, 256)
         self.single_count = np.bincount(self.tok[usable & (self.lengths == 1), 0], minlength=256)
-        self.ws_only = np.array(
-            [len(b) > 0 and all(c in _WS for c in b) for b in vocab_bytes], bool
-        ) & usable
+        self.ws_only = (
+            np.array([len(b) > 0 and all(c in _WS for c in b) for b in vocab_bytes], bool) & usable
+        )
         # trie
         children: list[dict] = [{}]
         terms: dict[int, list[int]] = {}
@@ -1184,7 +1290,9 @@ class _Vocab:
             self.exits.append(ids[ex])
         one = (self.tmpl_next[T_CH] == T_CH) & (self.tmpl_nch[T_CH] == 1)
         self.has_one_char = bool(one.any())
-        self.tmpl_targets = [np.unique(self.tmpl_next[s][self.tmpl_next[s] >= 0]) for s in range(N_SUB)]
+        self.tmpl_targets = [
+            np.unique(self.tmpl_next[s][self.tmpl_next[s] >= 0]) for s in range(N_SUB)
+        ]
         self.tmpl_targets0 = [
             np.unique(self.tmpl_next[s][(self.tmpl_next[s] >= 0) & (self.tmpl_nch[s] == 0)])
             for s in range(N_SUB)
@@ -1403,7 +1511,10 @@ def _compile(schema, voc: _Vocab, vkey, text, strict) -> CompiledSchema:
             tinst[i], tsub[i] = tags[0]
         elif any(limits[t[0]] != (0, BIG) for t in tags):
             raise _err(
-                "minLength", "", "...", "a length-limited string that overlaps another string "
+                "minLength",
+                "",
+                "...",
+                "a length-limited string that overlaps another string "
                 "alternative (anyOf) is not supported",
             )
     # layout: non-template states first, then template instances in blocks of N_SUB
@@ -1509,7 +1620,10 @@ def _compile(schema, voc: _Vocab, vkey, text, strict) -> CompiledSchema:
     dense_states = dense_states[~is_t[dense_states]]
     if len(dense_states) > MAX_DENSE_STATES:
         raise _err(
-            "pattern", "", "...", f"{len(dense_states)} string states with over {SPARSE_MAX} "
+            "pattern",
+            "",
+            "...",
+            f"{len(dense_states)} string states with over {SPARSE_MAX} "
             f"valid tokens each (pattern, format or enum strings next to other strings); the "
             f"tables hold {MAX_DENSE_STATES}",
         )
@@ -1877,10 +1991,11 @@ def check_schema(schema: Any, *, strict: bool = True) -> None:
     (builds the NFA only; cached). Raises InvalidRequestError naming keyword and pointer.
 
     >>> check_schema({"type": "object", "properties": {"a": {"type": "string"}}})
-    >>> check_schema({"allOf": []})
-    Traceback (most recent call last):
-    ...
-    jaxsample.params.InvalidRequestError: invalid request: 'response_format.json_schema.schema' = {'allOf': []} ('allOf' at /allOf: keyword not supported); allowed: a JSON Schema inside the supported subset (docs/constraints.md)
+    >>> try:
+    ...     check_schema({"type": "object", "properties": {"a": {"allOf": []}}})
+    ... except ValueError as e:
+    ...     print(e.reason)
+    'allOf' at /properties/a/allOf: keyword not supported
     """
     text = schema if isinstance(schema, str) else canonical(schema)
     key = (text, bool(strict))

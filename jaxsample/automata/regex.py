@@ -41,7 +41,9 @@ class CharSet:
         return "..."
 
     def union(self, o: CharSet) -> CharSet:
-        return CharSet(self.ascii | o.ascii, self.all_non_ascii or o.all_non_ascii, self.extra | o.extra)
+        return CharSet(
+            self.ascii | o.ascii, self.all_non_ascii or o.all_non_ascii, self.extra | o.extra
+        )
 
     def negate(self) -> CharSet:
         if self.extra:
@@ -141,7 +143,11 @@ class _Parser:
             return False
         body = self.s[self.i + 1 : j]
         parts = body.split(",")
-        return 1 <= len(parts) <= 2 and parts[0].isdigit() and all(p.isdigit() or p == "" for p in parts)
+        return (
+            1 <= len(parts) <= 2
+            and parts[0].isdigit()
+            and all(p.isdigit() or p == "" for p in parts)
+        )
 
     def brace(self):
         j = self.s.index("}", self.i)
@@ -229,7 +235,11 @@ class _Parser:
             else:
                 lo_set = _chars(c) if ord(c) < _ASCII else CharSet(extra={ord(c)})
             single = _single(lo_set)
-            if self.peek() == "-" and single is not None and self.s[self.i + 1 : self.i + 2] not in ("]", ""):
+            if (
+                self.peek() == "-"
+                and single is not None
+                and self.s[self.i + 1 : self.i + 2] not in ("]", "")
+            ):
                 self.eat()
                 d = self.eat()
                 if d == "\\":
