@@ -241,7 +241,10 @@ def step_cost(vocab, eos, specials, schemas, batches, reps=30):
     from jaxsample.automata import json_mode as jm
 
     sp = js.SchemaPool(vocab, eos_id=eos, special_ids=specials, size="medium")
-    hs = [sp.add(js.compile_schema(s, vocab, eos_id=eos, special_ids=specials)) for s in schemas]
+    hs = [
+        sp.add(js.compile_schema(s, vocab, eos_id=eos, special_ids=specials, strict=False))
+        for s in schemas
+    ]
     pool = sp.pool
     g = jm.compile_grammar(vocab, eos_id=eos, special_ids=specials)
 

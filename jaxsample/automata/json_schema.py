@@ -1433,10 +1433,10 @@ class CompiledSchema:
     def nbytes(self) -> int:
         """Bytes this schema takes in a pool (per-state arrays, sparse entries, dense rows)."""
         t = self.tables
-        per_state = 4 * 8 + 3  # row, base, cost, cmin, cmax, sp_start, sp_len (i32) + flags
+        per_state = 4 * 8 + 3  # 8 int32 arrays and 3 bool arrays per state in a Pool
         return (
             self.n_states * per_state
-            + len(t["sp_tok"]) * 12
+            + len(t["sp_tok"]) * 16
             + t["dense"].shape[0] * t["dense"].shape[1] * 3
         )
 
