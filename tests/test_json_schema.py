@@ -115,8 +115,15 @@ SCHEMAS = {
             "p": {"type": "number", "minimum": 0, "maximum": 1},
             "q": {"type": "number", "exclusiveMinimum": -2.5, "exclusiveMaximum": 3},
             "i": {"type": "integer", "minimum": -1234, "maximum": -7},
+            "o": {
+                "oneOf": [
+                    {"type": "string", "maxLength": 3},
+                    {"type": "array", "items": {"type": "boolean"}, "maxItems": 2},
+                    {"type": "integer", "minimum": 5},
+                ]
+            },
         },
-        "required": ["p", "q", "i"],
+        "required": ["p", "q", "i", "o"],
     },
     "pattern": {"type": "string", "pattern": "ab+c|^x[^0-9]?$"},
 }
@@ -441,7 +448,11 @@ def test_min_tokens_of_a_const_is_its_shortest_tokenization(vocab, const):
         ({"type": "string", "pattern": "(a)\\1"}, "pattern", "/pattern"),
         ({"$ref": "https://example.com/s.json"}, "$ref", "/$ref"),
         ({"type": "array", "maxItems": 1000}, "maxItems", "/maxItems"),
-        ({"type": "array", "items": {"oneOf": [{}]}}, "oneOf", "/items/oneOf"),
+        (
+            {"type": "array", "items": {"oneOf": [{"type": "string"}, {"enum": ["a", 1]}]}},
+            "oneOf",
+            "/items/oneOf/1",
+        ),
         (
             {"type": "object", "properties": {"a~/b": {"type": "integer", "multipleOf": 2}}},
             "multipleOf",

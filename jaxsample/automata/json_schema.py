@@ -629,7 +629,7 @@ class _Builder:
             "type", "properties", "required", "additionalProperties", "items", "prefixItems",
             "minItems", "maxItems", "enum", "const", "anyOf", "$defs", "definitions", "$ref",
             "minLength", "maxLength", "pattern", "format", "minimum", "maximum",
-            "exclusiveMinimum", "exclusiveMaximum",
+            "exclusiveMinimum", "exclusiveMaximum", "oneOf",
         }  # fmt: skip
         for k in s:
             if k not in known and k not in _ANNOTATIONS and not k.startswith("x-"):
@@ -654,6 +654,28 @@ class _Builder:
                 return self.schema(target, tpath, depth)
             finally:
                 self.ref_stack.pop()
+        if "oneOf" in s:
+            others = [k for k in constraints if k != "oneOf"]
+            if others:
+                raise _err(others[0], _ptr(path, others[0]), s[others[0]], "next to 'oneOf'")
+            subs = s["oneOf"]
+            if not isinstance(subs, list) or not subs:
+                raise _err("oneOf", _ptr(path, "oneOf"), subs, "not a non-empty array")
+            seen: set = set()
+            for i, x in enumerate(subs):
+                t = self._json_types(x)
+                if t & seen:
+                    raise _err(
+                        "oneOf",
+                        _ptr(path, "oneOf", i),
+                        "...",
+                        "alternatives whose JSON types overlap (exactly-one cannot be enforced; "
+                        "oneOf is supported when the alternatives have disjoint types)",
+                    )
+                seen |= t
+            return self.alt(
+                [self.schema(x, _ptr(path, "oneOf", i), depth) for i, x in enumerate(subs)]
+            )
         if "anyOf" in s:
             others = [k for k in constraints if k != "anyOf"]
             if others:
@@ -736,6 +758,46 @@ class _Builder:
         if x.get("type") == "string" or (vals and all(isinstance(v, str) for v in vals)):
             return "other"
         return None
+
+    def _json_types(self, x, seen=0) -> set:
+        """The JSON types an alternative's instances may have (integer counts as number)."""
+        every = {"object", "array", "string", "number", "boolean", "null"}
+        if x is True or seen > 8:
+            return every
+        if x is False or not isinstance(x, dict):
+            return set()
+        if "$ref" in x:
+            try:
+                return self._json_types(self.resolve(x["$ref"], "")[0], seen + 1)
+            except Exception:
+                return every
+        for k in ("anyOf", "oneOf"):
+            if isinstance(x.get(k), list):
+                return set().union(*(self._json_types(y, seen + 1) for y in x[k]))
+        vals = x.get("enum", [x["const"]] if "const" in x else None)
+        if isinstance(vals, list):
+            out = set()
+            for v in vals:
+                out.add(
+                    "null" if v is None else "boolean" if isinstance(v, bool)
+                    else "number" if isinstance(v, (int, float)) else "string" if isinstance(v, str)
+                    else "array" if isinstance(v, list) else "object"
+                )  # fmt: skip
+            return out
+        t = x.get("type")
+        if t is None:
+            implied = set()
+            for ty, kws in [
+                ("object", ("properties", "required", "additionalProperties")),
+                ("array", ("items", "prefixItems", "minItems", "maxItems")),
+                ("string", ("minLength", "maxLength", "pattern", "format")),
+                ("number", ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")),
+            ]:
+                if any(k in x for k in kws):
+                    implied.add(ty)
+            return implied or every
+        ts = [t] if isinstance(t, str) else t if isinstance(t, list) else []
+        return {"number" if y == "integer" else y for y in ts if isinstance(y, str)}
 
     def _first_free(self, subs):
         return next(i for i, x in enumerate(subs) if self._string_kind(x) == "free")
