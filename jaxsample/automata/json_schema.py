@@ -109,7 +109,7 @@ _ANNOTATIONS = {
 #: Most states of pattern/enum strings with a large token set (each needs a dense row).
 MAX_DENSE_STATES = 32
 #: Most (state, trie node) pairs one compile may visit (bounds the compile time).
-MAX_WALK_PAIRS = 12_000_000
+MAX_WALK_PAIRS = 4_000_000
 FORMATS = ("date", "time", "date-time", "duration", "uuid", "email", "hostname", "ipv4", "ipv6")
 
 
