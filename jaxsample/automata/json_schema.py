@@ -108,6 +108,8 @@ _ANNOTATIONS = {
 }
 #: Most states of pattern/enum strings with a large token set (each needs a dense row).
 MAX_DENSE_STATES = 32
+#: Most NFA states the subset construction may visit (bounds the compile time).
+MAX_SUBSET_WORK = 600_000
 #: Most (state, trie node) pairs one compile may visit (bounds the compile time).
 MAX_WALK_PAIRS = 4_000_000
 FORMATS = ("date", "time", "date-time", "duration", "uuid", "email", "hostname", "ipv4", "ipv6")
@@ -1239,7 +1241,13 @@ def _determinize(nfa: _NFA, start: int, final: int):
     index = {sets[0]: 0}
     trans: list[dict] = []
     i = 0
+    work = 0
     while i < len(sets):
+        work += len(sets[i])
+        if work > MAX_SUBSET_WORK:
+            raise _TooBig(
+                f"more than {MAX_SUBSET_WORK} NFA states visited by the subset construction"
+            )
         by_class: dict[int, set] = {}
         for s in sets[i]:
             for m, t in nfa.edges[s]:
