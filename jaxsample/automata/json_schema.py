@@ -60,7 +60,7 @@ ANY_NESTING = 2
 #: Most DFA states one schema may compile to (the tables' row ids are int16).
 MAX_STATES = 20000
 #: Most NFA states (the builder stops early past this).
-MAX_NFA_STATES = 200000
+MAX_NFA_STATES = 100000
 #: A state with more valid tokens than this gets a dense row instead of a sparse list.
 SPARSE_MAX = 512
 #: ``minItems`` / ``maxItems`` / unrolled item positions above this are refused.
