@@ -529,3 +529,17 @@ def test_params_response_format_json_schema():
         assert e.value.field == field, (value, e.value)
     with pytest.raises(InvalidRequestError):
         SamplingParams.from_request({"model": "m", "messages": [], "json_schema": "{}"})
+
+
+def test_table_limit_refusal_names_the_pattern(vocab):
+    """A pattern whose states each allow most of the vocabulary, past the walk budget: the
+    refusal names the pattern and its pointer (and comes quickly)."""
+    tb, eos, specials = vocab
+    pat = ".*".join("abcdefghijklmnopqrstuvwxyz")
+    schema = {
+        **OBJ,
+        "properties": {"a": {"type": "string"}, "c": {"type": "string", "pattern": pat}},
+    }
+    with pytest.raises(InvalidRequestError) as e:
+        js.compile_schema(schema, tb, eos_id=eos, special_ids=specials)
+    assert "'pattern' at /properties/c/pattern: too large for the tables" in str(e.value)

@@ -206,6 +206,8 @@ class _NFA:
         self.tag: list = []
         self.limits: list[tuple[int, int]] = []
         self.string_states: set[int] = set()
+        self.path: list[str] = []  # the JSON pointer of the schema that made each state
+        self.cur_path = ""
 
     def new(self) -> int:
         if len(self.edges) >= MAX_NFA_STATES:
@@ -213,6 +215,7 @@ class _NFA:
         self.edges.append([])
         self.eps.append([])
         self.tag.append(None)
+        self.path.append(self.cur_path)
         return len(self.edges) - 1
 
     def edge(self, a, mask, b):
@@ -621,6 +624,13 @@ class _Builder:
         return node, ref[1:]
 
     def schema(self, s, path: str, depth: int):
+        outer, self.n.cur_path = self.n.cur_path, path
+        try:
+            return self._schema(s, path, depth)
+        finally:
+            self.n.cur_path = outer
+
+    def _schema(self, s, path: str, depth: int):
         if s is True or s == {}:
             return self.any_value(depth, ANY_NESTING)
         if s is False:
@@ -1438,7 +1448,9 @@ def _trie_walk(voc: _Vocab, delta, meta: _Meta, starts):
             break
         work += total
         if work > MAX_WALK_PAIRS:
-            raise _TooBig(f"more than {MAX_WALK_PAIRS} (state, token prefix) pairs to walk")
+            e = _TooBig(f"more than {MAX_WALK_PAIRS} (state, token prefix) pairs to walk")
+            e.states = np.unique(q)
+            raise e
         rep = np.repeat(np.arange(len(q)), cc)
         off = np.arange(total) - np.repeat(np.cumsum(cc) - cc, cc)
         e = voc.ch_start[node][rep] + off
@@ -1621,10 +1633,27 @@ def _compile(schema, voc: _Vocab, vkey, text, strict) -> CompiledSchema:
         base[i] = block_base[int(tinst[i])]
 
     # walks: non-template states through the trie; template states: only their exit tokens
+    def blame(states):
+        """(keyword, pointer) of the schema that made most NFA states of these states."""
+        paths = [nfa.path[x] for i in states for x in sets[perm[i]] if x in nfa.string_states]
+        where = max(set(paths), key=paths.count) if paths else ""
+        try:
+            node = b.resolve("#" + where, "")[0] if where else schema
+        except Exception:
+            node = {}
+        kws = [
+            k
+            for k in ("pattern", "format", "enum", "const")
+            if isinstance(node, dict) and k in node
+        ]
+        kw = kws[0] if kws else "type"
+        return kw, _ptr(where, kw)
+
     try:
         parts = _trie_walk(voc, delta, meta, np.flatnonzero(~is_t))
     except _TooBig as e:
-        raise _err("schema", "", "...", f"too large for the tables: {e}") from None
+        kw, ptr = blame(e.states)
+        raise _err(kw, ptr, "...", f"too large for the tables: {e}") from None
     tq, tt = [], []
     for i in np.flatnonzero(is_t):
         ex = voc.exits[tsub[i]]
@@ -1689,9 +1718,10 @@ def _compile(schema, voc: _Vocab, vkey, text, strict) -> CompiledSchema:
     dense_states = np.flatnonzero(counts > SPARSE_MAX)
     dense_states = dense_states[~is_t[dense_states]]
     if len(dense_states) > MAX_DENSE_STATES:
+        kw, ptr = blame(dense_states)
         raise _err(
-            "pattern",
-            "",
+            kw,
+            ptr,
             "...",
             f"{len(dense_states)} string states with over {SPARSE_MAX} "
             f"valid tokens each (pattern, format or enum strings next to other strings); the "
