@@ -715,15 +715,7 @@ class _Builder:
         types = s.get("type")
         all_types = ["object", "array", "string", "number", "integer", "boolean", "null"]
         if types is None:
-            implied = set()
-            for t, kws in [
-                ("object", ("properties", "required", "additionalProperties")),
-                ("array", ("items", "prefixItems", "minItems", "maxItems")),
-                ("string", ("minLength", "maxLength", "pattern", "format")),
-                ("number", ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")),
-            ]:
-                if any(k in s for k in kws):
-                    implied.add(t)
+            implied = _implied_types(s)
             types = [t for t in all_types if t in implied] if implied else list(all_types)
         elif isinstance(types, str):
             types = [types]
@@ -798,16 +790,7 @@ class _Builder:
             return out
         t = x.get("type")
         if t is None:
-            implied = set()
-            for ty, kws in [
-                ("object", ("properties", "required", "additionalProperties")),
-                ("array", ("items", "prefixItems", "minItems", "maxItems")),
-                ("string", ("minLength", "maxLength", "pattern", "format")),
-                ("number", ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")),
-            ]:
-                if any(k in x for k in kws):
-                    implied.add(ty)
-            return implied or every
+            return _implied_types(x) or every
         ts = [t] if isinstance(t, str) else t if isinstance(t, list) else []
         return {"number" if y == "integer" else y for y in ts if isinstance(y, str)}
 
@@ -1141,6 +1124,23 @@ class _Builder:
                     self.n.e(f[1], cur)
         end = self.seq((close, close), self.ws(), self.lit(b"]"))
         return start, end[1]
+
+
+_TYPE_KEYWORDS = {
+    "object": ("properties", "required", "additionalProperties"),
+    "array": ("items", "prefixItems", "minItems", "maxItems"),
+    "string": ("minLength", "maxLength", "pattern", "format"),
+    "number": ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"),
+}
+
+
+def _implied_types(s: dict) -> set:
+    """The types a schema without ``type`` is taken to mean, from its keywords.
+
+    >>> sorted(_implied_types({"properties": {}, "maxLength": 3}))
+    ['object', 'string']
+    """
+    return {t for t, kws in _TYPE_KEYWORDS.items() if any(k in s for k in kws)}
 
 
 def _canon_str(s: str) -> bytes:
