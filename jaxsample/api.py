@@ -308,6 +308,12 @@ class Engine:
         (compiled once per vocabulary and cached); the loop skips the mask when no row is
         in JSON mode.
         """
+        for p in plist:  # until the slot engine wires json_schema rows: never run them as text
+            if p.response_format == "json_schema":
+                raise InvalidRequestError(
+                    "response_format", "json_schema", "text or json_object in this engine",
+                    reason="json_schema is not wired into this decode loop yet",
+                )  # fmt: skip
         return _decode.Constraints(
             json_grammar=self.grammar(),
             json_enabled=jnp.asarray([p.response_format == "json_object" for p in plist]),
