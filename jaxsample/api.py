@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import math
 import time
 import uuid
@@ -278,12 +279,17 @@ class Engine:
     def slot_engine(self):
         """The :class:`jaxsample.engine.SlotEngine` behind :meth:`stream` (built once)."""
         if self._slot_engine is None:
+            from jaxsample.automata import json_schema
             from jaxsample.engine import SlotEngine
 
+            tok = self.tokenizer
             self._slot_engine = SlotEngine(
                 self.model,
                 grammar=self.grammar(),
                 token_bytes=self.token_bytes(),
+                schema_pool=json_schema.SchemaPool(
+                    tok.token_bytes, eos_id=tok.eos_id, special_ids=tok.special_ids
+                ),
                 **self.engine_options,
             )
         return self._slot_engine
@@ -308,6 +314,12 @@ class Engine:
         (compiled once per vocabulary and cached); the loop skips the mask when no row is
         in JSON mode.
         """
+        for p in plist:  # until the slot engine wires json_schema rows: never run them as text
+            if p.response_format == "json_schema":
+                raise InvalidRequestError(
+                    "response_format", "json_schema", "text or json_object in this engine",
+                    reason="json_schema is not wired into this decode loop yet",
+                )  # fmt: skip
         return _decode.Constraints(
             json_grammar=self.grammar(),
             json_enabled=jnp.asarray([p.response_format == "json_object" for p in plist]),
@@ -378,7 +390,30 @@ class Engine:
             max_tokens=max_tokens,
             stops=tuple(p.stop),
             json_mode=p.response_format == "json_object",
+            schema=self.compiled_schema(p, max_tokens),
         )
+
+    def compiled_schema(self, p: SamplingParams, max_tokens: int | None = None):
+        """The compiled JSON Schema of a ``json_schema`` request (cached by content), or None.
+
+        Refuses (:class:`InvalidRequestError`) a schema outside the supported subset, naming
+        the keyword and its JSON pointer, and a ``max_tokens`` below the shortest valid answer.
+        """
+        if p.response_format != "json_schema":
+            return None
+        from jaxsample.automata import json_schema
+
+        obj = json.loads(p.json_schema)
+        tok = self.tokenizer
+        compiled = json_schema.compile_schema(
+            obj["schema"],
+            tok.token_bytes,
+            eos_id=tok.eos_id,
+            special_ids=tok.special_ids,
+            strict=obj["strict"],
+        )
+        json_schema.check_budget(max_tokens, compiled)
+        return compiled
 
     def stream(
         self, items: Iterable[tuple[Any, Any, SamplingParams]], *, job_seed: int = 0
@@ -406,6 +441,16 @@ class Engine:
             while errors:
                 yield errors.popleft()
             key, ids, p, seed = res.key
+            if res.error is not None:  # the schema pool had no room for it
+                err = InvalidRequestError(
+                    "response_format",
+                    "<json_schema>",
+                    "a schema that fits the engine's schema pool beside the running ones",
+                    reason=str(res.error),
+                    index=key,
+                )
+                yield key, _refused(err, seed)
+                continue
             yield key, self._completion(_as_batch(res), 0, ids, p, seed)
         while errors:
             yield errors.popleft()

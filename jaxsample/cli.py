@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--no-compile-cache", action="store_true", help="do not keep compiled programs on disk"
     )
+    from jaxsample.batch.command import add_parsers as add_batch_parsers
+
+    add_batch_parsers(sub)  # batch, batch-merge (docs/batch.md)
     return parser
 
 
@@ -122,6 +125,10 @@ def _dumps(obj) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("batch", "batch-merge"):
+        from jaxsample.batch.command import run as run_batch
+
+        return run_batch(args)
     body = _read_request(args.request) if args.request else _body_from_flags(args)
 
     import jax.numpy as jnp

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -44,7 +45,7 @@ LOGIT_BIAS_LIMIT = 100.0
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 
-RESPONSE_FORMATS = ("text", "json_object")
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 LOGPROBS_MODES = ("raw", "processed")
 
 _REPR_LIMIT = 200
@@ -221,29 +222,89 @@ def _stop(value: Any) -> tuple[str, ...]:
     return tuple(strings)
 
 
-_FORMAT_ALLOWED = '{"type": "text"} or {"type": "json_object"}'
+_FORMAT_ALLOWED = (
+    '{"type": "text"}, {"type": "json_object"} or '
+    '{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}'
+)
+_SCHEMA_KEYS = ("name", "schema", "strict", "description")
 
 
-def _response_format(value: Any) -> str:
+def _json_schema_object(value: Any) -> str:
+    """The ``json_schema`` object of a response_format, validated (the schema against the
+    supported subset too), as canonical JSON text: ``{"name", "schema", "strict"}``."""
+    from jaxsample.automata import json_schema as js
+
+    field = "response_format.json_schema"
+    allowed = '{"name": "<1-64 of a-z A-Z 0-9 _ ->", "schema": {...}, "strict": true|false}'
+    if not isinstance(value, Mapping):
+        raise InvalidRequestError(field, value, allowed, reason="not an object")
+    extra = sorted(str(k) for k in value if k not in _SCHEMA_KEYS)
+    if extra:
+        raise InvalidRequestError(field, value, allowed, reason=f"unknown keys {extra}")
+    name = value.get("name")
+    ok_name = isinstance(name, str) and 1 <= len(name) <= 64
+    if not ok_name or not all(c.isascii() and (c.isalnum() or c in "_-") for c in name):
+        raise InvalidRequestError(f"{field}.name", name, "1-64 characters of a-z A-Z 0-9 _ -")
+    strict = value.get("strict", False)
+    if strict is None:
+        strict = False
+    if not _is_bool(strict):
+        raise InvalidRequestError(f"{field}.strict", strict, "a boolean (true or false)")
+    if "schema" not in value or not isinstance(value["schema"], (Mapping, bool)):
+        raise InvalidRequestError(
+            f"{field}.schema",
+            value.get("schema"),
+            "a JSON Schema object",
+            reason="missing or not an object",
+        )
+    try:
+        text = js.canonical(value["schema"])
+    except (TypeError, ValueError):
+        raise InvalidRequestError(
+            f"{field}.schema", value["schema"], "a JSON Schema object", reason="not JSON"
+        ) from None
+    js.check_schema(text, strict=bool(strict))
+    return js.canonical({"name": name, "schema": json.loads(text), "strict": bool(strict)})
+
+
+def _response_format(value: Any, stored_schema: Any = None) -> tuple[str, str | None]:
+    """(type string, canonical json_schema object text or None)."""
     if value is None:
-        return "text"
+        return "text", None
     kind = value
     if isinstance(value, Mapping):
         if "type" not in value:
             raise InvalidRequestError("response_format", value, _FORMAT_ALLOWED, reason="no 'type'")
         kind = value["type"]
-    if kind == "json_schema":
-        raise InvalidRequestError(
-            "response_format", value, _FORMAT_ALLOWED, reason="json_schema is not supported yet"
-        )
     if not isinstance(kind, str) or kind not in RESPONSE_FORMATS:
         raise InvalidRequestError("response_format", value, _FORMAT_ALLOWED, reason="unknown type")
-    extra = sorted(str(k) for k in value if k != "type") if isinstance(value, Mapping) else []
+    known = ("type", "json_schema") if kind == "json_schema" else ("type",)
+    extra = sorted(str(k) for k in value if k not in known) if isinstance(value, Mapping) else []
     if extra:
         raise InvalidRequestError(
             "response_format", value, _FORMAT_ALLOWED, reason=f"unknown keys {extra}"
         )
-    return kind
+    if kind != "json_schema":
+        if stored_schema is not None:
+            raise InvalidRequestError(
+                "json_schema", stored_schema, "None unless response_format is json_schema"
+            )
+        return kind, None
+    if isinstance(value, Mapping):
+        if "json_schema" not in value:
+            raise InvalidRequestError(
+                "response_format", value, _FORMAT_ALLOWED, reason="no 'json_schema'"
+            )
+        return kind, _json_schema_object(value["json_schema"])
+    if isinstance(stored_schema, str):  # dataclasses.replace: the stored canonical text
+        try:
+            obj = json.loads(stored_schema)
+        except ValueError:
+            obj = stored_schema
+        return kind, _json_schema_object(obj)
+    raise InvalidRequestError(
+        "response_format", value, _FORMAT_ALLOWED, reason="json_schema without its schema"
+    )
 
 
 # ----------------------------------------------------------------------------- SamplingParams
@@ -307,9 +368,11 @@ class SamplingParams:
     logit_bias: Any = ()  # stored: tuple[tuple[int, float], ...], sorted by id
     logprobs: bool = False
     top_logprobs: int = 0
-    response_format: Any = "text"  # stored: "text" | "json_object"
+    response_format: Any = "text"  # stored: "text" | "json_object" | "json_schema"
     stop: Any = ()  # stored: tuple[str, ...]
     logprobs_mode: str = "raw"  # jaxsample extension: "raw" | "processed"
+    # stored: canonical JSON text of response_format's json_schema object, else None
+    json_schema: Any = None
 
     def __post_init__(self):
         def put(name, value):
@@ -351,7 +414,9 @@ class SamplingParams:
                 f"an integer in [0, {TOP_LOGPROBS_MAX}], and > 0 only with logprobs=true",
                 reason="logprobs is false",
             )
-        put("response_format", _response_format(self.response_format))
+        kind, schema = _response_format(self.response_format, self.json_schema)
+        put("response_format", kind)
+        put("json_schema", schema)
         put("stop", _stop(self.stop))
         if self.stop and self.response_format != "text":
             # a stop string cuts the text wherever it occurs, which can leave unclosed JSON
@@ -429,7 +494,7 @@ class SamplingParams:
 
 
 _SEED_ALLOWED = "an integer in [-2**63, 2**63 - 1]"
-_SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+_SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams)) - {"json_schema"}
 
 
 def _check_request_field(key: str, value: Any) -> None:

@@ -248,3 +248,60 @@ def test_data_parallel_over_devices_gives_the_same_outputs(tmp_path):
         results.append(line)
     assert results[0] == results[1]
     assert jax.device_count() >= 1
+
+
+SCHEMAS = [
+    {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    },
+    {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "minItems": 1, "maxItems": 3},
+    {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "score": {"type": "number", "minimum": 0}},
+        "required": ["ok"],
+        "additionalProperties": False,
+    },
+]
+
+
+def _schema_params(schema, **kw):
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema, "strict": True}}
+    return SamplingParams(response_format=fmt, **kw)
+
+
+def test_schema_rows_beside_json_and_plain_rows_validate_and_never_recompile(model, tok):
+    """Rows with different JSON Schemas share the slots with JSON-mode and plain rows; every
+    schema answer parses and validates (also when cut by a small budget); a schema the pool
+    has not seen, arriving after warm-up, compiles nothing."""
+    jsonschema = pytest.importorskip("jsonschema")
+    engine = Engine(model, tok, slots=4, chunk_steps=8)
+    items = []
+    for i in range(12):
+        schema = SCHEMAS[i % 2]
+        items.append((i, "Give JSON", _schema_params(schema, seed=i, max_tokens=[60, 12][i % 2])))
+    items.append((100, "x", SamplingParams(seed=1, max_tokens=8)))
+    items.append(
+        (101, "y", SamplingParams(seed=2, max_tokens=20, response_format={"type": "json_object"}))
+    )
+    got = run(engine, items)
+    for i in range(12):
+        c = got[i]
+        assert c.error is None, c.error
+        jsonschema.validate(json.loads(c.text), SCHEMAS[i % 2])
+    json.loads(got[101].text)
+    before = compile_count()
+    c = run(engine, [(7, "Give JSON", _schema_params(SCHEMAS[2], seed=3, max_tokens=30))])[7]
+    jsonschema.validate(json.loads(c.text), SCHEMAS[2])
+    assert compile_count() == before
+
+
+def test_schema_refusals_name_the_field(model, tok):
+    engine = Engine(model, tok, slots=4)
+    with pytest.raises(Exception) as info:
+        _schema_params({"type": "object", "allOf": []})
+    assert "allOf" in str(info.value)
+    got = run(engine, [(0, "x", _schema_params(SCHEMAS[0], max_tokens=2))])[0]
+    assert got.error is not None and got.error.field == "max_tokens"

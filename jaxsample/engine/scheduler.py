@@ -26,9 +26,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxsample.automata import stop
+from jaxsample.automata import json_schema, stop
 from jaxsample.decode import RUNNING
 from jaxsample.engine import slots as sl
+from jaxsample.engine.slots import EMPTY
 from jaxsample.model.config import INVARIANT_TILE
 from jaxsample.rows import TOP_LOGPROBS_MAX, RowParams
 
@@ -45,6 +46,12 @@ def _on_event(event: str, duration: float, **_) -> None:
 
 
 jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
+def token_bytes_list(tb: stop.TokenBytes) -> list[bytes]:
+    """The vocabulary's bytes back from the device table (for building a schema pool)."""
+    table, lengths = np.asarray(tb.table), np.asarray(tb.lengths)
+    return [bytes(table[i, : lengths[i]]) for i in range(len(lengths))]
 
 
 def compile_count() -> int:
@@ -64,6 +71,7 @@ class SlotRequest(NamedTuple):
     max_tokens: int  # budget; prompt + max_tokens <= the engine's max_seq_len
     stops: tuple[str, ...] = ()
     json_mode: bool = False
+    schema: Any = None  # a json_schema.CompiledSchema, or None
 
 
 class SlotResult(NamedTuple):
@@ -75,6 +83,7 @@ class SlotResult(NamedTuple):
     top_ids: np.ndarray  # [n, 20] int32
     top_logprobs: np.ndarray  # [n, 20] float32
     finish: int  # a finish code of jaxsample.decode
+    error: Exception | None = None  # the request could not be placed (nothing was decoded)
 
 
 @dataclasses.dataclass
@@ -105,6 +114,7 @@ class EngineStats:
 @dataclasses.dataclass
 class _Running:
     request: SlotRequest
+    schema: Any = None  # the json_schema.Handle the slot holds in the pool
     tokens: list = dataclasses.field(default_factory=list)
     logprobs: list = dataclasses.field(default_factory=list)
     top_ids: list = dataclasses.field(default_factory=list)
@@ -135,6 +145,9 @@ class SlotEngine:
         default of :meth:`jaxsample.Engine.load`) for tokens that do not depend on the other
         slots.
       grammar, token_bytes: the JSON-mode tables and the token-bytes table (shared).
+      schema_pool: a :class:`jaxsample.automata.json_schema.SchemaPool` for requests with a
+        JSON Schema (``SlotRequest.schema``); its device tables are shared by every slot and
+        a new schema is written into them as data (no recompile).
       slots: S, the number of slots (static). A multiple of the number of devices.
       chunk_steps: K, the most decode steps per device round trip (static).
       refill_free: r, a chunk ends early once r slots are free and requests are waiting
@@ -151,6 +164,7 @@ class SlotEngine:
         *,
         grammar,
         token_bytes: stop.TokenBytes,
+        schema_pool=None,
         slots: int = 16,
         chunk_steps: int = 32,
         refill_free: int = 1,
@@ -180,7 +194,14 @@ class SlotEngine:
         graphdef, state = nnx.split(model)
         self._graphdef = graphdef
         self._model_state = jax.device_put(state, self._replicated)
-        self._shared = jax.device_put(sl.Shared(grammar, token_bytes), self._replicated)
+        if schema_pool is None:
+            schema_pool = json_schema.SchemaPool(
+                token_bytes_list(token_bytes), eos_id=cfg.eos_id, size="small"
+            )
+        self.schema_pool = schema_pool
+        self._grammar, self._token_bytes = grammar, token_bytes
+        self._shared = None
+        self._refresh_shared()
         self.stats = EngineStats()
         self._slots = None
 
@@ -193,6 +214,12 @@ class SlotEngine:
             n_slots=self.n_slots,
             max_len=self.max_seq_len,
             sharding=self._split,
+        )
+
+    def _refresh_shared(self) -> None:
+        """Uploads the shared tables (the schema pool changes as schemas are added)."""
+        self._shared = jax.device_put(
+            sl.Shared(self._grammar, self._token_bytes, self.schema_pool.pool), self._replicated
         )
 
     # -------------------------------------------------------------- host loop
@@ -243,12 +270,24 @@ class SlotEngine:
         while True:
             t0 = time.perf_counter()
             pull()
+            added = False
             while free and waiting is not None:
+                try:
+                    handle = self._add_schema(waiting)
+                except json_schema.PoolFull as err:  # no room in the pool: it fails alone
+                    failed = _Running(waiting).result(EMPTY)._replace(error=err)
+                    waiting = None
+                    pull()
+                    yield failed
+                    continue
+                added |= handle is not None
                 slot = free.pop(0)
-                self._place(slot, waiting)
-                owners[slot] = _Running(waiting)
+                self._place(slot, waiting, handle)
+                owners[slot] = _Running(waiting, handle)
                 waiting = None
                 pull()
+            if added:
+                self._refresh_shared()
             t1 = time.perf_counter()
             stats.prefill_s += t1 - t0
             if not any(owners):
@@ -283,6 +322,8 @@ class SlotEngine:
                     owner.top_logprobs.append(out.top_logprobs[s, :n])
                     stats.tokens += n
                 if int(out.finish[s]) != RUNNING:
+                    if owner.schema is not None:
+                        self.schema_pool.release(owner.schema)
                     owners[s] = None
                     free.append(s)
                     free.sort()
@@ -293,7 +334,13 @@ class SlotEngine:
             stats.host_s += time.perf_counter() - t2
         stats.wall_s += time.perf_counter() - start
 
-    def _place(self, slot: int, req: SlotRequest) -> None:
+    def _add_schema(self, req: SlotRequest):
+        """Writes the request's schema into the pool (host arrays); its handle, or None."""
+        if req.schema is None:
+            return None
+        return self.schema_pool.add(req.schema)
+
+    def _place(self, slot: int, req: SlotRequest, handle=None) -> None:
         n = len(req.prompt)
         if not 1 <= n or n + req.max_tokens > self.max_seq_len or req.max_tokens < 1:
             raise ValueError(
@@ -316,6 +363,7 @@ class SlotEngine:
             jnp.asarray([n], jnp.int32),
             jax.tree.map(jnp.asarray, req.rows),
             jnp.asarray([req.json_mode]),
+            jnp.asarray([0 if handle is None else handle.start], jnp.int32),
             stops,
             jnp.asarray([req.max_tokens], jnp.int32),
             mesh=self.mesh,
@@ -381,11 +429,24 @@ def _chunk(graphdef, state, shared, slots, free_target, *, chunk_steps, transfor
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("mesh",), donate_argnums=(3,))
 def _admit(
-    graphdef, state, shared, slots, slot, tokens, length, rows, json_on, stops, budget, *, mesh
+    graphdef,
+    state,
+    shared,
+    slots,
+    slot,
+    tokens,
+    length,
+    rows,
+    json_on,
+    schema,
+    stops,
+    budget,
+    *,
+    mesh,
 ):
     n_devices = mesh.devices.size
 
-    def admit(state, shared, slots, slot, tokens, length, rows, json_on, stops, budget):
+    def admit(state, shared, slots, slot, tokens, length, rows, json_on, schema, stops, budget):
         s_local = slots.finish.shape[0]
         local = slot - jax.lax.axis_index(_AXIS) * s_local
         mine = (local >= 0) & (local < s_local)
@@ -405,6 +466,7 @@ def _admit(
                 length,
                 rows,
                 json_on,
+                schema,
                 stops,
                 budget,
             )
@@ -415,7 +477,7 @@ def _admit(
     return jax.shard_map(
         admit,
         mesh=mesh,
-        in_specs=(P(), P(), P(_AXIS)) + (P(),) * 7,
+        in_specs=(P(), P(), P(_AXIS)) + (P(),) * 8,
         out_specs=P(_AXIS),
         check_vma=False,
-    )(state, shared, slots, slot, tokens, length, rows, json_on, stops, budget)
+    )(state, shared, slots, slot, tokens, length, rows, json_on, schema, stops, budget)

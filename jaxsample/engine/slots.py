@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxsample.automata import json_mode, stop
+from jaxsample.automata import json_mode, json_schema, stop
 from jaxsample.decode import FINISH_EOS, FINISH_LENGTH, FINISH_NO_TOKEN, FINISH_STOP, RUNNING
 from jaxsample.model.llama import KVCache
 from jaxsample.rows import TOP_LOGPROBS_MAX, RowParams
@@ -48,6 +48,8 @@ class Slots:
     rows: RowParams  # [S] sampling values, seeds and logprobs settings
     json_on: jax.Array  # shape=(S,), bool; JSON mode
     json_state: Any  # json_mode.State, [S]
+    schema_on: jax.Array  # shape=(S,), bool; a JSON Schema constrains the slot
+    schema_state: Any  # json_schema.State, [S]; q indexes the shared schema pool
     stops: stop.StopTables  # [S] stop-string automata
     stop_state: stop.StopState  # [S]
     prompt_len: jax.Array  # shape=(S,), int32
@@ -61,6 +63,7 @@ class Shared(NamedTuple):
 
     grammar: Any  # json_mode.Grammar
     token_bytes: stop.TokenBytes
+    schemas: Any  # json_schema.Pool: every schema the slots use, written in as data
 
 
 class ChunkOut(NamedTuple):
@@ -96,6 +99,10 @@ def init_slots(model, shared: Shared, n_slots: int, max_len: int, dummy_rows: Ro
         rows=rows,
         json_on=jnp.zeros((S,), jnp.bool_),
         json_state=jax.tree.map(lambda x: jnp.broadcast_to(x, (S,) + x.shape), json0),
+        schema_on=jnp.zeros((S,), jnp.bool_),
+        schema_state=jax.tree.map(
+            lambda x: jnp.broadcast_to(x, (S,) + x.shape), json_schema.init_state(0)
+        ),
         stops=stops,
         stop_state=stop.init_state(stops),
         prompt_len=jnp.zeros((S,), jnp.int32),
@@ -139,6 +146,7 @@ def insert(
     length: jax.Array,
     rows: RowParams,
     json_on: jax.Array,
+    schema_start: jax.Array,
     stops: stop.StopTables,
     budget: jax.Array,
 ) -> Slots:
@@ -147,7 +155,8 @@ def insert(
 
     ``logits [1, V]``, ``keys``/``values`` per layer ``[1, K, C, d]`` (from :func:`prefill`),
     ``tokens [1, T]`` and ``length [1]`` (the prompt, for the repetition penalty's history),
-    ``rows``/``stops`` one-row pytrees, ``json_on [1]``, ``budget [1]`` (max_tokens).
+    ``rows``/``stops`` one-row pytrees, ``json_on [1]``, ``schema_start [1]`` (the pool
+    state a schema row starts in; 0 = no schema), ``budget [1]`` (max_tokens).
     Cache entries of the slot past ``C`` keep stale values from an earlier request; attention
     never reads past a row's position, so they are never seen.
     """
@@ -176,6 +185,8 @@ def insert(
         rows=put_rows(slots.rows, rows),
         json_on=put(slots.json_on, json_on[0]),
         json_state=jax.tree.map(put, slots.json_state, json0),
+        schema_on=put(slots.schema_on, schema_start[0] > 0),
+        schema_state=jax.tree.map(put, slots.schema_state, json_schema.init_state(schema_start[0])),
         stops=put_rows(slots.stops, stops),
         stop_state=slots.stop_state.replace(
             pos=put(slots.stop_state.pos, jnp.zeros_like(slots.stop_state.pos[0]))
@@ -195,20 +206,28 @@ def _where_rows(mask, new, old):
 
 
 def _allowed(shared: Shared, slots: Slots, running):
-    """bool[S, V]: the JSON-mode mask of JSON rows (all True elsewhere); the mask's pass over
-    the vocabulary runs only when some running slot is in JSON mode."""
+    """bool[S, V]: the JSON-mode mask of JSON rows, the schema mask of schema rows, all True
+    elsewhere; each mask's pass over the vocabulary runs only when some running slot needs
+    it."""
+    remaining = slots.budget - slots.n_out
 
-    def json_masks():
-        remaining = slots.budget - slots.n_out
+    def all_allowed():
+        return jnp.ones(slots.logits.shape, jnp.bool_)
+
+    def with_json():
         mask = jax.vmap(json_mode.allowed, in_axes=(None, 0, 0))(
             shared.grammar, slots.json_state, remaining
         )
         return mask | ~slots.json_on[:, None]
 
-    def all_allowed():
-        return jnp.ones(slots.logits.shape, jnp.bool_)
+    def with_schema(mask):
+        schema = jax.vmap(json_schema.allowed, in_axes=(None, 0, 0))(
+            shared.schemas, slots.schema_state, remaining
+        )
+        return jnp.where(slots.schema_on[:, None], schema, mask)
 
-    return jax.lax.cond(jnp.any(slots.json_on & running), json_masks, all_allowed)
+    mask = jax.lax.cond(jnp.any(slots.json_on & running), with_json, all_allowed)
+    return jax.lax.cond(jnp.any(slots.schema_on & running), with_schema, lambda m: m, mask)
 
 
 def step(model, shared: Shared, slots: Slots, *, transforms=()):
@@ -229,6 +248,10 @@ def step(model, shared: Shared, slots: Slots, *, transforms=()):
         shared.grammar, slots.json_state, safe
     )
     json_state = _where_rows(emitted & slots.json_on, json_state, slots.json_state)
+    schema_state = jax.vmap(json_schema.advance, in_axes=(None, 0, 0))(
+        shared.schemas, slots.schema_state, safe
+    )
+    schema_state = _where_rows(emitted & slots.schema_on, schema_state, slots.schema_state)
     stop_state, hit = jax.vmap(stop.advance, in_axes=(0, 0, 0, None))(
         slots.stops, slots.stop_state, safe, shared.token_bytes
     )
@@ -261,6 +284,7 @@ def step(model, shared: Shared, slots: Slots, *, transforms=()):
         cache=cache,
         hist=hist,
         json_state=json_state,
+        schema_state=schema_state,
         stop_state=stop_state,
         n_out=n_out,
         finish=finish,

@@ -1,0 +1,213 @@
+"""The ``jaxsample batch`` and ``jaxsample batch-merge`` subcommands (wired in jaxsample.cli).
+
+    jaxsample batch requests.jsonl --output results.jsonl [--model FILE] [--slots 16]
+    jaxsample batch-merge results.jsonl --shards 4
+
+Exit status: 0 when the output is complete (error records included: they are results),
+1 when the job is refused (manifest, journal) or left incomplete, 2 for bad flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+_ENV = {
+    "coordinator_address": "JAXSAMPLE_COORDINATOR_ADDRESS",
+    "num_processes": "JAXSAMPLE_NUM_PROCESSES",
+    "process_id": "JAXSAMPLE_PROCESS_ID",
+}
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be >= 1")
+    return value
+
+
+def add_parsers(sub) -> None:
+    """Adds ``batch`` and ``batch-merge`` to the ``jaxsample`` subparsers."""
+    b = sub.add_parser(
+        "batch",
+        help="run an OpenAI Batch JSONL file (resumable)",
+        description="Run every request of an OpenAI Batch input file (JSONL) and write one "
+        "OpenAI Batch output line per input line. Killed and restarted with the same "
+        "command, it resumes where it stopped. See docs/batch.md.",
+    )
+    b.add_argument("input", help="the input JSONL file (OpenAI Batch request lines)")
+    b.add_argument("--output", "-o", required=True, help="the output JSONL file")
+    b.add_argument("--model", default=None, help="a Llama GGUF file (default: SmolLM2-135M)")
+    b.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    b.add_argument("--slots", type=_positive, default=16, help="requests decoded at once")
+    b.add_argument(
+        "--max-seq-len",
+        type=_positive,
+        default=None,
+        help="tokens of prompt + output per request (default: the model's context, at most 2048)",
+    )
+    b.add_argument(
+        "--chunk-steps", type=_positive, default=32, help="decode steps between host refills"
+    )
+    b.add_argument(
+        "--devices", type=_positive, default=None, help="local devices to use (default: all)"
+    )
+    b.add_argument("--job-seed", type=int, default=0, help="seeds requests without one")
+    b.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: only when stderr is a terminal)",
+    )
+    b.add_argument("--sync-lines", type=_positive, default=256, help="fsync after this many lines")
+    b.add_argument("--sync-seconds", type=float, default=1.0, help="or after this many seconds")
+    dist = b.add_argument_group(
+        "several hosts (jax.distributed); each process writes OUTPUT.shard-K-of-N"
+    )
+    dist.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() (on a TPU pod slice it finds its peers)",
+    )
+    dist.add_argument(
+        "--coordinator-address",
+        default=os.environ.get(_ENV["coordinator_address"]),
+        help="HOST:PORT of process 0 (env JAXSAMPLE_COORDINATOR_ADDRESS)",
+    )
+    dist.add_argument(
+        "--num-processes",
+        type=_positive,
+        default=_env_int("num_processes"),
+        help="number of processes (env JAXSAMPLE_NUM_PROCESSES)",
+    )
+    dist.add_argument(
+        "--process-id",
+        type=int,
+        default=_env_int("process_id"),
+        help="this process, 0..N-1 (env JAXSAMPLE_PROCESS_ID)",
+    )
+    dist.add_argument(
+        "--merge-timeout",
+        type=float,
+        default=3600.0,
+        help="seconds process 0 waits for the other shards before merging",
+    )
+    b.add_argument("--no-compile-cache", action="store_true", help="no XLA cache on disk")
+
+    m = sub.add_parser(
+        "batch-merge",
+        help="join the output shards of a multi-process batch job",
+        description="Join OUTPUT.shard-K-of-N (every shard complete) into OUTPUT.",
+    )
+    m.add_argument("output", help="the --output the batch job was given")
+    m.add_argument("--shards", type=_positive, required=True, help="N, the number of shards")
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(_ENV[name])
+    return int(value) if value else None
+
+
+def _shard(args) -> tuple[int, int]:
+    """Initialises jax.distributed when asked; returns (process index, process count)."""
+    explicit = args.coordinator_address or args.num_processes or args.process_id is not None
+    if not (args.distributed or explicit):
+        return 0, 1
+    if explicit and not args.distributed:
+        missing = [
+            flag
+            for flag, value in (
+                ("--coordinator-address", args.coordinator_address),
+                ("--num-processes", args.num_processes),
+                ("--process-id", args.process_id),
+            )
+            if value is None
+        ]
+        if missing:
+            raise SystemExit(f"jaxsample batch: several hosts need {', '.join(missing)} too")
+    import jax
+
+    # None for any of them: jax finds it itself (TPU pod slices, SLURM, ...)
+    jax.distributed.initialize(
+        args.coordinator_address, num_processes=args.num_processes, process_id=args.process_id
+    )
+    return jax.process_index(), jax.process_count()
+
+
+def run(args) -> int:
+    """Runs ``batch`` or ``batch-merge`` from parsed arguments; returns the exit status."""
+    from jaxsample.batch.journal import JournalError
+    from jaxsample.batch.manifest import ManifestError
+    from jaxsample.batch.merge import MergeError, merge_shards, wait_for_shards
+    from jaxsample.batch.summary import format_summary
+
+    if args.command == "batch-merge":
+        try:
+            summary = merge_shards(args.output, args.shards)
+        except MergeError as err:
+            print(f"jaxsample batch-merge: {err}", file=sys.stderr)
+            return 1
+        print(format_summary(summary), file=sys.stderr)
+        return 0
+
+    from jaxsample.batch.job import JobConfig, JobError, run_job
+
+    if not os.path.isfile(args.input):
+        print(f"jaxsample batch: no input file {args.input}", file=sys.stderr)
+        return 2
+    if args.sync_seconds < 0:
+        print("jaxsample batch: --sync-seconds must be >= 0", file=sys.stderr)
+        return 2
+    shard = _shard(args)
+    if not args.no_compile_cache:
+        from jaxsample.cli import _enable_compile_cache
+
+        _enable_compile_cache()
+    cfg = JobConfig(
+        input=args.input,
+        output=args.output,
+        model=args.model,
+        dtype=args.dtype,
+        slots=args.slots,
+        max_seq_len=args.max_seq_len,
+        chunk_steps=args.chunk_steps,
+        devices=args.devices,
+        job_seed=args.job_seed,
+        shard=shard,
+        progress=args.progress,
+        sync_lines=args.sync_lines,
+        sync_seconds=args.sync_seconds,
+    )
+    try:
+        summary = run_job(cfg)
+    except (ManifestError, JournalError, JobError) as err:
+        print(f"jaxsample batch: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            "\njaxsample batch: interrupted; what was written is kept: run the same command "
+            "again to resume",
+            file=sys.stderr,
+        )
+        return 130
+    print(format_summary(summary), file=sys.stderr)
+    if not summary["complete"]:
+        return 1
+    k, n = shard
+    if n > 1 and k == 0:
+        left = wait_for_shards(args.output, n, timeout=args.merge_timeout)
+        if left:
+            print(
+                f"jaxsample batch: {len(left)} shards not complete after "
+                f"{args.merge_timeout:.0f} s; merge later with: jaxsample batch-merge "
+                f"{args.output} --shards {n}",
+                file=sys.stderr,
+            )
+            return 1
+        try:
+            print(format_summary(merge_shards(args.output, n)), file=sys.stderr)
+        except MergeError as err:
+            print(f"jaxsample batch: {err}", file=sys.stderr)
+            return 1
+    return 0

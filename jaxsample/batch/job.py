@@ -1,0 +1,293 @@
+"""The batch job: OpenAI Batch JSONL in, one output record per input line out, resumable.
+
+Data flow (docs/batch.md)::
+
+    input.jsonl --reader--> Line (request or line-level error) --shard_of(key)--> this
+    process's share --skip what the journal lists as done--> Engine.stream_chat (lazy, results
+    as they finish) --record--> Journal (one complete line each, grouped fsync)
+
+Everything before the engine is checked first (manifest, journal repair, counting), so a
+refused resume never loads the model, and a job that is already complete never loads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+from jaxsample.batch.journal import Journal
+from jaxsample.batch.manifest import Manifest
+from jaxsample.batch.reader import Line, read_lines, shard_of
+from jaxsample.batch.summary import (
+    Progress,
+    Tally,
+    format_summary,
+    summary_path,
+    write_json_atomic,
+)
+
+
+class JobError(RuntimeError):
+    """A job that cannot start as configured."""
+
+
+@dataclasses.dataclass
+class JobConfig:
+    """What one process of a batch job runs.
+
+    ``output`` is the final output path; with ``shard = (k, n)``, n > 1, this process writes
+    :func:`shard_output` ``(output, k, n)`` instead. ``settings`` returns what the manifest
+    keeps of it.
+    """
+
+    input: str
+    output: str
+    model: str | None = None
+    dtype: str = "float32"
+    slots: int = 16
+    max_seq_len: int | None = None
+    chunk_steps: int = 32
+    devices: int | None = None
+    job_seed: int = 0
+    shard: tuple[int, int] = (0, 1)
+    progress: bool | None = None
+    sync_lines: int = 256
+    sync_seconds: float = 1.0
+
+    def settings(self) -> dict:
+        """The engine settings a resume must match (devices excluded: docs/batch.md)."""
+        return {
+            "dtype": self.dtype,
+            "slots": self.slots,
+            "max_seq_len": self.max_seq_len,
+            "chunk_steps": self.chunk_steps,
+            "job_seed": self.job_seed,
+        }
+
+
+def shard_output(output: str, index: int, count: int) -> str:
+    """The file process ``index`` of ``count`` writes (the output itself when count is 1).
+
+    Example::
+
+        >>> shard_output("out.jsonl", 1, 4)
+        'out.jsonl.shard-00001-of-00004'
+    """
+    return output if count == 1 else f"{output}.shard-{index:05d}-of-{count:05d}"
+
+
+def model_file(path: str | None) -> str:
+    """The model file a job uses: ``path``, or the default model's file."""
+    if path is not None:
+        return path
+    from jaxsample.model import default_model_path
+
+    return str(default_model_path())
+
+
+def load_engine(cfg: JobConfig):
+    """The Engine for a job's settings: the slot engine over ``cfg.devices`` local devices
+    (default: all of this process's devices), batch-invariant."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxsample.api import Engine
+
+    local = jax.local_devices()
+    n = len(local) if cfg.devices is None else cfg.devices
+    if n > len(local):
+        raise JobError(f"--devices {n}: this process has {len(local)} devices")
+    if cfg.slots % n:
+        raise JobError(f"--slots {cfg.slots} must be a multiple of the {n} devices used")
+    return Engine.load(
+        cfg.model,
+        dtype=jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32,
+        batch_invariant=True,
+        slots=cfg.slots,
+        chunk_steps=cfg.chunk_steps,
+        max_seq_len=cfg.max_seq_len,
+        devices=local[:n],
+    )
+
+
+def _new_id(prefix: str) -> str:
+    return prefix + uuid.uuid4().hex
+
+
+def response_record(custom_id: str, result: dict) -> dict:
+    """The output line of a request that reached the engine: status 200 with the
+    chat.completion, or 400 with the OpenAI error object it returned."""
+    status = 400 if "error" in result else 200
+    return {
+        "id": _new_id("batch_req_"),
+        "custom_id": custom_id,
+        "response": {"status_code": status, "request_id": _new_id("req_"), "body": result},
+        "error": None,
+    }
+
+
+def error_record(custom_id: str | None, error: dict) -> dict:
+    """The output line of a request that got no response: ``{"code", "message", "line"?}``."""
+    return {"id": _new_id("batch_req_"), "custom_id": custom_id, "response": None, "error": error}
+
+
+class _Clock:
+    """Seconds spent in the job layer, by part."""
+
+    def __init__(self):
+        self.manifest = 0.0  # hashing the input and model files
+        self.parse = 0.0  # reading and checking input lines
+        self.records = 0.0  # building output records
+        self.write = 0.0  # encoding, writing and syncing them
+
+
+def _timed_lines(path: str, clock: _Clock) -> Iterator[Line]:
+    lines = read_lines(path)
+    while True:
+        t0 = time.perf_counter()
+        line = next(lines, None)
+        clock.parse += time.perf_counter() - t0
+        if line is None:
+            return
+        yield line
+
+
+def run_job(cfg: JobConfig, *, engine=None, engine_factory: Callable | None = None) -> dict:
+    """Runs (or resumes) this process's share of a batch job; returns its summary dict.
+
+    ``engine`` (anything with ``stream_chat``) or ``engine_factory()`` is used when given;
+    otherwise :func:`load_engine` builds one, after every check has passed and only when
+    something is left to run.
+    """
+    k, n = cfg.shard
+    if not 0 <= k < n:
+        raise JobError(f"shard={cfg.shard}: the process index must lie in [0, {n})")
+    out = shard_output(cfg.output, k, n)
+    if os.path.realpath(out) == os.path.realpath(cfg.input):
+        raise JobError(f"--output {out} is the input file")
+    model_path = model_file(cfg.model)
+    clock = _Clock()
+    t_start = time.perf_counter()
+    Manifest.build(cfg.input, model_path, cfg.settings(), shard=cfg.shard).check_or_write(out)
+    clock.manifest = time.perf_counter() - t_start
+    journal = Journal.open(out, sync_lines=cfg.sync_lines, sync_seconds=cfg.sync_seconds)
+    try:
+        shard_lines = todo = 0
+        for line in _timed_lines(cfg.input, clock):
+            if shard_of(line.key, n) == k:
+                shard_lines += 1
+                todo += line.key not in journal.done
+        skipped = shard_lines - todo
+        run = Tally()
+        progress = Progress(
+            todo, enabled=cfg.progress, desc=f"batch {k + 1}/{n}" if n > 1 else "batch"
+        )
+        load_s = 0.0
+        t_run = time.perf_counter()
+        if todo:
+            t0 = time.perf_counter()
+            if engine is None:
+                engine = engine_factory() if engine_factory else load_engine(cfg)
+            load_s = time.perf_counter() - t0
+            t_run = time.perf_counter()
+            _run(cfg, engine, journal, clock, run, progress)
+        progress.close()
+        journal.close()
+        t_end = time.perf_counter()
+    finally:
+        journal.close()
+    complete = len(journal.done) == shard_lines
+    seconds = t_end - t_run
+    layer = clock.manifest + clock.parse + clock.records + clock.write
+    summary = {
+        "output": out,
+        "input": os.path.abspath(cfg.input),
+        "complete": complete,
+        "lines": shard_lines,
+        "records": journal.tally.as_dict(),
+        "shard": {"index": k, "count": n},
+        "settings": cfg.settings(),
+        "this_run": {
+            "requests": run.records,
+            "skipped_done": skipped,
+            "repaired_bytes": journal.repaired_bytes,
+            "records": run.as_dict(),
+            "seconds": seconds,
+            "load_seconds": load_s,
+            "total_seconds": t_end - t_start,
+            "requests_per_s": run.records / seconds if seconds > 0 else 0.0,
+            "tokens_per_s": run.completion_tokens / seconds if seconds > 0 else 0.0,
+            "job_layer_seconds": {
+                "manifest": clock.manifest,
+                "parse": clock.parse,
+                "records": clock.records,
+                "write_and_sync": clock.write,
+                "total": layer,
+            },
+            # of the whole run apart from loading the model (compiling is in the run)
+            "job_layer_share": layer / max(t_end - t_start - load_s, 1e-9),
+            "fsyncs": journal.syncs,
+        },
+    }
+    write_json_atomic(summary_path(out), summary)
+    return summary
+
+
+def _run(cfg: JobConfig, engine, journal: Journal, clock: _Clock, run: Tally, progress) -> None:
+    k, n = cfg.shard
+    pending: set[str] = set()  # handed to the engine, no result yet
+    # requests() writes the error records of bad lines while the engine pulls from it: a
+    # lock keeps lines whole even if an engine pulled from another thread
+    lock = threading.Lock()
+
+    def write(record: dict) -> None:
+        with lock:
+            _write(record)
+
+    def _write(record: dict) -> None:
+        t0 = time.perf_counter()
+        try:
+            journal.append(record)  # encodes before it writes anything
+        except ValueError as err:  # NaN or infinity in a response: not strict JSON
+            record = error_record(
+                record.get("custom_id"),
+                {"code": "server_error", "message": f"the response is not strict JSON: {err}"},
+            )
+            journal.append(record)
+        run.add(record)
+        clock.write += time.perf_counter() - t0
+        body = (record.get("response") or {}).get("body") or {}
+        progress.update(int((body.get("usage") or {}).get("completion_tokens") or 0))
+
+    def requests() -> Iterator[tuple[str, dict]]:
+        for line in _timed_lines(cfg.input, clock):
+            if shard_of(line.key, n) != k or line.key in journal.done:
+                continue
+            if line.error is not None:
+                t0 = time.perf_counter()
+                record = error_record(line.custom_id, line.error)
+                clock.records += time.perf_counter() - t0
+                write(record)
+                continue
+            pending.add(line.key)
+            yield line.key, line.body
+
+    for key, result in engine.stream_chat(requests(), job_seed=cfg.job_seed):
+        if key not in pending:
+            raise RuntimeError(f"the engine returned a result for {key!r}, which it was not given")
+        pending.discard(key)
+        t0 = time.perf_counter()
+        record = response_record(key, result)
+        clock.records += time.perf_counter() - t0
+        write(record)
+    if pending:
+        raise RuntimeError(f"the engine returned no result for {len(pending)} requests")
+
+
+def print_summary(summary: dict) -> None:
+    print(format_summary(summary), file=sys.stderr)

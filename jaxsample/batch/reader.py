@@ -1,0 +1,170 @@
+"""Streaming reader of an OpenAI Batch input file (JSONL), one checked request per line.
+
+Each input line becomes one :class:`Line`: a request to run (``body`` set) or a line-level
+error (``error`` set) that the job writes as that line's error record. Nothing is held per
+line except the set of custom_ids already seen (to refuse duplicates), so memory stays flat
+in the number of lines apart from that set (about 100 bytes per line).
+
+Line-level errors (the request never reaches the model; see docs/batch.md):
+
+- ``invalid_json``: the line is not UTF-8 JSON (an empty line included);
+- ``invalid_line``: the line is JSON but not an object;
+- ``missing_custom_id``: no ``custom_id``, or one that is not a non-empty string;
+- ``duplicate_custom_id``: a custom_id already used on an earlier line (the first one runs);
+- ``invalid_method`` / ``invalid_url``: not ``"POST"`` / not ``"/v1/chat/completions"``;
+- ``invalid_body``: ``body`` missing or not an object.
+
+A line whose custom_id is missing or a duplicate is keyed by its line number (an int) instead
+of its custom_id, and its record carries ``"custom_id": null``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterator
+from typing import Any
+
+CHAT_URL = "/v1/chat/completions"
+
+
+def _refuse_constant(name: str) -> Any:
+    """NaN and Infinity: Python's json reads them, strict JSON has no such values."""
+    raise ValueError(f"{name} is not JSON")
+
+
+@dataclasses.dataclass(frozen=True)
+class Line:
+    """One input line, checked.
+
+    Attributes:
+      number: the 1-based line number in the input file.
+      key: the custom_id (str), or the line number (int) when the line has no usable one.
+      custom_id: the custom_id to write in the output record (None when unusable).
+      body: the chat-completions request body to run, or None for a line-level error.
+      error: the line-level error ``{"code", "message", "line"}``, or None.
+    """
+
+    number: int
+    key: str | int
+    custom_id: str | None
+    body: dict | None = None
+    error: dict | None = None
+
+
+def shard_of(key: str | int, count: int) -> int:
+    """The shard (process) in ``[0, count)`` that owns a line: a stable hash of its key.
+
+    A custom_id is hashed with SHA-256 (the first 8 bytes, big-endian, modulo ``count``), so
+    the split does not depend on Python's per-process string hashing nor on the order of the
+    lines; a line keyed by its line number goes to ``number % count``.
+
+    Example::
+
+        >>> shard_of("request-1", 1)
+        0
+        >>> shard_of("request-1", 4) == shard_of("request-1", 4)
+        True
+        >>> shard_of(7, 4)
+        3
+    """
+    if isinstance(key, int):
+        return key % count
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % count
+
+
+def _line_error(number: int, code: str, message: str, custom_id=None, key=None) -> Line:
+    err = {"code": code, "message": f"line {number}: {message}", "line": number}
+    return Line(number, number if key is None else key, custom_id, error=err)
+
+
+def check_line(number: int, raw: bytes, seen: set[str]) -> Line:
+    """Checks one raw input line (without its newline) and records its custom_id in ``seen``.
+
+    Example::
+
+        >>> seen = set()
+        >>> ok = check_line(1, b'{"custom_id": "a", "method": "POST", '
+        ...     b'"url": "/v1/chat/completions", "body": {"messages": []}}', seen)
+        >>> ok.key, ok.body
+        ('a', {'messages': []})
+        >>> dup = check_line(2, b'{"custom_id": "a"}', seen)
+        >>> dup.key, dup.custom_id, dup.error["code"]
+        (2, None, 'duplicate_custom_id')
+    """
+    try:
+        obj = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError) as err:
+        what = "an empty line" if not raw.strip() else f"not valid JSON ({err})"
+        return _line_error(number, "invalid_json", f"{what}; expected one JSON object per line")
+    if not isinstance(obj, dict):
+        return _line_error(
+            number, "invalid_line", f"a JSON {type(obj).__name__}, expected a JSON object"
+        )
+    cid = obj.get("custom_id")
+    if not isinstance(cid, str) or not cid:
+        return _line_error(
+            number,
+            "missing_custom_id",
+            f"'custom_id' = {json.dumps(cid)[:80]}; expected a non-empty string",
+        )
+    if cid in seen:
+        return _line_error(
+            number,
+            "duplicate_custom_id",
+            f"custom_id {json.dumps(cid)[:80]} was already used on an earlier line; "
+            "the first line with it runs, this one does not",
+        )
+    seen.add(cid)
+    method = obj.get("method")
+    if method != "POST":
+        return _line_error(
+            number,
+            "invalid_method",
+            f"'method' = {json.dumps(method)[:80]}; expected \"POST\"",
+            cid,
+            cid,
+        )
+    url = obj.get("url")
+    if url != CHAT_URL:
+        return _line_error(
+            number,
+            "invalid_url",
+            f"'url' = {json.dumps(url)[:80]}; expected {json.dumps(CHAT_URL)}",
+            cid,
+            cid,
+        )
+    body = obj.get("body")
+    if not isinstance(body, dict):
+        return _line_error(
+            number,
+            "invalid_body",
+            f"'body' = {json.dumps(body)[:80]}; expected a chat-completions request object",
+            cid,
+            cid,
+        )
+    return Line(number, cid, cid, body=body)
+
+
+def read_lines(path: str) -> Iterator[Line]:
+    """Streams the input file as checked :class:`Line` objects, in file order.
+
+    Reads one line at a time (binary, split on ``\\n``; a ``\\r\\n`` ending is accepted). A
+    final line without a newline counts; an empty file yields nothing.
+    """
+    seen: set[str] = set()
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            yield check_line(number, raw.rstrip(b"\r\n"), seen)
+
+
+def count_lines(path: str) -> int:
+    """The number of lines of a file (a final line without a newline counts), read in blocks."""
+    n, last = 0, b"\n"
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            n += block.count(b"\n")
+            last = block[-1:]
+    return n + (last != b"\n")

@@ -1,0 +1,139 @@
+"""Counting what a job wrote, its progress bar and its end-of-run summary.
+
+The summary is printed on stderr and written next to the output as ``OUTPUT.summary.json``
+(written atomically, last thing the job does: ``"complete": true`` there means every input
+line of this output has its record).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+
+
+@dataclasses.dataclass
+class Tally:
+    """Counts of output records: ``ok`` (status 200), ``refused`` (a 400 response: the
+    request was checked and refused), ``failed`` (a line-level error: no response), and the
+    tokens of the ok ones.
+
+    Example::
+
+        >>> t = Tally()
+        >>> t.add({"response": {"status_code": 200, "body": {"usage": {
+        ...     "prompt_tokens": 5, "completion_tokens": 3}}}, "error": None})
+        >>> t.add({"response": None, "error": {"code": "invalid_json", "line": 2}})
+        >>> t.ok, t.failed, t.prompt_tokens + t.completion_tokens, t.records
+        (1, 1, 8, 2)
+    """
+
+    ok: int = 0
+    refused: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def records(self) -> int:
+        return self.ok + self.refused + self.failed
+
+    @property
+    def errors(self) -> int:
+        return self.refused + self.failed
+
+    def add(self, record: dict) -> None:
+        response = record.get("response")
+        if not isinstance(response, dict):
+            self.failed += 1
+            return
+        if response.get("status_code") != 200:
+            self.refused += 1
+            return
+        self.ok += 1
+        body = response.get("body")
+        usage = body.get("usage") if isinstance(body, dict) else None
+        if isinstance(usage, dict):
+            self.prompt_tokens += int(usage.get("prompt_tokens") or 0)
+            self.completion_tokens += int(usage.get("completion_tokens") or 0)
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["errors"] = self.errors
+        d["records"] = self.records
+        return d
+
+
+def write_json_atomic(path: str, obj: dict) -> None:
+    """Writes ``obj`` as JSON to ``path`` through a synced temporary file and a rename."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def summary_path(output: str) -> str:
+    return output + ".summary.json"
+
+
+def read_summary(output: str) -> dict | None:
+    try:
+        with open(summary_path(output), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def format_summary(s: dict) -> str:
+    """The one-paragraph summary printed on stderr."""
+    t = s["records"]
+    lines = [
+        f"jaxsample batch: {s['output']}: {t['records']} records "
+        f"({t['ok']} ok, {t['refused']} refused, {t['failed']} failed lines)"
+        + (" complete" if s.get("complete") else " INCOMPLETE"),
+        f"  tokens: {t['prompt_tokens']} prompt, {t['completion_tokens']} completion",
+    ]
+    run = s.get("this_run")
+    if run:
+        lines.append(
+            f"  this run: {run['requests']} requests in {run['seconds']:.1f} s "
+            f"({run['requests_per_s']:.2f} req/s, {run['tokens_per_s']:.1f} tok/s), "
+            f"{run['skipped_done']} already done, job layer {100 * run['job_layer_share']:.2f}%"
+        )
+    return "\n".join(lines)
+
+
+class Progress:
+    """A tqdm bar over the requests of this run (requests/s, tokens/s, ETA) on stderr.
+
+    Off when ``enabled`` is False; ``enabled=None`` means "when stderr is a terminal".
+    """
+
+    def __init__(self, total: int, *, enabled: bool | None, desc: str = "batch"):
+        if enabled is None:
+            enabled = sys.stderr.isatty()
+        self._bar = None
+        self._tokens = 0
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=total, desc=desc, unit="req", file=sys.stderr, dynamic_ncols=True
+            )
+
+    def update(self, tokens: int) -> None:
+        if self._bar is None:
+            return
+        self._tokens += tokens
+        self._bar.update(1)
+        elapsed = self._bar.format_dict.get("elapsed") or 0.0
+        if elapsed > 0:
+            self._bar.set_postfix_str(f"{self._tokens / elapsed:.1f} tok/s", refresh=False)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
