@@ -85,20 +85,25 @@ class Engine:
         print(c.text)
     """
 
-    def __init__(self, model, tokenizer, *, model_name: str = "SmolLM2-135M-Instruct"):
+    def __init__(
+        self, model, tokenizer, *, model_name: str = "SmolLM2-135M-Instruct", transforms=()
+    ):
+        from jaxsample.transforms import check_chain
+
         self.model = model
         self.tokenizer = tokenizer
         self.model_name = model_name
+        self.transforms = check_chain(transforms)  # user transform chain, run in the loop
         self._token_bytes = None
         self._grammar = None
 
     @classmethod
-    def load(cls, path: str | None = None, *, dtype=jnp.float32) -> Engine:
+    def load(cls, path: str | None = None, *, dtype=jnp.float32, transforms=()) -> Engine:
         from jaxsample.model import load_model
 
         model, tok = load_model(path, dtype=dtype)
         name = "SmolLM2-135M-Instruct" if path is None else str(path).rsplit("/", 1)[-1]
-        return cls(model, tok, model_name=name)
+        return cls(model, tok, model_name=name, transforms=transforms)
 
     @property
     def vocab_size(self) -> int:
@@ -205,7 +210,9 @@ class Engine:
         plist = [g[2] for g in good]
         max_tokens = [g[3] for g in good]
         seeds = [g[4] for g in good]
-        rows = pack_rows(plist, vocab_size=self.vocab_size, seeds=seeds)
+        rows = pack_rows(
+            plist, vocab_size=self.vocab_size, seeds=seeds, transforms=self.transforms
+        )
         out = _decode.decode(
             self.model,
             prompts,
@@ -213,6 +220,7 @@ class Engine:
             max_tokens,
             self.constraints(plist),
             eos_id=self.tokenizer.eos_id,
+            transforms=self.transforms,
         )
         for b, (i, ids, p, _, seed) in enumerate(good):
             results[i] = self._completion(out, b, ids, p, seed)
@@ -359,10 +367,13 @@ def generate(
     engine: Engine | None = None,
     job_seed: int = 0,
     strict: bool = False,
+    transforms=None,
 ) -> list[Completion]:
     """Generate completions for prompts or chat messages (see :meth:`Engine.generate`).
 
     ``inputs`` may be one prompt string, one message list, or a list of either.
+    ``transforms``: a user transform chain to run in the decode loop (the engine's own chain
+    when None); requests set its values with ``SamplingParams(transform_params=...)``.
 
     Example::
 
@@ -375,6 +386,10 @@ def generate(
     ):
         inputs = [inputs]
     engine = engine or default_engine()
+    if transforms is not None:
+        engine = Engine(
+            engine.model, engine.tokenizer, model_name=engine.model_name, transforms=transforms
+        )
     return engine.generate(inputs, params, job_seed=job_seed, strict=strict)
 
 

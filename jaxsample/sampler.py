@@ -405,7 +405,7 @@ def distribution(
         >>> row = jax.tree.map(lambda x: jnp.asarray(x[0]), rows)
         >>> d = distribution(jnp.log(jnp.array([0.5, 0.3, 0.2])), row,
         ...                  History.from_tokens([], [], 3), None)
-        >>> jnp.exp(log_prob(d, jnp.arange(3))).round(3).tolist()
+        >>> np.round(np.exp(log_prob(d, jnp.arange(3))), 3).tolist()
         [0.625, 0.375, 0.0]
     """
     plan = Plan.everything() if plan is None else plan
