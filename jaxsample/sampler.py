@@ -36,6 +36,9 @@ from jaxsample.rows import TOP_LOGPROBS_MAX, RowParams
 
 #: How many of a row's largest logits the fast path looks at (``lax.top_k``).
 NUM_CANDIDATES = 128
+#: The second candidate tier: rows the first cannot resolve retry on this many largest
+#: logits (only when some row of the batch needs it) before the full-vocabulary bisection.
+SECOND_TIER = 1024
 #: Block length of the full-vocabulary inverse-CDF draw.
 DRAW_BLOCK = 256
 #: logit_bias is applied over the first 16, 128 or all entries, whichever the batch needs.
@@ -133,6 +136,7 @@ class Plan:
 
     bias: Any  # i32[] or int: logit_bias branch (0 none, then BIAS_TIERS, then all NB entries)
     total: Any  # bool: some row needs the full-vocabulary normalizer (a filter while kept_all)
+    tier2: Any  # bool: some row retries on the second candidate tier
     full: Any  # bool: some row's kept set is not resolved by the candidates
     full_k: Any  # bool: some such row needs top_k's threshold by bisection
     full_p: Any  # bool: ... top_p's
@@ -142,7 +146,9 @@ class Plan:
     @classmethod
     def everything(cls) -> Plan:
         """The plan that computes everything (static: no branch); the default of row code."""
-        return cls(bias=-1, total=True, full=True, full_k=True, full_p=True, full_a=True, raw=2)
+        return cls(
+            bias=-1, total=True, tier2=True, full=True, full_k=True, full_p=True, full_a=True, raw=2
+        )
 
 
 def _maybe(flag, yes, no):
@@ -186,7 +192,16 @@ def plan_rows(rows: RowParams, *, vocab_size: int) -> Plan:
         jnp.any(wants_raw & (rows.top_logprobs > 0)), 2, jnp.where(jnp.any(wants_raw), 1, 0)
     )
     true = jnp.bool_(True)
-    return Plan(bias=bias, total=total, full=true, full_k=true, full_p=true, full_a=true, raw=raw)
+    return Plan(
+        bias=bias,
+        total=total,
+        tier2=true,
+        full=true,
+        full_k=true,
+        full_p=true,
+        full_a=true,
+        raw=raw,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,8 +228,11 @@ class Distribution:
     z_min: jax.Array  # shape=(), float32; logit threshold (top_k, top_p)
     w_min: jax.Array  # shape=(), float32; weight threshold (top_a, min_p)
     log_mass: jax.Array  # shape=(), float32; log of the kept weights' sum
-    n: jax.Array  # shape=(), int32; number of kept candidates when in_candidates
+    n: jax.Array  # shape=(), int32; number of kept candidates (of the tier that holds them)
     in_candidates: jax.Array  # shape=(), bool; the kept set is the first n candidates
+    ids2: jax.Array  # shape=(C2,), int32; the second tier's candidates (when in_tier2)
+    values2: jax.Array  # shape=(C2,), float32
+    in_tier2: jax.Array  # shape=(), bool; the kept set is the first n second-tier candidates
     greedy: jax.Array  # shape=(), bool; temperature < 1e-5: the point mass on ids[0]
     ok: jax.Array  # shape=(), bool; False when no token is allowed at all
 
@@ -228,6 +246,9 @@ class _Front(NamedTuple):
     ok: jax.Array
     greedy: jax.Array
     need_full: jax.Array  # the candidates cannot resolve the kept set
+    c2: tf.Candidates | None = None  # the second tier after every filter (when it ran)
+    in_tier2: jax.Array | bool = False  # the second tier resolved the kept set
+    token2: jax.Array | int = 0  # the race over the second tier (when given a key)
 
 
 def _scale(x, allowed, bias, row: RowParams, seen, counts):
@@ -318,9 +339,53 @@ def _front(logits, row, hist, allowed, plan: Plan, num_candidates, chain) -> _Fr
         lambda: jnp.float32(jnp.nan),
     )
     ck = ck._replace(total=total)
-    c = tf.min_p(tf.top_a(tf.top_p(ck, row.top_p), row.top_a), row.min_p)
+    c = _filter_candidates(c0, row, vocab, total)
     resolved = c.exact & ~c.kept_all
     return _Front(z, ck, c, ok, greedy, ok & ~greedy & ~resolved)
+
+
+def _filter_candidates(c0: tf.Candidates, row: RowParams, vocab: int, total) -> tf.Candidates:
+    """Steps 6-9 on a candidate set (top_k, then the others with the normalizer)."""
+    ck = tf.top_k(c0, row.top_k, vocab_size=vocab)._replace(total=total)
+    return tf.min_p(tf.top_a(tf.top_p(ck, row.top_p), row.top_a), row.min_p)
+
+
+def _tier2_needed(f: _Front, row: RowParams) -> jax.Array:
+    """A row the first tier left unresolved that a filter may resolve on a larger tier."""
+    return f.need_full & (_filters(row) | _k_cuts(row, f.z.shape[-1]))
+
+
+def _tier2(f: _Front, row: RowParams, plan: Plan, size: int, words=None) -> _Front:
+    """Retries the filters on the ``size`` largest logits (if the plan says some row needs
+    it); a row resolved there no longer needs the full vocabulary. With the row's key
+    ``words``, the race over the second tier runs in the same branch."""
+    vocab = f.z.shape[-1]
+    size = max(1, min(size, vocab))
+
+    def run():
+        c0 = tf.init_candidates(f.z, size, total=False)
+        c2 = _filter_candidates(c0, row, vocab, f.ck.total)
+        if words is None:
+            return c2, jnp.int32(0)
+        return c2, _race_candidates(c2.ids, c2.values, c2.n, c2.values[0], words)
+
+    def skip():
+        zeros = jnp.zeros((size,), jnp.float32)
+        false = jnp.bool_(False)
+        ids = jnp.zeros((size,), jnp.int32)
+        c2 = tf.Candidates(zeros, ids, zeros, zeros, zeros[0], jnp.int32(0), false, false)
+        return c2, jnp.int32(0)
+
+    c2, token2 = _maybe(plan.tier2, run, skip)
+    resolved = _tier2_needed(f, row) & c2.exact & ~c2.kept_all
+    return f._replace(
+        c2=c2, in_tier2=resolved, need_full=f.need_full & ~resolved, token2=token2
+    )
+
+
+def _tier2_plan(plan: Plan, second_tier: int, num_candidates: int) -> Plan:
+    """The plan with the second tier switched off when it is no larger than the first."""
+    return plan if second_tier > num_candidates else plan.replace(tier2=False)
 
 
 def _k_known(f: _Front) -> jax.Array:
@@ -334,8 +399,12 @@ def _full_needs(f: _Front, row: RowParams):
     return run_k, f.need_full & (row.top_p < 1.0), f.need_full & (row.top_a > 0.0)
 
 
-def _finish(f: _Front, row: RowParams, plan: Plan) -> Distribution:
-    """The kept set's thresholds: from the candidates, or on the full vocabulary."""
+def _finish(f: _Front, row: RowParams, plan: Plan, words=None):
+    """The kept set's thresholds: from the candidates, or on the full vocabulary.
+
+    Returns the :class:`Distribution`, and with the row's key ``words`` also the token
+    (the races run in the branches that computed their kept sets).
+    """
     vocab = f.z.shape[-1]
     c = f.c
     last = jnp.maximum(c.n - 1, 0)
@@ -353,27 +422,39 @@ def _finish(f: _Front, row: RowParams, plan: Plan) -> Distribution:
         s = _maybe(plan.full_p, lambda: tf.top_p_full(s, row.top_p, run_p), lambda: s)
         s = _maybe(plan.full_a, lambda: tf.top_a_full(s, jnp.where(run_a, row.top_a, 0)), lambda: s)
         s = tf.min_p_full(s, row.min_p)
-        return s.z_min, s.w_min, tf.full_mass(s)
+        keep = tf.full_keep(s)
+        mass = jnp.sum(jnp.where(keep, s.weights, 0.0))
+        token = jnp.int32(0) if words is None else _race_full(s.z, s.weights, keep, words)
+        return s.z_min, s.w_min, mass, token
 
     def skip():
-        return jnp.float32(-jnp.inf), jnp.float32(0.0), jnp.float32(1.0)
+        return jnp.float32(-jnp.inf), jnp.float32(0.0), jnp.float32(1.0), jnp.int32(0)
 
-    z_min, w_min, mass = _maybe(plan.full, full_path, skip)
-    full = f.need_full
-    mass = jnp.where(full, mass, c.cum[last])
-    return Distribution(
+    z_min, w_min, mass, token_full = _maybe(plan.full, full_path, skip)
+    full, t2, c2 = f.need_full, f.in_tier2, f.c2
+    last2 = jnp.maximum(c2.n - 1, 0)
+    z_min = jnp.where(full, z_min, jnp.where(t2, c2.values[last2], c.values[last]))
+    mass = jnp.where(full, mass, jnp.where(t2, c2.cum[last2], c.cum[last]))
+    dist = Distribution(
         z=f.z,
         ids=c.ids,
         values=c.values,
         shift=jnp.where(f.ok, c.values[0], 0.0),
-        z_min=jnp.where(full, z_min, c.values[last]),
+        z_min=z_min,
         w_min=jnp.where(full, w_min, 0.0),
         log_mass=jnp.log(jnp.where(f.ok, mass, 1.0)),
-        n=jnp.where(f.greedy, 1, c.n).astype(jnp.int32),
-        in_candidates=~full,
+        n=jnp.where(f.greedy, 1, jnp.where(t2, c2.n, c.n)).astype(jnp.int32),
+        in_candidates=~full & ~t2,
+        ids2=c2.ids,
+        values2=c2.values,
+        in_tier2=t2,
         greedy=f.greedy,
         ok=f.ok,
     )
+    if words is None:
+        return dist
+    token_c = _race_candidates(c.ids, c.values, c.n, dist.shift, words)
+    return dist, _pick(dist, token_c, f.token2, token_full)
 
 
 def distribution(
@@ -384,6 +465,7 @@ def distribution(
     *,
     plan: Plan | None = None,
     num_candidates: int = NUM_CANDIDATES,
+    second_tier: int = SECOND_TIER,
     transforms=(),
 ) -> Distribution:
     """SPEC.md steps 1-9 for one row: the :class:`Distribution` that step 10 draws from.
@@ -411,6 +493,7 @@ def distribution(
     plan = Plan.everything() if plan is None else plan
     chain = tf.check_chain(transforms)
     f = _front(logits, row, hist, allowed, plan, num_candidates, chain)
+    f = _tier2(f, row, _tier2_plan(plan, second_tier, num_candidates), second_tier)
     return _finish(f, row, plan)
 
 
@@ -449,20 +532,25 @@ def _key_words(key: jax.Array) -> jax.Array:
     return jnp.asarray(key, jnp.uint32).reshape(-1)[-2:]
 
 
-def _race_full(d: Distribution, words: jax.Array) -> jax.Array:
-    """The race over the whole vocabulary: argmax of ``w / E`` over the kept tokens."""
-    w = jnp.exp(d.z - d.shift)
-    kept = (d.z >= d.z_min) & (w >= d.w_min) & (d.z > -jnp.inf)
-    e = race_noise(words, jnp.arange(d.z.shape[-1], dtype=jnp.int32))
+def _race_full(z, w, kept, words: jax.Array) -> jax.Array:
+    """The race over the whole vocabulary: argmax of ``w / E`` over the kept tokens
+    (``w = exp(z - shift)``; ties: the lowest id)."""
+    e = race_noise(words, jnp.arange(z.shape[-1], dtype=jnp.int32))
     return jnp.argmax(jnp.where(kept, w / e, -1.0)).astype(jnp.int32)
 
 
-def _race_candidates(d: Distribution, words: jax.Array) -> jax.Array:
+def _race_dist(d: Distribution, words: jax.Array) -> jax.Array:
+    w = jnp.exp(d.z - d.shift)
+    kept = (d.z >= d.z_min) & (w >= d.w_min) & (d.z > -jnp.inf)
+    return _race_full(d.z, w, kept, words)
+
+
+def _race_candidates(ids, values, n, shift, words: jax.Array) -> jax.Array:
     """The same race over the first ``n`` candidates (ties: the lowest id, as argmax)."""
-    w = jnp.exp(d.values - d.shift)
-    score = jnp.where(jnp.arange(d.ids.shape[0]) < d.n, w / race_noise(words, d.ids), -1.0)
+    w = jnp.exp(values - shift)
+    score = jnp.where(jnp.arange(ids.shape[0]) < n, w / race_noise(words, ids), -1.0)
     best = jnp.max(score)
-    return jnp.min(jnp.where(score == best, d.ids, np.iinfo(np.int32).max)).astype(jnp.int32)
+    return jnp.min(jnp.where(score == best, ids, np.iinfo(np.int32).max)).astype(jnp.int32)
 
 
 def draw(dist: Distribution, key: jax.Array, *, plan: Plan | None = None) -> jax.Array:
@@ -484,11 +572,22 @@ def draw(dist: Distribution, key: jax.Array, *, plan: Plan | None = None) -> jax
     """
     plan = Plan.everything() if plan is None else plan
     words = _key_words(key)
-    tok_c = _race_candidates(dist, words)
-    tok_f = _maybe(plan.full, lambda: _race_full(dist, words), lambda: jnp.int32(0))
-    token = jnp.where(dist.in_candidates, tok_c, tok_f)
-    token = jnp.where(dist.greedy, dist.ids[0], token)
-    return jnp.where(dist.ok, token, -1)
+    d = dist
+    tok_c = _race_candidates(d.ids, d.values, d.n, d.shift, words)
+    tok_2 = _maybe(
+        plan.tier2,
+        lambda: _race_candidates(d.ids2, d.values2, d.n, d.shift, words),
+        lambda: jnp.int32(0),
+    )
+    tok_f = _maybe(plan.full, lambda: _race_dist(d, words), lambda: jnp.int32(0))
+    return _pick(d, tok_c, tok_2, tok_f)
+
+
+def _pick(d: Distribution, tok_c, tok_2, tok_f) -> jax.Array:
+    """The token of the path that holds the kept set (greedy: ids[0]; none: -1)."""
+    token = jnp.where(d.in_candidates, tok_c, jnp.where(d.in_tier2, tok_2, tok_f))
+    token = jnp.where(d.greedy, d.ids[0], token)
+    return jnp.where(d.ok, token, -1)
 
 
 def log_prob(dist: Distribution, ids: jax.Array) -> jax.Array:
@@ -602,6 +701,7 @@ def sample_row(
     *,
     plan: Plan | None = None,
     num_candidates: int = NUM_CANDIDATES,
+    second_tier: int = SECOND_TIER,
     transforms=(),
 ) -> SampleOut:
     """Draws one token for one row (SPEC.md steps 1-10) and reports log probabilities.
@@ -635,6 +735,7 @@ def sample_row(
         allowed,
         plan=plan,
         num_candidates=num_candidates,
+        second_tier=second_tier,
         transforms=transforms,
     )
     token = draw(dist, row_key(row, position), plan=plan)
@@ -649,6 +750,7 @@ def processed_logprobs_row(
     *,
     plan: Plan | None = None,
     num_candidates: int = NUM_CANDIDATES,
+    second_tier: int = SECOND_TIER,
     transforms=(),
 ) -> jax.Array:
     """``f32[V]``: log probabilities of exactly the distribution :func:`sample_row` draws from.
@@ -663,6 +765,7 @@ def processed_logprobs_row(
         allowed,
         plan=plan,
         num_candidates=num_candidates,
+        second_tier=second_tier,
         transforms=transforms,
     )
     return log_prob(d, jnp.arange(d.z.shape[0]))
@@ -684,13 +787,19 @@ def distributions(
     allowed: jax.Array | None,
     *,
     num_candidates: int = NUM_CANDIDATES,
+    second_tier: int = SECOND_TIER,
     transforms=(),
-) -> tuple[Distribution, Plan]:
+    keys: jax.Array | None = None,
+):
     """:func:`distribution` over a batch (leading axis ``B``) and the batch's :class:`Plan`.
 
     The plan is decided here, outside the per-row code: the parameter-only part first, then,
-    after the candidates, whether any row needs the full vocabulary and which of its filters.
+    after the first candidates, whether any row retries on the second tier, then whether any
+    row needs the full vocabulary and which of its filters. Returns ``(dist, plan)``; with
+    ``keys`` (``[B]`` PRNG keys) ``(dist, plan, tokens)``, each race run inside the branch that
+    computed its kept set (the same tokens as ``vmap(draw)``, with fewer branches).
     """
+    words = None if keys is None else jax.vmap(_key_words)(keys)
     chain = tf.check_chain(transforms)
     vocab = logits.shape[-1]
     plan = plan_rows(rows, vocab_size=vocab)
@@ -698,6 +807,10 @@ def distributions(
     f = jax.vmap(
         lambda lg, r, h, a: front(lg, r, h, a), in_axes=(0, 0, 0, _rows_axes(allowed))
     )(logits, rows, hist, allowed)
+    plan = plan.replace(tier2=jnp.any(jax.vmap(_tier2_needed)(f, rows)))
+    plan2 = _tier2_plan(plan, second_tier, num_candidates)
+    f = jax.vmap(lambda f, r, w: _tier2(f, r, plan2, second_tier, w))(f, rows, words)
+    plan = plan2
     run_k, run_p, run_a = jax.vmap(_full_needs)(f, rows)
     plan = plan.replace(
         full=jnp.any(f.need_full),
@@ -705,8 +818,27 @@ def distributions(
         full_p=jnp.any(run_p),
         full_a=jnp.any(run_a),
     )
-    dist = jax.vmap(partial(_finish, plan=plan))(f, rows)
-    return dist, plan
+    if words is None:
+        return jax.vmap(partial(_finish, plan=plan))(f, rows), plan
+    dist, tokens = jax.vmap(lambda f, r, w: _finish(f, r, plan, w))(f, rows, words)
+    return dist, plan, tokens
+
+
+def tier_stats(
+    logits: jax.Array,
+    rows: RowParams,
+    hist: History,
+    *,
+    num_candidates: int = NUM_CANDIDATES,
+    second_tier: int = SECOND_TIER,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Diagnostics per row (``[B]`` each): resolved on the first candidate tier, resolved on
+    the second, and the size of the kept set (scripts/real_logits.py reports the rates)."""
+    dist, _ = distributions(
+        logits, rows, hist, None, num_candidates=num_candidates, second_tier=second_tier
+    )
+    lp = jax.vmap(lambda d: log_prob(d, jnp.arange(d.z.shape[0])))(dist)
+    return dist.in_candidates, dist.in_tier2, jnp.sum(lp > -jnp.inf, axis=-1)
 
 
 def sample_rows(
@@ -717,6 +849,7 @@ def sample_rows(
     position: jax.Array,
     *,
     num_candidates: int = NUM_CANDIDATES,
+    second_tier: int = SECOND_TIER,
     transforms=(),
     keys: jax.Array | None = None,
 ) -> SampleOut:
@@ -730,13 +863,19 @@ def sample_rows(
     the per-row ``fold_in(key(seed), position)``.
     """
     batch = logits.shape[0]
-    dist, plan = distributions(
-        logits, rows, hist, allowed, num_candidates=num_candidates, transforms=transforms
-    )
     if keys is None:
         position = jnp.broadcast_to(jnp.asarray(position, jnp.int32), (batch,))
         keys = jax.vmap(row_key)(rows, position)
-    token = jax.vmap(partial(draw, plan=plan))(dist, keys)
+    dist, plan, token = distributions(
+        logits,
+        rows,
+        hist,
+        allowed,
+        num_candidates=num_candidates,
+        second_tier=second_tier,
+        transforms=transforms,
+        keys=keys,
+    )
     return jax.vmap(partial(_report, plan=plan))(logits, rows, dist, token)
 
 
@@ -747,20 +886,26 @@ def processed_logprobs_rows(
     allowed: jax.Array | None,
     *,
     num_candidates: int = NUM_CANDIDATES,
+    second_tier: int = SECOND_TIER,
     transforms=(),
 ) -> jax.Array:
     """:func:`processed_logprobs_row` over a batch: ``[B, V]``."""
     dist, _ = distributions(
-        logits, rows, hist, allowed, num_candidates=num_candidates, transforms=transforms
+        logits,
+        rows,
+        hist,
+        allowed,
+        num_candidates=num_candidates,
+        second_tier=second_tier,
+        transforms=transforms,
     )
     return jax.vmap(lambda d: log_prob(d, jnp.arange(d.z.shape[0])))(dist)
 
 
-sample_batch = jax.jit(sample_rows, static_argnames=("num_candidates", "transforms"))
+_STATIC = ("num_candidates", "second_tier", "transforms")
+sample_batch = jax.jit(sample_rows, static_argnames=_STATIC)
 sample_batch.__doc__ = "Jitted :func:`sample_rows`."
-processed_logprobs_batch = jax.jit(
-    processed_logprobs_rows, static_argnames=("num_candidates", "transforms")
-)
+processed_logprobs_batch = jax.jit(processed_logprobs_rows, static_argnames=_STATIC)
 processed_logprobs_batch.__doc__ = "Jitted :func:`processed_logprobs_rows`."
 
 
