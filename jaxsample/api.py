@@ -210,9 +210,7 @@ class Engine:
         plist = [g[2] for g in good]
         max_tokens = [g[3] for g in good]
         seeds = [g[4] for g in good]
-        rows = pack_rows(
-            plist, vocab_size=self.vocab_size, seeds=seeds, transforms=self.transforms
-        )
+        rows = pack_rows(plist, vocab_size=self.vocab_size, seeds=seeds, transforms=self.transforms)
         out = _decode.decode(
             self.model,
             prompts,

@@ -132,7 +132,9 @@ def _decode_loop(
     def body(state: LoopState):
         running = state.finish == RUNNING
         allowed = allowed_mask(state)
-        out = sample_rows(state.logits, rows, state.hist, allowed, state.step, transforms=transforms)
+        out = sample_rows(
+            state.logits, rows, state.hist, allowed, state.step, transforms=transforms
+        )
         token = jnp.where(running & out.ok, out.token, -1)
         i = state.step
         tokens = state.tokens.at[:, i].set(token)

@@ -309,7 +309,9 @@ def _user_values(params_list, chain) -> tuple:
     for t in chain:
         columns = {}
         for k, default in t.params:
-            col = [dict(dict(p.transform_params).get(t.name, ())).get(k, default) for p in params_list]
+            col = [
+                dict(dict(p.transform_params).get(t.name, ())).get(k, default) for p in params_list
+            ]
             columns[k] = np.array(col, np.float32).reshape(len(params_list))
         values.append(columns)
     return tuple(values)

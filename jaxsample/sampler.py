@@ -355,14 +355,13 @@ def _tier2_needed(f: _Front, row: RowParams) -> jax.Array:
     return f.need_full & (_filters(row) | _k_cuts(row, f.z.shape[-1]))
 
 
-def _tier2(f: _Front, row: RowParams, plan: Plan, size: int, words=None) -> _Front:
-    """Retries the filters on the ``size`` largest logits (if the plan says some row needs
-    it); a row resolved there no longer needs the full vocabulary. With the row's key
-    ``words``, the race over the second tier runs in the same branch."""
+def _tier2_stage(f: _Front, row: RowParams, run, size: int, words=None):
+    """The filters retried on the ``size`` largest logits, if ``run`` (a plan flag), and with
+    the row's key ``words`` the race over them: ``(Candidates, token)``."""
     vocab = f.z.shape[-1]
     size = max(1, min(size, vocab))
 
-    def run():
+    def go():
         c0 = tf.init_candidates(f.z, size, total=False)
         c2 = _filter_candidates(c0, row, vocab, f.ck.total)
         if words is None:
@@ -376,16 +375,13 @@ def _tier2(f: _Front, row: RowParams, plan: Plan, size: int, words=None) -> _Fro
         c2 = tf.Candidates(zeros, ids, zeros, zeros, zeros[0], jnp.int32(0), false, false)
         return c2, jnp.int32(0)
 
-    c2, token2 = _maybe(plan.tier2, run, skip)
+    return _maybe(run, go, skip)
+
+
+def _tier2_apply(f: _Front, row: RowParams, c2: tf.Candidates, token2) -> _Front:
+    """A row the second tier resolved no longer needs the full vocabulary."""
     resolved = _tier2_needed(f, row) & c2.exact & ~c2.kept_all
-    return f._replace(
-        c2=c2, in_tier2=resolved, need_full=f.need_full & ~resolved, token2=token2
-    )
-
-
-def _tier2_plan(plan: Plan, second_tier: int, num_candidates: int) -> Plan:
-    """The plan with the second tier switched off when it is no larger than the first."""
-    return plan if second_tier > num_candidates else plan.replace(tier2=False)
+    return f._replace(c2=c2, in_tier2=resolved, need_full=f.need_full & ~resolved, token2=token2)
 
 
 def _k_known(f: _Front) -> jax.Array:
@@ -399,15 +395,10 @@ def _full_needs(f: _Front, row: RowParams):
     return run_k, f.need_full & (row.top_p < 1.0), f.need_full & (row.top_a > 0.0)
 
 
-def _finish(f: _Front, row: RowParams, plan: Plan, words=None):
-    """The kept set's thresholds: from the candidates, or on the full vocabulary.
-
-    Returns the :class:`Distribution`, and with the row's key ``words`` also the token
-    (the races run in the branches that computed their kept sets).
-    """
+def _full_stage(f: _Front, row: RowParams, plan: Plan, words=None):
+    """The kept set's thresholds on the full vocabulary (if ``plan.full``), and with the
+    row's key ``words`` the race over it: ``(z_min, w_min, mass, token)``."""
     vocab = f.z.shape[-1]
-    c = f.c
-    last = jnp.maximum(c.n - 1, 0)
     run_k, run_p, run_a = _full_needs(f, row)
 
     def full_path():
@@ -430,7 +421,15 @@ def _finish(f: _Front, row: RowParams, plan: Plan, words=None):
     def skip():
         return jnp.float32(-jnp.inf), jnp.float32(0.0), jnp.float32(1.0), jnp.int32(0)
 
-    z_min, w_min, mass, token_full = _maybe(plan.full, full_path, skip)
+    return _maybe(plan.full, full_path, skip)
+
+
+def _finish(f: _Front, full_out, words=None):
+    """The :class:`Distribution` from whichever path resolved the kept set, and with the
+    row's key ``words`` also the token (each race ran in the branch of its path)."""
+    z_min, w_min, mass, token_full = full_out
+    c = f.c
+    last = jnp.maximum(c.n - 1, 0)
     full, t2, c2 = f.need_full, f.in_tier2, f.c2
     last2 = jnp.maximum(c2.n - 1, 0)
     z_min = jnp.where(full, z_min, jnp.where(t2, c2.values[last2], c.values[last]))
@@ -493,8 +492,10 @@ def distribution(
     plan = Plan.everything() if plan is None else plan
     chain = tf.check_chain(transforms)
     f = _front(logits, row, hist, allowed, plan, num_candidates, chain)
-    f = _tier2(f, row, _tier2_plan(plan, second_tier, num_candidates), second_tier)
-    return _finish(f, row, plan)
+    tier2_on = plan.tier2 if second_tier > num_candidates else False
+    c2, token2 = _tier2_stage(f, row, tier2_on, second_tier)
+    f = _tier2_apply(f, row, c2, token2)
+    return _finish(f, _full_stage(f, row, plan))
 
 
 # --------------------------------------------------------------------------------------------
@@ -804,24 +805,73 @@ def distributions(
     vocab = logits.shape[-1]
     plan = plan_rows(rows, vocab_size=vocab)
     front = partial(_front, plan=plan, num_candidates=num_candidates, chain=chain)
-    f = jax.vmap(
-        lambda lg, r, h, a: front(lg, r, h, a), in_axes=(0, 0, 0, _rows_axes(allowed))
-    )(logits, rows, hist, allowed)
-    plan = plan.replace(tier2=jnp.any(jax.vmap(_tier2_needed)(f, rows)))
-    plan2 = _tier2_plan(plan, second_tier, num_candidates)
-    f = jax.vmap(lambda f, r, w: _tier2(f, r, plan2, second_tier, w))(f, rows, words)
-    plan = plan2
-    run_k, run_p, run_a = jax.vmap(_full_needs)(f, rows)
-    plan = plan.replace(
-        full=jnp.any(f.need_full),
-        full_k=jnp.any(run_k),
-        full_p=jnp.any(run_p),
-        full_a=jnp.any(run_a),
+    f = jax.vmap(lambda lg, r, h, a: front(lg, r, h, a), in_axes=(0, 0, 0, _rows_axes(allowed)))(
+        logits, rows, hist, allowed
     )
+    # the second tier, on the few rows that need it (or on all when many do)
+    need2 = jax.vmap(_tier2_needed)(f, rows)
+    tier2_on = second_tier > num_candidates
+
+    def tier2(args, active):
+        fs, rs, ws = args
+        return jax.vmap(lambda f, r, w: _tier2_stage(f, r, active, second_tier, w))(fs, rs, ws)
+
+    c2, token2 = _compacted(need2 & tier2_on, tier2, (f, rows, words))
+    f = jax.vmap(_tier2_apply)(f, rows, c2, token2)
+
+    # the full vocabulary, likewise; which filters it runs is decided over those rows
+    def full(args, active):
+        fs, rs, ws = args
+        run_k, run_p, run_a = jax.vmap(_full_needs)(fs, rs)
+
+        def flag(x):
+            return jnp.any(x) if active else False
+
+        sub = plan.replace(full=active, full_k=flag(run_k), full_p=flag(run_p), full_a=flag(run_a))
+        return jax.vmap(lambda f, r, w: _full_stage(f, r, sub, w))(fs, rs, ws)
+
+    full_out = _compacted(f.need_full, full, (f, rows, words))
+    plan = plan.replace(tier2=jnp.any(need2) & tier2_on, full=jnp.any(f.need_full))
     if words is None:
-        return jax.vmap(partial(_finish, plan=plan))(f, rows), plan
-    dist, tokens = jax.vmap(lambda f, r, w: _finish(f, r, plan, w))(f, rows, words)
+        return jax.vmap(_finish)(f, full_out), plan
+    dist, tokens = jax.vmap(_finish)(f, full_out, words)
     return dist, plan, tokens
+
+
+#: Batch-level work that only a few rows need runs on at most ``max(1, B // COMPACT)`` rows
+#: gathered from the batch (the rest of the batch skips it); more rows than that: all rows.
+COMPACT = 8
+
+
+def _compacted(need: jax.Array, run, args):
+    """``run(args, active)`` for the rows where ``need`` holds, as cheaply as possible.
+
+    ``run`` maps a batch (leading axis) of per-row inputs to per-row outputs; with the static
+    ``active`` False it returns the rows' skip outputs without doing the work. One
+    batch-level ``lax.switch``: no row needs it (skip); at most ``k = max(1, B // COMPACT)``
+    rows do (they are gathered into a batch of k, run, and written back); more (all rows).
+    A row gathered only to fill the k gets its own outputs, which it does not use.
+    """
+    batch = need.shape[0]
+    k = max(1, batch // COMPACT)
+    count = jnp.sum(need)
+
+    def none():
+        return run(args, False)
+
+    def every():
+        return run(args, True)
+
+    if k >= batch:
+        return lax.cond(count > 0, every, none)
+
+    def few():
+        idx = jnp.argsort(~need, stable=True)[:k]  # the rows that need it first
+        sub = run(jax.tree.map(lambda x: x[idx], args), True)
+        return jax.tree.map(lambda o, s: o.at[idx].set(s), run(args, False), sub)
+
+    index = jnp.where(count == 0, 0, jnp.where(count <= k, 1, 2))
+    return lax.switch(index, [none, few, every])
 
 
 def tier_stats(

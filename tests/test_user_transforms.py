@@ -113,9 +113,7 @@ def test_identity_transform_leaves_every_draw_unchanged(position):
     chain = (UserTransform("identity", _identity, {"one": 1.0}, position=position),)
     seeds = [p.seed for p in MIXED]
     plain = jax.tree.map(jnp.asarray, pack_rows(MIXED, vocab_size=v, seeds=seeds))
-    user = jax.tree.map(
-        jnp.asarray, pack_rows(MIXED, vocab_size=v, seeds=seeds, transforms=chain)
-    )
+    user = jax.tree.map(jnp.asarray, pack_rows(MIXED, vocab_size=v, seeds=seeds, transforms=chain))
     for pos in range(3):
         for nc in (128, 8):
             want = sm.sample_batch(logits, plain, hist, None, pos, num_candidates=nc)
