@@ -415,11 +415,13 @@ def _full_stage(f: _Front, row: RowParams, plan: Plan, words=None):
         s = tf.min_p_full(s, row.min_p)
         keep = tf.full_keep(s)
         mass = jnp.sum(jnp.where(keep, s.weights, 0.0))
-        token = jnp.int32(0) if words is None else _race_full(s.z, s.weights, keep, words)
-        return s.z_min, s.w_min, mass, token
+        if words is None:
+            return s.z_min, s.w_min, mass, jnp.int32(0), jnp.bool_(True)
+        return s.z_min, s.w_min, mass, *_race_full_fast(s.weights, keep, words)
 
     def skip():
-        return jnp.float32(-jnp.inf), jnp.float32(0.0), jnp.float32(1.0), jnp.int32(0)
+        zero = jnp.float32(0.0)
+        return jnp.float32(-jnp.inf), zero, jnp.float32(1.0), jnp.int32(0), jnp.bool_(True)
 
     return _maybe(plan.full, full_path, skip)
 
@@ -427,7 +429,7 @@ def _full_stage(f: _Front, row: RowParams, plan: Plan, words=None):
 def _finish(f: _Front, full_out, words=None):
     """The :class:`Distribution` from whichever path resolved the kept set, and with the
     row's key ``words`` also the token (each race ran in the branch of its path)."""
-    z_min, w_min, mass, token_full = full_out
+    z_min, w_min, mass, token_full, _ = full_out
     c = f.c
     last = jnp.maximum(c.n - 1, 0)
     full, t2, c2 = f.need_full, f.in_tier2, f.c2
@@ -520,11 +522,15 @@ def race_noise(words: jax.Array, ids: jax.Array) -> jax.Array:
     decided) and mapped by ``-log1p(-u)``. Evaluated on the candidates only or on the whole
     vocabulary, token ``t`` always gets the same value.
     """
+    return -jnp.log1p(-race_uniform(words, ids))
+
+
+def race_uniform(words: jax.Array, ids: jax.Array) -> jax.Array:
+    """The uniform in (0, 1] behind :func:`race_noise`: ``(hash(key, id) + 0.5) / 2**32``."""
     w = words.astype(jnp.uint32)
     x = ids.astype(jnp.uint32) * jnp.uint32(0x9E3779B9) + w[0]
     x = _mix32(_mix32(x) ^ w[1])
-    u = (x.astype(jnp.float32) + 0.5) * jnp.float32(2.0**-32)
-    return -jnp.log1p(-u)
+    return (x.astype(jnp.float32) + 0.5) * jnp.float32(2.0**-32)
 
 
 def _key_words(key: jax.Array) -> jax.Array:
@@ -533,25 +539,82 @@ def _key_words(key: jax.Array) -> jax.Array:
     return jnp.asarray(key, jnp.uint32).reshape(-1)[-2:]
 
 
+def _winner(score: jax.Array, ids: jax.Array) -> jax.Array:
+    """The id with the largest score; ties: the lowest id (two plain reductions)."""
+    best = jnp.max(score)
+    return jnp.min(jnp.where(score == best, ids, np.iinfo(np.int32).max)).astype(jnp.int32)
+
+
 def _race_full(z, w, kept, words: jax.Array) -> jax.Array:
-    """The race over the whole vocabulary: argmax of ``w / E`` over the kept tokens
-    (``w = exp(z - shift)``; ties: the lowest id)."""
-    e = race_noise(words, jnp.arange(z.shape[-1], dtype=jnp.int32))
-    return jnp.argmax(jnp.where(kept, w / e, -1.0)).astype(jnp.int32)
+    """The race over the whole vocabulary: the largest ``w / E`` over the kept tokens
+    (``w = exp(z - shift)``; ties: the lowest id). Exact, and costs a ``log1p`` per token."""
+    ids = jnp.arange(z.shape[-1], dtype=jnp.int32)
+    return _winner(jnp.where(kept, w / race_noise(words, ids), -1.0), ids)
 
 
-def _race_dist(d: Distribution, words: jax.Array) -> jax.Array:
+#: The fast full-vocabulary race scores this many tokens exactly.
+RACE_TOKENS = 16
+
+
+def _race_full_fast(w, kept, words: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The same race without a ``log1p`` per token: ``(token, certified)``.
+
+    ``E = -log1p(-u) >= u``, so ``a = w / u`` bounds each token's score ``w / E`` from
+    above, and costs a hash and a division. The ``RACE_TOKENS`` tokens with the largest bound
+    (:func:`jaxsample.transforms.top_candidates`) are scored exactly; when the next bound is
+    below the best exact score (with a margin for rounding), no other token can win and the
+    token is the exact race's (``certified``). The number of tokens whose bound reaches the
+    winner's score is about geometric with mean 1, so the certificate fails with
+    probability about 2**-16; the caller then runs :func:`_race_full`.
+    """
+    vocab = w.shape[-1]
+    ids = jnp.arange(vocab, dtype=jnp.int32)
+    m = min(RACE_TOKENS, vocab)
+
+    def bound(i):
+        return jnp.where(kept[i], w[i] / race_uniform(words, i), -1.0)
+
+    everywhere = jnp.where(kept, w / race_uniform(words, ids), -1.0)
+    block = tf.CANDIDATE_BLOCK
+    if vocab % block or vocab < 4 * block * (m + 1):
+        top, g = tf.top_candidates(everywhere, min(m + 1, vocab))
+    else:
+        # the bound's block maxima in one fused pass (the bound itself is never stored), the
+        # m + 1 blocks with the largest maxima (they hold the m + 1 largest bounds), then the
+        # bound again on those blocks only
+        maxima = jnp.max(everywhere.reshape(-1, block), axis=1)
+        _, chosen = lax.top_k(maxima, m + 1)
+        cand = (jnp.sort(chosen)[:, None] * block + jnp.arange(block)[None, :]).reshape(-1)
+        top, pos = lax.top_k(bound(cand), m + 1)
+        g = cand[pos]
+    g = g[:m]
+    score = jnp.where(kept[g], w[g] / race_noise(words, g), -1.0)
+    best = jnp.max(score)
+    if top.shape[0] > m:
+        certified = top[m] < best * jnp.float32(1.0 - 2.0**-20)
+    else:
+        certified = jnp.bool_(True)
+    return _winner(score, g), certified
+
+
+def _race_dist_exact(d: Distribution, words: jax.Array) -> jax.Array:
     w = jnp.exp(d.z - d.shift)
     kept = (d.z >= d.z_min) & (w >= d.w_min) & (d.z > -jnp.inf)
     return _race_full(d.z, w, kept, words)
 
 
+def _race_dist(d: Distribution, words: jax.Array) -> jax.Array:
+    """The full-vocabulary race for a distribution: the fast one, exact when uncertified."""
+    w = jnp.exp(d.z - d.shift)
+    kept = (d.z >= d.z_min) & (w >= d.w_min) & (d.z > -jnp.inf)
+    token, certified = _race_full_fast(w, kept, words)
+    return jnp.where(certified, token, _race_full(d.z, w, kept, words))
+
+
 def _race_candidates(ids, values, n, shift, words: jax.Array) -> jax.Array:
-    """The same race over the first ``n`` candidates (ties: the lowest id, as argmax)."""
+    """The same race over the first ``n`` candidates (ties: the lowest id)."""
     w = jnp.exp(values - shift)
-    score = jnp.where(jnp.arange(ids.shape[0]) < n, w / race_noise(words, ids), -1.0)
-    best = jnp.max(score)
-    return jnp.min(jnp.where(score == best, ids, np.iinfo(np.int32).max)).astype(jnp.int32)
+    return _winner(jnp.where(jnp.arange(ids.shape[0]) < n, w / race_noise(words, ids), -1.0), ids)
 
 
 def draw(dist: Distribution, key: jax.Array, *, plan: Plan | None = None) -> jax.Array:
@@ -835,6 +898,14 @@ def distributions(
     if words is None:
         return jax.vmap(_finish)(f, full_out), plan
     dist, tokens = jax.vmap(_finish)(f, full_out, words)
+
+    # the exact full-vocabulary race, for the rare row whose fast race is not certified
+    def exact(args, active):
+        ds, ws = args
+        return jax.vmap(lambda d, w: _race_dist_exact(d, w) if active else jnp.int32(0))(ds, ws)
+
+    uncertified = f.need_full & ~full_out[4]
+    tokens = jnp.where(uncertified, _compacted(uncertified, exact, (dist, words)), tokens)
     return dist, plan, tokens
 
 

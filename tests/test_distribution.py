@@ -243,9 +243,10 @@ def test_row_code_has_no_collectives():
     assert not re.search(r"\b(psum|pmax|cond)\[", text)  # no collective, no branch at all
     jaxpr = jax.make_jaxpr(lambda *a: sm.sample_rows(*a, None, 0))(logits, rows, hist)
     assert not re.search(r"\b(psum|pmax)\[", str(jaxpr))
-    # five batch-level branches per step: logit_bias tier, normalizer, second tier, full
-    # vocabulary (its three filters branch inside it, only when it runs), raw log probs
-    assert [e.primitive.name for e in jaxpr.jaxpr.eqns].count("cond") == 5
+    # six batch-level branches per step: logit_bias tier, normalizer, second tier, full
+    # vocabulary (its three filters branch inside it, only when it runs), the exact race for
+    # an uncertified fast race, raw log probabilities
+    assert [e.primitive.name for e in jaxpr.jaxpr.eqns].count("cond") == 6
 
 
 # ------------------------------------------------------------------ greedy, host inputs, keys
@@ -312,3 +313,38 @@ def test_bad_transform_params_are_refused():
     with pytest.raises(InvalidRequestError) as info:
         SamplingParams(transform_params={"x": {"a": float("nan")}})
     assert info.value.field == "transform_params"
+
+
+@pytest.mark.parametrize("race_tokens", [16, 1])
+def test_fast_full_vocabulary_race_equals_the_exact_race(race_tokens, monkeypatch):
+    """The full-vocabulary race scores only the tokens whose cheap bound can win; when it
+    certifies, its token is the exact race's, and when it cannot (forced here with one token
+    scored), the exact race runs: the drawn token is the same either way."""
+    monkeypatch.setattr(sm, "RACE_TOKENS", race_tokens)
+    rng = np.random.default_rng(race_tokens)
+    v, n = 4096, 64
+    certified_all = []
+    for scale in (0.3, 3.0):
+        z = jnp.asarray(rng.standard_normal(v).astype(np.float32) * scale)
+        w = jnp.exp(z - jnp.max(z))
+        kept = z > (-0.5 if scale < 1 else -jnp.inf)
+        words = jax.random.bits(jax.random.key(scale > 1), (n, 2), jnp.uint32)
+        fast, certified = jax.jit(jax.vmap(sm._race_full_fast, in_axes=(None, None, 0)))(
+            w, kept, words
+        )
+        exact = jax.jit(jax.vmap(sm._race_full, in_axes=(None, None, None, 0)))(
+            z, w, kept, words
+        )
+        certified = np.asarray(certified)
+        np.testing.assert_array_equal(np.asarray(fast)[certified], np.asarray(exact)[certified])
+        certified_all.append(certified)
+        # sample_rows-style dispatch (fast, exact where uncertified) equals the exact race
+        rows = _rows([{"seed": s} for s in range(n)])
+        logits = jnp.broadcast_to(jnp.where(kept, z, -jnp.inf), (n, v))
+        keys = jax.vmap(jax.random.wrap_key_data)(words)
+        step = jax.jit(lambda lg, r, h, k: sm.sample_rows(lg, r, h, None, 0, keys=k))  # fresh
+        out = step(logits, rows, _hist(n, v), keys)
+        np.testing.assert_array_equal(out.token, exact)
+    rate = np.mean(np.concatenate(certified_all))
+    print("certified", rate)
+    assert rate == 1.0 if race_tokens == 16 else rate < 1.0  # the exact race did run
