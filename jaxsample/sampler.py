@@ -486,7 +486,7 @@ def distribution(
         >>> from jaxsample import SamplingParams, pack_rows
         >>> rows = pack_rows([SamplingParams(top_k=2)], vocab_size=3, seeds=[0])
         >>> row = jax.tree.map(lambda x: jnp.asarray(x[0]), rows)
-        >>> d = distribution(jnp.log(jnp.array([0.5, 0.3, 0.2])), row,
+        >>> d = jax.jit(distribution)(jnp.log(jnp.array([0.5, 0.3, 0.2])), row,
         ...                  History.from_tokens([], [], 3), None)
         >>> np.round(np.exp(log_prob(d, jnp.arange(3))), 3).tolist()
         [0.625, 0.375, 0.0]
@@ -630,8 +630,9 @@ def draw(dist: Distribution, key: jax.Array, *, plan: Plan | None = None) -> jax
 
     Example::
 
-        >>> d = distribution(jnp.zeros(4), _neutral_row(4), History.from_tokens([], [], 4), None)
-        >>> int(draw(d, jax.random.key(0))) in range(4)
+        >>> h = History.from_tokens([], [], 4)
+        >>> d = jax.jit(distribution)(jnp.zeros(4), _neutral_row(4), h, None)
+        >>> int(jax.jit(draw)(d, jax.random.key(0))) in range(4)
         True
     """
     plan = Plan.everything() if plan is None else plan
@@ -788,7 +789,7 @@ def sample_row(
         >>> rows = pack_rows([SamplingParams(temperature=0.0)], vocab_size=3, seeds=[0])
         >>> row = jax.tree.map(lambda x: jnp.asarray(x[0]), rows)
         >>> hist = History.from_tokens([], [], vocab_size=3)
-        >>> int(sample_row(jnp.array([0.0, 5.0, 1.0]), row, hist, None, 0).token)
+        >>> int(jax.jit(sample_row)(jnp.array([0.0, 5.0, 1.0]), row, hist, None, 0).token)
         1
     """
     plan = Plan.everything() if plan is None else plan

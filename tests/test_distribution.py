@@ -333,9 +333,7 @@ def test_fast_full_vocabulary_race_equals_the_exact_race(race_tokens, monkeypatc
         fast, certified = jax.jit(jax.vmap(sm._race_full_fast, in_axes=(None, None, 0)))(
             w, kept, words
         )
-        exact = jax.jit(jax.vmap(sm._race_full, in_axes=(None, None, None, 0)))(
-            z, w, kept, words
-        )
+        exact = jax.jit(jax.vmap(sm._race_full, in_axes=(None, None, None, 0)))(z, w, kept, words)
         certified = np.asarray(certified)
         np.testing.assert_array_equal(np.asarray(fast)[certified], np.asarray(exact)[certified])
         certified_all.append(certified)
