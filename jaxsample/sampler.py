@@ -912,7 +912,7 @@ def distributions(
 
 #: Batch-level work that only a few rows need runs on at most ``max(1, B // COMPACT)`` rows
 #: gathered from the batch (the rest of the batch skips it); more rows than that: all rows.
-COMPACT = 8
+COMPACT = 4
 
 
 def _compacted(need: jax.Array, run, args):
