@@ -2,22 +2,25 @@
 
 The functional core works on one row and is batched with ``jax.vmap``:
 
-* :func:`sample_row` -> :class:`SampleOut` (token, its log probability, the top 20, ``ok``);
-* :func:`processed_logprobs_row` -> ``f32[V]``, the log probabilities of exactly the
-  distribution the draw uses (``-inf`` for removed tokens).
+* :func:`distribution` -> :class:`Distribution` (steps 1-9), then :func:`draw` (step 10, with
+  an explicit key), :func:`log_prob` and :func:`top_logprobs`;
+* :func:`sample_row` -> :class:`SampleOut`: ``draw(distribution(...), fold_in(key(seed), i))``
+  and the log probabilities the row asked for;
+* :func:`processed_logprobs_row` -> ``f32[V]``, ``log_prob`` over the whole vocabulary.
 
-:func:`sample_rows` and :func:`processed_logprobs_rows` are the batched versions (jit them, or
-call them inside a jitted decode loop); :func:`sample_batch` and
-:func:`processed_logprobs_batch` are jitted. :func:`sample` and :func:`processed_logprobs` are
-thin host wrappers that take :class:`jaxsample.SamplingParams`.
+:func:`sample_rows`, :func:`distributions` and :func:`processed_logprobs_rows` are the batched
+versions: they decide the batch's :class:`Plan` once per step (which optional work any row
+needs) and pass it to per-row code that has no collective; a plain ``jax.vmap`` of the row
+functions gives the same numbers. :func:`sample_batch` and :func:`processed_logprobs_batch`
+are jitted. :func:`sample` and :func:`processed_logprobs` are host wrappers that take
+:class:`jaxsample.SamplingParams`.
 
 How a row is sampled without sorting the vocabulary (docs/sampler.md has the details): the
-``C`` largest scaled logits come from ``lax.top_k`` (a partial selection), the full-vocabulary
-normalizer from one ``exp`` pass. top_k, top_p, top_a and min_p are thresholds, exact from the
-sorted candidates whenever the kept set ends inside them, and the draw is then an inverse CDF
-over the candidates with one uniform. Rows the candidates cannot resolve (flat logits, large
-top_k, no filter at all) take an exact full-vocabulary path (threshold bisection, blocked
-inverse CDF) under a batch-level ``lax.cond``, so a batch pays for it only when a row needs it.
+``C = 128`` largest scaled logits come from a two-stage ``lax.top_k``; top_k, top_p, top_a and
+min_p are thresholds, exact from the sorted candidates whenever the kept set ends inside
+them; rows they cannot resolve retry on 1024 candidates, then on the full vocabulary
+(threshold bisection). The draw is an exponential race whose noise depends on the key and
+the token id only, so every path draws the same token from the same distribution.
 """
 
 from __future__ import annotations
