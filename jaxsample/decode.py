@@ -106,6 +106,7 @@ def _decode_loop(
     eos_id,
     constraints: Constraints,
     n_steps: int,
+    transforms=(),
 ):
     """The while_loop over decode steps; pure function of arrays (traced under jit)."""
     batch = logits.shape[0]
@@ -131,7 +132,9 @@ def _decode_loop(
     def body(state: LoopState):
         running = state.finish == RUNNING
         allowed = allowed_mask(state)
-        out = sample_rows(state.logits, rows, state.hist, allowed, state.step)
+        out = sample_rows(
+            state.logits, rows, state.hist, allowed, state.step, transforms=transforms
+        )
         token = jnp.where(running & out.ok, out.token, -1)
         i = state.step
         tokens = state.tokens.at[:, i].set(token)
@@ -203,7 +206,9 @@ def _decode_loop(
     return jax.lax.while_loop(cond, body, init)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "n_steps", "max_len", "eos_id"))
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "n_steps", "max_len", "eos_id", "transforms")
+)
 def _generate_jit(
     graphdef,
     model_state,
@@ -216,6 +221,7 @@ def _generate_jit(
     n_steps: int,
     max_len: int,
     eos_id: int,
+    transforms=(),
 ):
     model = nnx.merge(graphdef, model_state)
     batch = prompt_tokens.shape[0]
@@ -237,6 +243,7 @@ def _generate_jit(
         eos_id,
         constraints,
         n_steps,
+        transforms,
     )
     return (
         final.tokens,
@@ -256,6 +263,7 @@ def decode(
     constraints: Constraints,
     *,
     eos_id: int,
+    transforms=(),
 ) -> DecodeOutput:
     """Run prefill and the whole decode loop for a batch of tokenised prompts.
 
@@ -266,6 +274,7 @@ def decode(
       max_tokens: each row's budget of new tokens (already checked against the context).
       constraints: stop strings and JSON mode tables for the batch.
       eos_id: the end-of-sequence token id.
+      transforms: a user transform chain (static; its values are in ``rows.user``).
 
     Returns:
       A :class:`DecodeOutput` of host arrays.
@@ -291,5 +300,6 @@ def decode(
         n_steps=n_steps,
         max_len=max_len,
         eos_id=int(eos_id),
+        transforms=tuple(transforms),
     )
     return DecodeOutput(*jax.device_get(out))

@@ -238,8 +238,9 @@ def step(model, shared: Shared, slots: Slots, *, transforms=()):
     """
     running = slots.finish == RUNNING
     allowed = _allowed(shared, slots, running)
-    kwargs = {"transforms": transforms} if transforms else {}
-    out = sample_rows(slots.logits, slots.rows, slots.hist, allowed, slots.n_out, **kwargs)
+    out = sample_rows(
+        slots.logits, slots.rows, slots.hist, allowed, slots.n_out, transforms=transforms
+    )
     emitted = running & out.ok
     token = jnp.where(emitted, out.token, -1)
     hist = jax.vmap(History.append)(slots.hist, token)
