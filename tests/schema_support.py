@@ -188,9 +188,13 @@ def check_formats(schema, inst, root=None):
 
 def validate(schema, text: bytes):
     """Parse ``text`` and validate it against ``schema`` (jsonschema, formats checked)."""
-    from jsonschema import Draft202012Validator, FormatChecker
+    from jsonschema import Draft202012Validator
 
     inst = json.loads(text.decode("utf-8"))
-    Draft202012Validator(schema, format_checker=FormatChecker()).validate(inst)
+    # the 2020-12 format checker (the generic FormatChecker() checks "time" as draft 3's
+    # HH:MM:SS without offset when rfc3339-validator is absent; RFC 3339 requires one, and
+    # check_formats checks that)
+    v = Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+    v.validate(inst)
     check_formats(schema, inst)
     return inst
