@@ -274,11 +274,13 @@ class SlotEngine:
             while free and waiting is not None:
                 try:
                     handle = self._add_schema(waiting)
-                except json_schema.PoolFull as err:  # no room in the pool: it fails alone
+                except json_schema.PoolFull as err:
+                    if any(owners):  # room comes back as the running schema rows finish
+                        break
                     failed = _Running(waiting).result(EMPTY)._replace(error=err)
                     waiting = None
                     pull()
-                    yield failed
+                    yield failed  # it cannot fit even alone: it fails alone
                     continue
                 added |= handle is not None
                 slot = free.pop(0)
