@@ -295,7 +295,8 @@ class SlotEngine:
             if not any(owners):
                 break
             # while requests wait, leave once refill_free slots are free; otherwise run on
-            free_target = self.refill_free if waiting is not None else self.n_slots + 1
+            # (free slots left unfilled, a schema waiting for room, count on top of r)
+            free_target = len(free) + self.refill_free if waiting is not None else self.n_slots + 1
             self._slots, out = _chunk(
                 self._graphdef,
                 self._model_state,
