@@ -189,8 +189,11 @@ def top_candidates(
     block = CANDIDATE_BLOCK
     if k * block * 2 > vocab:
         # The barrier keeps XLA from rewriting top_k into a full sort when its output feeds
-        # other work (seen on CPU: a slice of the result fused into a consumer).
-        return lax.optimization_barrier(lax.top_k(x, k))
+        # other work (seen on CPU: a slice of the result fused into a consumer). One barrier
+        # per output: a barrier on top_k's tuple itself crashes XLA's SPMD partitioner (the
+        # slot engine on several devices).
+        values, ids = lax.top_k(x, k)
+        return lax.optimization_barrier(values), lax.optimization_barrier(ids)
     blocks = _blocks(x)
     if block_max is None:
         block_max = jnp.max(blocks, axis=1)
