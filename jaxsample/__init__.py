@@ -1,8 +1,12 @@
 """jaxsample: every OpenRouter sampling parameter as a pure, per-row JAX function."""
 
+from jaxsample import automata as automata
+from jaxsample import transforms as transforms
 from jaxsample.api import Completion as Completion
 from jaxsample.api import Engine as Engine
 from jaxsample.api import generate as generate
+from jaxsample.automata import json_mode as json_mode
+from jaxsample.automata import stop as stop
 from jaxsample.params import LOGIT_BIAS_MAX as LOGIT_BIAS_MAX
 from jaxsample.params import STOP_MAX_BYTES as STOP_MAX_BYTES
 from jaxsample.params import InvalidRequestError as InvalidRequestError
@@ -11,9 +15,15 @@ from jaxsample.params import check_for_model as check_for_model
 from jaxsample.params import derive_seed as derive_seed
 from jaxsample.params import pack_rows as pack_rows
 from jaxsample.rows import TOP_LOGPROBS_MAX, RowParams
+from jaxsample.sampler import Distribution as Distribution
 from jaxsample.sampler import History as History
+from jaxsample.sampler import Plan as Plan
 from jaxsample.sampler import SampleOut as SampleOut
 from jaxsample.sampler import SampleResult as SampleResult
+from jaxsample.sampler import distribution as distribution
+from jaxsample.sampler import distributions as distributions
+from jaxsample.sampler import draw as draw
+from jaxsample.sampler import log_prob as log_prob
 from jaxsample.sampler import processed_logprobs as processed_logprobs
 from jaxsample.sampler import processed_logprobs_batch as processed_logprobs_batch
 from jaxsample.sampler import processed_logprobs_row as processed_logprobs_row
@@ -22,6 +32,9 @@ from jaxsample.sampler import sample as sample
 from jaxsample.sampler import sample_batch as sample_batch
 from jaxsample.sampler import sample_row as sample_row
 from jaxsample.sampler import sample_rows as sample_rows
+from jaxsample.sampler import top_logprobs as top_logprobs
+from jaxsample.transforms import POSITIONS as TRANSFORM_POSITIONS
+from jaxsample.transforms import UserTransform as UserTransform
 
 __all__ = [
     "InvalidRequestError",
@@ -47,4 +60,27 @@ __all__ = [
     "Completion",
     "Engine",
     "generate",
+    "Distribution",
+    "Plan",
+    "distribution",
+    "distributions",
+    "draw",
+    "log_prob",
+    "top_logprobs",
+    "UserTransform",
+    "TRANSFORM_POSITIONS",
+    "transforms",
+    "automata",
+    "json_mode",
+    "stop",
+    "load_model",
 ]
+
+
+def __getattr__(name):
+    # load_model pulls in the model package (GGUF reader, tokenizer): imported on first use
+    if name == "load_model":
+        from jaxsample.model import load_model
+
+        return load_model
+    raise AttributeError(f"module 'jaxsample' has no attribute {name!r}")

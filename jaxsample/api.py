@@ -233,9 +233,13 @@ class Engine:
         devices=None,
         transforms=(),
     ):
+        from jaxsample.transforms import check_chain
+
         self.model = model
         self.tokenizer = tokenizer
         self.model_name = model_name
+        #: the user transform chain run in the loop (docs/sampler.md)
+        self.transforms = check_chain(transforms)
         #: the slot engine's settings (see :class:`jaxsample.engine.SlotEngine`)
         self.engine_options = {
             "slots": slots,
@@ -243,7 +247,7 @@ class Engine:
             "refill_free": refill_free,
             "max_seq_len": max_seq_len or min(model.config.context_length, 2048),
             "devices": devices,
-            "transforms": transforms,
+            "transforms": self.transforms,
         }
         self._token_bytes = None
         self._grammar = None
@@ -386,7 +390,9 @@ class Engine:
         return SlotRequest(
             key=(key, ids, p, seed),
             prompt=ids,
-            rows=pack_rows([p], vocab_size=self.vocab_size, seeds=[seed]),
+            rows=pack_rows(
+                [p], vocab_size=self.vocab_size, seeds=[seed], transforms=self.transforms
+            ),
             max_tokens=max_tokens,
             stops=tuple(p.stop),
             json_mode=p.response_format == "json_object",
@@ -744,11 +750,14 @@ def generate(
     engine: Engine | None = None,
     job_seed: int = 0,
     strict: bool = False,
+    transforms=None,
 ) -> list[Completion]:
     """Generate completions for prompts or chat messages (see :meth:`Engine.generate`).
 
     ``inputs`` may be one prompt string, one message list, or a list of either
     (:func:`normalize_inputs`, the same rule as ``Engine.generate``).
+    ``transforms``: a user transform chain to run in the decode loop (the engine's own chain
+    when None); requests set its values with ``SamplingParams(transform_params=...)``.
 
     Example::
 
@@ -757,6 +766,9 @@ def generate(
                        SamplingParams(temperature=0.0, max_tokens=8))
     """
     engine = engine or default_engine()
+    if transforms is not None:
+        options = {**engine.engine_options, "transforms": transforms}
+        engine = Engine(engine.model, engine.tokenizer, model_name=engine.model_name, **options)
     return engine.generate(inputs, params, job_seed=job_seed, strict=strict)
 
 

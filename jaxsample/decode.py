@@ -1,8 +1,11 @@
-"""Prefill and the on-device decoding loop.
+"""A static batch: prefill, then one on-device loop until every row is done.
 
-One call of :func:`decode` runs a whole batch to completion inside a single jitted
-``jax.lax.while_loop``: model step -> hard constraints (JSON mode) -> sampler -> stop checks,
-with no host round trip per token. Every row carries its own sampling parameters
+Every entry point (``Engine.generate``, ``stream``, the command, the batch job) runs on the
+slot engine (:mod:`jaxsample.engine`); :func:`decode` is the one-shot static batch, kept as
+a baseline for tests and benchmarks. One call runs a whole batch to completion inside a
+single jitted ``jax.lax.while_loop`` (the slot engine's chunk loop with every row running
+from the start: the same step function, :func:`jaxsample.engine.slots.step`), with no
+host round trip per token. Every row carries its own sampling parameters
 (:class:`jaxsample.rows.RowParams`), token history, seed, budget, stop strings and JSON
 state, so rows stop on their own and one compiled program serves any mix of values.
 
@@ -20,23 +23,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from jaxsample.automata import json_mode, stop
-from jaxsample.rows import TOP_LOGPROBS_MAX, RowParams
-from jaxsample.sampler import History, sample_rows
+from jaxsample.automata import json_mode, json_schema, stop
+from jaxsample.rows import RowParams
+from jaxsample.sampler import History
 
 # finish codes, per row
 RUNNING = 0
 FINISH_EOS = 1  # end-of-sequence token (finish_reason "stop")
 FINISH_LENGTH = 2  # max_tokens reached (finish_reason "length")
 FINISH_STOP = 3  # a stop string was completed (finish_reason "stop")
-FINISH_NO_TOKEN = 4  # no token was allowed at all (finish_reason "stop", documented)
-
-FINISH_REASONS = {
-    FINISH_EOS: "stop",
-    FINISH_LENGTH: "length",
-    FINISH_STOP: "stop",
-    FINISH_NO_TOKEN: "stop",
-}
+FINISH_NO_TOKEN = 4  # no token was allowed at all (finish_reason "content_filter")
+# (the finish_reason strings are jaxsample.api.FINISH_REASONS)
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -72,138 +69,9 @@ class DecodeOutput(NamedTuple):
     finish: np.ndarray  # [B] int32 finish codes
 
 
-@struct.dataclass
-class LoopState:
-    step: jax.Array  # shape=(), int32; output position of the token drawn next
-    logits: jax.Array  # shape=(B, V), float32; the model's logits for the next token
-    cache: Any  # the model's KV cache
-    hist: History  # batched: counts [B, V], in_prompt [B, V]
-    json_state: Any  # batched json_mode state
-    stop_state: Any  # batched stop state
-    tokens: jax.Array  # shape=(B, N), int32
-    logprobs: jax.Array  # shape=(B, N), float32
-    top_ids: jax.Array  # shape=(B, N, 20), int32
-    top_logprobs: jax.Array  # shape=(B, N, 20), float32
-    n_out: jax.Array  # shape=(B,), int32; tokens produced so far
-    finish: jax.Array  # shape=(B,), int32; RUNNING or a finish code
-
-
-def _where_rows(mask, new, old):
-    """Per row b, ``new`` where ``mask[b]`` else ``old`` (pytrees with a leading axis B)."""
-    return jax.tree.map(
-        lambda n, o: jnp.where(mask.reshape(mask.shape + (1,) * (n.ndim - 1)), n, o), new, old
-    )
-
-
-def _decode_loop(
-    model,
-    logits,
-    cache,
-    hist: History,
-    rows: RowParams,
-    prompt_lengths,
-    max_tokens,
-    eos_id,
-    constraints: Constraints,
-    n_steps: int,
-):
-    """The while_loop over decode steps; pure function of arrays (traced under jit)."""
-    batch = logits.shape[0]
-    grammar = constraints.json_grammar
-
-    def allowed_mask(state: LoopState):
-        def json_masks():
-            remaining = max_tokens - state.n_out
-            json_mask = jax.vmap(json_mode.allowed, in_axes=(None, 0, 0))(
-                grammar, state.json_state, remaining
-            )
-            return json_mask | ~constraints.json_enabled[:, None]
-
-        def all_allowed():
-            return jnp.ones(state.logits.shape, jnp.bool_)
-
-        # a batch-level cond on a scalar: plain batches skip the mask's pass over V
-        return jax.lax.cond(jnp.any(constraints.json_enabled), json_masks, all_allowed)
-
-    def cond(state: LoopState):
-        return (state.step < n_steps) & jnp.any(state.finish == RUNNING)
-
-    def body(state: LoopState):
-        running = state.finish == RUNNING
-        allowed = allowed_mask(state)
-        out = sample_rows(state.logits, rows, state.hist, allowed, state.step)
-        token = jnp.where(running & out.ok, out.token, -1)
-        i = state.step
-        tokens = state.tokens.at[:, i].set(token)
-        logprobs = state.logprobs.at[:, i].set(out.logprob)
-        top_ids = state.top_ids.at[:, i].set(out.top_ids)
-        top_logprobs = state.top_logprobs.at[:, i].set(out.top_logprobs)
-
-        emitted = running & out.ok
-        n_out = state.n_out + emitted.astype(jnp.int32)
-        hist = jax.vmap(History.append)(state.hist, token)
-        safe_token = jnp.maximum(token, 0)
-        json_state = jax.vmap(json_mode.advance, in_axes=(None, 0, 0))(
-            grammar, state.json_state, safe_token
-        )
-        json_state = _where_rows(emitted & constraints.json_enabled, json_state, state.json_state)
-        stop_state, hit = jax.vmap(stop.advance, in_axes=(0, 0, 0, None))(
-            constraints.stops, state.stop_state, safe_token, constraints.token_bytes
-        )
-        stop_state = _where_rows(emitted, stop_state, state.stop_state)
-
-        finish = state.finish
-        finish = jnp.where(running & ~out.ok, FINISH_NO_TOKEN, finish)
-        finish = jnp.where(emitted & (token == eos_id), FINISH_EOS, finish)
-        finish = jnp.where(emitted & (finish == RUNNING) & hit, FINISH_STOP, finish)
-        finish = jnp.where(
-            emitted & (finish == RUNNING) & (n_out >= max_tokens), FINISH_LENGTH, finish
-        )
-
-        still = finish == RUNNING
-        # finished rows step at position 0 so that they add no attention blocks
-        positions = jnp.where(still, prompt_lengths + state.step, 0)
-
-        def step_model(cache):
-            return model.decode(jnp.where(still, token, 0), positions, cache)
-
-        def skip_model(cache):
-            return state.logits, cache
-
-        next_logits, cache = jax.lax.cond(jnp.any(still), step_model, skip_model, state.cache)
-        return LoopState(
-            step=state.step + 1,
-            logits=next_logits.astype(jnp.float32),
-            cache=cache,
-            hist=hist,
-            json_state=json_state,
-            stop_state=stop_state,
-            tokens=tokens,
-            logprobs=logprobs,
-            top_ids=top_ids,
-            top_logprobs=top_logprobs,
-            n_out=n_out,
-            finish=finish,
-        )
-
-    init = LoopState(
-        step=jnp.zeros((), jnp.int32),
-        logits=logits.astype(jnp.float32),
-        cache=cache,
-        hist=hist,
-        json_state=jax.vmap(lambda _: json_mode.init_state(grammar))(jnp.arange(batch)),
-        stop_state=stop.init_state(constraints.stops),
-        tokens=jnp.full((batch, n_steps), -1, jnp.int32),
-        logprobs=jnp.zeros((batch, n_steps), jnp.float32),
-        top_ids=jnp.zeros((batch, n_steps, TOP_LOGPROBS_MAX), jnp.int32),
-        top_logprobs=jnp.zeros((batch, n_steps, TOP_LOGPROBS_MAX), jnp.float32),
-        n_out=jnp.zeros((batch,), jnp.int32),
-        finish=jnp.full((batch,), RUNNING, jnp.int32),
-    )
-    return jax.lax.while_loop(cond, body, init)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "n_steps", "max_len", "eos_id"))
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "n_steps", "max_len", "eos_id", "transforms")
+)
 def _generate_jit(
     graphdef,
     model_state,
@@ -216,6 +84,7 @@ def _generate_jit(
     n_steps: int,
     max_len: int,
     eos_id: int,
+    transforms=(),
 ):
     model = nnx.merge(graphdef, model_state)
     batch = prompt_tokens.shape[0]
@@ -226,26 +95,34 @@ def _generate_jit(
     ids = jnp.where(valid, prompt_tokens, vocab)  # padding points past the table: dropped
     in_prompt = jax.vmap(lambda t: jnp.zeros((vocab,), jnp.bool_).at[t].set(True, mode="drop"))(ids)
     hist = History(counts=jnp.zeros((batch, vocab), jnp.int32), in_prompt=in_prompt)
-    final = _decode_loop(
-        model,
-        logits,
-        cache,
-        hist,
-        rows,
-        prompt_lengths,
-        max_tokens,
-        eos_id,
-        constraints,
-        n_steps,
+    from jaxsample.engine import slots as sl
+
+    grammar = constraints.json_grammar
+
+    def per_row(x):
+        return jax.tree.map(lambda v: jnp.broadcast_to(v, (batch,) + v.shape), x)
+
+    slots = sl.Slots(
+        logits=logits.astype(jnp.float32),
+        cache=cache,
+        hist=hist,
+        rows=rows,
+        json_on=constraints.json_enabled,
+        json_state=per_row(json_mode.init_state(grammar)),
+        schema_on=jnp.zeros((batch,), jnp.bool_),
+        schema_state=per_row(json_schema.init_state(0)),
+        stops=constraints.stops,
+        stop_state=stop.init_state(constraints.stops),
+        prompt_len=prompt_lengths,
+        n_out=jnp.zeros((batch,), jnp.int32),
+        budget=max_tokens,
+        finish=jnp.full((batch,), RUNNING, jnp.int32),
     )
-    return (
-        final.tokens,
-        final.n_out,
-        final.logprobs,
-        final.top_ids,
-        final.top_logprobs,
-        final.finish,
+    shared = sl.Shared(grammar, constraints.token_bytes, schemas=None)
+    _, out = sl.run_chunk(
+        model, shared, slots, batch + 1, chunk_steps=n_steps, transforms=transforms, eos_id=eos_id
     )
+    return out.tokens, out.n_out, out.logprobs, out.top_ids, out.top_logprobs, out.finish
 
 
 def decode(
@@ -256,6 +133,7 @@ def decode(
     constraints: Constraints,
     *,
     eos_id: int,
+    transforms=(),
 ) -> DecodeOutput:
     """Run prefill and the whole decode loop for a batch of tokenised prompts.
 
@@ -266,6 +144,7 @@ def decode(
       max_tokens: each row's budget of new tokens (already checked against the context).
       constraints: stop strings and JSON mode tables for the batch.
       eos_id: the end-of-sequence token id.
+      transforms: a user transform chain (static; its values are in ``rows.user``).
 
     Returns:
       A :class:`DecodeOutput` of host arrays.
@@ -291,5 +170,6 @@ def decode(
         n_steps=n_steps,
         max_len=max_len,
         eos_id=int(eos_id),
+        transforms=tuple(transforms),
     )
     return DecodeOutput(*jax.device_get(out))

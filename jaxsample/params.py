@@ -307,6 +307,77 @@ def _response_format(value: Any, stored_schema: Any = None) -> tuple[str, str | 
     )
 
 
+_TRANSFORM_ALLOWED = "a map of user transform names to maps of parameter names to numbers"
+
+
+def _transform_params(value: Any) -> tuple:
+    """``{name: {param: number}}`` as a sorted, hashable tuple (values checked per chain in
+    :func:`pack_rows`, which knows the transforms)."""
+    if value is None:
+        return ()
+    items = value.items() if isinstance(value, Mapping) else value
+    try:
+        out = {}
+        for name, params in items:
+            pairs = params.items() if isinstance(params, Mapping) else params
+            out[name] = tuple(sorted((k, v) for k, v in pairs))
+    except (TypeError, ValueError):
+        raise InvalidRequestError("transform_params", value, _TRANSFORM_ALLOWED) from None
+    for name, pairs in out.items():
+        if not isinstance(name, str):
+            raise InvalidRequestError("transform_params", name, _TRANSFORM_ALLOWED)
+        for k, v in pairs:
+            if not isinstance(k, str):
+                raise InvalidRequestError("transform_params", {name: {k: v}}, _TRANSFORM_ALLOWED)
+            _number("transform_params", v, -math.inf, math.inf, _TRANSFORM_ALLOWED)
+    return tuple(sorted((n, tuple((k, float(v)) for k, v in p)) for n, p in out.items()))
+
+
+def _user_values(params_list, chain) -> tuple:
+    """The per-row values of a user transform chain: one ``{param: f32[B]}`` per transform."""
+    known = {t.name: t for t in chain}
+    for i, p in enumerate(params_list):
+        for name, pairs in p.transform_params:
+            if name not in known:
+                raise InvalidRequestError(
+                    "transform_params",
+                    name,
+                    f"a transform of this engine's chain: {sorted(known)}",
+                    reason="unknown transform",
+                    index=i,
+                )
+            t = known[name]
+            ranges = dict(t.ranges)
+            for k, v in pairs:
+                if k not in dict(t.params):
+                    raise InvalidRequestError(
+                        "transform_params",
+                        {name: {k: v}},
+                        f"parameters of {name!r}: {sorted(dict(t.params))}",
+                        reason="unknown parameter",
+                        index=i,
+                    )
+                lo, hi = ranges.get(k, (-math.inf, math.inf))
+                if not lo <= v <= hi:
+                    raise InvalidRequestError(
+                        "transform_params",
+                        {name: {k: v}},
+                        f"{name}.{k} a number in [{lo!r}, {hi!r}]",
+                        reason="out of range",
+                        index=i,
+                    )
+    values = []
+    for t in chain:
+        columns = {}
+        for k, default in t.params:
+            col = [
+                dict(dict(p.transform_params).get(t.name, ())).get(k, default) for p in params_list
+            ]
+            columns[k] = np.array(col, np.float32).reshape(len(params_list))
+        values.append(columns)
+    return tuple(values)
+
+
 # ----------------------------------------------------------------------------- SamplingParams
 
 #: The most choices one request may ask for (``n``), as the OpenAI API.
@@ -373,6 +444,7 @@ class SamplingParams:
     logprobs_mode: str = "raw"  # jaxsample extension: "raw" | "processed"
     # stored: canonical JSON text of response_format's json_schema object, else None
     json_schema: Any = None
+    transform_params: Any = ()  # jaxsample extension: {transform: {param: number}}, see below
 
     def __post_init__(self):
         def put(name, value):
@@ -429,6 +501,7 @@ class SamplingParams:
             )
         if not isinstance(self.logprobs_mode, str) or self.logprobs_mode not in LOGPROBS_MODES:
             raise InvalidRequestError("logprobs_mode", self.logprobs_mode, "'raw' or 'processed'")
+        put("transform_params", _transform_params(self.transform_params))
 
     @property
     def logit_bias_dict(self) -> dict[int, float]:
@@ -651,14 +724,23 @@ def derive_seed(job_seed: int, key: int | str) -> int:
 
 
 def pack_rows(
-    params_list: Sequence[SamplingParams], *, vocab_size: int, seeds: Sequence[int]
+    params_list: Sequence[SamplingParams],
+    *,
+    vocab_size: int,
+    seeds: Sequence[int],
+    transforms: Sequence = (),
 ) -> RowParams:
     """Packs B requests into one :class:`RowParams` of numpy arrays with a leading axis B.
 
     ``seeds`` holds each row's resolved seed (its own, or :func:`derive_seed`'s). logit_bias is
     padded to ``LOGIT_BIAS_MAX`` entries with id 0 and value 0.0 (adding 0 changes nothing).
-    ``top_k`` is stored as ``min(top_k, vocab_size)``: both mean "off". A token id outside the
-    vocabulary raises :class:`InvalidRequestError` with ``index`` set to the row.
+    ``top_k`` is stored as ``min(top_k, vocab_size)``: both mean "off". Greedy is decided
+    here, in float64: ``temperature < 1e-5`` is stored as 0.0 (so 9.9999999e-6, which rounds
+    to 1e-5 in float32, is greedy). A token id outside the vocabulary raises
+    :class:`InvalidRequestError` with ``index`` set to the row. ``transforms`` is the user
+    transform chain: each request's ``transform_params`` are checked against it (unknown
+    names or parameters, values out of a declared range: refused) and packed into
+    ``RowParams.user``, with each parameter's default where a request sets none.
 
     Example::
 
@@ -683,8 +765,12 @@ def pack_rows(
     def column(name, dtype):
         return np.array([getattr(p, name) for p in params_list], dtype=dtype).reshape(b)
 
+    from jaxsample.transforms import GREEDY_TEMPERATURE, check_chain
+
+    user = _user_values(params_list, check_chain(transforms))
+    temps = [0.0 if p.temperature < GREEDY_TEMPERATURE else p.temperature for p in params_list]
     return RowParams(
-        temperature=column("temperature", np.float32),
+        temperature=np.array(temps, np.float32).reshape(b),
         top_k=np.array([min(p.top_k, vocab_size) for p in params_list], np.int32).reshape(b),
         top_p=column("top_p", np.float32),
         top_a=column("top_a", np.float32),
@@ -700,4 +786,5 @@ def pack_rows(
         processed_logprobs=np.array(
             [p.logprobs_mode == "processed" for p in params_list], np.bool_
         ).reshape(b),
+        user=user,
     )

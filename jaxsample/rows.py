@@ -7,6 +7,8 @@ adds a leading axis ``B`` to every field.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 from flax import struct
 
@@ -18,7 +20,7 @@ TOP_LOGPROBS_MAX = 20
 class RowParams:
     """One row's sampling parameters (see docs/DESIGN.md and ../shared/SPEC.md)."""
 
-    temperature: jax.Array  # shape=(), float32; < 1e-5 means greedy
+    temperature: jax.Array  # shape=(), float32; < 1e-5 means greedy (pack_rows stores 0.0)
     top_k: jax.Array  # shape=(), int32; 0 = off
     top_p: jax.Array  # shape=(), float32; 1.0 = off
     top_a: jax.Array  # shape=(), float32; 0.0 = off
@@ -32,3 +34,6 @@ class RowParams:
     logprobs: jax.Array  # shape=(), bool; report log probabilities (else NaN, and none on top)
     top_logprobs: jax.Array  # shape=(), int32; 0..TOP_LOGPROBS_MAX
     processed_logprobs: jax.Array  # shape=(), bool; logprobs of the processed distribution
+    # the user transform chain's per-row values: one dict {param: f32[]} per transform, in
+    # chain order (empty without a chain)
+    user: Any = ()

@@ -2,28 +2,31 @@
 
 The functional core works on one row and is batched with ``jax.vmap``:
 
-* :func:`sample_row` -> :class:`SampleOut` (token, its log probability, the top 20, ``ok``);
-* :func:`processed_logprobs_row` -> ``f32[V]``, the log probabilities of exactly the
-  distribution the draw uses (``-inf`` for removed tokens).
+* :func:`distribution` -> :class:`Distribution` (steps 1-9), then :func:`draw` (step 10, with
+  an explicit key), :func:`log_prob` and :func:`top_logprobs`;
+* :func:`sample_row` -> :class:`SampleOut`: ``draw(distribution(...), fold_in(key(seed), i))``
+  and the log probabilities the row asked for;
+* :func:`processed_logprobs_row` -> ``f32[V]``, ``log_prob`` over the whole vocabulary.
 
-:func:`sample_rows` and :func:`processed_logprobs_rows` are the batched versions (jit them, or
-call them inside a jitted decode loop); :func:`sample_batch` and
-:func:`processed_logprobs_batch` are jitted. :func:`sample` and :func:`processed_logprobs` are
-thin host wrappers that take :class:`jaxsample.SamplingParams`.
+:func:`sample_rows`, :func:`distributions` and :func:`processed_logprobs_rows` are the batched
+versions: they decide the batch's :class:`Plan` once per step (which optional work any row
+needs) and pass it to per-row code that has no collective; a plain ``jax.vmap`` of the row
+functions gives the same numbers. :func:`sample_batch` and :func:`processed_logprobs_batch`
+are jitted. :func:`sample` and :func:`processed_logprobs` are host wrappers that take
+:class:`jaxsample.SamplingParams`.
 
 How a row is sampled without sorting the vocabulary (docs/sampler.md has the details): the
-``C`` largest scaled logits come from ``lax.top_k`` (a partial selection), the full-vocabulary
-normalizer from one ``exp`` pass. top_k, top_p, top_a and min_p are thresholds, exact from the
-sorted candidates whenever the kept set ends inside them, and the draw is then an inverse CDF
-over the candidates with one uniform. Rows the candidates cannot resolve (flat logits, large
-top_k, no filter at all) take an exact full-vocabulary path (threshold bisection, blocked
-inverse CDF) under a batch-level ``lax.cond``, so a batch pays for it only when a row needs it.
+``C = 128`` largest scaled logits come from a two-stage ``lax.top_k``; top_k, top_p, top_a and
+min_p are thresholds, exact from the sorted candidates whenever the kept set ends inside
+them; rows they cannot resolve retry on 1024 candidates, then on the full vocabulary
+(threshold bisection). The draw is an exponential race whose noise depends on the key and
+the token id only, so every path draws the same token from the same distribution.
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,16 +39,31 @@ from jaxsample.rows import TOP_LOGPROBS_MAX, RowParams
 
 #: How many of a row's largest logits the fast path looks at (``lax.top_k``).
 NUM_CANDIDATES = 128
+#: The second candidate tier: rows the first cannot resolve retry on this many largest
+#: logits (only when some row of the batch needs it) before the full-vocabulary bisection.
+SECOND_TIER = 1024
 #: Block length of the full-vocabulary inverse-CDF draw.
 DRAW_BLOCK = 256
 #: logit_bias is applied over the first 16, 128 or all entries, whichever the batch needs.
 BIAS_TIERS = (16, 128)
-_AXIS = "rows"
 
 
 # --------------------------------------------------------------------------------------------
 # History
 # --------------------------------------------------------------------------------------------
+
+
+def _token_ids(name: str, ids, vocab_size: int) -> np.ndarray:
+    """``int64[n]`` from a list, numpy or jax array of token ids; checks the range."""
+    arr = np.asarray([] if ids is None else ids)
+    if arr.size == 0:
+        return np.zeros(0, np.int64)
+    if not (np.issubdtype(arr.dtype, np.integer) and arr.ndim <= 1):
+        raise ValueError(f"{name} token ids must be a flat sequence of ints, got {arr.dtype}")
+    arr = arr.astype(np.int64).reshape(-1)
+    if arr.min() < 0 or arr.max() >= vocab_size:
+        raise ValueError(f"{name} token ids must be in [0, {vocab_size - 1}]")
+    return arr
 
 
 @struct.dataclass
@@ -68,12 +86,12 @@ class History:
 
     @classmethod
     def from_tokens(cls, prompt_ids, output_ids, vocab_size: int) -> History:
-        """Builds a history on the host from token-id lists (``None`` is empty)."""
-        prompt = np.asarray(list(prompt_ids or ()), np.int64).reshape(-1)
-        output = np.asarray(list(output_ids or ()), np.int64).reshape(-1)
-        for name, ids in (("prompt", prompt), ("output", output)):
-            if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-                raise ValueError(f"{name} token ids must be in [0, {vocab_size - 1}]")
+        """Builds a history on the host from token ids (``None`` is empty).
+
+        ``prompt_ids``/``output_ids``: a Python list, a numpy array or a jax array of ints.
+        """
+        prompt = _token_ids("prompt", prompt_ids, vocab_size)
+        output = _token_ids("output", output_ids, vocab_size)
         counts = np.bincount(output, minlength=vocab_size).astype(np.int32)
         in_prompt = np.zeros(vocab_size, np.bool_)
         in_prompt[prompt] = True
@@ -93,11 +111,6 @@ class History:
         return self.replace(counts=self.counts.at[index].add(1, mode="drop"))
 
 
-# --------------------------------------------------------------------------------------------
-# The chain and the draw
-# --------------------------------------------------------------------------------------------
-
-
 class SampleOut(NamedTuple):
     """One row's draw (batched: a leading axis ``B`` on every field)."""
 
@@ -108,25 +121,137 @@ class SampleOut(NamedTuple):
     ok: jax.Array  # shape=(), bool; False when no token is allowed at all
 
 
-class _Dist(NamedTuple):
-    """The step-10 distribution of one row: kept = (z >= z_min) & (w >= w_min) & (z > -inf),
-    w = exp(z - shift), probability w / mass."""
-
-    z: jax.Array  # (V,) f32 scaled logits after steps 1-5
-    cands: tf.Candidates  # the candidates after steps 6-9
-    shift: jax.Array  # () f32 max of z
-    z_min: jax.Array  # () f32
-    w_min: jax.Array  # () f32
-    mass: jax.Array  # () f32
-    greedy: jax.Array  # () bool
-    ok: jax.Array  # () bool
-    token: jax.Array  # () i32 the drawn token (greedy, candidates or full vocabulary)
+# --------------------------------------------------------------------------------------------
+# The plan: the batch's decisions, made once per step
+# --------------------------------------------------------------------------------------------
 
 
-def _batch_any(x: jax.Array, axis_name: str | None) -> jax.Array:
-    """``any(x)`` over the batch axis ``axis_name`` (an unbatched scalar under vmap)."""
-    x = x.astype(jnp.int32)
-    return (x if axis_name is None else lax.psum(x, axis_name)) > 0
+@struct.dataclass
+class Plan:
+    """What a batch needs this step, decided once in :func:`sample_rows` (no batch axis).
+
+    Per-row code takes a plan and branches on its fields with ``lax.cond``: the fields are
+    scalars shared by every row, so under ``jax.vmap`` each cond stays a real branch and the
+    per-row code needs no collective. ``Plan.everything()`` (Python constants, no branch at all)
+    is what a row function uses when no plan is given; it computes every optional part and
+    gives the same numbers as any plan that covers the batch.
+    """
+
+    bias: Any  # i32[] or int: logit_bias branch (0 none, then BIAS_TIERS, then all NB entries)
+    total: Any  # bool: some row needs the full-vocabulary normalizer (a filter while kept_all)
+    tier2: Any  # bool: some row retries on the second candidate tier
+    full: Any  # bool: some row's kept set is not resolved by the candidates
+    full_k: Any  # bool: some such row needs top_k's threshold by bisection
+    full_p: Any  # bool: ... top_p's
+    full_a: Any  # bool: ... top_a's (one mass pass)
+    raw: Any  # i32[] or int: 0 no raw log probabilities, 1 the normalizer, 2 also the top 20
+
+    @classmethod
+    def everything(cls) -> Plan:
+        """The plan that computes everything (static: no branch); the default of row code."""
+        return cls(
+            bias=-1, total=True, tier2=True, full=True, full_k=True, full_p=True, full_a=True, raw=2
+        )
+
+
+def _maybe(flag, yes, no):
+    """``yes()`` if ``flag`` else ``no()``: a Python branch for a constant, else ``lax.cond``."""
+    if isinstance(flag, (bool, np.bool_)):
+        return yes() if flag else no()
+    return lax.cond(flag, yes, no)
+
+
+def _bias_used(row: RowParams) -> jax.Array:
+    """How many leading logit_bias entries a row uses (past its last nonzero value: none)."""
+    nb = row.bias_values.shape[-1]
+    return jnp.max(jnp.where(row.bias_values != 0, jnp.arange(nb) + 1, 0), axis=-1)
+
+
+def _bias_tiers(nb: int) -> list[int]:
+    return [t for t in BIAS_TIERS if t < nb] + [nb]
+
+
+def _k_cuts(row: RowParams, vocab: int) -> jax.Array:
+    return (row.top_k > 0) & (row.top_k < vocab)
+
+
+def _filters(row: RowParams) -> jax.Array:
+    return (row.top_p < 1.0) | (row.top_a > 0.0) | (row.min_p > 0.0)
+
+
+def plan_rows(rows: RowParams, *, vocab_size: int) -> Plan:
+    """The parameter-only part of a batch's plan (``rows`` with a leading axis B).
+
+    The data-dependent fields (``full*``) are set to True here; :func:`distributions` narrows
+    them once the candidates have run.
+    """
+    used = jnp.max(_bias_used(rows))
+    tiers = _bias_tiers(rows.bias_values.shape[-1])
+    bias = jnp.where(used == 0, 0, 1 + jnp.sum(jnp.array(tiers[:-1]) < used))
+    greedy = tf.is_greedy(rows.temperature)
+    total = jnp.any(~greedy & _filters(rows) & ~_k_cuts(rows, vocab_size))
+    wants_raw = rows.logprobs & ~rows.processed_logprobs
+    raw = jnp.where(
+        jnp.any(wants_raw & (rows.top_logprobs > 0)), 2, jnp.where(jnp.any(wants_raw), 1, 0)
+    )
+    true = jnp.bool_(True)
+    return Plan(
+        bias=bias,
+        total=total,
+        tier2=true,
+        full=true,
+        full_k=true,
+        full_p=true,
+        full_a=true,
+        raw=raw,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Steps 1-9: the distribution
+# --------------------------------------------------------------------------------------------
+
+
+@struct.dataclass
+class Distribution:
+    """One row's step-10 distribution (batched: a leading axis ``B`` on every field).
+
+    Token ``t`` is kept when ``ok`` and ``z[t] >= z_min``, ``exp(z[t] - shift) >= w_min`` and
+    ``z[t] > -inf`` (a greedy row keeps ``ids[0]`` alone); its probability is
+    ``exp(z[t] - shift - log_mass)``. The kept set is always the tokens at or above a
+    threshold, so it is an upper set of ``z``; when ``in_candidates`` it is exactly the first
+    ``n`` candidates. Build it with :func:`distribution`; use it with :func:`draw`,
+    :func:`log_prob` and :func:`top_logprobs`.
+    """
+
+    z: jax.Array  # shape=(V,), float32; logits after steps 1-5 (and user transforms)
+    ids: jax.Array  # shape=(C,), int32; the C largest z, descending, ties by lower id
+    values: jax.Array  # shape=(C,), float32; z[ids]
+    shift: jax.Array  # shape=(), float32; max z (0 when no token is allowed)
+    z_min: jax.Array  # shape=(), float32; logit threshold (top_k, top_p)
+    w_min: jax.Array  # shape=(), float32; weight threshold (top_a, min_p)
+    log_mass: jax.Array  # shape=(), float32; log of the kept weights' sum
+    n: jax.Array  # shape=(), int32; number of kept candidates (of the tier that holds them)
+    in_candidates: jax.Array  # shape=(), bool; the kept set is the first n candidates
+    ids2: jax.Array  # shape=(C2,), int32; the second tier's candidates (when in_tier2)
+    values2: jax.Array  # shape=(C2,), float32
+    in_tier2: jax.Array  # shape=(), bool; the kept set is the first n second-tier candidates
+    greedy: jax.Array  # shape=(), bool; temperature < 1e-5: the point mass on ids[0]
+    ok: jax.Array  # shape=(), bool; False when no token is allowed at all
+
+
+class _Front(NamedTuple):
+    """Steps 1-9 on the candidates for one row, before any full-vocabulary work."""
+
+    z: jax.Array
+    ck: tf.Candidates  # after top_k
+    c: tf.Candidates  # after every filter
+    ok: jax.Array
+    greedy: jax.Array
+    need_full: jax.Array  # the candidates cannot resolve the kept set
+    c2: tf.Candidates | None = None  # the second tier after every filter (when it ran)
+    in_tier2: jax.Array | bool = False  # the second tier resolved the kept set
+    token2: jax.Array | int = 0  # the race over the second tier (when given a key)
 
 
 def _scale(x, allowed, bias, row: RowParams, seen, counts):
@@ -143,7 +268,28 @@ def _scale(x, allowed, bias, row: RowParams, seen, counts):
     return tf.temperature(z, row.temperature)
 
 
-def _steps_1_to_5(logits, row: RowParams, hist: History, allowed, axis_name=None):
+def _user(chain, position, z, row: RowParams, hist: History):
+    for i, t in enumerate(chain):
+        if t.position == position:
+            z = tf.apply_user(t, z, row.user[i], hist)
+    return z
+
+
+def _dense_steps_1_to_5(logits, row: RowParams, hist: History, allowed, chain):
+    """Steps 1-5 with a dense bias vector and the user transforms at their positions."""
+    z = tf.sanitize(logits)
+    z = z if allowed is None else tf.hard_mask(z, allowed)
+    z = _user(chain, "before_bias", z, row, hist)
+    z = tf.add_bias(z, tf.bias_vector(row.bias_ids, row.bias_values, z.shape[-1]))
+    z = _user(chain, "before_penalties", z, row, hist)
+    seen = hist.in_prompt | (hist.counts > 0)
+    z = tf.repetition_penalty(z, row.repetition_penalty, seen)
+    z = tf.frequency_presence_penalty(z, hist.counts, row.frequency_penalty, row.presence_penalty)
+    z = _user(chain, "before_temperature", z, row, hist)
+    return tf.temperature(z, row.temperature)
+
+
+def _steps_1_to_5(logits, row: RowParams, hist: History, allowed, bias, chain):
     """Steps 1-5 over the row: ``z[V]``, with logit_bias applied sparsely.
 
     Every token goes through the elementwise chain without bias; then a row's biased entries
@@ -151,16 +297,16 @@ def _steps_1_to_5(logits, row: RowParams, hist: History, allowed, axis_name=None
     distinct per row; entries with bias 0, the padding included, are skipped), so no dense
     ``[V]`` bias vector is ever built and both give bit-identical values. Scattering costs
     about 0.2-0.4 us per entry on CPU, so only as many entries as the batch uses are visited:
-    the tier (none, 16, 128 or all) is chosen for the whole batch by a ``lax.switch`` on a
-    batch-level maximum. Each branch computes ``z`` itself (from the unsanitized logits), so
-    neither the sanitized logits nor a copy of ``z`` is materialized for the switch.
+    ``bias`` (from the plan) picks the tier (none, 16, 128 or all). Each branch computes ``z``
+    itself (from the unsanitized logits), so nothing is copied into the switch. A chain with
+    user transforms before step 5 uses the dense form (same values).
     """
+    if any(t.position != "before_filters" for t in chain):
+        z = _dense_steps_1_to_5(logits, row, hist, allowed, chain)
+        return _user(chain, "before_filters", z, row, hist)
     ids, values = row.bias_ids, row.bias_values
-    nb, vocab = ids.shape[-1], logits.shape[-1]
-    used = jnp.max(jnp.where(values != 0, jnp.arange(nb) + 1, 0))
-    if axis_name is not None:
-        used = lax.pmax(used, axis_name)
-    tiers = [t for t in BIAS_TIERS if t < nb] + [nb]
+    vocab = logits.shape[-1]
+    tiers = _bias_tiers(ids.shape[-1])
 
     def unbiased():
         seen = hist.in_prompt | (hist.counts > 0)
@@ -174,122 +320,444 @@ def _steps_1_to_5(logits, row: RowParams, hist: History, allowed, axis_name=None
         return unbiased().at[jnp.where(v != 0, i, vocab)].set(new, mode="drop")
 
     branches = [unbiased] + [partial(biased, t) for t in tiers]
-    index = jnp.where(used == 0, 0, 1 + jnp.sum(jnp.array(tiers[:-1]) < used))
-    return lax.switch(index, branches)
+    if isinstance(bias, int):
+        z = branches[bias]()
+    else:
+        z = lax.switch(bias, branches)
+    return _user(chain, "before_filters", z, row, hist)
 
 
-def _when(pred, axis_name, fn, x):
-    """``fn(x)`` if ``pred`` holds for some row of the batch, else ``x`` (a batch-level cond)."""
-    return lax.cond(_batch_any(pred, axis_name), fn, lambda x: x, x)
-
-
-def _draw_candidates(c: tf.Candidates, u: jax.Array) -> jax.Array:
-    """Inverse CDF over the kept candidates: the first with ``cum > u * mass``."""
-    last = jnp.maximum(c.n - 1, 0)
-    j = jnp.sum(c.cum <= u * c.cum[last]).astype(jnp.int32)
-    return c.ids[jnp.minimum(j, last)]
-
-
-def _draw_full(w: jax.Array, u: jax.Array) -> jax.Array:
-    """Inverse CDF over the whole vocabulary with one uniform ``u`` in [0, 1).
-
-    ``w: f32[V]`` unnormalized weights (0 for removed tokens). Block sums, the block where
-    ``u * total`` falls, then the token inside it: two short cumulative sums, no sort.
-    """
-    vocab = w.shape[0]
-    blocks = jnp.pad(w, (0, (-vocab) % DRAW_BLOCK)).reshape(-1, DRAW_BLOCK)
-    sums = jnp.sum(blocks, axis=1)
-    cum = jnp.cumsum(sums)
-    target = u * cum[-1]
-    last_block = jnp.max(jnp.where(sums > 0, jnp.arange(sums.shape[0]), 0))
-    b = jnp.minimum(jnp.sum(cum <= target), last_block)
-    inner = target - jnp.where(b > 0, cum[jnp.maximum(b - 1, 0)], 0.0)
-    block = lax.dynamic_index_in_dim(blocks, b, keepdims=False)
-    last = jnp.max(jnp.where(block > 0, jnp.arange(DRAW_BLOCK), 0))
-    j = jnp.minimum(jnp.sum(jnp.cumsum(block) <= inner), last)
-    return (b * DRAW_BLOCK + j).astype(jnp.int32)
-
-
-def _distribution(
-    logits, row: RowParams, hist: History, allowed, u, *, num_candidates, axis_name, draw
-) -> _Dist:
-    """Steps 1-10 for one row; the full-vocabulary path runs only if some row needs it."""
+def _front(logits, row, hist, allowed, plan: Plan, num_candidates, chain) -> _Front:
     vocab = logits.shape[-1]
-    z = _steps_1_to_5(logits, row, hist, allowed, axis_name)
+    z = _steps_1_to_5(logits, row, hist, allowed, plan.bias, chain)
     greedy = tf.is_greedy(row.temperature)
     c0 = tf.init_candidates(z, num_candidates, total=False)
     ok = c0.values[0] > -jnp.inf
-    shift = jnp.where(ok, c0.values[0], 0.0)
     ck = tf.top_k(c0, row.top_k, vocab_size=vocab)
     # The full-vocabulary normalizer (one exp pass) only matters to a filter that runs while
     # every token is still kept, that is when top_k did not cut: skipped when no row needs it.
-    filters = (row.top_p < 1.0) | (row.top_a > 0.0) | (row.min_p > 0.0)
-    need_total = ok & ~greedy & ck.kept_all & filters
-    total = lax.cond(
-        _batch_any(need_total, axis_name),
+    total = _maybe(
+        plan.total,
         lambda: tf.vocabulary_total(z, c0.values[0]),
         lambda: jnp.float32(jnp.nan),
     )
     ck = ck._replace(total=total)
-    c = tf.min_p(tf.top_a(tf.top_p(ck, row.top_p), row.top_a), row.min_p)
+    c = _filter_candidates(c0, row, vocab, total)
     resolved = c.exact & ~c.kept_all
-    need_full = ok & ~greedy & ~resolved
-    last = jnp.maximum(c.n - 1, 0)
+    return _Front(z, ck, c, ok, greedy, ok & ~greedy & ~resolved)
+
+
+def _filter_candidates(c0: tf.Candidates, row: RowParams, vocab: int, total) -> tf.Candidates:
+    """Steps 6-9 on a candidate set (top_k, then the others with the normalizer)."""
+    ck = tf.top_k(c0, row.top_k, vocab_size=vocab)._replace(total=total)
+    return tf.min_p(tf.top_a(tf.top_p(ck, row.top_p), row.top_a), row.min_p)
+
+
+def _tier2_needed(f: _Front, row: RowParams) -> jax.Array:
+    """A row the first tier left unresolved that a filter may resolve on a larger tier."""
+    return f.need_full & (_filters(row) | _k_cuts(row, f.z.shape[-1]))
+
+
+def _tier2_stage(f: _Front, row: RowParams, run, size: int, words=None):
+    """The filters retried on the ``size`` largest logits, if ``run`` (a plan flag), and with
+    the row's key ``words`` the race over them: ``(Candidates, token)``."""
+    vocab = f.z.shape[-1]
+    size = max(1, min(size, vocab))
+
+    def go():
+        c0 = tf.init_candidates(f.z, size, total=False)
+        c2 = _filter_candidates(c0, row, vocab, f.ck.total)
+        if words is None:
+            return c2, jnp.int32(0)
+        return c2, _race_candidates(c2.ids, c2.values, c2.n, c2.values[0], words)
+
+    def skip():
+        zeros = jnp.zeros((size,), jnp.float32)
+        false = jnp.bool_(False)
+        ids = jnp.zeros((size,), jnp.int32)
+        c2 = tf.Candidates(zeros, ids, zeros, zeros, zeros[0], jnp.int32(0), false, false)
+        return c2, jnp.int32(0)
+
+    return _maybe(run, go, skip)
+
+
+def _tier2_apply(f: _Front, row: RowParams, c2: tf.Candidates, token2) -> _Front:
+    """A row the second tier resolved no longer needs the full vocabulary."""
+    resolved = _tier2_needed(f, row) & c2.exact & ~c2.kept_all
+    return f._replace(c2=c2, in_tier2=resolved, need_full=f.need_full & ~resolved, token2=token2)
+
+
+def _k_known(f: _Front) -> jax.Array:
+    return f.ck.exact & ~f.ck.kept_all
+
+
+def _full_needs(f: _Front, row: RowParams):
+    """Which full-vocabulary filters the row runs: (top_k, top_p, top_a)."""
+    vocab = f.z.shape[-1]
+    run_k = f.need_full & ~_k_known(f) & _k_cuts(row, vocab)
+    return run_k, f.need_full & (row.top_p < 1.0), f.need_full & (row.top_a > 0.0)
+
+
+def _full_stage(f: _Front, row: RowParams, plan: Plan, words=None):
+    """The kept set's thresholds on the full vocabulary (if ``plan.full``), and with the
+    row's key ``words`` the race over it: ``(z_min, w_min, mass, token)``."""
+    vocab = f.z.shape[-1]
+    run_k, run_p, run_a = _full_needs(f, row)
 
     def full_path():
         # top_k's threshold is reused from the candidates when they resolved it.
-        k_known = ck.exact & ~ck.kept_all
-        s = tf.init_full(z)
-        s = s._replace(z_min=jnp.where(k_known, ck.values[jnp.maximum(ck.n - 1, 0)], -jnp.inf))
-        # each full-vocabulary filter runs only if some row of the batch needs it
-        run_k = need_full & ~k_known & (row.top_k > 0) & (row.top_k < vocab)
-        run_p = need_full & (row.top_p < 1.0)
-        run_a = need_full & (row.top_a > 0.0)
-        s = _when(
-            run_k, axis_name, lambda s: tf.top_k_full(s, row.top_k, run_k, vocab_size=vocab), s
+        s = tf.init_full(f.z)
+        k_value = f.ck.values[jnp.maximum(f.ck.n - 1, 0)]
+        s = s._replace(z_min=jnp.where(_k_known(f), k_value, -jnp.inf))
+        # each full-vocabulary filter runs only if the plan says some row needs it
+        s = _maybe(
+            plan.full_k, lambda: tf.top_k_full(s, row.top_k, run_k, vocab_size=vocab), lambda: s
         )
-        s = _when(run_p, axis_name, lambda s: tf.top_p_full(s, row.top_p, run_p), s)
-        s = _when(run_a, axis_name, lambda s: tf.top_a_full(s, row.top_a), s)
+        s = _maybe(plan.full_p, lambda: tf.top_p_full(s, row.top_p, run_p), lambda: s)
+        s = _maybe(plan.full_a, lambda: tf.top_a_full(s, jnp.where(run_a, row.top_a, 0)), lambda: s)
         s = tf.min_p_full(s, row.min_p)
-        w = jnp.where(tf.full_keep(s), s.weights, 0.0)
-        token = _draw_full(w, u) if draw else jnp.int32(0)
-        return s.z_min, s.w_min, jnp.sum(w), token
+        keep = tf.full_keep(s)
+        mass = jnp.sum(jnp.where(keep, s.weights, 0.0))
+        if words is None:
+            return s.z_min, s.w_min, mass, jnp.int32(0), jnp.bool_(True)
+        return s.z_min, s.w_min, mass, *_race_full_fast(s.weights, keep, words)
 
     def skip():
-        return jnp.float32(-jnp.inf), jnp.float32(0.0), jnp.float32(1.0), jnp.int32(0)
+        zero = jnp.float32(0.0)
+        return jnp.float32(-jnp.inf), zero, jnp.float32(1.0), jnp.int32(0), jnp.bool_(True)
 
-    z_min, w_min, mass, token = lax.cond(_batch_any(need_full, axis_name), full_path, skip)
-    token = jnp.where(need_full, token, _draw_candidates(c, u) if draw else 0)
-    token = jnp.where(greedy, c0.ids[0], token)
-    return _Dist(
-        z=z,
-        cands=c,
-        shift=shift,
-        z_min=jnp.where(need_full, z_min, c.values[last]),
-        w_min=jnp.where(need_full, w_min, 0.0),
-        mass=jnp.where(need_full, mass, c.cum[last]),
-        greedy=greedy,
-        ok=ok,
-        token=jnp.where(ok, token, -1),
+    return _maybe(plan.full, full_path, skip)
+
+
+def _finish(f: _Front, full_out, words=None):
+    """The :class:`Distribution` from whichever path resolved the kept set, and with the
+    row's key ``words`` also the token (each race ran in the branch of its path)."""
+    z_min, w_min, mass, token_full, _ = full_out
+    c = f.c
+    last = jnp.maximum(c.n - 1, 0)
+    full, t2, c2 = f.need_full, f.in_tier2, f.c2
+    last2 = jnp.maximum(c2.n - 1, 0)
+    z_min = jnp.where(full, z_min, jnp.where(t2, c2.values[last2], c.values[last]))
+    mass = jnp.where(full, mass, jnp.where(t2, c2.cum[last2], c.cum[last]))
+    dist = Distribution(
+        z=f.z,
+        ids=c.ids,
+        values=c.values,
+        shift=jnp.where(f.ok, c.values[0], 0.0),
+        z_min=z_min,
+        w_min=jnp.where(full, w_min, 0.0),
+        log_mass=jnp.log(jnp.where(f.ok, mass, 1.0)),
+        n=jnp.where(f.greedy, 1, jnp.where(t2, c2.n, c.n)).astype(jnp.int32),
+        in_candidates=~full & ~t2,
+        ids2=c2.ids,
+        values2=c2.values,
+        in_tier2=t2,
+        greedy=f.greedy,
+        ok=f.ok,
+    )
+    if words is None:
+        return dist
+    token_c = _race_candidates(c.ids, c.values, c.n, dist.shift, words)
+    return dist, _pick(dist, token_c, f.token2, token_full)
+
+
+def distribution(
+    logits: jax.Array,
+    row: RowParams,
+    hist: History,
+    allowed: jax.Array | None,
+    *,
+    plan: Plan | None = None,
+    num_candidates: int = NUM_CANDIDATES,
+    second_tier: int = SECOND_TIER,
+    transforms=(),
+) -> Distribution:
+    """SPEC.md steps 1-9 for one row: the :class:`Distribution` that step 10 draws from.
+
+    Args:
+      logits: ``[V]`` model logits, any float dtype (computed in float32; NaN = removed).
+      row: the row's :class:`RowParams` (0-d leaves, ``bias_*`` of shape ``[NB]``).
+      hist: the row's :class:`History`.
+      allowed: ``bool[V]`` hard constraint (True = allowed), or None.
+      plan: the batch's :class:`Plan` (from :func:`sample_rows`); None computes everything,
+        so a plain ``jax.vmap`` of this function is correct.
+      num_candidates: static; how many largest logits the fast path uses.
+      transforms: static chain of :class:`jaxsample.transforms.UserTransform`.
+
+    Example::
+
+        >>> from jaxsample import SamplingParams, pack_rows
+        >>> rows = pack_rows([SamplingParams(top_k=2)], vocab_size=3, seeds=[0])
+        >>> row = jax.tree.map(lambda x: jnp.asarray(x[0]), rows)
+        >>> d = jax.jit(distribution)(jnp.log(jnp.array([0.5, 0.3, 0.2])), row,
+        ...                  History.from_tokens([], [], 3), None)
+        >>> np.round(np.exp(log_prob(d, jnp.arange(3))), 3).tolist()
+        [0.625, 0.375, 0.0]
+    """
+    plan = Plan.everything() if plan is None else plan
+    chain = tf.check_chain(transforms)
+    f = _front(logits, row, hist, allowed, plan, num_candidates, chain)
+    tier2_on = plan.tier2 if second_tier > num_candidates else False
+    c2, token2 = _tier2_stage(f, row, tier2_on, second_tier)
+    f = _tier2_apply(f, row, c2, token2)
+    return _finish(f, _full_stage(f, row, plan))
+
+
+# --------------------------------------------------------------------------------------------
+# Step 10: the draw, and log probabilities
+# --------------------------------------------------------------------------------------------
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+    """A bijective 32-bit integer mixer (xorshift-multiply rounds)."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def race_noise(words: jax.Array, ids: jax.Array) -> jax.Array:
+    """``f32[...]``: an Exp(1) variate per token id, a function of ``(words, id)`` alone.
+
+    ``words: u32[2]`` (a key's data), ``ids: i32[...]``. A counter-based hash of the id and the
+    key (two mixing rounds), read as a uniform with 32 bits (fine near 0, where the race is
+    decided) and mapped by ``-log1p(-u)``. Evaluated on the candidates only or on the whole
+    vocabulary, token ``t`` always gets the same value.
+    """
+    return -jnp.log1p(-race_uniform(words, ids))
+
+
+def race_uniform(words: jax.Array, ids: jax.Array) -> jax.Array:
+    """The uniform in (0, 1] behind :func:`race_noise`: ``(hash(key, id) + 0.5) / 2**32``."""
+    w = words.astype(jnp.uint32)
+    x = ids.astype(jnp.uint32) * jnp.uint32(0x9E3779B9) + w[0]
+    x = _mix32(_mix32(x) ^ w[1])
+    return (x.astype(jnp.float32) + 0.5) * jnp.float32(2.0**-32)
+
+
+def _key_words(key: jax.Array) -> jax.Array:
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key).reshape(-1)[-2:]
+    return jnp.asarray(key, jnp.uint32).reshape(-1)[-2:]
+
+
+def _winner(score: jax.Array, ids: jax.Array) -> jax.Array:
+    """The id with the largest score; ties: the lowest id (two plain reductions)."""
+    best = jnp.max(score)
+    return jnp.min(jnp.where(score == best, ids, np.iinfo(np.int32).max)).astype(jnp.int32)
+
+
+def _race_full(z, w, kept, words: jax.Array) -> jax.Array:
+    """The race over the whole vocabulary: the largest ``w / E`` over the kept tokens
+    (``w = exp(z - shift)``; ties: the lowest id). Exact, and costs a ``log1p`` per token."""
+    ids = jnp.arange(z.shape[-1], dtype=jnp.int32)
+    return _winner(jnp.where(kept, w / race_noise(words, ids), -1.0), ids)
+
+
+#: The fast full-vocabulary race scores this many tokens exactly.
+RACE_TOKENS = 16
+
+
+def _race_full_fast(w, kept, words: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The same race without a ``log1p`` per token: ``(token, certified)``.
+
+    ``E = -log1p(-u) >= u``, so ``a = w / u`` bounds each token's score ``w / E`` from
+    above, and costs a hash and a division. The ``RACE_TOKENS`` tokens with the largest bound
+    (:func:`jaxsample.transforms.top_candidates`) are scored exactly; when the next bound is
+    below the best exact score (with a margin for rounding), no other token can win and the
+    token is the exact race's (``certified``). The number of tokens whose bound reaches the
+    winner's score is about geometric with mean 1, so the certificate fails with
+    probability about 2**-16; the caller then runs :func:`_race_full`.
+    """
+    vocab = w.shape[-1]
+    ids = jnp.arange(vocab, dtype=jnp.int32)
+    m = min(RACE_TOKENS, vocab)
+
+    def bound(i):
+        return jnp.where(kept[i], w[i] / race_uniform(words, i), -1.0)
+
+    everywhere = jnp.where(kept, w / race_uniform(words, ids), -1.0)
+    block = tf.CANDIDATE_BLOCK
+    if vocab % block or vocab < 4 * block * (m + 1):
+        top, g = tf.top_candidates(everywhere, min(m + 1, vocab))
+    else:
+        # the bound's block maxima in one fused pass (the bound itself is never stored), the
+        # m + 1 blocks with the largest maxima (they hold the m + 1 largest bounds), then the
+        # bound again on those blocks only
+        maxima = jnp.max(everywhere.reshape(-1, block), axis=1)
+        _, chosen = lax.top_k(maxima, m + 1)
+        cand = (jnp.sort(chosen)[:, None] * block + jnp.arange(block)[None, :]).reshape(-1)
+        top, pos = lax.top_k(bound(cand), m + 1)
+        g = cand[pos]
+    g = g[:m]
+    score = jnp.where(kept[g], w[g] / race_noise(words, g), -1.0)
+    best = jnp.max(score)
+    if top.shape[0] > m:
+        certified = top[m] < best * jnp.float32(1.0 - 2.0**-20)
+    else:
+        certified = jnp.bool_(True)
+    return _winner(score, g), certified
+
+
+def _race_dist_exact(d: Distribution, words: jax.Array) -> jax.Array:
+    w = jnp.exp(d.z - d.shift)
+    kept = (d.z >= d.z_min) & (w >= d.w_min) & (d.z > -jnp.inf)
+    return _race_full(d.z, w, kept, words)
+
+
+def _race_dist(d: Distribution, words: jax.Array) -> jax.Array:
+    """The full-vocabulary race for a distribution: the fast one, exact when uncertified."""
+    w = jnp.exp(d.z - d.shift)
+    kept = (d.z >= d.z_min) & (w >= d.w_min) & (d.z > -jnp.inf)
+    token, certified = _race_full_fast(w, kept, words)
+    return jnp.where(certified, token, _race_full(d.z, w, kept, words))
+
+
+def _race_candidates(ids, values, n, shift, words: jax.Array) -> jax.Array:
+    """The same race over the first ``n`` candidates (ties: the lowest id)."""
+    w = jnp.exp(values - shift)
+    return _winner(jnp.where(jnp.arange(ids.shape[0]) < n, w / race_noise(words, ids), -1.0), ids)
+
+
+def draw(dist: Distribution, key: jax.Array, *, plan: Plan | None = None) -> jax.Array:
+    """Step 10: one token from ``dist`` with ``key`` (a PRNG key or its ``u32[2]`` data).
+
+    An exponential race: every kept token ``t`` gets ``E_t ~ Exp(1)`` from
+    :func:`race_noise` ``(key, t)`` and the token with the largest ``w_t / E_t`` wins
+    (``w_t = exp(z_t - shift)``), which picks ``t`` with probability ``w_t / sum(w)``
+    exactly. Since ``E_t`` depends on the key and ``t`` alone, the token is a function of the
+    key and the distribution only: the candidates (when they hold the kept set) and the whole
+    vocabulary give the same token. ``-1`` when ``not dist.ok``; ``ids[0]`` when greedy.
+    ``plan.full`` False skips the full-vocabulary race (no row needs it).
+
+    Example::
+
+        >>> h = History.from_tokens([], [], 4)
+        >>> d = jax.jit(distribution)(jnp.zeros(4), _neutral_row(4), h, None)
+        >>> int(jax.jit(draw)(d, jax.random.key(0))) in range(4)
+        True
+    """
+    plan = Plan.everything() if plan is None else plan
+    words = _key_words(key)
+    d = dist
+    tok_c = _race_candidates(d.ids, d.values, d.n, d.shift, words)
+    tok_2 = _maybe(
+        plan.tier2,
+        lambda: _race_candidates(d.ids2, d.values2, d.n, d.shift, words),
+        lambda: jnp.int32(0),
+    )
+    tok_f = _maybe(plan.full, lambda: _race_dist(d, words), lambda: jnp.int32(0))
+    return _pick(d, tok_c, tok_2, tok_f)
+
+
+def _pick(d: Distribution, tok_c, tok_2, tok_f) -> jax.Array:
+    """The token of the path that holds the kept set (greedy: ids[0]; none: -1)."""
+    token = jnp.where(d.in_candidates, tok_c, jnp.where(d.in_tier2, tok_2, tok_f))
+    token = jnp.where(d.greedy, d.ids[0], token)
+    return jnp.where(d.ok, token, -1)
+
+
+def log_prob(dist: Distribution, ids: jax.Array) -> jax.Array:
+    """``f32[...]``: log probabilities of tokens ``ids`` (any shape) under ``dist``.
+
+    ``-inf`` for removed tokens; a greedy row gives 0 for its argmax; a row with no allowed
+    token gives ``-inf`` everywhere.
+    """
+    values = dist.z[ids]
+    w = jnp.exp(values - dist.shift)
+    keep = (values >= dist.z_min) & (w >= dist.w_min) & (values > -jnp.inf)
+    sampled = jnp.where(keep, values - dist.shift - dist.log_mass, -jnp.inf)
+    greedy = jnp.where(ids == dist.ids[0], 0.0, -jnp.inf)
+    return jnp.where(dist.ok, jnp.where(dist.greedy, greedy, sampled), -jnp.inf)
+
+
+def top_logprobs(dist: Distribution, n: int = TOP_LOGPROBS_MAX) -> tuple[jax.Array, jax.Array]:
+    """``(i32[n], f32[n])``: the ``n`` (static) most likely tokens and their log probabilities.
+
+    Descending, ties by lower id; past the kept set the log probability is ``-inf`` (those ids
+    are the next candidates, or -1 past the candidates).
+    """
+    k = min(n, dist.ids.shape[0])
+    ids = dist.ids[:k]
+    lp = log_prob(dist, ids)
+    return (
+        jnp.pad(ids, (0, n - k), constant_values=-1),
+        jnp.pad(lp, (0, n - k), constant_values=-jnp.inf),
     )
 
 
-def _processed(d: _Dist, values: jax.Array, ids: jax.Array) -> jax.Array:
-    """Processed log probabilities of tokens ``ids`` with scaled logits ``values``."""
-    w = jnp.exp(values - d.shift)
-    keep = (values >= d.z_min) & (w >= d.w_min) & (values > -jnp.inf)
-    sampled = jnp.where(keep, values - d.shift - jnp.log(d.mass), -jnp.inf)
-    greedy = jnp.where(ids == d.cands.ids[0], 0.0, -jnp.inf)
-    return jnp.where(d.ok, jnp.where(d.greedy, greedy, sampled), -jnp.inf)
-
-
-def _raw_logsumexp(raw: jax.Array, top: jax.Array) -> jax.Array:
-    return jnp.where(top == -jnp.inf, 0.0, top) + jnp.log(tf.vocabulary_total(raw, top))
-
-
-def _row_key(row: RowParams, position) -> jax.Array:
+def row_key(row: RowParams, position) -> jax.Array:
+    """The row's key at output position ``i``: ``fold_in(key(seed), i)``."""
     key = jax.random.wrap_key_data(row.seed_words.astype(jnp.uint32), impl="threefry2x32")
     return jax.random.fold_in(key, position)
+
+
+def _neutral_row(vocab: int) -> RowParams:
+    """A row with every parameter neutral (doctest helper)."""
+    from jaxsample.params import SamplingParams, pack_rows
+
+    rows = pack_rows([SamplingParams()], vocab_size=vocab, seeds=[0])
+    return jax.tree.map(lambda x: jnp.asarray(x[0]), rows)
+
+
+# --------------------------------------------------------------------------------------------
+# One row: the draw and its report
+# --------------------------------------------------------------------------------------------
+
+
+def _report(logits, row: RowParams, dist: Distribution, token, plan: Plan) -> SampleOut:
+    """The token's log probability and the top 20 (raw or processed), as the row asked."""
+    vocab = logits.shape[-1]
+    safe = jnp.maximum(token, 0)
+    proc_lp = log_prob(dist, safe)
+    cand_ids, cand_lp = top_logprobs(dist, TOP_LOGPROBS_MAX)
+
+    def no_top():
+        return (
+            jnp.full((TOP_LOGPROBS_MAX,), -1, jnp.int32),
+            jnp.full((TOP_LOGPROBS_MAX,), -jnp.inf, jnp.float32),
+        )
+
+    # Raw log probabilities need log_softmax's normalizer over the whole row (an exp pass) and
+    # the raw top 20 a selection over it: each runs only if the plan says some row asks.
+    def raw_none():
+        return (jnp.float32(jnp.nan), *no_top())
+
+    def raw_lse(with_top: bool):
+        raw = tf.sanitize(logits)
+        block_max = tf.block_max(raw)  # one pass: the max for lse and the top-20's stage 1
+        top = jnp.max(block_max)
+        lse = jnp.where(top == -jnp.inf, 0.0, top) + jnp.log(tf.vocabulary_total(raw, top))
+        if not with_top:
+            return (lse, *no_top())
+        vals, ids = tf.top_candidates(raw, min(TOP_LOGPROBS_MAX, vocab), block_max)
+        lp = jnp.where(vals > -jnp.inf, vals - lse, -jnp.inf)
+        pad = TOP_LOGPROBS_MAX - ids.shape[0]
+        return (
+            lse,
+            jnp.pad(ids, (0, pad), constant_values=-1),
+            jnp.pad(lp, (0, pad), constant_values=-jnp.inf),
+        )
+
+    branches = [raw_none, partial(raw_lse, False), partial(raw_lse, True)]
+    if isinstance(plan.raw, int):
+        lse, raw_ids, raw_lps = branches[plan.raw]()
+    else:
+        lse, raw_ids, raw_lps = lax.switch(plan.raw, branches)
+    raw_lp = tf.sanitize(logits[safe]) - lse
+    logprob = jnp.where(dist.ok, jnp.where(row.processed_logprobs, proc_lp, raw_lp), -jnp.inf)
+    # a row that asked for no top_logprobs gets none, whatever the rest of the batch asked
+    none_ids, none_lps = no_top()
+    wants_top = row.logprobs & (row.top_logprobs > 0)
+    use_proc = row.processed_logprobs
+    return SampleOut(
+        token=token,
+        logprob=jnp.where(row.logprobs, logprob, jnp.nan),
+        top_ids=jnp.where(wants_top, jnp.where(use_proc, cand_ids, raw_ids), none_ids),
+        top_logprobs=jnp.where(wants_top, jnp.where(use_proc, cand_lp, raw_lps), none_lps),
+        ok=dist.ok,
+    )
 
 
 def sample_row(
@@ -299,27 +767,23 @@ def sample_row(
     allowed: jax.Array | None,
     position: jax.Array,
     *,
+    plan: Plan | None = None,
     num_candidates: int = NUM_CANDIDATES,
-    axis_name: str | None = None,
+    second_tier: int = SECOND_TIER,
+    transforms=(),
 ) -> SampleOut:
     """Draws one token for one row (SPEC.md steps 1-10) and reports log probabilities.
 
-    Args:
-      logits: ``[V]`` model logits, any float dtype (computed in float32; NaN = removed).
-      row: the row's :class:`RowParams` (0-d leaves, ``bias_*`` of shape ``[NB]``).
-      hist: the row's :class:`History`.
-      allowed: ``bool[V]`` hard constraint (True = allowed), or None.
-      position: the output position ``i``; the draw uses ``fold_in(key(seed), i)`` only.
-      num_candidates: static; how many largest logits the fast path uses.
-      axis_name: the ``vmap`` axis name when batched (see :func:`sample_rows`); it lets the
-        full-vocabulary fallback be skipped for the whole batch when no row needs it.
+    The composition ``draw(distribution(...), fold_in(key(seed), position))`` plus the log
+    probabilities the row asked for. Arguments as in :func:`distribution`; ``position`` is
+    the output position ``i``. A plain ``jax.vmap`` of this function gives the same numbers
+    as :func:`sample_rows` (which decides a :class:`Plan` once per batch to skip work).
 
     Returns:
       :class:`SampleOut`. Greedy rows (temperature < 1e-5) take the argmax of the processed
       logits (ties: lowest id). ``logprob``/``top_logprobs`` are ``log_softmax(logits)`` (raw,
       default) or the processed distribution (``row.processed_logprobs``); a row with
-      ``row.logprobs`` False gets ``logprob = NaN`` and no top entries (ids -1), and when no
-      row of the batch wants raw log probabilities their full-row pass is skipped. ``ok`` is
+      ``row.logprobs`` False gets ``logprob = NaN`` and no top entries (ids -1). ``ok`` is
       False and ``token = -1`` when no token is allowed.
 
     Example::
@@ -328,77 +792,22 @@ def sample_row(
         >>> rows = pack_rows([SamplingParams(temperature=0.0)], vocab_size=3, seeds=[0])
         >>> row = jax.tree.map(lambda x: jnp.asarray(x[0]), rows)
         >>> hist = History.from_tokens([], [], vocab_size=3)
-        >>> int(sample_row(jnp.array([0.0, 5.0, 1.0]), row, hist, None, 0).token)
+        >>> int(jax.jit(sample_row)(jnp.array([0.0, 5.0, 1.0]), row, hist, None, 0).token)
         1
     """
-    u = jax.random.uniform(_row_key(row, position), (), jnp.float32)
-    d = _distribution(
+    plan = Plan.everything() if plan is None else plan
+    dist = distribution(
         logits,
         row,
         hist,
         allowed,
-        u,
+        plan=plan,
         num_candidates=num_candidates,
-        axis_name=axis_name,
-        draw=True,
+        second_tier=second_tier,
+        transforms=transforms,
     )
-    token = d.token
-    safe = jnp.maximum(token, 0)
-    proc_lp = _processed(d, d.z[safe], safe)
-
-    # processed top 20: the leading candidates (the kept set is an upper set of the logits)
-    vocab = logits.shape[-1]
-    k = min(TOP_LOGPROBS_MAX, d.cands.values.shape[0])
-    pad = TOP_LOGPROBS_MAX - k
-    cand_ids = jnp.pad(d.cands.ids[:k], (0, pad), constant_values=-1)
-    cand_lp = jnp.pad(
-        _processed(d, d.cands.values[:k], d.cands.ids[:k]), (0, pad), constant_values=-jnp.inf
-    )
-
-    def no_top():
-        return (
-            jnp.full((TOP_LOGPROBS_MAX,), -1, jnp.int32),
-            jnp.full((TOP_LOGPROBS_MAX,), -jnp.inf, jnp.float32),
-        )
-
-    # Raw log probabilities need log_softmax's normalizer over the whole row (an exp pass) and
-    # the raw top 20 a selection over it: both run only if some row of the batch asks.
-    wants_raw = row.logprobs & ~row.processed_logprobs
-    wants_raw_top = wants_raw & (row.top_logprobs > 0)
-
-    def raw_stats():
-        raw = tf.sanitize(logits)
-        block_max = tf.block_max(raw)  # one pass: the max for lse and the top-20's stage 1
-        lse = _raw_logsumexp(raw, jnp.max(block_max))
-
-        def raw_top():
-            vals, ids = tf.top_candidates(raw, min(TOP_LOGPROBS_MAX, vocab), block_max)
-            lp = jnp.where(vals > -jnp.inf, vals - lse, -jnp.inf)
-            return (
-                jnp.pad(ids, (0, TOP_LOGPROBS_MAX - ids.shape[0]), constant_values=-1),
-                jnp.pad(lp, (0, TOP_LOGPROBS_MAX - lp.shape[0]), constant_values=-jnp.inf),
-            )
-
-        return (lse, *lax.cond(_batch_any(wants_raw_top, axis_name), raw_top, no_top))
-
-    lse, raw_ids, raw_lps = lax.cond(
-        _batch_any(wants_raw, axis_name), raw_stats, lambda: (jnp.float32(jnp.nan), *no_top())
-    )
-    raw_lp = tf.sanitize(logits[safe]) - lse
-    logprob = jnp.where(d.ok, jnp.where(row.processed_logprobs, proc_lp, raw_lp), -jnp.inf)
-    # a row that asked for no top_logprobs gets none, whatever the rest of the batch asked
-    none_ids, none_lps = no_top()
-    wants_top = row.logprobs & (row.top_logprobs > 0)
-    use_proc = row.processed_logprobs
-    top_ids = jnp.where(use_proc, cand_ids, raw_ids)
-    top_lps = jnp.where(use_proc, cand_lp, raw_lps)
-    return SampleOut(
-        token=token,
-        logprob=jnp.where(row.logprobs, logprob, jnp.nan),
-        top_ids=jnp.where(wants_top, top_ids, none_ids),
-        top_logprobs=jnp.where(wants_top, top_lps, none_lps),
-        ok=d.ok,
-    )
+    token = draw(dist, row_key(row, position), plan=plan)
+    return _report(logits, row, dist, token, plan)
 
 
 def processed_logprobs_row(
@@ -407,30 +816,154 @@ def processed_logprobs_row(
     hist: History,
     allowed: jax.Array | None,
     *,
+    plan: Plan | None = None,
     num_candidates: int = NUM_CANDIDATES,
-    axis_name: str | None = None,
+    second_tier: int = SECOND_TIER,
+    transforms=(),
 ) -> jax.Array:
     """``f32[V]``: log probabilities of exactly the distribution :func:`sample_row` draws from.
 
-    Removed tokens are ``-inf``. A greedy row is the point mass on its argmax (0 there); a row
-    with no allowed token is all ``-inf``. Arguments as in :func:`sample_row`.
+    ``log_prob(distribution(...), arange(V))``: removed tokens are ``-inf``; a greedy row is
+    the point mass on its argmax (0 there); a row with no allowed token is all ``-inf``.
     """
-    d = _distribution(
+    d = distribution(
         logits,
         row,
         hist,
         allowed,
-        jnp.float32(0.0),
+        plan=plan,
         num_candidates=num_candidates,
-        axis_name=axis_name,
-        draw=False,
+        second_tier=second_tier,
+        transforms=transforms,
     )
-    return _processed(d, d.z, jnp.arange(d.z.shape[0]))
+    return log_prob(d, jnp.arange(d.z.shape[0]))
 
 
 # --------------------------------------------------------------------------------------------
-# Batched versions
+# Batched versions: the plan decided once per step
 # --------------------------------------------------------------------------------------------
+
+
+def _rows_axes(allowed):
+    return None if allowed is None else 0
+
+
+def distributions(
+    logits: jax.Array,
+    rows: RowParams,
+    hist: History,
+    allowed: jax.Array | None,
+    *,
+    num_candidates: int = NUM_CANDIDATES,
+    second_tier: int = SECOND_TIER,
+    transforms=(),
+    keys: jax.Array | None = None,
+):
+    """:func:`distribution` over a batch (leading axis ``B``) and the batch's :class:`Plan`.
+
+    The plan is decided here, outside the per-row code: the parameter-only part first, then,
+    after the first candidates, whether any row retries on the second tier, then whether any
+    row needs the full vocabulary and which of its filters. Returns ``(dist, plan)``; with
+    ``keys`` (``[B]`` PRNG keys) ``(dist, plan, tokens)``, each race run inside the branch that
+    computed its kept set (the same tokens as ``vmap(draw)``, with fewer branches).
+    """
+    words = None if keys is None else jax.vmap(_key_words)(keys)
+    chain = tf.check_chain(transforms)
+    vocab = logits.shape[-1]
+    plan = plan_rows(rows, vocab_size=vocab)
+    front = partial(_front, plan=plan, num_candidates=num_candidates, chain=chain)
+    f = jax.vmap(lambda lg, r, h, a: front(lg, r, h, a), in_axes=(0, 0, 0, _rows_axes(allowed)))(
+        logits, rows, hist, allowed
+    )
+    # the second tier, on the few rows that need it (or on all when many do)
+    need2 = jax.vmap(_tier2_needed)(f, rows)
+    tier2_on = second_tier > num_candidates
+
+    def tier2(args, active):
+        fs, rs, ws = args
+        return jax.vmap(lambda f, r, w: _tier2_stage(f, r, active, second_tier, w))(fs, rs, ws)
+
+    c2, token2 = _compacted(need2 & tier2_on, tier2, (f, rows, words))
+    f = jax.vmap(_tier2_apply)(f, rows, c2, token2)
+
+    # the full vocabulary, likewise; which filters it runs is decided over those rows
+    def full(args, active):
+        fs, rs, ws = args
+        run_k, run_p, run_a = jax.vmap(_full_needs)(fs, rs)
+
+        def flag(x):
+            return jnp.any(x) if active else False
+
+        sub = plan.replace(full=active, full_k=flag(run_k), full_p=flag(run_p), full_a=flag(run_a))
+        return jax.vmap(lambda f, r, w: _full_stage(f, r, sub, w))(fs, rs, ws)
+
+    full_out = _compacted(f.need_full, full, (f, rows, words))
+    plan = plan.replace(tier2=jnp.any(need2) & tier2_on, full=jnp.any(f.need_full))
+    if words is None:
+        return jax.vmap(_finish)(f, full_out), plan
+    dist, tokens = jax.vmap(_finish)(f, full_out, words)
+
+    # the exact full-vocabulary race, for the rare row whose fast race is not certified
+    def exact(args, active):
+        ds, ws = args
+        return jax.vmap(lambda d, w: _race_dist_exact(d, w) if active else jnp.int32(0))(ds, ws)
+
+    uncertified = f.need_full & ~full_out[4]
+    tokens = jnp.where(uncertified, _compacted(uncertified, exact, (dist, words)), tokens)
+    return dist, plan, tokens
+
+
+#: Batch-level work that only a few rows need runs on at most ``max(1, B // COMPACT)`` rows
+#: gathered from the batch (the rest of the batch skips it); more rows than that: all rows.
+COMPACT = 4
+
+
+def _compacted(need: jax.Array, run, args):
+    """``run(args, active)`` for the rows where ``need`` holds, as cheaply as possible.
+
+    ``run`` maps a batch (leading axis) of per-row inputs to per-row outputs; with the static
+    ``active`` False it returns the rows' skip outputs without doing the work. One
+    batch-level ``lax.switch``: no row needs it (skip); at most ``k = max(1, B // COMPACT)``
+    rows do (they are gathered into a batch of k, run, and written back); more (all rows).
+    A row gathered only to fill the k gets its own outputs, which it does not use.
+    """
+    batch = need.shape[0]
+    k = max(1, batch // COMPACT)
+    count = jnp.sum(need)
+
+    def none():
+        return run(args, False)
+
+    def every():
+        return run(args, True)
+
+    if k >= batch:
+        return lax.cond(count > 0, every, none)
+
+    def few():
+        idx = jnp.argsort(~need, stable=True)[:k]  # the rows that need it first
+        sub = run(jax.tree.map(lambda x: x[idx], args), True)
+        return jax.tree.map(lambda o, s: o.at[idx].set(s), run(args, False), sub)
+
+    index = jnp.where(count == 0, 0, jnp.where(count <= k, 1, 2))
+    return lax.switch(index, [none, few, every])
+
+
+def tier_stats(
+    logits: jax.Array,
+    rows: RowParams,
+    hist: History,
+    *,
+    num_candidates: int = NUM_CANDIDATES,
+    second_tier: int = SECOND_TIER,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Diagnostics per row (``[B]`` each): resolved on the first candidate tier, resolved on
+    the second, and the size of the kept set (scripts/real_logits.py reports the rates)."""
+    dist, _ = distributions(
+        logits, rows, hist, None, num_candidates=num_candidates, second_tier=second_tier
+    )
+    lp = jax.vmap(lambda d: log_prob(d, jnp.arange(d.z.shape[0])))(dist)
+    return dist.in_candidates, dist.in_tier2, jnp.sum(lp > -jnp.inf, axis=-1)
 
 
 def sample_rows(
@@ -441,17 +974,34 @@ def sample_rows(
     position: jax.Array,
     *,
     num_candidates: int = NUM_CANDIDATES,
+    second_tier: int = SECOND_TIER,
+    transforms=(),
+    keys: jax.Array | None = None,
 ) -> SampleOut:
     """:func:`sample_row` over a batch: every argument with a leading axis ``B``
-    (``position`` may be a scalar shared by all rows). Use this rather than a plain
-    ``vmap(sample_row)``: it names the batch axis so the fallback and the raw top-20 are
-    skipped for the whole batch when no row needs them.
+    (``position`` may be a scalar shared by all rows).
+
+    The batch's :class:`Plan` is decided once (logit_bias tier, the normalizer, whether any
+    row needs the full vocabulary and which filters, raw log probabilities), so work no row
+    needs is skipped for the whole batch; the per-row code has no collective and gives the
+    same numbers as a plain ``jax.vmap(sample_row)``. ``keys`` (``[B]`` PRNG keys) replaces
+    the per-row ``fold_in(key(seed), position)``.
     """
     batch = logits.shape[0]
-    position = jnp.broadcast_to(jnp.asarray(position, jnp.int32), (batch,))
-    fn = partial(sample_row, num_candidates=num_candidates, axis_name=_AXIS)
-    in_axes = (0, 0, 0, None if allowed is None else 0, 0)
-    return jax.vmap(fn, in_axes=in_axes, axis_name=_AXIS)(logits, rows, hist, allowed, position)
+    if keys is None:
+        position = jnp.broadcast_to(jnp.asarray(position, jnp.int32), (batch,))
+        keys = jax.vmap(row_key)(rows, position)
+    dist, plan, token = distributions(
+        logits,
+        rows,
+        hist,
+        allowed,
+        num_candidates=num_candidates,
+        second_tier=second_tier,
+        transforms=transforms,
+        keys=keys,
+    )
+    return jax.vmap(partial(_report, plan=plan))(logits, rows, dist, token)
 
 
 def processed_logprobs_rows(
@@ -461,16 +1011,26 @@ def processed_logprobs_rows(
     allowed: jax.Array | None,
     *,
     num_candidates: int = NUM_CANDIDATES,
+    second_tier: int = SECOND_TIER,
+    transforms=(),
 ) -> jax.Array:
     """:func:`processed_logprobs_row` over a batch: ``[B, V]``."""
-    fn = partial(processed_logprobs_row, num_candidates=num_candidates, axis_name=_AXIS)
-    in_axes = (0, 0, 0, None if allowed is None else 0)
-    return jax.vmap(fn, in_axes=in_axes, axis_name=_AXIS)(logits, rows, hist, allowed)
+    dist, _ = distributions(
+        logits,
+        rows,
+        hist,
+        allowed,
+        num_candidates=num_candidates,
+        second_tier=second_tier,
+        transforms=transforms,
+    )
+    return jax.vmap(lambda d: log_prob(d, jnp.arange(d.z.shape[0])))(dist)
 
 
-sample_batch = jax.jit(sample_rows, static_argnames=("num_candidates",))
+_STATIC = ("num_candidates", "second_tier", "transforms")
+sample_batch = jax.jit(sample_rows, static_argnames=_STATIC)
 sample_batch.__doc__ = "Jitted :func:`sample_rows`."
-processed_logprobs_batch = jax.jit(processed_logprobs_rows, static_argnames=("num_candidates",))
+processed_logprobs_batch = jax.jit(processed_logprobs_rows, static_argnames=_STATIC)
 processed_logprobs_batch.__doc__ = "Jitted :func:`processed_logprobs_rows`."
 
 
@@ -487,10 +1047,11 @@ class SampleResult(NamedTuple):
     top_ids: np.ndarray  # [B, 20] int32; keep the first top_logprobs of each row
     top_logprobs: np.ndarray  # [B, 20] float32
     ok: np.ndarray  # [B] bool
-    seeds: tuple  # [B] the seed each row used (its own, or derive_seed(0, row))
+    seeds: tuple  # [B] the seed each row used (its own, or derive_seed(job_seed, row));
+    # None for every row when an explicit key= was given
 
 
-def _host_inputs(logits, params, prompt_tokens, output_tokens):
+def _host_inputs(logits, params, prompt_tokens, output_tokens, job_seed, key, transforms):
     from jaxsample.params import SamplingParams, derive_seed, pack_rows
 
     logits = jnp.asarray(logits)
@@ -503,15 +1064,31 @@ def _host_inputs(logits, params, prompt_tokens, output_tokens):
     for name, lists in (("prompt_tokens", prompt_tokens), ("output_tokens", output_tokens)):
         if lists is not None and len(lists) != batch:
             raise ValueError(f"{name} must hold {batch} lists, got {len(lists)}")
-    seeds = tuple(p.seed if p.seed is not None else derive_seed(0, i) for i, p in enumerate(plist))
-    rows = pack_rows(plist, vocab_size=vocab, seeds=seeds)
+    if key is not None:
+        if job_seed is not None:
+            raise ValueError("give key= or job_seed=, not both")
+        seeded = [i for i, p in enumerate(plist) if p.seed is not None]
+        if seeded:
+            raise ValueError(
+                f"key= replaces the per-request seeds, but rows {seeded} set a seed: "
+                "drop the seeds or the key"
+            )
+        seeds = (None,) * batch
+        pack_seeds = [0] * batch
+    else:
+        job_seed = 0 if job_seed is None else job_seed
+        seeds = tuple(
+            p.seed if p.seed is not None else derive_seed(job_seed, i) for i, p in enumerate(plist)
+        )
+        pack_seeds = list(seeds)
+    rows = pack_rows(plist, vocab_size=vocab, seeds=pack_seeds, transforms=transforms)
     # the host wrappers always report log probabilities (the loop computes them on request)
     rows = jax.tree.map(jnp.asarray, rows.replace(logprobs=np.ones(batch, np.bool_)))
     hist = History.stack(
         [
             History.from_tokens(
-                prompt_tokens[i] if prompt_tokens is not None else (),
-                output_tokens[i] if output_tokens is not None else (),
+                prompt_tokens[i] if prompt_tokens is not None else None,
+                output_tokens[i] if output_tokens is not None else None,
                 vocab,
             )
             for i in range(batch)
@@ -520,24 +1097,54 @@ def _host_inputs(logits, params, prompt_tokens, output_tokens):
     return logits, rows, hist, seeds
 
 
-def sample(logits, params, *, prompt_tokens=None, output_tokens=None, step=0) -> SampleResult:
+def _row_keys(key, batch: int):
+    """Row ``b`` of an explicit ``key`` draws with ``fold_in(key, b)``."""
+    if not jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32), impl="threefry2x32")
+    return jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(batch))
+
+
+def sample(
+    logits,
+    params,
+    *,
+    prompt_tokens=None,
+    output_tokens=None,
+    step=0,
+    key=None,
+    job_seed=None,
+    transforms=(),
+) -> SampleResult:
     """Draws one token per row on the host's behalf.
 
     ``logits [B, V]``; ``params`` one :class:`SamplingParams` (for every row) or a list of B;
-    ``prompt_tokens``/``output_tokens`` lists of B token-id lists (for the penalties);
-    ``step`` the output position ``i`` of this draw (the key is ``fold_in(key(seed), i)``).
-    A request without a seed uses ``derive_seed(0, row_index)`` (reported in ``seeds``).
-    The chosen token's log probability is always reported here, whatever ``logprobs`` says
-    (``top_logprobs`` still sets how many top entries a row gets).
+    ``prompt_tokens``/``output_tokens`` B token-id sequences (Python lists, numpy or jax
+    arrays) for the penalties; ``step`` the output position ``i`` of this draw (the key is
+    ``fold_in(key(seed), i)``). A request without a seed uses ``derive_seed(job_seed,
+    row_index)`` (``job_seed`` 0 by default; reported in ``seeds``). Or pass ``key=`` (a PRNG
+    key): row ``b`` then draws with ``fold_in(key, b)`` and ``step`` is not used (requests must
+    not set a seed: refused rather than ignored). The chosen token's log probability is
+    always reported here, whatever ``logprobs`` says (``top_logprobs`` still sets how many top
+    entries a row gets). ``transforms``: a user transform chain.
 
     Example::
 
         >>> from jaxsample import SamplingParams
         >>> sample(jnp.array([[0.0, 9.0, 1.0]]), SamplingParams(temperature=0.0)).tokens
         array([1], dtype=int32)
+        >>> int(sample(jnp.zeros((1, 4)), SamplingParams(), key=jax.random.key(1)).tokens[0]) < 4
+        True
     """
-    logits, rows, hist, seeds = _host_inputs(logits, params, prompt_tokens, output_tokens)
-    out = jax.device_get(sample_batch(logits, rows, hist, None, jnp.int32(step)))
+    if key is not None and step != 0:
+        raise ValueError("step is the position folded into each seed's key; with key= fold it in")
+    chain = tf.check_chain(transforms)
+    logits, rows, hist, seeds = _host_inputs(
+        logits, params, prompt_tokens, output_tokens, job_seed, key, chain
+    )
+    keys = None if key is None else _row_keys(key, logits.shape[0])
+    out = jax.device_get(
+        sample_batch(logits, rows, hist, None, jnp.int32(step), keys=keys, transforms=chain)
+    )
     return SampleResult(
         tokens=out.token,
         logprobs=out.logprob,
@@ -548,10 +1155,13 @@ def sample(logits, params, *, prompt_tokens=None, output_tokens=None, step=0) ->
     )
 
 
-def processed_logprobs(logits, params, *, prompt_tokens=None, output_tokens=None) -> np.ndarray:
+def processed_logprobs(
+    logits, params, *, prompt_tokens=None, output_tokens=None, transforms=()
+) -> np.ndarray:
     """``[B, V]`` log probabilities of exactly the distribution :func:`sample` draws from.
 
-    Arguments as in :func:`sample`; ``-inf`` marks removed tokens.
+    Arguments as in :func:`sample`; ``-inf`` marks removed tokens. (The distribution does not
+    depend on the key, so there is no ``key=`` here.)
 
     Example::
 
@@ -560,5 +1170,8 @@ def processed_logprobs(logits, params, *, prompt_tokens=None, output_tokens=None
         >>> lp.tolist()
         [[-inf, 0.0, -inf]]
     """
-    logits, rows, hist, _ = _host_inputs(logits, params, prompt_tokens, output_tokens)
-    return np.asarray(processed_logprobs_batch(logits, rows, hist, None))
+    chain = tf.check_chain(transforms)
+    logits, rows, hist, _ = _host_inputs(
+        logits, params, prompt_tokens, output_tokens, None, None, chain
+    )
+    return np.asarray(processed_logprobs_batch(logits, rows, hist, None, transforms=chain))

@@ -31,7 +31,9 @@ Example::
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -187,8 +189,11 @@ def top_candidates(
     block = CANDIDATE_BLOCK
     if k * block * 2 > vocab:
         # The barrier keeps XLA from rewriting top_k into a full sort when its output feeds
-        # other work (seen on CPU: a slice of the result fused into a consumer).
-        return lax.optimization_barrier(lax.top_k(x, k))
+        # other work (seen on CPU: a slice of the result fused into a consumer). One barrier
+        # per output: a barrier on top_k's tuple itself crashes XLA's SPMD partitioner (the
+        # slot engine on several devices).
+        values, ids = lax.top_k(x, k)
+        return lax.optimization_barrier(values), lax.optimization_barrier(ids)
     blocks = _blocks(x)
     if block_max is None:
         block_max = jnp.max(blocks, axis=1)
@@ -448,3 +453,90 @@ def top_a_full(s: FullRow, a: jax.Array) -> FullRow:
 def min_p_full(s: FullRow, m: jax.Array) -> FullRow:
     """Step 9 on the whole vocabulary: ``p >= m * p_max`` is ``w >= m``."""
     return s._replace(w_min=jnp.maximum(s.w_min, m))
+
+
+# --------------------------------------------------------------------------------------------
+# User transforms
+# --------------------------------------------------------------------------------------------
+
+#: Where a user transform may run in SPEC.md's order: after step 1 (hard constraints), after
+#: step 2 (logit_bias), after steps 3-4 (the penalties) or after step 5 (temperature), that is
+#: just before top_k. Filters (steps 6-9) and the draw keep their exact candidate paths.
+POSITIONS = ("before_bias", "before_penalties", "before_temperature", "before_filters")
+
+
+@dataclasses.dataclass(frozen=True)
+class UserTransform:
+    """A per-row transform written by a user, run inside the sampler (and the decode loop).
+
+    ``fn(z, params, hist) -> z'``: ``z: f32[V]`` the row's logits at ``position``,
+    ``params`` a dict of the transform's per-row values (0-d float32 arrays, one per name of
+    ``params``), ``hist`` the row's :class:`jaxsample.History`. It must be a pure JAX
+    function of one row (it is vmapped). ``-inf`` means removed: a token removed before the
+    transform stays removed whatever ``fn`` returns, NaN becomes ``-inf`` and ``+inf`` the
+    largest float32.
+
+    ``params`` maps each parameter name to its default (the value of a request that does not
+    set it); ``ranges`` optionally maps a name to the inclusive ``(lo, hi)`` its values must
+    lie in (checked on the host by :func:`jaxsample.pack_rows`). The values are array leaves
+    of :class:`jaxsample.RowParams` (field ``user``), so changing them never recompiles. A
+    chain is a tuple of transforms; it is static (hashable) and names must be distinct.
+    Requests set values with ``SamplingParams(transform_params={name: {param: value}})``.
+
+    Example (epsilon sampling: drop tokens whose probability is below ``eps``)::
+
+        >>> import jax
+        >>> def epsilon(z, p, hist):
+        ...     return jnp.where(jax.nn.softmax(z) < p["eps"], -jnp.inf, z)
+        >>> eps = UserTransform("epsilon", epsilon, {"eps": 0.0}, ranges={"eps": (0.0, 1.0)})
+        >>> out = apply_user(eps, jnp.log(jnp.array([0.5, 0.45, 0.05])), {"eps": 0.1}, None)
+        >>> out.tolist()[2]
+        -inf
+    """
+
+    name: str
+    fn: Callable
+    params: Any = ()  # stored: tuple of (name, default float) pairs, in the order given
+    position: str = "before_filters"
+    ranges: Any = ()  # stored: tuple of (name, (lo, hi)) pairs
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"a user transform needs a non-empty name, got {self.name!r}")
+        if not callable(self.fn):
+            raise ValueError(f"user transform {self.name!r}: fn must be callable")
+        if self.position not in POSITIONS:
+            raise ValueError(
+                f"user transform {self.name!r}: position {self.position!r} is not one of "
+                f"{POSITIONS}"
+            )
+        params = dict(self.params)
+        ranges = dict(self.ranges)
+        for key, value in params.items():
+            if not isinstance(key, str) or not np.isfinite(float(value)):
+                raise ValueError(f"user transform {self.name!r}: bad parameter {key!r}={value!r}")
+        unknown = set(ranges) - set(params)
+        if unknown:
+            raise ValueError(f"user transform {self.name!r}: ranges for unknown {unknown}")
+        object.__setattr__(self, "params", tuple((k, float(v)) for k, v in params.items()))
+        object.__setattr__(
+            self, "ranges", tuple((k, (float(a), float(b))) for k, (a, b) in ranges.items())
+        )
+
+
+def check_chain(chain) -> tuple:
+    """Returns the chain as a tuple of :class:`UserTransform` with distinct names."""
+    chain = tuple(chain or ())
+    for t in chain:
+        if not isinstance(t, UserTransform):
+            raise ValueError(f"a transform chain holds UserTransform objects, got {t!r}")
+    names = [t.name for t in chain]
+    if len(set(names)) != len(names):
+        raise ValueError(f"user transform names must be distinct, got {names}")
+    return chain
+
+
+def apply_user(t: UserTransform, z: jax.Array, params, hist) -> jax.Array:
+    """Runs one user transform on a row: removed stays removed, NaN -> -inf, clipped."""
+    new = sanitize(t.fn(z, params, hist))
+    return jnp.where(z == -jnp.inf, -jnp.inf, new)

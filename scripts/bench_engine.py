@@ -121,6 +121,33 @@ def _model_step(graphdef, state, tokens, positions, cache):
     return nnx.merge(graphdef, state).decode(tokens, positions, cache)
 
 
+def combine(parts: list[dict]) -> dict:
+    """One mode's rounds summed into one row."""
+    out = dict(parts[0])
+    for key in (
+        "requests",
+        "tokens",
+        "wall_s",
+        "steps",
+        "chunks",
+        "host_s",
+        "prefill_s",
+        "chunk_s",
+        "compiles",
+    ):
+        out[key] = sum(p[key] for p in parts)
+    slot_steps = sum(p["steps"] * p["slots"] for p in parts)
+    out["occupancy"] = out["tokens"] / slot_steps
+    out["tokens_per_s"] = out["tokens"] / out["wall_s"]
+    out["requests_per_s"] = out["requests"] / out["wall_s"]
+    out["steps_per_round_trip"] = out["steps"] / max(out["chunks"], 1)
+    out["host_ms_per_chunk"] = 1e3 * out["host_s"] / max(out["chunks"], 1)
+    out["prefill_share"] = out["prefill_s"] / out["wall_s"]
+    out["token_ids"] = {k: v for p in parts for k, v in p["token_ids"].items()}
+    out["rounds"] = len(parts)
+    return out
+
+
 def invariant_cost(path, batches, steps: int) -> list[dict]:
     """Median time of one jitted model decode step with and without batch_invariant."""
     rows = []
@@ -157,6 +184,7 @@ def main() -> None:
     ap.add_argument("--mean", type=float, default=64.0)
     ap.add_argument("--cap", type=int, default=256)
     ap.add_argument("--one-at-a-time", type=int, default=12, help="requests run alone")
+    ap.add_argument("--rounds", type=int, default=4, help="slices of the workload, each mode")
     ap.add_argument("--invariant-steps", type=int, default=10)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="results/bench_engine_cpu.json")
@@ -184,10 +212,19 @@ def main() -> None:
     warm = {"warmup_s": time.perf_counter() - t, "warmup_compiles": compile_count() - c0}
     print(f"warm-up: {warm['warmup_s']:.1f} s, {warm['warmup_compiles']} programs")
 
-    results = [run_mode(engine, items, "slot engine (r=1)")]
-    slot.refill_free = slot.n_slots  # a value: the same compiled programs
-    results.append(run_mode(engine, items, f"static batches of {slot.n_slots}"))
+    # Rounds: the workload in slices, each run in both modes, the order alternating, so that
+    # load drift on a shared machine hits both modes alike; figures are sums over rounds.
+    n_rounds = max(1, min(args.rounds, len(items) // slot.n_slots))
+    slices = [items[i::n_rounds] for i in range(n_rounds)]
+    modes = [("slot engine (r=1)", 1), (f"static batches of {slot.n_slots}", slot.n_slots)]
+    runs: dict = {label: [] for label, _ in modes}
+    for i, part in enumerate(slices):
+        for label, r in modes if i % 2 == 0 else modes[::-1]:
+            slot.refill_free = r  # a value: the same compiled programs
+            runs[label].append(run_mode(engine, part, label))
+            print(f"round {i + 1}/{n_rounds} {label}: {runs[label][-1]['wall_s']:.1f} s")
     slot.refill_free = 1
+    results = [combine(runs[label]) for label, _ in modes]
     single = Engine(engine.model, tok, slots=1, chunk_steps=args.chunk_steps)
     sub = items[: args.one_at_a_time]
     single.slot_engine().warmup(rows, sorted({slot.prompt_bucket(n) for n in lengths[: len(sub)]}))

@@ -162,6 +162,60 @@ def bench_config(b, v, kind, reps, sort_reps, rng):
     return med
 
 
+REAL = {  # on the real model's logits (B = 64 rows of the dump, V = 49152)
+    "full_p95": {**FULL, "top_p": 0.95},
+    "p95_t1": dict(temperature=1.0, top_p=0.95),
+    "p95_t08": dict(temperature=0.8, top_p=0.95),
+    "p99_t1": dict(temperature=1.0, top_p=0.99),
+    "neutral": {},
+}
+
+
+def bench_real(reps, sort_reps, b=64):
+    """The sampler on B rows of real SmolLM2 logits (scripts/real_logits.py's cached dump).
+
+    ``*_1tier`` rows are the same sampler with the second candidate tier and the compaction
+    off (``second_tier=0``, ``COMPACT=1``): the single-tier design, as a baseline.
+    """
+    import sys
+
+    from jaxsample import sampler as sm
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from real_logits import load_real_logits
+
+    data = load_real_logits()
+    idx = np.random.default_rng(0).choice(data.shape[0], b, replace=False)
+    logits = jnp.asarray(data[idx])
+    v = logits.shape[1]
+    hist = make_history(b, v, np.random.default_rng(1))
+    pos = jnp.int32(3)
+    cases = {"floor": (floor, (logits,))}
+    for name, fields in REAL.items():
+        cases[name] = (sample_batch, (logits, rows_for(fields, b, v), hist, None, pos))
+    # compiled below, with COMPACT = 1
+    one_tier = jax.jit(lambda *a: sm.sample_rows(*a, second_tier=0))
+    compact = sm.COMPACT
+    sm.COMPACT = 1
+    try:
+        for name in ("p95_t1", "p99_t1"):
+            args = (logits, rows_for(REAL[name], b, v), hist, None, pos)
+            timed(one_tier, *args)  # compile now, with the compaction off
+            cases[name + "_1tier"] = (one_tier, args)
+    finally:
+        sm.COMPACT = compact
+    cases["sort_chain"] = (sort_chain, (logits, rows_for(REAL["full_p95"], b, v), hist, pos))
+    for fn, args in cases.values():
+        timed(fn, *args)
+    times = {name: [] for name in cases}
+    for r in range(reps):
+        for name, (fn, args) in cases.items():
+            if name == "sort_chain" and r >= sort_reps:
+                continue
+            times[name].append(timed(fn, *args))
+    return {name: float(np.median(t)) * 1e3 for name, t in times.items()}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small smoke run (prints only)")
@@ -170,6 +224,7 @@ def main():
     )
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--only", default=None, help="one grid point B,V (prints only)")
+    ap.add_argument("--real-only", action="store_true", help="only the real-logits table")
     args = ap.parse_args()
     if args.quick:
         grid, reps, sort_reps = [(4, 8192)], args.reps or 3, 2
@@ -186,7 +241,7 @@ def main():
     header += f"{'sort/full':>9}  " + " ".join(f"{n[:8]:>8}" for n in ALONE)
     print("ratios: time / floor (log_softmax); sort/full = sort_chain time / full sampler time")
     print(header)
-    for b, v in grid:
+    for b, v in [] if args.real_only else grid:
         for kind in ("realistic", "flat"):
             med = bench_config(b, v, kind, reps, sort_reps, rng)
             f = med["floor"]
@@ -195,6 +250,27 @@ def main():
             line += f"{med['full'] / f:>10.2f} {med['sort_chain'] / med['full']:>9.1f}  "
             line += " ".join(f"{med[n] / f:>8.2f}" for n in ALONE)
             print(line, flush=True)
+    real = None
+    if not args.quick:
+        real = bench_real(reps, sort_reps)
+        f = real["floor"]
+        print("\nreal SmolLM2 logits, B = 64, V = 49152 (ms, and ratio to log_softmax)")
+        print(" ".join(f"{n:>14}" for n in real))
+        print(" ".join(f"{real[n]:>14.2f}" for n in real))
+        print(" ".join(f"{real[n] / f:>14.2f}" for n in real))
+        print(f"sort_chain / full_p95: {real['sort_chain'] / real['full_p95']:.1f}")
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).parent))
+        from real_logits import fallback_rates, load_real_logits
+
+        rates = fallback_rates(load_real_logits())
+        print("fallback rate (rows the first 128 candidates cannot resolve -> after the 2nd tier)")
+        for r in rates:
+            print(
+                f"  T={r['temperature']} top_p={r['top_p']}: {r['before']:.3f} -> {r['after']:.3f}"
+            )
+        real = dict(median_ms=real, fallback=rates)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         meta = dict(
@@ -208,7 +284,9 @@ def main():
             reps=reps,
             sort_reps=sort_reps,
         )
-        Path(out).write_text(json.dumps(dict(meta=meta, results=results), indent=1) + "\n")
+        Path(out).write_text(
+            json.dumps(dict(meta=meta, results=results, real=real), indent=1) + "\n"
+        )
         print(f"wrote {out}")
 
 

@@ -178,12 +178,6 @@ def test_two_processes_on_localhost_shard_and_merge(setup):
     assert canonical(out) == canonical(one)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the slot engine aborts in XLA on 2+ devices with this tiny GGUF model "
-    "('optimization_barrier ... cannot be downcasted to HloGetTupleElementInstruction'); "
-    "the real model and tests/test_engine.py's tiny model run. Remove when fixed.",
-)
 def test_four_simulated_devices_equal_one_device(setup):
     """The same job on 4 simulated CPU devices (the engine splits the slots over them) gives
     the one-device output record for record."""

@@ -305,3 +305,37 @@ def test_schema_refusals_name_the_field(model, tok):
     assert "allOf" in str(info.value)
     got = run(engine, [(0, "x", _schema_params(SCHEMAS[0], max_tokens=2))])[0]
     assert got.error is not None and got.error.field == "max_tokens"
+
+
+def test_a_schema_waits_for_room_in_the_pool(model, tok, monkeypatch):
+    """A pool that holds one schema at a time: the second schema's request waits until the
+    first one's row finishes (it is not refused), and both answers validate."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from jaxsample.automata import json_schema as js
+    from jaxsample.engine import SlotEngine
+
+    compiled = [
+        js.compile_schema(s, tok.token_bytes, eos_id=tok.eos_id, special_ids=tok.special_ids)
+        for s in SCHEMAS[:2]
+    ]
+    states = max(c.n_states for c in compiled) + 1
+    entries = max(len(c.tables["sp_tok"]) for c in compiled) + 1
+    rows = js._N_GLOBAL_ROWS + max(c.tables["dense"].shape[0] for c in compiled)
+    assert states < sum(c.n_states for c in compiled) + 1  # both do not fit at once
+    monkeypatch.setitem(js.POOL_SIZES, "one", (states, entries, rows))
+    engine = Engine(model, tok, slots=4, chunk_steps=4)
+    engine._slot_engine = SlotEngine(
+        model,
+        grammar=engine.grammar(),
+        token_bytes=engine.token_bytes(),
+        schema_pool=js.SchemaPool(
+            tok.token_bytes, eos_id=tok.eos_id, special_ids=tok.special_ids, size="one"
+        ),
+        slots=4,
+        chunk_steps=4,
+    )
+    items = [(i, "JSON", _schema_params(SCHEMAS[i], seed=i, max_tokens=40)) for i in (0, 1)]
+    got = run(engine, items)
+    for i in (0, 1):
+        assert got[i].error is None, got[i].error
+        jsonschema.validate(json.loads(got[i].text), SCHEMAS[i])

@@ -121,11 +121,12 @@ def test_chain_matches_sort_reference(num_candidates, logits, params, prompt, ou
 # ------------------------------------------------------------------ the draw is exact
 
 
-CHI_CASES = {  # with 4 candidates: the first case resolves on them, the others fall back
+CHI_CASES = {  # with 4 candidates and a second tier of 16: the first case resolves on the
+    # candidates, top_k=9 on the second tier, the others on the full vocabulary
     "candidates": dict(top_k=3, top_p=0.95, min_p=0.02, temperature=0.8),
     "full_vocabulary_no_filter": dict(temperature=1.3),
     "fallback_top_p": dict(top_p=0.8, top_a=0.05),
-    "fallback_top_k": dict(top_k=9, temperature=0.7),
+    "second_tier_top_k": dict(top_k=9, temperature=0.7),
     "penalties": dict(repetition_penalty=1.7, presence_penalty=0.5, frequency_penalty=-0.3),
 }
 
@@ -143,6 +144,7 @@ def test_draw_frequencies_match_processed_logprobs():
         jax.tree.map(lambda x: x[: len(cases)], hist_n),
         None,
         num_candidates=4,
+        second_tier=16,
     )
     out = sm.sample_batch(
         jnp.broadcast_to(jnp.asarray(logits), (len(cases) * n, v)),
@@ -151,8 +153,18 @@ def test_draw_frequencies_match_processed_logprobs():
         None,
         3,
         num_candidates=4,
+        second_tier=16,
     )
     assert np.asarray(out.ok).all()
+    tier1, tier2, _ = sm.tier_stats(
+        jnp.broadcast_to(jnp.asarray(logits), (len(cases), v)),
+        jax.tree.map(lambda x: x[::n], rows),
+        jax.tree.map(lambda x: x[: len(cases)], hist_n),
+        num_candidates=4,
+        second_tier=16,
+    )
+    assert tier1.tolist() == [True, False, False, False, False]  # every path is exercised
+    assert tier2.tolist() == [False, False, False, True, False]
     tokens = np.asarray(out.token).reshape(len(cases), n)
     for name, lp_row, toks in zip(CHI_CASES, np.asarray(lp, np.float64), tokens, strict=True):
         probs = np.exp(lp_row)

@@ -132,7 +132,16 @@ def advance(st: StopTables, s: StopState, token, tb: TokenBytes) -> tuple[StopSt
     iterations as the longest token drawn in the batch at this step. A negative token (no
     token drawn) has no bytes.
 
-    >>> s, hit = advance(st_row, s_row, jnp.int32(7), tb)
+    >>> tb = TokenBytes.from_vocab([b"E", b"N", b"D", b"xEN"])
+    >>> st = compile_stops([("END",)])
+    >>> st_row = jax.tree.map(lambda x: x[0], st)
+    >>> s = jax.tree.map(lambda x: x[0], init_state(st))
+    >>> hits = []
+    >>> for token in (3, 2):  # "xEN" then "D": the stop string spans two tokens
+    ...     s, hit = advance(st_row, s, jnp.int32(token), tb)
+    ...     hits.append(bool(hit))
+    >>> hits
+    [False, True]
     """
     t = jnp.asarray(token, jnp.int32)
     n = jnp.where(t >= 0, tb.lengths[jnp.maximum(t, 0)], 0)

@@ -271,14 +271,19 @@ class SlotEngine:
             t0 = time.perf_counter()
             pull()
             added = False
-            while free and waiting is not None:
+            # refill once at least r slots are free (r = S: only an empty engine is refilled,
+            # which is a static batch); the fill ends when the slots or the requests run out
+            filling = len(free) >= self.refill_free
+            while filling and free and waiting is not None:
                 try:
                     handle = self._add_schema(waiting)
-                except json_schema.PoolFull as err:  # no room in the pool: it fails alone
+                except json_schema.PoolFull as err:
+                    if any(owners):  # room comes back as the running schema rows finish
+                        break
                     failed = _Running(waiting).result(EMPTY)._replace(error=err)
                     waiting = None
                     pull()
-                    yield failed
+                    yield failed  # it cannot fit even alone: it fails alone
                     continue
                 added |= handle is not None
                 slot = free.pop(0)
@@ -288,12 +293,21 @@ class SlotEngine:
                 pull()
             if added:
                 self._refresh_shared()
+            if filling and self._slots is not None:
+                jax.block_until_ready(self._slots)  # so that the prefill time is its own
             t1 = time.perf_counter()
             stats.prefill_s += t1 - t0
             if not any(owners):
                 break
-            # while requests wait, leave once refill_free slots are free; otherwise run on
-            free_target = self.refill_free if waiting is not None else self.n_slots + 1
+            # While requests wait, leave once r slots are free (or, when free slots were left
+            # unfilled because a schema waits for room in the pool, once one more is free);
+            # once the input is exhausted, run on until every slot is done or K steps.
+            if waiting is None:
+                free_target = self.n_slots + 1
+            elif len(free) < self.refill_free:
+                free_target = self.refill_free
+            else:
+                free_target = len(free) + 1
             self._slots, out = _chunk(
                 self._graphdef,
                 self._model_state,

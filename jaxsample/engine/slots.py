@@ -63,7 +63,7 @@ class Shared(NamedTuple):
 
     grammar: Any  # json_mode.Grammar
     token_bytes: stop.TokenBytes
-    schemas: Any  # json_schema.Pool: every schema the slots use, written in as data
+    schemas: Any  # json_schema.Pool: every schema the slots use, written in as data (or None)
 
 
 class ChunkOut(NamedTuple):
@@ -227,10 +227,12 @@ def _allowed(shared: Shared, slots: Slots, running):
         return jnp.where(slots.schema_on[:, None], schema, mask)
 
     mask = jax.lax.cond(jnp.any(slots.json_on & running), with_json, all_allowed)
+    if shared.schemas is None:  # a static batch without schema rows
+        return mask
     return jax.lax.cond(jnp.any(slots.schema_on & running), with_schema, lambda m: m, mask)
 
 
-def step(model, shared: Shared, slots: Slots, *, transforms=()):
+def step(model, shared: Shared, slots: Slots, *, transforms=(), eos_id: int | None = None):
     """One decode step of every slot: constraints -> sampler -> stop checks -> model.
 
     Returns (slots after the step, the :class:`jaxsample.SampleOut` of the draw with ``token``
@@ -238,8 +240,9 @@ def step(model, shared: Shared, slots: Slots, *, transforms=()):
     """
     running = slots.finish == RUNNING
     allowed = _allowed(shared, slots, running)
-    kwargs = {"transforms": transforms} if transforms else {}
-    out = sample_rows(slots.logits, slots.rows, slots.hist, allowed, slots.n_out, **kwargs)
+    out = sample_rows(
+        slots.logits, slots.rows, slots.hist, allowed, slots.n_out, transforms=transforms
+    )
     emitted = running & out.ok
     token = jnp.where(emitted, out.token, -1)
     hist = jax.vmap(History.append)(slots.hist, token)
@@ -248,17 +251,19 @@ def step(model, shared: Shared, slots: Slots, *, transforms=()):
         shared.grammar, slots.json_state, safe
     )
     json_state = _where_rows(emitted & slots.json_on, json_state, slots.json_state)
-    schema_state = jax.vmap(json_schema.advance, in_axes=(None, 0, 0))(
-        shared.schemas, slots.schema_state, safe
-    )
-    schema_state = _where_rows(emitted & slots.schema_on, schema_state, slots.schema_state)
+    schema_state = slots.schema_state
+    if shared.schemas is not None:
+        new_state = jax.vmap(json_schema.advance, in_axes=(None, 0, 0))(
+            shared.schemas, slots.schema_state, safe
+        )
+        schema_state = _where_rows(emitted & slots.schema_on, new_state, schema_state)
     stop_state, hit = jax.vmap(stop.advance, in_axes=(0, 0, 0, None))(
         slots.stops, slots.stop_state, safe, shared.token_bytes
     )
     stop_state = _where_rows(emitted, stop_state, slots.stop_state)
     n_out = slots.n_out + emitted.astype(jnp.int32)
 
-    eos_id = model.config.eos_id
+    eos_id = model.config.eos_id if eos_id is None else eos_id
     finish = slots.finish
     finish = jnp.where(running & ~out.ok, FINISH_NO_TOKEN, finish)
     finish = jnp.where(emitted & (token == eos_id), FINISH_EOS, finish)
@@ -301,6 +306,7 @@ def run_chunk(
     chunk_steps: int,
     transforms=(),
     axis_name: str | None = None,
+    eos_id: int | None = None,
 ):
     """Up to ``chunk_steps`` decode steps; leaves early once no slot runs or at least
     ``free_target`` slots are not running (counted over every device when ``axis_name``
@@ -323,7 +329,7 @@ def run_chunk(
 
     def body(carry):
         i, slots, outs = carry
-        slots, out = step(model, shared, slots, transforms=transforms)
+        slots, out = step(model, shared, slots, transforms=transforms, eos_id=eos_id)
         outs = (
             outs[0].at[:, i].set(out.token),
             outs[1].at[:, i].set(out.logprob),

@@ -1,0 +1,349 @@
+"""The public Distribution, the path-independent draw, the batch plan and the host API."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxsample import InvalidRequestError, SamplingParams, derive_seed, pack_rows
+from jaxsample import sampler as sm
+from tests.reference_sampler import make_rows, reference_probs
+
+SEEDS = 48  # rows per draw: enough to compact (8 of 48) the fallback
+
+
+def _rows(params, nb=4):
+    return jax.tree.map(jnp.asarray, make_rows(params, nb=nb))
+
+
+def _hist(batch, vocab, prompt=(), output=()):
+    return sm.History.stack([sm.History.from_tokens(prompt, output, vocab)] * batch)
+
+
+def _tokens(logits, params, *, num_candidates, second_tier, position=3, **kw):
+    """Tokens drawn for SEEDS seeds with one parameter set (one row per seed)."""
+    vocab = logits.shape[-1]
+    rows = _rows([{**params, "seed": s} for s in range(SEEDS)])
+    out = sm.sample_batch(
+        jnp.broadcast_to(jnp.asarray(logits), (SEEDS, vocab)),
+        rows,
+        _hist(SEEDS, vocab, **kw),
+        None,
+        position,
+        num_candidates=num_candidates,
+        second_tier=second_tier,
+    )
+    return np.asarray(out.token)
+
+
+def _processed(logits, params, **kw):
+    rows = _rows([params])
+    vocab = logits.shape[-1]
+    return np.asarray(
+        sm.processed_logprobs_batch(jnp.asarray(logits)[None], rows, _hist(1, vocab), None)[0]
+    )
+
+
+# ------------------------------------------------------------------ the token depends on the
+# key and the distribution only, whichever path computed it
+
+
+def test_issue_example_top_k_2_equals_no_filter():
+    """V=8192, logits 0 and 1 on tokens 0 and 1, -1000 elsewhere: 200 seeds, same tokens."""
+    logits = np.full(8192, -1000.0, np.float32)
+    logits[:2] = [0.0, 1.0]
+    lp_plain, lp_k2 = _processed(logits, {}), _processed(logits, {"top_k": 2})
+    # the same float32 probabilities (the plain row's other tokens have exp(-1001) = 0)
+    np.testing.assert_array_equal(np.exp(lp_plain), np.exp(lp_k2))
+    tokens = []
+    for params in ({}, {"top_k": 2}):
+        rows = _rows([{**params, "seed": s} for s in range(200)])
+        out = sm.sample_batch(
+            jnp.broadcast_to(jnp.asarray(logits), (200, 8192)), rows, _hist(200, 8192), None, 0
+        )
+        tokens.append(np.asarray(out.token))
+    np.testing.assert_array_equal(tokens[0], tokens[1])
+    # and the draw is a real draw: both tokens occur, in about the right proportion
+    assert 0.6 < np.mean(tokens[0] == 1) < 0.85  # p(1) = e / (1 + e) = 0.73
+
+
+PATHS = [  # (num_candidates, second_tier): candidates, second tier, full vocabulary
+    (64, 0),
+    (4, 16),
+    (4, 0),
+]
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    vocab=st.just(40),
+    spread=st.sampled_from([0.5, 2.0, 4.0]),
+    ties=st.booleans(),
+    removed=st.integers(0, 6),
+    base=st.fixed_dictionaries(
+        {},
+        optional={
+            "temperature": st.sampled_from([0.5, 1.0, 1.7]),
+            "repetition_penalty": st.sampled_from([0.8, 1.3]),
+            "presence_penalty": st.floats(-1, 1),
+        },
+    ),
+)
+def test_same_distribution_same_token_on_every_path(seed, vocab, spread, ties, removed, base):
+    """Parameter sets that keep the same set with the same probabilities draw the same token
+    for every seed, on the candidates, the second tier and the full-vocabulary path."""
+    rng = np.random.default_rng(seed)
+    logits = (rng.uniform(-1, 1, vocab) * spread).astype(np.float32)
+    if ties:
+        logits = np.round(logits)  # many exact ties
+    logits[rng.choice(vocab, removed, replace=False)] = -np.inf
+    kw = dict(prompt=[1, 2], output=[2, 5])
+    probs, _ = reference_probs(logits, base, **kw)
+    finite = int((probs > 0).sum())
+    p_min = probs[probs > 0].min()
+    same = [
+        dict(base),
+        {**base, "top_k": int(rng.integers(finite, vocab + 1))},  # at or above the kept count
+        # reaches P only at the last token (when p_min is well above float32 rounding)
+        {**base, "top_p": float(1.0 - p_min / 2) if p_min > 1e-4 else 1.0},
+        {**base, "min_p": 1e-9},  # tiny: keeps all
+        {**base, "top_a": 1e-9},
+        {**base, "min_p": 1e-9, "top_k": vocab},
+    ]
+    draws = {}
+    for i, params in enumerate(same):
+        for nc, tier in PATHS:
+            rows = _rows([params])
+            lp = np.asarray(
+                sm.processed_logprobs_batch(
+                    jnp.asarray(logits)[None],
+                    rows,
+                    _hist(1, vocab, **kw),
+                    None,
+                    num_candidates=nc,
+                    second_tier=tier,
+                )[0]
+            )
+            np.testing.assert_array_equal(lp > -np.inf, probs > 0)  # the same kept set
+            draws[(i, nc, tier)] = _tokens(
+                logits, params, num_candidates=nc, second_tier=tier, **kw
+            )
+    first = draws[(0, *PATHS[0])]
+    assert (probs[first] > 0).all()
+    for key, toks in draws.items():
+        np.testing.assert_array_equal(toks, first, err_msg=str(key))
+
+
+def test_paths_agree_on_a_large_vocabulary():
+    """Realistic logits over V=2048: top_p resolved on the candidates, on the second tier and
+    by bisection draws the same tokens (the kept set is the same on every path)."""
+    rng = np.random.default_rng(1)
+    v = 2048
+    logits = (-1.5 * np.log(rng.permutation(v) + 1.0) + rng.gumbel(size=v) * 0.2).astype(np.float32)
+    for top_p in (0.9,):
+        params = {"top_p": top_p, "temperature": 0.9}
+        toks = [_tokens(logits, params, num_candidates=nc, second_tier=t) for nc, t in PATHS]
+        toks.append(_tokens(logits, params, num_candidates=128, second_tier=1024))
+        for t in toks[1:]:
+            np.testing.assert_array_equal(t, toks[0])
+
+
+# ------------------------------------------------------------------ the public pieces
+
+
+def _one(x, i=0):
+    return jax.tree.map(lambda a: a[i], x)
+
+
+def test_sample_row_is_draw_of_distribution_with_the_row_key():
+    rng = np.random.default_rng(2)
+    v = 300
+    logits = jnp.asarray(rng.standard_normal(v).astype(np.float32) * 2)
+    rows = _rows([{"seed": 11, "top_p": 0.8, "logprobs": True}])
+    hist = _hist(1, v)
+    row, h = _one(rows), _one(hist)
+    d = jax.jit(sm.distribution)(logits, row, h, None)
+    for pos in range(5):
+        key = jax.random.fold_in(jax.random.wrap_key_data(row.seed_words, impl="threefry2x32"), pos)
+        out = jax.jit(sm.sample_row)(logits, row, h, None, jnp.int32(pos))
+        assert int(sm.draw(d, key)) == int(out.token)
+    lp = np.asarray(sm.log_prob(d, jnp.arange(v)))
+    np.testing.assert_array_equal(
+        lp, sm.processed_logprobs_batch(logits[None], rows, hist, None)[0]
+    )
+    ids, top = sm.top_logprobs(d, 5)
+    order = np.lexsort((np.arange(v), -lp))[:5]
+    np.testing.assert_array_equal(ids, order)
+    np.testing.assert_allclose(top, lp[order])
+    want, _ = reference_probs(np.asarray(logits), {"top_p": 0.8})
+    np.testing.assert_allclose(np.exp(lp), want, atol=1e-6, rtol=1e-4)
+
+
+def test_draw_with_explicit_keys_is_exact():
+    """draw(dist, key) over many keys: frequencies match exp(log_prob) (chi-square)."""
+    v, n = 50, 6000
+    logits = jnp.asarray(np.random.default_rng(3).standard_normal(v).astype(np.float32))
+    rows = _rows([{"top_k": 30, "temperature": 1.2}])
+    d = sm.distribution(logits, _one(rows), _one(_hist(1, v)), None, num_candidates=8)
+    keys = jax.random.split(jax.random.key(5), n)
+    tokens = np.asarray(jax.jit(jax.vmap(sm.draw, in_axes=(None, 0)))(d, keys))
+    probs = np.exp(np.asarray(sm.log_prob(d, jnp.arange(v)), np.float64))
+    counts = np.bincount(tokens, minlength=v)
+    assert counts[probs == 0].sum() == 0
+    expected = probs / probs.sum() * n
+    stat = ((counts - expected)[expected > 0] ** 2 / expected[expected > 0]).sum()
+    df = int((expected > 0).sum()) - 1
+    assert stat < df + 4 * np.sqrt(2 * df) + 10, (stat, df)
+
+
+MIXED = [
+    {"seed": 1, "top_k": 5, "top_p": 0.9, "top_logprobs": 3},
+    {"seed": 2, "temperature": 0.0, "top_logprobs": 20},
+    {"seed": 3, "min_p": 0.1, "top_a": 0.2, "processed_logprobs": True, "top_logprobs": 5},
+    {"seed": 4, "repetition_penalty": 1.5, "frequency_penalty": 0.5, "logit_bias": {2: 5.0}},
+    {"seed": 5},  # no filter: full vocabulary
+    {"seed": 6, "top_p": 0.99, "temperature": 2.0},  # second tier or bisection
+    {"seed": 7, "top_k": 40},  # top_k beyond the first tier
+    {"seed": 8, "top_a": 0.01, "logprobs": False},
+]
+
+
+@pytest.mark.parametrize("nc,tier", [(8, 64), (8, 0), (128, 1024)])
+def test_plain_vmap_equals_sample_rows(nc, tier):
+    v = 200
+    b = len(MIXED)
+    logits = jnp.asarray(np.random.default_rng(4).standard_normal((b, v)).astype(np.float32))
+    rows = _rows(MIXED)
+    hist = sm.History.stack([sm.History.from_tokens([1, 2], [2, 3, 3], v) for _ in range(b)])
+    want = sm.sample_batch(logits, rows, hist, None, 5, num_candidates=nc, second_tier=tier)
+    fn = jax.vmap(
+        lambda lg, r, h: sm.sample_row(lg, r, h, None, 5, num_candidates=nc, second_tier=tier)
+    )
+    got = jax.jit(fn)(logits, rows, hist)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_row_code_has_no_collectives():
+    v = 64
+    rows = _rows(MIXED)
+    hist = _hist(len(MIXED), v)
+    logits = jnp.zeros((len(MIXED), v))
+    text = str(
+        jax.make_jaxpr(jax.vmap(lambda lg, r, h: sm.sample_row(lg, r, h, None, 0)))(
+            logits, rows, hist
+        )
+    )
+    assert not re.search(r"\b(psum|pmax|cond)\[", text)  # no collective, no branch at all
+    jaxpr = jax.make_jaxpr(lambda *a: sm.sample_rows(*a, None, 0))(logits, rows, hist)
+    assert not re.search(r"\b(psum|pmax)\[", str(jaxpr))
+    # six batch-level branches per step: logit_bias tier, normalizer, second tier, full
+    # vocabulary (its three filters branch inside it, only when it runs), the exact race for
+    # an uncertified fast race, raw log probabilities
+    assert [e.primitive.name for e in jaxpr.jaxpr.eqns].count("cond") == 6
+
+
+# ------------------------------------------------------------------ greedy, host inputs, keys
+
+
+def test_greedy_is_decided_in_float64_on_the_host():
+    rows = pack_rows(
+        [SamplingParams(temperature=9.9999999e-6), SamplingParams(temperature=1e-5)],
+        vocab_size=4,
+        seeds=[0, 0],
+    )
+    assert rows.temperature[0] == 0.0 and rows.temperature[1] == np.float32(1e-5)
+    logits = np.array([[0.0, 1e-5, 2e-5, -1.0]] * 2, np.float32)
+    lp = sm.processed_logprobs(logits, [SamplingParams(temperature=9.9999999e-6)] * 2)
+    np.testing.assert_array_equal(lp[0], [-np.inf, -np.inf, 0.0, -np.inf])  # greedy: argmax
+    lp = sm.processed_logprobs(logits, [SamplingParams(temperature=1e-5)] * 2)
+    assert np.isfinite(lp[0]).sum() == 4  # samples: z / 1e-5 spreads, nothing is cut
+
+
+@pytest.mark.parametrize("kind", ["list", "numpy", "jax"])
+def test_history_and_wrappers_take_lists_numpy_and_jax_arrays(kind):
+    conv = {"list": list, "numpy": np.array, "jax": jnp.array}[kind]
+    h = sm.History.from_tokens(conv([1, 1, 4]), conv([2, 2, 0]), vocab_size=6)
+    assert h.counts.tolist() == [1, 0, 2, 0, 0, 0]
+    assert h.in_prompt.tolist() == [False, True, False, False, True, False]
+    logits = np.random.default_rng(0).standard_normal((2, 6)).astype(np.float32)
+    p = SamplingParams(seed=3, repetition_penalty=1.8, presence_penalty=1.0)
+    res = sm.sample(logits, p, prompt_tokens=[conv([1]), conv([2, 3])], output_tokens=None)
+    ref = sm.sample(logits, p, prompt_tokens=[[1], [2, 3]])
+    np.testing.assert_array_equal(res.tokens, ref.tokens)
+    lp = sm.processed_logprobs(logits, p, output_tokens=conv([conv([4]), conv([5])]))
+    want, _ = reference_probs(
+        logits[0], {"repetition_penalty": 1.8, "presence_penalty": 1.0}, output=[4]
+    )
+    np.testing.assert_allclose(np.exp(lp[0]), want, atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError):
+        sm.History.from_tokens(np.array([0.5]), None, vocab_size=6)
+
+
+def test_host_wrappers_take_a_key_or_a_job_seed():
+    logits = np.random.default_rng(1).standard_normal((3, 40)).astype(np.float32)
+    key = jax.random.key(9)
+    res = sm.sample(logits, SamplingParams(top_p=0.9), key=key)
+    assert res.seeds == (None, None, None)
+    rows = jax.tree.map(
+        jnp.asarray, pack_rows([SamplingParams(top_p=0.9)] * 3, vocab_size=40, seeds=[0] * 3)
+    )
+    d = jax.vmap(lambda lg, r, h: sm.distribution(lg, r, h, None))(
+        jnp.asarray(logits), rows, _hist(3, 40)
+    )
+    for b in range(3):
+        assert int(sm.draw(_one(d, b), jax.random.fold_in(key, b))) == int(res.tokens[b])
+    res = sm.sample(logits, SamplingParams(), job_seed=7, step=2)
+    assert res.seeds == tuple(derive_seed(7, i) for i in range(3))
+    same = sm.sample(logits, [SamplingParams(seed=s) for s in res.seeds], step=2)
+    np.testing.assert_array_equal(res.tokens, same.tokens)
+    with pytest.raises(ValueError, match="seed"):
+        sm.sample(logits, SamplingParams(seed=1), key=key)
+    with pytest.raises(ValueError):
+        sm.sample(logits, SamplingParams(), key=key, job_seed=1)
+
+
+def test_bad_transform_params_are_refused():
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(transform_params={"x": {"a": float("nan")}})
+    assert info.value.field == "transform_params"
+
+
+@pytest.mark.parametrize("race_tokens", [16, 1])
+def test_fast_full_vocabulary_race_equals_the_exact_race(race_tokens, monkeypatch):
+    """The full-vocabulary race scores only the tokens whose cheap bound can win; when it
+    certifies, its token is the exact race's, and when it cannot (forced here with one token
+    scored), the exact race runs: the drawn token is the same either way."""
+    monkeypatch.setattr(sm, "RACE_TOKENS", race_tokens)
+    rng = np.random.default_rng(race_tokens)
+    v, n = 4096, 64
+    certified_all = []
+    for scale in (0.3, 3.0):
+        z = jnp.asarray(rng.standard_normal(v).astype(np.float32) * scale)
+        w = jnp.exp(z - jnp.max(z))
+        kept = z > (-0.5 if scale < 1 else -jnp.inf)
+        words = jax.random.bits(jax.random.key(scale > 1), (n, 2), jnp.uint32)
+        fast, certified = jax.jit(jax.vmap(sm._race_full_fast, in_axes=(None, None, 0)))(
+            w, kept, words
+        )
+        exact = jax.jit(jax.vmap(sm._race_full, in_axes=(None, None, None, 0)))(z, w, kept, words)
+        certified = np.asarray(certified)
+        np.testing.assert_array_equal(np.asarray(fast)[certified], np.asarray(exact)[certified])
+        certified_all.append(certified)
+        # sample_rows-style dispatch (fast, exact where uncertified) equals the exact race
+        rows = _rows([{"seed": s} for s in range(n)])
+        logits = jnp.broadcast_to(jnp.where(kept, z, -jnp.inf), (n, v))
+        keys = jax.vmap(jax.random.wrap_key_data)(words)
+        step = jax.jit(lambda lg, r, h, k: sm.sample_rows(lg, r, h, None, 0, keys=k))  # fresh
+        out = step(logits, rows, _hist(n, v), keys)
+        np.testing.assert_array_equal(out.token, exact)
+    rate = np.mean(np.concatenate(certified_all))
+    print("certified", rate)
+    assert rate == 1.0 if race_tokens == 16 else rate < 1.0  # the exact race did run
