@@ -183,10 +183,10 @@ plt.show()
 # Both curves replay the same tokens; only the budget differs. Where they part, the short
 # request's mask removes every token that would open
 # something it could no longer close (a long key, a long string), and the answer ends with
-# the closing tokens just in time. The outputs above also show the limit of steering: with
-# 12 and 20 tokens the model chose to open one more member while it still fitted, and the
-# budget then only allowed the shortest member, `"":""`. The object is valid but says
-# nothing; steering guarantees a parse, a sensible budget is still the caller's job.
+# the closing tokens just in time. The 12-token answer also shows the limit of steering: the
+# model chose to open one more member while it still fitted, and the budget then only
+# allowed the shortest member, `"":""`. The object is valid but says nothing; steering
+# guarantees a parse, a sensible budget is still the caller's job.
 #
 # ## A stop string that spans tokens
 #

@@ -75,6 +75,8 @@ def after(q, answer):
     return tok.apply_chat_template(chat(q), add_generation_prompt=True) + answer
 
 
+titles = {"confident": "confident: “Once upon a time, in a”",
+          "uncertain": "uncertain: “…there was a dragon named”"}
 steps = {
     "confident": after("Tell me a story about a dragon.", "Once upon a time, in a"),
     "uncertain": after("Tell me a story about a dragon.",
@@ -103,8 +105,9 @@ print("the transform agrees with numpy on", len(logits), "steps x 4 n x 3 temper
 
 # %% [markdown]
 # How many tokens it keeps, against `top_p` and `min_p`, as the temperature rises. Top-nσ
-# is flat (temperature-invariant kept set); `top_p` opens up; `min_p` is in between
-# (its threshold is relative to `p_max`, which also falls with temperature).
+# is flat (its kept set does not depend on the temperature); `top_p` opens up by orders of
+# magnitude; `min_p` grows too, more slowly (its threshold follows `p_max`, which falls as
+# the temperature flattens the distribution).
 
 # %%
 # figure: docs/custom_sampler_top_n_sigma.png
@@ -120,7 +123,7 @@ for ax, name in zip(axes, ["confident", "uncertain"]):
         ax.plot(temps, kept, "o-", ms=3, label=label)
     ax.set_yscale("log")
     ax.set_xlabel("temperature")
-    ax.set_title(f"{name}: “…{steps[name][-28:]}”", fontsize=9)
+    ax.set_title(titles[name], fontsize=9)
 axes[0].set_ylabel("tokens kept")
 axes[0].legend()
 plt.show()

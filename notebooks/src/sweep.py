@@ -193,17 +193,19 @@ ax.legend(fontsize=7, ncol=2, loc="lower left")
 plt.show()
 
 # %% [markdown]
-# What this run shows (the numbers are in the table above):
+# What this run shows (the numbers are in the table above; with 8 answers per setting,
+# differences of a few hundredths are noise):
 #
-# - **Temperature alone** slides along the frontier, and falls off a cliff at the hot end:
-#   unfiltered `T=1.4` reaches the highest diversity at a mean log probability far below
-#   every other setting — the tail tokens that high temperature lets in are gibberish.
-# - **Relative filters rescue high temperature**: `min_p=0.1` (or `top_a`) at `T=1.4` keeps
-#   most of the diversity and recovers most of the likelihood. `top_p=0.9` alone does much
-#   less there: at high temperature the flattened distribution needs a long tail to reach
-#   90% of its mass, so the nonsense survives (see parameters.ipynb).
-# - **At low temperature the filters cost diversity**: at `T=0.6` every filter lowers
-#   distinct-n and raises the repetition rate, for a modest gain in likelihood.
+# - **Temperature alone** falls off a cliff at the hot end: unfiltered `T=1.4` has a mean
+#   log probability far below every other setting — the tail tokens that high temperature
+#   lets in are gibberish — and buys no extra diversity with it.
+# - **Relative filters rescue high temperature**: `min_p=0.1` (or `top_a=0.2`) at `T=1.4`
+#   is among the most diverse settings and recovers most of the likelihood. `top_p=0.9`
+#   alone does much less there: at high temperature the flattened distribution needs a
+#   long tail to reach 90% of its mass, so the nonsense survives (see parameters.ipynb).
+# - **At low temperature the relative filters cost diversity**: at `T=0.6`, `min_p=0.1` and
+#   `top_a=0.2` lower distinct-n and raise the repetition rate, for a modest gain in
+#   likelihood.
 
 # %%
 # figure: docs/sweep_metrics.png
