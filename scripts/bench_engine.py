@@ -185,6 +185,7 @@ def main() -> None:
     ap.add_argument("--cap", type=int, default=256)
     ap.add_argument("--one-at-a-time", type=int, default=12, help="requests run alone")
     ap.add_argument("--rounds", type=int, default=4, help="slices of the workload, each mode")
+    ap.add_argument("--slot-only", action="store_true", help="only the slot engine (--rounds 1)")
     ap.add_argument("--invariant-steps", type=int, default=10)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="results/bench_engine_cpu.json")
@@ -217,6 +218,8 @@ def main() -> None:
     n_rounds = max(1, min(args.rounds, len(items) // slot.n_slots))
     slices = [items[i::n_rounds] for i in range(n_rounds)]
     modes = [("slot engine (r=1)", 1), (f"static batches of {slot.n_slots}", slot.n_slots)]
+    if args.slot_only:  # one pass of the slot engine alone: occupancy without slice tails
+        modes = modes[:1]
     runs: dict = {label: [] for label, _ in modes}
     for i, part in enumerate(slices):
         for label, r in modes if i % 2 == 0 else modes[::-1]:
@@ -225,6 +228,18 @@ def main() -> None:
             print(f"round {i + 1}/{n_rounds} {label}: {runs[label][-1]['wall_s']:.1f} s")
     slot.refill_free = 1
     results = [combine(runs[label]) for label, _ in modes]
+    if args.slot_only:
+        r = results[0]
+        del r["token_ids"]
+        print(
+            f"slot engine alone, {r['rounds']} pass(es): occupancy {r['occupancy']:.3f}, "
+            f"{r['tokens_per_s']:.1f} tok/s, {r['steps_per_round_trip']:.1f} steps/round trip, "
+            f"compiles {r['compiles']}"
+        )
+        pathlib.Path(args.out).write_text(
+            json.dumps({"args": vars(args), "results": results}, indent=2)
+        )
+        return
     single = Engine(engine.model, tok, slots=1, chunk_steps=args.chunk_steps)
     sub = items[: args.one_at_a_time]
     single.slot_engine().warmup(rows, sorted({slot.prompt_bucket(n) for n in lengths[: len(sub)]}))
