@@ -18,12 +18,28 @@ from jaxsample.api import Engine
 from jaxsample.model import Llama, Tokenizer, default_model_path, read_gguf, tiny_config
 
 
-def small_engine() -> Engine:
-    tok = Tokenizer.from_gguf(read_gguf(default_model_path()))
-    cfg = tiny_config(vocab_size=tok.vocab_size, context_length=256, eos_id=tok.eos_id)
+def small_model(tok: Tokenizer, *, context_length: int = 256) -> Llama:
+    """A tiny random Llama over the real vocabulary, in the engine's batch-invariant mode, its
+    random tied embedding softened (logit std ~8 -> ~0.8) so that rows really sample."""
+    cfg = tiny_config(
+        vocab_size=tok.vocab_size,
+        context_length=context_length,
+        eos_id=tok.eos_id,
+        batch_invariant=True,
+        attn_block=128,
+    )
     model = Llama(cfg, rngs=nnx.Rngs(0))
     model.embed[...] = model.embed[...] * 0.1
-    return Engine(model, tok, model_name="tiny-random")
+    return model
+
+
+def real_tokenizer() -> Tokenizer:
+    return Tokenizer.from_gguf(read_gguf(default_model_path()))
+
+
+def small_engine() -> Engine:
+    tok = real_tokenizer()
+    return Engine(small_model(tok), tok, model_name="tiny-random")
 
 
 def nan_engine(engine: Engine) -> Engine:

@@ -11,29 +11,18 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from small_engine import real_tokenizer, small_model
 
 from jaxsample import InvalidRequestError, SamplingParams
 from jaxsample.api import Engine
 from jaxsample.engine import compile_count
-from jaxsample.model import Llama, Tokenizer, default_model_path, read_gguf, tiny_config
 from jaxsample.sampler import sample
 
 
 @pytest.fixture(scope="module")
 def engine():
-    tok = Tokenizer.from_gguf(read_gguf(default_model_path()))
-    cfg = tiny_config(
-        vocab_size=tok.vocab_size,
-        context_length=256,
-        eos_id=tok.eos_id,
-        batch_invariant=True,
-        attn_block=128,
-    )
-    model = Llama(cfg, rngs=nnx.Rngs(0))
-    # soften the random tied embedding (logit std ~8 -> ~0.8) so that rows really sample
-    model.embed[...] = model.embed[...] * 0.1
-    return Engine(model, tok, model_name="tiny-random")
+    tok = real_tokenizer()
+    return Engine(small_model(tok), tok, model_name="tiny-random")
 
 
 def host_loop(engine, prompt_ids, params: SamplingParams, max_tokens: int, seed: int):

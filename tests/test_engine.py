@@ -18,13 +18,12 @@ import sys
 import jax
 import numpy as np
 import pytest
-from flax import nnx
+from small_engine import real_tokenizer, small_model
 
 from jaxsample import SamplingParams, pack_rows
 from jaxsample.api import Engine
 from jaxsample.decode import decode
 from jaxsample.engine import compile_count
-from jaxsample.model import Llama, Tokenizer, default_model_path, read_gguf, tiny_config
 
 PROMPTS = [
     "Once upon a time",
@@ -40,21 +39,12 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def tok():
-    return Tokenizer.from_gguf(read_gguf(default_model_path()))
+    return real_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def model(tok):
-    cfg = tiny_config(
-        vocab_size=tok.vocab_size,
-        context_length=256,
-        eos_id=tok.eos_id,
-        batch_invariant=True,
-        attn_block=128,
-    )
-    m = Llama(cfg, rngs=nnx.Rngs(0))
-    m.embed[...] = m.embed[...] * 0.1  # soften the random logits so rows really sample
-    return m
+    return small_model(tok)
 
 
 def workload():
@@ -211,17 +201,12 @@ def test_memory_per_slot_is_reported(model, tok):
 _DEVICES_SCRIPT = r"""
 import json, sys
 import jax
-from flax import nnx
-from jaxsample import SamplingParams
-from jaxsample.api import Engine
-from jaxsample.model import Llama, Tokenizer, default_model_path, read_gguf, tiny_config
 sys.path.insert(0, "tests")
+from jaxsample.api import Engine
+from small_engine import real_tokenizer, small_model
 from test_engine import workload
-tok = Tokenizer.from_gguf(read_gguf(default_model_path()))
-cfg = tiny_config(vocab_size=tok.vocab_size, context_length=256, eos_id=tok.eos_id,
-                  batch_invariant=True, attn_block=128)
-model = Llama(cfg, rngs=nnx.Rngs(0))
-model.embed[...] = model.embed[...] * 0.1
+tok = real_tokenizer()
+model = small_model(tok)
 n = int(sys.argv[1])
 engine = Engine(model, tok, slots=8, chunk_steps=8, devices=jax.devices()[:n])
 out = {k: [c.token_ids, c.finish_reason, c.logprobs] for k, c in engine.stream(workload())}
