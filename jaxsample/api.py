@@ -318,11 +318,11 @@ class Engine:
         (compiled once per vocabulary and cached); the loop skips the mask when no row is
         in JSON mode.
         """
-        for p in plist:  # until the slot engine wires json_schema rows: never run them as text
+        for p in plist:  # the static batch has no schema pool: never run a schema row as text
             if p.response_format == "json_schema":
                 raise InvalidRequestError(
-                    "response_format", "json_schema", "text or json_object in this engine",
-                    reason="json_schema is not wired into this decode loop yet",
+                    "response_format", "json_schema", "text or json_object in a static batch",
+                    reason="json_schema rows run in the slot engine (Engine.stream/generate)",
                 )  # fmt: skip
         return _decode.Constraints(
             json_grammar=self.grammar(),
