@@ -145,6 +145,8 @@ class Plan:
     full_p: Any  # bool: ... top_p's
     full_a: Any  # bool: ... top_a's (one mass pass)
     raw: Any  # i32[] or int: 0 no raw log probabilities, 1 the normalizer, 2 also the top 20
+    penalties: Any = True  # bool: some row has a repetition, frequency or presence penalty
+    mass: Any = True  # bool: some row reports processed log probabilities (the kept mass)
 
     @classmethod
     def everything(cls) -> Plan:
@@ -195,6 +197,11 @@ def plan_rows(rows: RowParams, *, vocab_size: int) -> Plan:
         jnp.any(wants_raw & (rows.top_logprobs > 0)), 2, jnp.where(jnp.any(wants_raw), 1, 0)
     )
     true = jnp.bool_(True)
+    penalties = (
+        (rows.repetition_penalty != 1.0)
+        | (rows.frequency_penalty != 0.0)
+        | (rows.presence_penalty != 0.0)
+    )
     return Plan(
         bias=bias,
         total=total,
@@ -204,6 +211,8 @@ def plan_rows(rows: RowParams, *, vocab_size: int) -> Plan:
         full_p=true,
         full_a=true,
         raw=raw,
+        penalties=jnp.any(penalties),
+        mass=jnp.any(rows.logprobs & rows.processed_logprobs),
     )
 
 
@@ -252,19 +261,23 @@ class _Front(NamedTuple):
     c2: tf.Candidates | None = None  # the second tier after every filter (when it ran)
     in_tier2: jax.Array | bool = False  # the second tier resolved the kept set
     token2: jax.Array | int = 0  # the race over the second tier (when given a key)
+    zb: jax.Array | None = None  # block maxima of z (blocks of 32), for the race's bounds
 
 
 def _scale(x, allowed, bias, row: RowParams, seen, counts):
     """Steps 1-5 elementwise: mask, bias, repetition, frequency/presence, temperature.
 
     Works on any shape: the whole row ``[V]`` (with ``bias = None``: no bias) or the few
-    biased entries gathered from it, so both give bit-identical values.
+    biased entries gathered from it, so both give bit-identical values. ``seen = None``
+    skips the penalties (the history is not read): the same values as neutral penalties
+    (``z / 1``, ``z * 1`` and ``z - 0`` are ``z``).
     """
     z = x if allowed is None else tf.hard_mask(x, allowed)
     if bias is not None:
         z = tf.add_bias(z, bias)
-    z = tf.repetition_penalty(z, row.repetition_penalty, seen)
-    z = tf.frequency_presence_penalty(z, counts, row.frequency_penalty, row.presence_penalty)
+    if seen is not None:
+        z = tf.repetition_penalty(z, row.repetition_penalty, seen)
+        z = tf.frequency_presence_penalty(z, counts, row.frequency_penalty, row.presence_penalty)
     return tf.temperature(z, row.temperature)
 
 
@@ -289,7 +302,7 @@ def _dense_steps_1_to_5(logits, row: RowParams, hist: History, allowed, chain):
     return tf.temperature(z, row.temperature)
 
 
-def _steps_1_to_5(logits, row: RowParams, hist: History, allowed, bias, chain):
+def _steps_1_to_5(logits, row: RowParams, hist: History, allowed, bias, chain, penalties=True):
     """Steps 1-5 over the row: ``z[V]``, with logit_bias applied sparsely.
 
     Every token goes through the elementwise chain without bias; then a row's biased entries
@@ -298,8 +311,10 @@ def _steps_1_to_5(logits, row: RowParams, hist: History, allowed, bias, chain):
     ``[V]`` bias vector is ever built and both give bit-identical values. Scattering costs
     about 0.2-0.4 us per entry on CPU, so only as many entries as the batch uses are visited:
     ``bias`` (from the plan) picks the tier (none, 16, 128 or all). Each branch computes ``z``
-    itself (from the unsanitized logits), so nothing is copied into the switch. A chain with
-    user transforms before step 5 uses the dense form (same values).
+    itself (from the unsanitized logits), so nothing is copied into the switch. When no row
+    of the batch has a penalty (``penalties``, from the plan), the dense pass does not read
+    the history (two ``[V]`` arrays, as many bytes as the logits). A chain with user
+    transforms before step 5 uses the dense form (same values).
     """
     if any(t.position != "before_filters" for t in chain):
         z = _dense_steps_1_to_5(logits, row, hist, allowed, chain)
@@ -308,9 +323,15 @@ def _steps_1_to_5(logits, row: RowParams, hist: History, allowed, bias, chain):
     vocab = logits.shape[-1]
     tiers = _bias_tiers(ids.shape[-1])
 
-    def unbiased():
+    def dense(with_penalties: bool):
+        x = tf.sanitize(logits)
+        if not with_penalties:
+            return _scale(x, allowed, None, row, None, None)
         seen = hist.in_prompt | (hist.counts > 0)
-        return _scale(tf.sanitize(logits), allowed, None, row, seen, hist.counts)
+        return _scale(x, allowed, None, row, seen, hist.counts)
+
+    def unbiased():
+        return _maybe(penalties, partial(dense, True), partial(dense, False))
 
     def biased(t):
         i, v = ids[:t], values[:t]
@@ -329,9 +350,10 @@ def _steps_1_to_5(logits, row: RowParams, hist: History, allowed, bias, chain):
 
 def _front(logits, row, hist, allowed, plan: Plan, num_candidates, chain) -> _Front:
     vocab = logits.shape[-1]
-    z = _steps_1_to_5(logits, row, hist, allowed, plan.bias, chain)
+    z = _steps_1_to_5(logits, row, hist, allowed, plan.bias, chain, plan.penalties)
     greedy = tf.is_greedy(row.temperature)
-    c0 = tf.init_candidates(z, num_candidates, total=False)
+    zb = tf.block_max(z)
+    c0 = tf.init_candidates(z, num_candidates, total=False, block_max=zb)
     ok = c0.values[0] > -jnp.inf
     ck = tf.top_k(c0, row.top_k, vocab_size=vocab)
     # The full-vocabulary normalizer (one exp pass) only matters to a filter that runs while
@@ -344,7 +366,7 @@ def _front(logits, row, hist, allowed, plan: Plan, num_candidates, chain) -> _Fr
     ck = ck._replace(total=total)
     c = _filter_candidates(c0, row, vocab, total)
     resolved = c.exact & ~c.kept_all
-    return _Front(z, ck, c, ok, greedy, ok & ~greedy & ~resolved)
+    return _Front(z, ck, c, ok, greedy, ok & ~greedy & ~resolved, zb=zb)
 
 
 def _filter_candidates(c0: tf.Candidates, row: RowParams, vocab: int, total) -> tf.Candidates:
@@ -400,33 +422,56 @@ def _full_needs(f: _Front, row: RowParams):
 
 def _full_stage(f: _Front, row: RowParams, plan: Plan, words=None):
     """The kept set's thresholds on the full vocabulary (if ``plan.full``), and with the
-    row's key ``words`` the race over it: ``(z_min, w_min, mass, token)``."""
+    row's key ``words`` the race over it: ``(z_min, w_min, mass, token, certified)``.
+
+    The weights ``exp(z - shift)`` are computed inside each filter's branch and fused into
+    the mass's single pass, never stored as a ``[V]`` array outside a branch. The mass is
+    NaN when ``plan.mass`` is False (no row reports processed log probabilities).
+    """
     vocab = f.z.shape[-1]
     run_k, run_p, run_a = _full_needs(f, row)
 
     def full_path():
+        top = f.c.values[0]  # the largest z
+        shift = jnp.where(top == -jnp.inf, 0.0, top)
         # top_k's threshold is reused from the candidates when they resolved it.
-        s = tf.init_full(f.z)
         k_value = f.ck.values[jnp.maximum(f.ck.n - 1, 0)]
-        s = s._replace(z_min=jnp.where(_k_known(f), k_value, -jnp.inf))
-        # each full-vocabulary filter runs only if the plan says some row needs it
-        s = _maybe(
-            plan.full_k, lambda: tf.top_k_full(s, row.top_k, run_k, vocab_size=vocab), lambda: s
-        )
-        s = _maybe(plan.full_p, lambda: tf.top_p_full(s, row.top_p, run_p), lambda: s)
-        s = _maybe(plan.full_a, lambda: tf.top_a_full(s, jnp.where(run_a, row.top_a, 0)), lambda: s)
-        s = tf.min_p_full(s, row.min_p)
-        keep = tf.full_keep(s)
-        mass = jnp.sum(jnp.where(keep, s.weights, 0.0))
+        th = (jnp.where(_k_known(f), k_value, -jnp.inf), jnp.float32(0.0))
+
+        def filtered(flag, fn, th):
+            # each full-vocabulary filter runs only if the plan says some row needs it
+            def go():
+                s = fn(tf.FullRow(f.z, jnp.exp(f.z - shift), *th))
+                return s.z_min, s.w_min
+
+            return _maybe(flag, go, lambda: th)
+
+        th = filtered(plan.full_k, lambda s: tf.top_k_full(s, row.top_k, run_k, vocab_size=vocab), th)
+        th = filtered(plan.full_p, lambda s: tf.top_p_full(s, row.top_p, run_p), th)
+        th = filtered(plan.full_a, lambda s: tf.top_a_full(s, jnp.where(run_a, row.top_a, 0)), th)
+        z_min, w_min = th[0], jnp.maximum(th[1], row.min_p)  # min_p: w >= m
+
+        def mass():
+            w = jnp.exp(f.z - shift)
+            return jnp.sum(jnp.where(_kept(f.z, w, z_min, w_min), w, 0.0))
+
+        m = _maybe(plan.mass, mass, lambda: jnp.float32(jnp.nan))
         if words is None:
-            return s.z_min, s.w_min, mass, jnp.int32(0), jnp.bool_(True)
-        return s.z_min, s.w_min, mass, *_race_full_fast(s.weights, keep, words)
+            return z_min, w_min, m, jnp.int32(0), jnp.bool_(True)
+        race = _race_full_fast(f.z, shift, z_min, w_min, f.c.ids, f.c.values, f.zb, words)
+        return z_min, w_min, m, *race
 
     def skip():
         zero = jnp.float32(0.0)
         return jnp.float32(-jnp.inf), zero, jnp.float32(1.0), jnp.int32(0), jnp.bool_(True)
 
     return _maybe(plan.full, full_path, skip)
+
+
+def _kept(z, w, z_min, w_min):
+    """The kept set of a :class:`Distribution` (any shape): ``z >= z_min``, ``w >= w_min``,
+    ``z > -inf`` (``w = exp(z - shift)``)."""
+    return (z >= z_min) & (w >= w_min) & (z > -jnp.inf)
 
 
 def _finish(f: _Front, full_out, words=None):
@@ -555,63 +600,82 @@ def _race_full(z, w, kept, words: jax.Array) -> jax.Array:
     return _winner(jnp.where(kept, w / race_noise(words, ids), -1.0), ids)
 
 
-#: The fast full-vocabulary race scores this many tokens exactly.
-RACE_TOKENS = 16
+#: The fast full-vocabulary race scores the tokens of this many blocks (of 32) exactly, besides
+#: the candidates.
+RACE_BLOCKS = 16
 
 
-def _race_full_fast(w, kept, words: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The same race without a ``log1p`` per token: ``(token, certified)``.
-
-    ``E = -log1p(-u) >= u``, so ``a = w / u`` bounds each token's score ``w / E`` from
-    above, and costs a hash and a division. The ``RACE_TOKENS`` tokens with the largest bound
-    (:func:`jaxsample.transforms.top_candidates`) are scored exactly; when the next bound is
-    below the best exact score (with a margin for rounding), no other token can win and the
-    token is the exact race's (``certified``). The number of tokens whose bound reaches the
-    winner's score is about geometric with mean 1, so the certificate fails with
-    probability about 2**-16; the caller then runs :func:`_race_full`.
-    """
-    vocab = w.shape[-1]
-    ids = jnp.arange(vocab, dtype=jnp.int32)
-    m = min(RACE_TOKENS, vocab)
-
-    def bound(i):
-        return jnp.where(kept[i], w[i] / race_uniform(words, i), -1.0)
-
-    everywhere = jnp.where(kept, w / race_uniform(words, ids), -1.0)
+def _block_min_hash(words: jax.Array, vocab: int) -> jax.Array:
+    """``f32[ceil(V / 32)]``: the smallest race uniform of each block of 32 token ids (ids
+    past the vocabulary included: a smaller minimum only loosens the bound). Integer work
+    only: the minimum is taken over the hashes, then converted (the map is increasing)."""
     block = tf.CANDIDATE_BLOCK
-    if vocab % block or vocab < 4 * block * (m + 1):
-        top, g = tf.top_candidates(everywhere, min(m + 1, vocab))
+    n = -(-vocab // block)
+    ids = jnp.arange(n * block, dtype=jnp.uint32).reshape(n, block)
+    w = words.astype(jnp.uint32)
+    x = ids * jnp.uint32(0x9E3779B9) + w[0]
+    h = jnp.min(_mix32(_mix32(x) ^ w[1]), axis=1)
+    return (h.astype(jnp.float32) + 0.5) * jnp.float32(2.0**-32)
+
+
+def _race_full_fast(
+    z, shift, z_min, w_min, cand_ids, cand_values, zb, words: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The race over the whole vocabulary without a transcendental per token:
+    ``(token, certified)``.
+
+    The candidates (the ``C`` largest ``z``, ``cand_ids``/``cand_values``) are scored
+    exactly. Every other token of block ``b`` (32 ids) has ``z <= min(zb[b], z_C)`` (``zb``:
+    the block maxima of ``z``; ``z_C``: the smallest candidate) and a uniform at least the
+    block's smallest, and ``E = -log1p(-u) >= u``, so ``exp(min(zb[b], z_C) - shift) /
+    u_min[b]`` bounds its score from above; the only pass over the vocabulary hashes the ids
+    (integers, no ``exp``). The ``RACE_BLOCKS`` blocks with the largest bounds are scored
+    exactly too; when the next bound is below the best exact score (with a margin for
+    rounding), no other token can win and the token is the exact race's (``certified``).
+    The candidates hold most of the mass, so the bounds left are small and certification
+    rarely fails (measured in tests/test_distribution.py); the caller then runs
+    :func:`_race_full`.
+    """
+    vocab = z.shape[-1]
+    block = tf.CANDIDATE_BLOCK
+
+    def score(ids):
+        zi = jnp.where(ids < vocab, z[jnp.minimum(ids, vocab - 1)], -jnp.inf)
+        w = jnp.exp(zi - shift)
+        return jnp.where(_kept(zi, w, z_min, w_min), w / race_noise(words, ids), -1.0)
+
+    cap = jnp.minimum(zb, cand_values[-1])
+    bound = jnp.where(
+        (cap >= z_min) & (cap > -jnp.inf), jnp.exp(cap - shift) / _block_min_hash(words, vocab), -1.0
+    )
+    m = min(RACE_BLOCKS, bound.shape[0])
+    if m < bound.shape[0]:
+        top, chosen = lax.top_k(bound, m + 1)
+        # (a barrier per output keeps XLA from rewriting this top_k into a full sort on CPU)
+        top, chosen = lax.optimization_barrier(top), lax.optimization_barrier(chosen)[:m]
     else:
-        # the bound's block maxima in one fused pass (the bound itself is never stored), the
-        # m + 1 blocks with the largest maxima (they hold the m + 1 largest bounds), then the
-        # bound again on those blocks only
-        maxima = jnp.max(everywhere.reshape(-1, block), axis=1)
-        _, chosen = lax.top_k(maxima, m + 1)
-        cand = (jnp.sort(chosen)[:, None] * block + jnp.arange(block)[None, :]).reshape(-1)
-        top, pos = lax.top_k(bound(cand), m + 1)
-        g = cand[pos]
-    g = g[:m]
-    score = jnp.where(kept[g], w[g] / race_noise(words, g), -1.0)
-    best = jnp.max(score)
-    if top.shape[0] > m:
-        certified = top[m] < best * jnp.float32(1.0 - 2.0**-20)
-    else:
-        certified = jnp.bool_(True)
-    return _winner(score, g), certified
+        top, chosen = None, jnp.arange(m)
+    ids = jnp.concatenate(
+        [cand_ids, (chosen[:, None] * block + jnp.arange(block)[None, :]).reshape(-1)]
+    ).astype(jnp.int32)
+    scores = score(ids)
+    best = jnp.max(scores)
+    certified = jnp.bool_(True) if top is None else top[m] < best * jnp.float32(1.0 - 2.0**-20)
+    return _winner(scores, ids), certified
 
 
 def _race_dist_exact(d: Distribution, words: jax.Array) -> jax.Array:
     w = jnp.exp(d.z - d.shift)
-    kept = (d.z >= d.z_min) & (w >= d.w_min) & (d.z > -jnp.inf)
-    return _race_full(d.z, w, kept, words)
+    return _race_full(d.z, w, _kept(d.z, w, d.z_min, d.w_min), words)
 
 
 def _race_dist(d: Distribution, words: jax.Array) -> jax.Array:
     """The full-vocabulary race for a distribution: the fast one, exact when uncertified."""
-    w = jnp.exp(d.z - d.shift)
-    kept = (d.z >= d.z_min) & (w >= d.w_min) & (d.z > -jnp.inf)
-    token, certified = _race_full_fast(w, kept, words)
-    return jnp.where(certified, token, _race_full(d.z, w, kept, words))
+    zb = tf.block_max(d.z)
+    token, certified = _race_full_fast(
+        d.z, d.shift, d.z_min, d.w_min, d.ids, d.values, zb, words
+    )
+    return jnp.where(certified, token, _race_dist_exact(d, words))
 
 
 def _race_candidates(ids, values, n, shift, words: jax.Array) -> jax.Array:
@@ -706,49 +770,78 @@ def _neutral_row(vocab: int) -> RowParams:
 # --------------------------------------------------------------------------------------------
 
 
-def _report(logits, row: RowParams, dist: Distribution, token, plan: Plan) -> SampleOut:
-    """The token's log probability and the top 20 (raw or processed), as the row asked."""
+def _no_top():
+    return (
+        jnp.full((TOP_LOGPROBS_MAX,), -1, jnp.int32),
+        jnp.full((TOP_LOGPROBS_MAX,), -jnp.inf, jnp.float32),
+    )
+
+
+def _raw_row(logits, with_top: bool, exact: bool):
+    """One row's raw ``log_softmax`` normalizer and, ``with_top``, its top 20:
+    ``(lse, ids[20], log_probs[20])``.
+
+    ``exact`` False is the fast form: it reads the logits as they are, with no masking
+    inside the passes (XLA's CPU reductions fuse arithmetic but store any ``select`` they
+    read as a whole ``[V]`` array first). It equals the exact form bit for bit whenever
+    every logit is finite, and its ``lse`` is not finite otherwise (NaN and ``inf`` reach
+    the sum), which is how :func:`_raw_batch` knows to run the exact form.
+    """
     vocab = logits.shape[-1]
+    x = tf.sanitize(logits) if exact else logits.astype(jnp.float32)
+    # one pass: the max for lse and the top-20's stage 1 (the barrier keeps XLA from turning
+    # the max of the block maxima back into a second pass over the row)
+    block_max = lax.optimization_barrier(tf.block_max(x))
+    top = jnp.max(block_max)
+    lse = jnp.where(top == -jnp.inf, 0.0, top) + jnp.log(tf.vocabulary_total(x, top))
+    if not with_top:
+        return (lse, *_no_top())
+    vals, ids = tf.top_candidates(x, min(TOP_LOGPROBS_MAX, vocab), block_max)
+    lp = jnp.where(vals > -jnp.inf, vals - lse, -jnp.inf)
+    pad = TOP_LOGPROBS_MAX - ids.shape[0]
+    return (
+        lse,
+        jnp.pad(ids, (0, pad), constant_values=-1),
+        jnp.pad(lp, (0, pad), constant_values=-jnp.inf),
+    )
+
+
+def _raw_batch(logits: jax.Array, raw) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`_raw_row` over a batch, as the plan's ``raw`` asks (0 none, 1 the normalizer,
+    2 also the top 20): the fast form, and the exact form only when some row's logits are
+    not all finite (a batch-level branch, inside the raw branch)."""
+
+    def none():
+        batch = logits.shape[0]
+        ids, lps = _no_top()
+        return (
+            jnp.full((batch,), jnp.nan, jnp.float32),
+            jnp.broadcast_to(ids, (batch, ids.shape[0])),
+            jnp.broadcast_to(lps, (batch, lps.shape[0])),
+        )
+
+    def some(with_top: bool):
+        fast = jax.vmap(partial(_raw_row, with_top=with_top, exact=False))(logits)
+        exact = partial(jax.vmap(partial(_raw_row, with_top=with_top, exact=True)), logits)
+        return _maybe(jnp.all(jnp.isfinite(fast[0])), lambda: fast, exact)
+
+    branches = [none, partial(some, False), partial(some, True)]
+    if isinstance(raw, int):
+        return branches[raw]()
+    return lax.switch(raw, branches)
+
+
+def _report(logits, row: RowParams, dist: Distribution, token, raw_stats) -> SampleOut:
+    """The token's log probability and the top 20 (raw or processed), as the row asked;
+    ``raw_stats`` is the row's :func:`_raw_row` (from :func:`_raw_batch`)."""
     safe = jnp.maximum(token, 0)
     proc_lp = log_prob(dist, safe)
     cand_ids, cand_lp = top_logprobs(dist, TOP_LOGPROBS_MAX)
-
-    def no_top():
-        return (
-            jnp.full((TOP_LOGPROBS_MAX,), -1, jnp.int32),
-            jnp.full((TOP_LOGPROBS_MAX,), -jnp.inf, jnp.float32),
-        )
-
-    # Raw log probabilities need log_softmax's normalizer over the whole row (an exp pass) and
-    # the raw top 20 a selection over it: each runs only if the plan says some row asks.
-    def raw_none():
-        return (jnp.float32(jnp.nan), *no_top())
-
-    def raw_lse(with_top: bool):
-        raw = tf.sanitize(logits)
-        block_max = tf.block_max(raw)  # one pass: the max for lse and the top-20's stage 1
-        top = jnp.max(block_max)
-        lse = jnp.where(top == -jnp.inf, 0.0, top) + jnp.log(tf.vocabulary_total(raw, top))
-        if not with_top:
-            return (lse, *no_top())
-        vals, ids = tf.top_candidates(raw, min(TOP_LOGPROBS_MAX, vocab), block_max)
-        lp = jnp.where(vals > -jnp.inf, vals - lse, -jnp.inf)
-        pad = TOP_LOGPROBS_MAX - ids.shape[0]
-        return (
-            lse,
-            jnp.pad(ids, (0, pad), constant_values=-1),
-            jnp.pad(lp, (0, pad), constant_values=-jnp.inf),
-        )
-
-    branches = [raw_none, partial(raw_lse, False), partial(raw_lse, True)]
-    if isinstance(plan.raw, int):
-        lse, raw_ids, raw_lps = branches[plan.raw]()
-    else:
-        lse, raw_ids, raw_lps = lax.switch(plan.raw, branches)
+    lse, raw_ids, raw_lps = raw_stats
     raw_lp = tf.sanitize(logits[safe]) - lse
     logprob = jnp.where(dist.ok, jnp.where(row.processed_logprobs, proc_lp, raw_lp), -jnp.inf)
     # a row that asked for no top_logprobs gets none, whatever the rest of the batch asked
-    none_ids, none_lps = no_top()
+    none_ids, none_lps = _no_top()
     wants_top = row.logprobs & (row.top_logprobs > 0)
     use_proc = row.processed_logprobs
     return SampleOut(
@@ -807,7 +900,8 @@ def sample_row(
         transforms=transforms,
     )
     token = draw(dist, row_key(row, position), plan=plan)
-    return _report(logits, row, dist, token, plan)
+    raw = _raw_batch(logits[None], plan.raw)
+    return _report(logits, row, dist, token, jax.tree.map(lambda x: x[0], raw))
 
 
 def processed_logprobs_row(
@@ -858,6 +952,7 @@ def distributions(
     second_tier: int = SECOND_TIER,
     transforms=(),
     keys: jax.Array | None = None,
+    for_sampling: bool = False,
 ):
     """:func:`distribution` over a batch (leading axis ``B``) and the batch's :class:`Plan`.
 
@@ -866,11 +961,16 @@ def distributions(
     row needs the full vocabulary and which of its filters. Returns ``(dist, plan)``; with
     ``keys`` (``[B]`` PRNG keys) ``(dist, plan, tokens)``, each race run inside the branch that
     computed its kept set (the same tokens as ``vmap(draw)``, with fewer branches).
+    ``for_sampling`` (what :func:`sample_rows` passes) computes a full-vocabulary row's kept
+    mass only when some row reports processed log probabilities (else its ``log_mass`` is
+    NaN); by default every field of every distribution is complete.
     """
     words = None if keys is None else jax.vmap(_key_words)(keys)
     chain = tf.check_chain(transforms)
     vocab = logits.shape[-1]
     plan = plan_rows(rows, vocab_size=vocab)
+    if not for_sampling:
+        plan = plan.replace(mass=True)
     front = partial(_front, plan=plan, num_candidates=num_candidates, chain=chain)
     f = jax.vmap(lambda lg, r, h, a: front(lg, r, h, a), in_axes=(0, 0, 0, _rows_axes(allowed)))(
         logits, rows, hist, allowed
@@ -1000,8 +1100,9 @@ def sample_rows(
         second_tier=second_tier,
         transforms=transforms,
         keys=keys,
+        for_sampling=True,
     )
-    return jax.vmap(partial(_report, plan=plan))(logits, rows, dist, token)
+    return jax.vmap(_report)(logits, rows, dist, token, _raw_batch(logits, plan.raw))
 
 
 def processed_logprobs_rows(

@@ -221,7 +221,9 @@ class Candidates(NamedTuple):
     exact: jax.Array  # shape=(), bool; False once the kept set is not known from the candidates
 
 
-def init_candidates(z: jax.Array, num_candidates: int, *, total: bool = True) -> Candidates:
+def init_candidates(
+    z: jax.Array, num_candidates: int, *, total: bool = True, block_max: jax.Array | None = None
+) -> Candidates:
     """Takes the ``C = min(num_candidates, V)`` largest logits of ``z`` (``lax.top_k``).
 
     ``f32[V] -> Candidates``. When the candidates hold every finite token (``C == V``, or the
@@ -229,10 +231,11 @@ def init_candidates(z: jax.Array, num_candidates: int, *, total: bool = True) ->
     ``total=False`` skips the full-vocabulary ``exp`` pass (``total`` is then NaN): only a
     filter that runs while ``kept_all`` reads it, and a caller that knows none will (top_k
     has cut) or computes it later (see :func:`vocabulary_total`) saves that pass.
+    ``block_max`` (from :func:`block_max`) may be passed when already computed.
     """
     vocab = z.shape[-1]
     c = min(num_candidates, vocab)
-    values, ids = top_candidates(z, c)
+    values, ids = top_candidates(z, c, block_max)
     top = values[0]
     shift = jnp.where(top == -jnp.inf, 0.0, top)
     weights = jnp.exp(values - shift)
