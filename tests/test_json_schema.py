@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -190,7 +191,10 @@ def _compare_walk(sp, h, m, vocab, eos, rng, steps, forced=None):
         theirs = S.ll_mask(m, V)
         in_str = bool(sp.np["in_string"][int(s.q)])
         for t in np.flatnonzero(theirs & ~mine):
-            assert vocab[t].strip() == b"" and int(s.ws_run) >= js.WS_RUN_MAX, (
+            # whitespace-run cap; one spelling per character in constrained strings (a key
+            # of additionalProperties: llguidance also takes \uXXXX for any character)
+            ws = vocab[t].strip() == b"" and int(s.ws_run) >= js.WS_RUN_MAX
+            assert ws or (in_str and b"\\u" in text[-6:] + vocab[t]), (
                 f"llguidance allows {vocab[t]!r} after {text!r}"
             )
         for t in np.flatnonzero(mine & ~theirs):
@@ -218,7 +222,7 @@ def _compare_walk(sp, h, m, vocab, eos, rng, steps, forced=None):
 def test_mask_equals_llguidance_random_walks(vocab, pool, name):
     tb, eos, _ = vocab
     sp, handles = pool
-    rng = np.random.default_rng(hash(name) % 1000)
+    rng = np.random.default_rng(zlib.crc32(name.encode()))  # hash() differs per process
     total = 0
     for _ in range(3):
         m = S.ll_matcher(SCHEMAS[name])

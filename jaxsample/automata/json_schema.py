@@ -1239,7 +1239,7 @@ _REGION_BYTES = {
     ),
 }
 #: ``h_a`` of a token that can never be inside a region (a label over 63 bytes in it).
-_H_BAD = 1000
+_H_BAD = 127
 
 
 def _region_run(kind: int, run: bytes, open_end: bool):
@@ -1261,16 +1261,16 @@ def _region_tables(vocab_bytes):
 
     * ``a``: added to the current label for the check ``label + a <= 63`` (the bytes before
       its first '.', plus one if it stays in the region ending in '-'; ``_H_BAD`` if a label
-      inside it is too long), ``b``: for ``total + b <= 253`` (its length, plus one if it
-      stays ending in '-' or '.'; an email local part adds 253 - 64 so that one bound serves);
+      inside it is too long), ``b``: for ``total + b <= 253`` (64 in an email local part;
+      its length, plus one if it stays ending in '-' or '.'); both int8, read every step;
     * ``stay``: all its bytes are region bytes; then the counter becomes
       ``(keep ? cnt : cnt & ~255) + add``; ``plen``: the prefix run's length.
 
     A token that enters region ``k`` (lands in it from outside) sets the counter to
     ``suf`` (from its bytes after the last non-region byte); ``suf_ok``: that run fits."""
     V = len(vocab_bytes)
-    a = np.zeros((3, V), np.int16)
-    b = np.zeros((3, V), np.int16)
+    a = np.zeros((3, V), np.int8)
+    b = np.zeros((3, V), np.int8)
     stay = np.zeros((3, V), bool)
     keep = np.ones((3, V), bool)
     add = np.zeros((3, V), np.int32)
@@ -1279,7 +1279,6 @@ def _region_tables(vocab_bytes):
     plen = np.zeros((3, V), np.int32)
     for k in (R_HOST, R_LOCAL):
         region = _REGION_BYTES[k]
-        pad = 0 if k == R_HOST else HOST_MAX - LOCAL_MAX
         for t, tok in enumerate(vocab_bytes):
             i = 0
             while i < len(tok) and tok[i] in region:
@@ -1294,7 +1293,7 @@ def _region_tables(vocab_bytes):
             plen[k, t] = i
             stay[k, t] = st
             a[k, t] = (first + (end_hy and dots == 0)) if ok else _H_BAD
-            b[k, t] = min(i + (st and run[-1:] in ends) + pad, _H_BAD)
+            b[k, t] = min(i + (st and run[-1:] in ends), _H_BAD)
             if k == R_HOST:
                 keep[k, t] = dots == 0
                 add[k, t] = (i << 8) | (i if dots == 0 else last)
@@ -1977,8 +1976,8 @@ class Pool:
     rows: jax.Array  # shape=(R, V), int16; next state minus base (-1: invalid)
     rows_nch: jax.Array  # shape=(R, V), int8; characters the token adds to the counter
     ws_only: jax.Array  # shape=(V,), bool
-    h_a: jax.Array  # shape=(3, V), int16; per region kind: label check (_region_tables)
-    h_b: jax.Array  # shape=(3, V), int16; per region kind: total check
+    h_a: jax.Array  # shape=(3, V), int8; per region kind: label check (_region_tables)
+    h_b: jax.Array  # shape=(3, V), int8; per region kind: total check
     h_stay: jax.Array  # shape=(3, V), bool; the token stays inside the region
     h_keep: jax.Array  # shape=(3, V), bool; it keeps the current label (no '.')
     h_add: jax.Array  # shape=(3, V), int32; counter increment when it stays
@@ -2194,10 +2193,14 @@ def _region_ok(p: Pool, s: State, tok=None):
     label within 63 bytes and the name within its limit, with a valid end still reachable."""
     k = p.hkind[s.q]
     c = jnp.where(k > 0, s.cnt, 0)
+    # compared in int8 (the [V] rows are read every step); a room capped below _H_BAD
+    room_a = (LABEL_MAX - (c & 255)).astype(jnp.int8)
+    room_b = jnp.minimum(jnp.where(k == R_LOCAL, LOCAL_MAX, HOST_MAX) - (c >> 8), _H_BAD - 1)
+    room_b = room_b.astype(jnp.int8)
     ha, hb = p.h_a[k], p.h_b[k]
     if tok is not None:
         ha, hb = ha[tok], hb[tok]
-    return ((c & 255) + ha <= LABEL_MAX) & ((c >> 8) + hb <= HOST_MAX)
+    return (ha <= room_a) & (hb <= room_b)
 
 
 def _cost(p: Pool, nxt, cnt):
