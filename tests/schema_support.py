@@ -133,7 +133,16 @@ def adversarial_bias(vocab, eos, rng: np.random.Generator, strength=6.0) -> np.n
 
 # ---------------------------------------------------------------------------- validation
 _LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?$")
+_LOCAL = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
 _TIME_RE = re.compile(r"^\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$")
+
+
+def check_hostname(name: str):
+    """RFC 1123: dot-separated labels of letters, digits and inner hyphens, each at most 63
+    bytes, the whole name at most 253 bytes."""
+    assert len(name.encode()) <= 253, (len(name), name)
+    for x in name.split("."):
+        assert _LABEL.match(x) and len(x) <= 63, (len(x), name)
 
 
 def check_formats(schema, inst, root=None):
@@ -173,10 +182,11 @@ def check_formats(schema, inst, root=None):
         elif f == "ipv6":
             ipaddress.IPv6Address(inst)
         elif f == "email":
-            assert "@" in inst
+            local, _, domain = inst.rpartition("@")
+            assert _LOCAL.match(local) and len(local.encode()) <= 64, inst
+            check_hostname(domain)
         elif f == "hostname":
-            # label syntax; the 63-byte label limit is a documented gap (docs/constraints.md)
-            assert all(_LABEL.match(x) for x in inst.split(".")), inst
+            check_hostname(inst)
     if isinstance(inst, dict):
         for k, v in inst.items():
             if k in schema.get("properties", {}):
@@ -196,7 +206,10 @@ def validate(schema, text: bytes):
     # the 2020-12 format checker (the generic FormatChecker() checks "time" as draft 3's
     # HH:MM:SS without offset when rfc3339-validator is absent; RFC 3339 requires one, and
     # check_formats checks that)
-    v = Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+    checker = Draft202012Validator.FORMAT_CHECKER
+    # jsonschema checks "hostname" only when the optional fqdn package is installed
+    assert "hostname" in checker.checkers, "pip install fqdn (the dev extra)"
+    v = Draft202012Validator(schema, format_checker=checker)
     v.validate(inst)
     check_formats(schema, inst)
     return inst

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -126,6 +127,15 @@ SCHEMAS = {
         "required": ["p", "q", "i", "o"],
     },
     "pattern": {"type": "string", "pattern": "ab+c|^x[^0-9]?$"},
+    "hosts": {
+        **OBJ,
+        "properties": {
+            "h": {"type": "string", "format": "hostname"},
+            "e": {"type": "string", "format": "email"},
+            "alt": {"anyOf": [{"type": "null"}, {"format": "hostname"}]},
+        },
+        "required": ["h", "e", "alt"],
+    },
 }
 # llguidance compares where both implement the same language (no number bounds with
 # fractions: ours are a documented conservative subset; formats: regexes differ)
@@ -181,7 +191,10 @@ def _compare_walk(sp, h, m, vocab, eos, rng, steps, forced=None):
         theirs = S.ll_mask(m, V)
         in_str = bool(sp.np["in_string"][int(s.q)])
         for t in np.flatnonzero(theirs & ~mine):
-            assert vocab[t].strip() == b"" and int(s.ws_run) >= js.WS_RUN_MAX, (
+            # whitespace-run cap; one spelling per character in constrained strings (a key
+            # of additionalProperties: llguidance also takes \uXXXX for any character)
+            ws = vocab[t].strip() == b"" and int(s.ws_run) >= js.WS_RUN_MAX
+            assert ws or (in_str and b"\\u" in text[-6:] + vocab[t]), (
                 f"llguidance allows {vocab[t]!r} after {text!r}"
             )
         for t in np.flatnonzero(mine & ~theirs):
@@ -209,7 +222,7 @@ def _compare_walk(sp, h, m, vocab, eos, rng, steps, forced=None):
 def test_mask_equals_llguidance_random_walks(vocab, pool, name):
     tb, eos, _ = vocab
     sp, handles = pool
-    rng = np.random.default_rng(hash(name) % 1000)
+    rng = np.random.default_rng(zlib.crc32(name.encode()))  # hash() differs per process
     total = 0
     for _ in range(3):
         m = S.ll_matcher(SCHEMAS[name])
@@ -444,6 +457,11 @@ def test_min_tokens_of_a_const_is_its_shortest_tokenization(vocab, const):
         ),
         ({"type": "object", "dependentSchemas": {}}, "dependentSchemas", "/dependentSchemas"),
         ({"type": "string", "format": "uri"}, "format", "/format"),
+        (
+            {"anyOf": [{"format": "email"}, {"type": "string", "format": "hostname"}]},
+            "format",
+            "/anyOf/1/format",
+        ),
         ({"type": "string", "pattern": "(?=a)b"}, "pattern", "/pattern"),
         ({"type": "string", "pattern": "(a)\\1"}, "pattern", "/pattern"),
         ({"$ref": "https://example.com/s.json"}, "$ref", "/$ref"),
@@ -543,3 +561,172 @@ def test_table_limit_refusal_names_the_pattern(vocab):
     with pytest.raises(InvalidRequestError) as e:
         js.compile_schema(schema, tb, eos_id=eos, special_ids=specials)
     assert "'pattern' at /properties/c/pattern: too large for the tables" in str(e.value)
+
+
+# ------------------------------------------------------------- hostname / email lengths
+_HOST_CHARS = set(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
+
+
+def _long_label_bias(tb, eos, rng, kind):
+    """Logits that push toward long labels: long letter/digit/hyphen tokens up, quotes (and
+    dots, or hyphens, depending on ``kind``) pushed so that only the limits stop a label."""
+    b = rng.normal(0, 1, len(tb)).astype(np.float32)
+    for t, x in enumerate(tb):
+        body = x.strip(b'"')
+        if body and set(body) <= _HOST_CHARS:
+            b[t] += 0.5 * len(body)
+            if kind == "hyphen" and b"-" in body:
+                b[t] += 8
+        if b'"' in x:
+            b[t] -= 12
+        if kind == "dots" and b"." in x:
+            b[t] += 4
+    b[eos] -= 20
+    return b
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_hostnames_and_emails_under_long_label_logits_validate(vocab, pool, seed):
+    """Rollouts pushed toward the longest labels (letters and digits, hyphens, dots):
+    every hostname and email validates with jsonschema's FormatChecker (fqdn) and the
+    explicit limits: labels <= 63 bytes, names <= 253, email local parts <= 64."""
+    tb, eos, _ = vocab
+    sp, handles = pool
+    rng = np.random.default_rng(seed)
+    kinds = ["long", "hyphen", "dots"]
+    rows = 24
+    bias = np.stack([_long_label_bias(tb, eos, rng, kinds[r % 3]) for r in range(rows)])
+    starts = jnp.full(rows, handles["hosts"].start, jnp.int32)
+    budgets = jnp.asarray([400 if r % 4 else 60 for r in range(rows)], jnp.int32)
+    toks, complete = S.rollout(
+        sp.pool, starts, jnp.asarray(bias), budgets, jax.random.key(seed), steps=400
+    )
+    toks = np.asarray(toks)
+    longest = 0
+    for r in range(rows):
+        text = b"".join(tb[t] for t in toks[r] if t >= 0)
+        assert complete[r], text
+        inst = S.validate(SCHEMAS["hosts"], text)
+        S.check_hostname(inst["h"])
+        local, domain = inst["e"].rsplit("@", 1)
+        assert len(local) <= js.LOCAL_MAX
+        S.check_hostname(domain)
+        longest = max(longest, max(len(x) for x in inst["h"].split(".")))
+    assert longest == js.LABEL_MAX  # the logits did reach the label limit
+
+
+def _single(tb, ch: bytes) -> int:
+    return tb.index(ch)
+
+
+def _walk_text(sp, h, tb, text: bytes):
+    s = js.init_state(h.start)
+    for ch in text:
+        s = _advance(sp.pool, s, jnp.int32(_single(tb, bytes([ch]))))
+        assert int(s.q) != js.DEAD, text
+    return s
+
+
+def _allows(sp, s, tb, ch: bytes) -> bool:
+    return bool(np.asarray(_allowed(sp.pool, s, 1 << 20))[_single(tb, ch)])
+
+
+def _format_pool(vocab, fmt):
+    """(pool, handle) of the schema ``{"format": fmt}`` alone in a small pool."""
+    tb, eos, specials = vocab
+    sp = js.SchemaPool(tb, eos_id=eos, special_ids=specials, size="small")
+    return sp, sp.add(js.compile_schema({"format": fmt}, tb, eos_id=eos, special_ids=specials))
+
+
+def test_mask_refuses_the_64th_label_byte_and_the_254th_name_byte(vocab):
+    tb = vocab[0]
+    sp, h = _format_pool(vocab, "hostname")
+    s = _walk_text(sp, h, tb, b'"' + b"a" * 62)
+    assert _allows(sp, s, tb, b"a") and _allows(sp, s, tb, b".")
+    assert not _allows(sp, s, tb, b"-")  # a 63rd byte '-' could never end the label
+    s = _walk_text(sp, h, tb, b'"' + b"a" * 63)
+    assert not _allows(sp, s, tb, b"a") and not _allows(sp, s, tb, b"-")
+    assert _allows(sp, s, tb, b".") and _allows(sp, s, tb, b'"')
+    # a multi-byte token is refused when it would cross the limit, allowed up to it
+    s = _walk_text(sp, h, tb, b'"' + b"a" * 60)
+    mask = np.asarray(_allowed(sp.pool, s, 1 << 20))
+    for t, x in enumerate(tb):
+        if x and set(x) <= _HOST_CHARS and x[:1] != b"-" and x[-1:] != b"-":
+            assert mask[t] == (len(x) <= 3), x
+    # the name: 63 + 1 + 63 + 1 + 63 + 1 + 61 = 253 bytes
+    name = b".".join([b"a" * 63] * 3 + [b"a" * 60])
+    s = _walk_text(sp, h, tb, b'"' + name)  # 252 bytes
+    assert _allows(sp, s, tb, b"a")
+    assert not _allows(sp, s, tb, b".") and not _allows(sp, s, tb, b"-")
+    s = _walk_text(sp, h, tb, b'"' + name + b"a")  # 253 bytes
+    assert not _allows(sp, s, tb, b"a") and not _allows(sp, s, tb, b".")
+    assert _allows(sp, s, tb, b'"')
+    s = _walk_text(sp, h, tb, b'"' + name[:-2])  # 250 bytes: "." then one byte still fits
+    assert _allows(sp, s, tb, b".")
+    s = _advance(sp.pool, s, jnp.int32(_single(tb, b".")))
+    assert _allows(sp, s, tb, b"a") and not _allows(sp, s, tb, b"-")
+    # a refused token advances to DEAD
+    s = _walk_text(sp, h, tb, b'"' + b"a" * 63)
+    assert int(_advance(sp.pool, s, jnp.int32(_single(tb, b"a"))).q) == js.DEAD
+
+
+def test_mask_refuses_the_65th_local_part_byte(vocab):
+    tb = vocab[0]
+    sp, h = _format_pool(vocab, "email")
+    s = _walk_text(sp, h, tb, b'"' + b"a" * 62)
+    assert _allows(sp, s, tb, b".") and _allows(sp, s, tb, b"a")
+    s = _walk_text(sp, h, tb, b'"' + b"a" * 63)
+    assert not _allows(sp, s, tb, b".") and _allows(sp, s, tb, b"a")
+    s = _walk_text(sp, h, tb, b'"' + b"a" * 64)
+    assert not _allows(sp, s, tb, b"a") and _allows(sp, s, tb, b"@")
+    # the domain counts from the '@': its labels and length as a hostname's
+    s = _walk_text(sp, h, tb, b'"' + b"a" * 64 + b"@" + b"b" * 63)
+    assert not _allows(sp, s, tb, b"b") and _allows(sp, s, tb, b".")
+    assert _allows(sp, s, tb, b'"')
+    name = b".".join([b"b" * 63] * 3 + [b"b" * 61])
+    s = _walk_text(sp, h, tb, b'"x@' + name)
+    assert not _allows(sp, s, tb, b"b") and _allows(sp, s, tb, b'"')
+
+
+def test_hostname_tokens_entering_and_crossing_count():
+    """A synthetic vocabulary with tokens that open the string inside a label (``"www``),
+    cross the '@' (``x@gmail``), cross dots, and hold a whole too-long label: the counters
+    start at the token's bytes inside the region, and long inner labels are refused."""
+    extra = [b'"www', b"x@gmail", b"ab.cd", b"ab.", b'com"', b'"' + b"a" * 63 + b'"']
+    extra += [b'"' + b"a" * 64 + b'"', b'"' + b"a" * 64]
+    tb = [bytes([i]) for i in range(256)] + extra + [b"</s>"]
+    eos = len(tb) - 1
+    sp = js.SchemaPool(tb, eos_id=eos, size="small")
+    tid = {x: i for i, x in enumerate(tb)}
+
+    def walk(h, toks):
+        s = js.init_state(h.start)
+        for x in toks:
+            s = _advance(sp.pool, s, jnp.int32(tid[x]))
+            assert int(s.q) != js.DEAD, toks
+        return s
+
+    def ok(s, x):
+        return bool(np.asarray(_allowed(sp.pool, s, 1 << 20))[tid[x]])
+
+    host = sp.add(js.compile_schema({"format": "hostname"}, tb, eos_id=eos))
+    s = js.init_state(host.start)
+    assert ok(s, b'"' + b"a" * 63 + b'"') and not ok(s, b'"' + b"a" * 64 + b'"')
+    assert not ok(s, b'"' + b"a" * 64)
+    s = walk(host, [b'"www'])
+    assert int(s.cnt) == (3 << 8 | 3)
+    s = walk(host, [b'"www', b"ab.cd"])
+    assert int(s.cnt) == (8 << 8 | 2)
+    s = walk(host, [b'"www'] + [b"a"] * 58)  # label of 61: "ab." would make it 63
+    assert ok(s, b"ab.") and ok(s, b"ab.cd")
+    s = walk(host, [b'"www'] + [b"a"] * 59)  # label of 62
+    assert not ok(s, b"ab.") and not ok(s, b"ab.cd") and ok(s, b"a") and ok(s, b".")
+    email = sp.add(js.compile_schema({"format": "email"}, tb, eos_id=eos))
+    s = walk(email, [b'"', b"x@gmail"])
+    assert int(s.cnt) == (5 << 8 | 5)
+    s = walk(email, [b'"'] + [b"a"] * 63)  # local part 63 + 'x' = 64 fits
+    assert ok(s, b"x@gmail")
+    s = walk(email, [b'"'] + [b"a"] * 64)
+    assert not ok(s, b"x@gmail") and ok(s, b"@")
+    s = walk(email, [b'"', b"x@gmail"] + [b"b"] * 57)  # domain label 62: "com" too long
+    assert not ok(s, b'com"') and ok(s, b"b") and ok(s, b'"')

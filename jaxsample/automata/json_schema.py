@@ -112,6 +112,10 @@ MAX_DENSE_STATES = 32
 MAX_SUBSET_WORK = 600_000
 #: Most (state, trie node) pairs one compile may visit (bounds the compile time).
 MAX_WALK_PAIRS = 4_000_000
+#: Length-counted regions of ``format: hostname`` / ``email`` (RFC 1123 / RFC 5321 limits).
+R_HOST, R_LOCAL = 1, 2
+#: Most bytes of a hostname label, of a hostname (an email's domain), of an email local part.
+LABEL_MAX, HOST_MAX, LOCAL_MAX = 63, 253, 64
 FORMATS = ("date", "time", "date-time", "duration", "uuid", "email", "hostname", "ipv4", "ipv6")
 
 
@@ -198,12 +202,14 @@ class _NFA:
     """Byte NFA: ``edges[s]`` = list of (256-bit byte mask as int, target), ``eps[s]``.
 
     ``tag[s]``: ``None`` or ``(instance, sub_state)`` for the states of a free-string
-    template instance; ``limits[instance] = (min_len, max_len)``."""
+    template instance; ``limits[instance] = (min_len, max_len)``. ``region[s]``: 0, or the
+    length-counted region (:data:`R_HOST`, :data:`R_LOCAL`) the state is inside."""
 
     def __init__(self):
         self.edges: list[list] = []
         self.eps: list[list] = []
         self.tag: list = []
+        self.region: list[int] = []
         self.limits: list[tuple[int, int]] = []
         self.string_states: set[int] = set()
         self.path: list[str] = []  # the JSON pointer of the schema that made each state
@@ -215,6 +221,7 @@ class _NFA:
         self.edges.append([])
         self.eps.append([])
         self.tag.append(None)
+        self.region.append(0)
         self.path.append(self.cur_path)
         return len(self.edges) - 1
 
@@ -430,6 +437,24 @@ class _Builder:
             raise _err(keyword, path, pattern, f"unsupported regex: {e}") from None
         body = self.regex_node(ast)
         return self.seq(self.lit(b'"'), body, self.lit(b'"'))
+
+    def region(self, kind: int, pattern: str):
+        """The regex ``pattern`` with its NFA states marked as inside length-counted region
+        ``kind`` (the device counts its bytes and labels; see :func:`_region_tables`)."""
+        first = len(self.n.edges)
+        f = self.regex_node(rx.parse(pattern)[0])
+        for x in range(first, len(self.n.edges)):
+            self.n.region[x] = kind
+        return f
+
+    def host_string(self, email: bool):
+        """``format: hostname`` / ``email``: labels of at most 63 bytes, a hostname (the
+        domain) of at most 253 and an email local part of at most 64, counted on the device."""
+        parts = [self.lit(b'"')]
+        if email:
+            parts += [self.region(R_LOCAL, _LOCAL_RE), self.lit(b"@")]
+        parts += [self.region(R_HOST, _HOST_RE), self.lit(b'"')]
+        return self.seq(*parts)
 
     # ---- numbers
     def digits_range(self, lo: str, hi: str):
@@ -895,6 +920,8 @@ class _Builder:
                     f,
                     f"format not supported (supported: {', '.join(FORMATS)})",
                 )
+            if f in ("hostname", "email"):
+                return self.host_string(f == "email")
             return self.pattern_string(_FORMAT_RE[f], _ptr(path, "format"), "format")
         if lo > hi:
             return None
@@ -1201,16 +1228,95 @@ _TIME = r"([01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.\d+)?(Z|[+-]([01]\d|2[0-3]):[0-5]\d)
 _DUR_T = r"T(\d+H(\d+M(\d+S)?)?|\d+M(\d+S)?|\d+S)"
 _OCT = r"(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _H4 = _H + "{1,4}"
+_LABEL_RE = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
+_HOST_RE = rf"^{_LABEL_RE}(\.{_LABEL_RE})*$"
+_ATEXT = "[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_LOCAL_RE = rf"^{_ATEXT}+(\.{_ATEXT}+)*$"
+_REGION_BYTES = {
+    R_HOST: frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-."),
+    R_LOCAL: frozenset(
+        b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+/=?^_`{|}~-."
+    ),
+}
+#: ``h_a`` of a token that can never be inside a region (a label over 63 bytes in it).
+_H_BAD = 127
+
+
+def _region_run(kind: int, run: bytes, open_end: bool):
+    """(first label, last label, ok) of ``run`` (bytes of region ``kind``): ``ok`` says that
+    its complete labels fit and, when the region goes on after it (``open_end``), that a
+    valid end is still reachable within the limits (one more byte after '-' or '.')."""
+    if kind == R_LOCAL:
+        return 0, 0, len(run) + (open_end and run.endswith(b".")) <= LOCAL_MAX
+    labs = run.split(b".")
+    hy = open_end and run.endswith(b"-")
+    ok = all(len(x) <= LABEL_MAX for x in labs[1:-1]) and len(labs[-1]) + hy <= LABEL_MAX
+    return len(labs[0]), len(labs[-1]), ok
+
+
+def _region_tables(vocab_bytes):
+    """Per-token effects on the packed region counter ``total << 8 | label`` (arrays
+    ``[3, V]``, row = region kind, row 0 = none). For a token read inside region ``k``, its
+    prefix run (the bytes up to the first byte outside the region):
+
+    * ``a``: added to the current label for the check ``label + a <= 63`` (the bytes before
+      its first '.', plus one if it stays in the region ending in '-'; ``_H_BAD`` if a label
+      inside it is too long), ``b``: for ``total + b <= 253`` (64 in an email local part;
+      its length, plus one if it stays ending in '-' or '.'); both int8, read every step;
+    * ``stay``: all its bytes are region bytes; then the counter becomes
+      ``(keep ? cnt : cnt & ~255) + add``; ``plen``: the prefix run's length.
+
+    A token that enters region ``k`` (lands in it from outside) sets the counter to
+    ``suf`` (from its bytes after the last non-region byte); ``suf_ok``: that run fits."""
+    V = len(vocab_bytes)
+    a = np.zeros((3, V), np.int8)
+    b = np.zeros((3, V), np.int8)
+    stay = np.zeros((3, V), bool)
+    keep = np.ones((3, V), bool)
+    add = np.zeros((3, V), np.int32)
+    suf = np.zeros((3, V), np.int32)
+    suf_ok = np.ones((3, V), bool)
+    plen = np.zeros((3, V), np.int32)
+    for k in (R_HOST, R_LOCAL):
+        region = _REGION_BYTES[k]
+        for t, tok in enumerate(vocab_bytes):
+            i = 0
+            while i < len(tok) and tok[i] in region:
+                i += 1
+            run = tok[:i]
+            st = i == len(tok)
+            first, last, ok = _region_run(k, run, st)
+            dots = run.count(b".")
+            host = k == R_HOST
+            end_hy = host and st and run.endswith(b"-")
+            ends = (b"-", b".") if host else (b".",)
+            plen[k, t] = i
+            stay[k, t] = st
+            a[k, t] = (first + (end_hy and dots == 0)) if ok else _H_BAD
+            b[k, t] = min(i + (st and run[-1:] in ends), _H_BAD)
+            if k == R_HOST:
+                keep[k, t] = dots == 0
+                add[k, t] = (i << 8) | (i if dots == 0 else last)
+            else:
+                add[k, t] = i << 8
+            if not st:
+                j = len(tok)
+                while j > 0 and tok[j - 1] in region:
+                    j -= 1
+                run = tok[j:]
+                first, last, ok = _region_run(k, run, True)
+                ok &= first <= LABEL_MAX and len(run) + (run[-1:] in ends) <= HOST_MAX
+                suf_ok[k, t] = ok
+                suf[k, t] = (len(run) << 8) | (last if k == R_HOST else 0)
+    return dict(a=a, b=b, stay=stay, keep=keep, add=add, suf=suf, suf_ok=suf_ok, plen=plen)
+
+
 _FORMAT_RE = {
     "date": f"^({_DATE})$",
     "time": f"^{_TIME}$",
     "date-time": f"^({_DATE})T{_TIME}$",
     "duration": rf"^P((\d+Y(\d+M(\d+D)?)?|\d+M(\d+D)?|\d+D)({_DUR_T})?|{_DUR_T}|\d+W)$",
     "uuid": f"^{_H}{{8}}-{_H}{{4}}-{_H}{{4}}-{_H}{{4}}-{_H}{{12}}$",
-    "email": r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
-    r"@[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$",
-    "hostname": r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
-    r"(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$",
     "ipv4": rf"^{_OCT}(\.{_OCT}){{3}}$",
     "ipv6": (
         f"^(({_H4}:){{7}}{_H4}|({_H4}:){{1,7}}:|({_H4}:){{1,6}}:{_H4}|({_H4}:){{1,5}}(:{_H4}){{1,2}}"
@@ -1341,6 +1447,7 @@ class _Vocab:
             flat[self.term_start[k] : self.term_start[k] + len(v)] = v
         self.term_tok = flat
         self._template()
+        self.region = _region_tables(vocab_bytes)
 
     def _template(self):
         """tmpl_next int16[14, V]: sub-state after the token staying in the string (-1 dead
@@ -1515,7 +1622,7 @@ class CompiledSchema:
     def nbytes(self) -> int:
         """Bytes this schema takes in a pool (per-state arrays, sparse entries, dense rows)."""
         t = self.tables
-        per_state = 4 * 8 + 3  # 8 int32 arrays and 3 bool arrays per state in a Pool
+        per_state = 4 * 9 + 3  # 9 int32 arrays and 3 bool arrays per state in a Pool
         return (
             self.n_states * per_state
             + len(t["sp_tok"]) * 16
@@ -1585,8 +1692,19 @@ def _compile(schema, voc: _Vocab, vkey, text, strict) -> CompiledSchema:
     tsub = np.full(S, -1, np.int64)
     in_string = np.zeros(S, bool)
     accept = np.zeros(S, bool)
+    hkind = np.zeros(S, np.int64)
     for i, st in enumerate(sets):
         accept[i] = whole[1] in st
+        kinds = {nfa.region[x] for x in st} - {0}
+        if len(kinds) > 1:
+            where = max(nfa.path[x] for x in st if nfa.region[x])
+            raise _err(
+                "format",
+                _ptr(where, "format"),
+                "...",
+                "'email' and 'hostname' as alternatives of one string (anyOf) are not supported",
+            )
+        hkind[i] = kinds.pop() if kinds else 0
         tags = [nfa.tag[x] for x in st if nfa.tag[x] is not None]
         in_string[i] = bool(tags) or any(x in nfa.string_states for x in st)
         if len(st) == 1 and tags:
@@ -1619,6 +1737,7 @@ def _compile(schema, voc: _Vocab, vkey, text, strict) -> CompiledSchema:
     inv[perm] = np.arange(S)
     delta = np.where(delta >= 0, inv[np.maximum(delta, 0)], -1)[perm]
     tinst, tsub, in_string, accept = tinst[perm], tsub[perm], in_string[perm], accept[perm]
+    hkind = hkind[perm]
     start = int(inv[0])
     is_t = tinst >= 0
     counted = np.array([is_t[i] and limits[tinst[i]] != (0, BIG) for i in range(S)], bool)
@@ -1665,12 +1784,19 @@ def _compile(schema, voc: _Vocab, vkey, text, strict) -> CompiledSchema:
         eq, et, en, ee, ec = (np.concatenate([p[k] for p in parts]) for k in range(5))
     else:
         eq = et = en = ee = ec = np.zeros(0, np.int64)
+    keep = _region_static(voc, delta, hkind, eq, et, en)
+    eq, et, en, ee, ec = eq[keep], et[keep], en[keep], ee[keep], ec[keep]
 
     # costs: Bellman-Ford over deduplicated edges (src, dst, extra)
     cmin = np.where(counted, clo[np.maximum(cinst, 0)], 0)
     cmax = np.where(counted, chi[np.maximum(cinst, 0)], BIG)
     extra = np.where(counted[en], np.maximum(cmin[en] - ec, 0), 0)
     use = ~counted[eq] | (ee == 0)
+    # inside a hostname / email region only moves of at most one byte: a path that the
+    # byte counters never block (from any state the device allows)
+    rk = hkind[eq]
+    rplen = voc.region["plen"][rk, et]
+    use &= (rk == 0) | (rplen == 0) | (voc.region["stay"][rk, et] & (rplen <= 1))
     src, dst, ext = [eq[use]], [en[use]], [extra[use]]
     for i in np.flatnonzero(is_t):
         tg = voc.tmpl_targets0[tsub[i]] if counted[i] else voc.tmpl_targets[tsub[i]]
@@ -1741,6 +1867,7 @@ def _compile(schema, voc: _Vocab, vkey, text, strict) -> CompiledSchema:
     tables = dict(
         ws_next=ws_next.astype(np.int32),
         tsub=np.where(is_t, tsub, -1).astype(np.int32),
+        hkind=hkind.astype(np.int32),
         base=base.astype(np.int32),
         drow=drow.astype(np.int32),
         cost=np.minimum(f, INF).astype(np.int32),
@@ -1767,6 +1894,46 @@ def _compile(schema, voc: _Vocab, vkey, text, strict) -> CompiledSchema:
         n_states=S,
         tables=tables,
     )
+
+
+def _region_static(voc: _Vocab, delta, hkind, eq, et, en):
+    """bool mask of the walked (state, token, next) pairs that the region counters allow
+    whatever the counter: a token's labels must fit where they are complete inside it, and a
+    token that enters a region must leave a reachable valid end (the checks that depend on
+    the counter run on the device)."""
+    rt = voc.region
+    kq, kn = hkind[eq], hkind[en]
+    ok = rt["a"][kq, et] < _H_BAD
+    entering = (kn > 0) & ~((kq == kn) & rt["stay"][kn, et])
+    ok &= ~entering | rt["suf_ok"][kn, et]
+    # a region both entered and left inside one token: only tokens longer than a label
+    # (plus its two delimiters) can break a limit there; walk those exactly
+    if hkind.any():
+        for i in np.flatnonzero(ok & (voc.lengths[et] > LABEL_MAX + 2)):
+            ok[i] = _inner_runs_fit(voc, delta, hkind, int(eq[i]), int(et[i]))
+    return ok
+
+
+def _inner_runs_fit(voc: _Vocab, delta, hkind, q, t) -> bool:
+    toks = voc.tok[t, : voc.lengths[t]]
+    run = None  # bytes of a region entered inside this token
+    for byte in toks:
+        k = hkind[q]
+        nq = int(delta[q, byte])
+        if nq < 0:
+            return True  # not a live pair (the walk decides)
+        inside = k > 0 and byte in _REGION_BYTES[k]
+        if run is not None and k > 0 and not inside:
+            first, _, fits = _region_run(k, bytes(run), False)
+            if not fits or first > LABEL_MAX or len(run) > HOST_MAX:
+                return False
+            run = None
+        if run is not None and inside:
+            run.append(byte)
+        if hkind[nq] > 0 and not inside:
+            run = bytearray()
+        q = nq
+    return True
 
 
 def min_tokens(compiled: CompiledSchema) -> int:
@@ -1798,6 +1965,7 @@ class Pool:
     cmax: jax.Array  # shape=(S,), int32; counted string: maxLength (else BIG)
     counted: jax.Array  # shape=(S,), bool; inside a length-limited free string
     accept: jax.Array  # shape=(S,), bool; the text is a complete valid instance
+    hkind: jax.Array  # shape=(S,), int32; hostname / email region kind (0: none)
     in_string: jax.Array  # shape=(S,), bool; inside a string (whitespace is content)
     sp_start: jax.Array  # shape=(S,), int32; first sparse entry
     sp_len: jax.Array  # shape=(S,), int32; sparse entries (<= K)
@@ -1808,6 +1976,12 @@ class Pool:
     rows: jax.Array  # shape=(R, V), int16; next state minus base (-1: invalid)
     rows_nch: jax.Array  # shape=(R, V), int8; characters the token adds to the counter
     ws_only: jax.Array  # shape=(V,), bool
+    h_a: jax.Array  # shape=(3, V), int8; per region kind: label check (_region_tables)
+    h_b: jax.Array  # shape=(3, V), int8; per region kind: total check
+    h_stay: jax.Array  # shape=(3, V), bool; the token stays inside the region
+    h_keep: jax.Array  # shape=(3, V), bool; it keeps the current label (no '.')
+    h_add: jax.Array  # shape=(3, V), int32; counter increment when it stays
+    h_suf: jax.Array  # shape=(3, V), int32; counter when it enters the region
     eos_id: jax.Array  # shape=(), int32
     K: int = struct.field(pytree_node=False, default=SPARSE_MAX)
 
@@ -1877,6 +2051,7 @@ class SchemaPool:
             cmax=np.full(S, BIG, np.int32),
             counted=np.zeros(S, bool),
             accept=np.zeros(S, bool),
+            hkind=np.zeros(S, np.int32),
             in_string=np.zeros(S, bool),
             sp_start=np.zeros(S, np.int32),
             sp_len=np.zeros(S, np.int32),
@@ -1890,6 +2065,9 @@ class SchemaPool:
         self.np["rows"][1:_N_GLOBAL_ROWS] = voc.tmpl_next
         self.np["rows_nch"][1:_N_GLOBAL_ROWS] = voc.tmpl_nch
         self._ws_only = jnp.asarray(voc.ws_only)
+        self._region = {
+            "h_" + k: jnp.asarray(voc.region[k]) for k in ("a", "b", "stay", "keep", "add", "suf")
+        }
         self._eos = jnp.int32(eos_id)
         self.states = _Alloc(1, S)
         self.entries = _Alloc(0, E)
@@ -1905,7 +2083,7 @@ class SchemaPool:
         for k in self._dirty:
             self._dev[k] = jnp.asarray(self.np[k])
         self._dirty = set()
-        return Pool(**self._dev, ws_only=self._ws_only, eos_id=self._eos)
+        return Pool(**self._dev, ws_only=self._ws_only, **self._region, eos_id=self._eos)
 
     def _evict_one(self) -> bool:
         for key in self._lru:
@@ -1919,7 +2097,8 @@ class SchemaPool:
                 self.np["sp_len"][h.s_off : h.s_off + h.n_s] = 0
                 self.np["drow"][h.s_off : h.s_off + h.n_s] = 0
                 self.np["ws_next"][h.s_off : h.s_off + h.n_s] = -1
-                self._dirty |= {"sp_len", "drow", "ws_next"}
+                self.np["hkind"][h.s_off : h.s_off + h.n_s] = 0
+                self._dirty |= {"sp_len", "drow", "ws_next", "hkind"}
                 return True
         return False
 
@@ -1969,7 +2148,7 @@ class SchemaPool:
         a["drow"][sl] = drow
         a["base"][sl] = s_off + t["base"]
         a["ws_next"][sl] = np.where(t["ws_next"] >= 0, s_off + t["ws_next"], -1)
-        for k in ("cmin", "cmax", "counted", "accept", "in_string", "sp_len"):
+        for k in ("cmin", "cmax", "counted", "accept", "hkind", "in_string", "sp_len"):
             a[k][sl] = t[k]
         a["cost"][sl] = t["cost"] | (t["cmin"] << _CMIN_SHIFT)
         a["sp_start"][sl] = e_off + t["sp_start"]
@@ -1989,7 +2168,8 @@ class State(struct.PyTreeNode):
     """One row's schema state."""
 
     q: jax.Array  # shape=(), int32; absolute pool state (0 = DEAD)
-    cnt: jax.Array  # shape=(), int32; characters so far in a length-limited string
+    cnt: jax.Array  # shape=(), int32; characters so far in a length-limited string, or in a
+    # hostname / email region: ``bytes << 8 | bytes of the current label``
     ws_run: jax.Array  # shape=(), int32; consecutive whitespace-only tokens outside strings
 
 
@@ -2004,7 +2184,23 @@ def _sparse(p: Pool, s: State):
     idx = jnp.clip(p.sp_start[s.q] + j, 0, p.sp_tok.shape[0] - 1)
     ex = p.sp_exit[idx]
     exit_ok = (ex < 0) | ((s.cnt + ex >= p.cmin[s.q]) & (s.cnt + ex <= p.cmax[s.q]))
-    return valid & exit_ok, p.sp_tok[idx], p.sp_next[idx], p.sp_new[idx]
+    tok = p.sp_tok[idx]
+    return valid & exit_ok & _region_ok(p, s, tok), tok, p.sp_next[idx], p.sp_new[idx]
+
+
+def _region_ok(p: Pool, s: State, tok=None):
+    """Inside a hostname / email region: the tokens (all, or ``tok``) whose bytes keep every
+    label within 63 bytes and the name within its limit, with a valid end still reachable."""
+    k = p.hkind[s.q]
+    c = jnp.where(k > 0, s.cnt, 0)
+    # compared in int8 (the [V] rows are read every step); a room capped below _H_BAD
+    room_a = (LABEL_MAX - (c & 255)).astype(jnp.int8)
+    room_b = jnp.minimum(jnp.where(k == R_LOCAL, LOCAL_MAX, HOST_MAX) - (c >> 8), _H_BAD - 1)
+    room_b = room_b.astype(jnp.int8)
+    ha, hb = p.h_a[k], p.h_b[k]
+    if tok is not None:
+        ha, hb = ha[tok], hb[tok]
+    return (ha <= room_a) & (hb <= room_b)
 
 
 def _cost(p: Pool, nxt, cnt):
@@ -2037,7 +2233,7 @@ def allowed(p: Pool, s: State, remaining) -> jax.Array:
     ok = ok | ws_tok
     nxt = jnp.where(ws_tok, wn, nxt)
     cnt = jnp.where(ws_tok, 0, cnt)
-    exact = ok & (cnt <= p.cmax[q]) & ~(p.ws_only & ws_blocked)
+    exact = ok & (cnt <= p.cmax[q]) & ~(p.ws_only & ws_blocked) & _region_ok(p, s)
     steered = exact & (_cost(p, nxt, cnt) <= spare)
     v_ok, tok, nx, new = _sparse(p, s)
     v_ok = v_ok & ~(p.ws_only[jnp.clip(tok, 0, p.ws_only.shape[0] - 1)] & ws_blocked)
@@ -2060,7 +2256,7 @@ def advance(p: Pool, s: State, token) -> State:
     q = s.q
     v = p.rows[p.drow[q], t].astype(jnp.int32)
     d_cnt = jnp.where(p.counted[q], s.cnt, 0) + p.rows_nch[p.drow[q], t].astype(jnp.int32)
-    d_ok = (v >= 0) & (d_cnt <= p.cmax[q])
+    d_ok = (v >= 0) & (d_cnt <= p.cmax[q]) & _region_ok(p, s, t)
     v_ok, tok, nx, new = _sparse(p, s)
     hit = v_ok & (tok == t)
     k = jnp.argmax(hit)
@@ -2070,9 +2266,14 @@ def advance(p: Pool, s: State, token) -> State:
     nq = jnp.where(w_ok, p.ws_next[q], nq)
     ncnt = jnp.where(s_ok, new[k], jnp.where(w_ok, 0, d_cnt))
     ws = p.ws_only[t] & ~p.in_string[q]
+    k, kn = p.hkind[q], p.hkind[nq]
+    stay = (k > 0) & (kn == k) & p.h_stay[k, t]
+    hcnt = jnp.where(
+        stay, jnp.where(p.h_keep[k, t], s.cnt, s.cnt & ~255) + p.h_add[k, t], p.h_suf[kn, t]
+    )
     out = State(
         q=nq.astype(jnp.int32),
-        cnt=jnp.where(p.counted[nq], ncnt, 0).astype(jnp.int32),
+        cnt=jnp.where(p.counted[nq], ncnt, jnp.where(kn > 0, hcnt, 0)).astype(jnp.int32),
         ws_run=jnp.where(ws, s.ws_run + 1, 0).astype(jnp.int32),
     )
     return jax.tree.map(lambda a, b: jnp.where(t == p.eos_id, a, b), s, out)
