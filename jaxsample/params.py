@@ -695,16 +695,24 @@ def _key_words(key: int | str) -> np.ndarray:
     return np.array([index], np.uint32)
 
 
+#: The rule :func:`derive_seed` follows (a batch job's manifest records it, so a job is never
+#: resumed under another rule): 2 is the top 53 bits (1, before it, was all 64 bits, signed).
+SEED_RULE = 2
+
+
 def derive_seed(job_seed: int, key: int | str) -> int:
     """The seed of a request that carries none, from the job seed and a stable request key.
 
     ``key`` is the request's index in the job (an int in ``[0, 2**32)``) or a string such as
-    a batch job's ``custom_id``. The result is ``bits(fold_in(key(job_seed), index))`` for an
-    int (two uint32 words ``[hi, lo]`` read as one signed 64-bit int; ``key(job_seed)`` is
-    built from :func:`seed_words`, so the whole 64-bit job seed counts), and for a string the
-    same with three words folded in: a tag, then the first 64 bits of the string's SHA-256.
+    a batch job's ``custom_id``. The result is the top 53 bits of
+    ``bits(fold_in(key(job_seed), index))`` for an int (two uint32 words ``[hi, lo]`` read as
+    one unsigned 64-bit int, shifted right by 11; ``key(job_seed)`` is built from
+    :func:`seed_words`, so the whole 64-bit job seed counts), and for a string the same with
+    three words folded in: a tag, then the first 64 bits of the string's SHA-256.
     Deterministic and independent of the order in which requests arrive; distinct keys give
-    independent seeds.
+    independent seeds. A derived seed lies in ``[0, 2**53)``, so it is exact as a JSON number
+    in every client (a JavaScript double holds it): a reported seed sent back reproduces the
+    answer.
 
     Example::
 
@@ -713,11 +721,12 @@ def derive_seed(job_seed: int, key: int | str) -> int:
         >>> a = derive_seed(7, "request-42")
         >>> a == derive_seed(7, "request-42") != derive_seed(8, "request-42")
         True
+        >>> 0 <= derive_seed(-1, 2**32 - 1) < 2**53
+        True
     """
     words = seed_words(job_seed)
     hi, lo = (int(w) for w in np.asarray(_derived_bits(words, _key_words(key))))
-    u = (hi << 32) | lo
-    return u - 2**64 if u > INT64_MAX else u
+    return ((hi << 32) | lo) >> 11
 
 
 # ----------------------------------------------------------------------------- packing

@@ -446,7 +446,9 @@ def _full_stage(f: _Front, row: RowParams, plan: Plan, words=None):
 
             return _maybe(flag, go, lambda: th)
 
-        th = filtered(plan.full_k, lambda s: tf.top_k_full(s, row.top_k, run_k, vocab_size=vocab), th)
+        th = filtered(
+            plan.full_k, lambda s: tf.top_k_full(s, row.top_k, run_k, vocab_size=vocab), th
+        )
         th = filtered(plan.full_p, lambda s: tf.top_p_full(s, row.top_p, run_p), th)
         th = filtered(plan.full_a, lambda s: tf.top_a_full(s, jnp.where(run_a, row.top_a, 0)), th)
         z_min, w_min = th[0], jnp.maximum(th[1], row.min_p)  # min_p: w >= m
@@ -646,7 +648,9 @@ def _race_full_fast(
 
     cap = jnp.minimum(zb, cand_values[-1])
     bound = jnp.where(
-        (cap >= z_min) & (cap > -jnp.inf), jnp.exp(cap - shift) / _block_min_hash(words, vocab), -1.0
+        (cap >= z_min) & (cap > -jnp.inf),
+        jnp.exp(cap - shift) / _block_min_hash(words, vocab),
+        -1.0,
     )
     m = min(RACE_BLOCKS, bound.shape[0])
     if m < bound.shape[0]:
@@ -672,9 +676,7 @@ def _race_dist_exact(d: Distribution, words: jax.Array) -> jax.Array:
 def _race_dist(d: Distribution, words: jax.Array) -> jax.Array:
     """The full-vocabulary race for a distribution: the fast one, exact when uncertified."""
     zb = tf.block_max(d.z)
-    token, certified = _race_full_fast(
-        d.z, d.shift, d.z_min, d.w_min, d.ids, d.values, zb, words
-    )
+    token, certified = _race_full_fast(d.z, d.shift, d.z_min, d.w_min, d.ids, d.values, zb, words)
     return jnp.where(certified, token, _race_dist_exact(d, words))
 
 

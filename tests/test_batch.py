@@ -241,9 +241,12 @@ def test_finished_job_does_not_load_the_engine(job):
 
 
 @pytest.mark.parametrize(
-    "change", ["input", "model", "slots", "job_seed", "dtype", "max_seq_len", "shard"]
+    "change",
+    ["input", "model", "slots", "job_seed", "dtype", "max_seq_len", "shard", "seed_rule"],
 )
-def test_resume_with_other_input_model_or_settings_is_refused(job, change, tmp_path):
+def test_resume_with_other_input_model_or_settings_is_refused(
+    job, change, tmp_path, monkeypatch
+):
     cfg = job()
     with pytest.raises(RuntimeError):
         run_job(cfg, engine=FakeEngine(fail_after=5))
@@ -253,6 +256,10 @@ def test_resume_with_other_input_model_or_settings_is_refused(job, change, tmp_p
     elif change == "model":
         with open(cfg.model, "ab") as f:
             f.write(b"!")
+    elif change == "seed_rule":  # a job started by a jaxsample that derived seeds otherwise
+        import jaxsample.batch.job as job_module
+
+        monkeypatch.setattr(job_module, "SEED_RULE", job_module.SEED_RULE + 1)
     else:
         value = {"slots": 99, "job_seed": 1, "dtype": "bfloat16", "max_seq_len": 64}
         cfg = job(**{change: value[change]}) if change != "shard" else job(shard=(0, 1))

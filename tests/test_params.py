@@ -434,16 +434,16 @@ def _derived_reference(job_seed, index):
     with jax.enable_x64(True):
         key = jax.random.fold_in(jax.random.PRNGKey(job_seed), index)
         hi, lo = (int(x) for x in np.asarray(jax.random.bits(key, (2,), jnp.uint32)))
-    u = (hi << 32) | lo
-    return u - 2**64 if u >= 2**63 else u
+    return ((hi << 32) | lo) >> 11  # the top 53 bits
 
 
 def test_derive_seed():
     derived = [derive_seed(7, i) for i in range(64)]
     assert derived == [derive_seed(7, i) for i in range(64)]  # deterministic
     assert len(set(derived)) == 64  # distinct across indices
-    assert all(-(2**63) <= s < 2**63 for s in derived)
-    assert any(s < 0 for s in derived) and any(s > 0 for s in derived)
+    # JSON-safe: exact as a double (what a JavaScript client reads), and spread over the range
+    assert all(0 <= s < 2**53 and int(float(s)) == s for s in derived)
+    assert max(derived) > 2**52
     for job, i in [(7, 0), (7, 63), (-1, 5), (2**32 + 7, 3), (2**63 - 1, 2**32 - 1)]:
         assert derive_seed(job, i) == _derived_reference(job, i)
     # the high 32 bits of the job seed matter

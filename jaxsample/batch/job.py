@@ -30,6 +30,7 @@ from jaxsample.batch.summary import (
     summary_path,
     write_json_atomic,
 )
+from jaxsample.params import SEED_RULE
 
 
 class JobError(RuntimeError):
@@ -67,6 +68,7 @@ class JobConfig:
             "max_seq_len": self.max_seq_len,
             "chunk_steps": self.chunk_steps,
             "job_seed": self.job_seed,
+            "seed_rule": SEED_RULE,  # how seeds are derived from (job_seed, custom_id)
         }
 
 
