@@ -1015,9 +1015,22 @@ def distributions(
     return dist, plan, tokens
 
 
-#: Batch-level work that only a few rows need runs on at most ``max(1, B // COMPACT)`` rows
-#: gathered from the batch (the rest of the batch skips it); more rows than that: all rows.
+#: Batch-level work that only a few rows need runs on the rows that need it, gathered into a
+#: batch of ``B // COMPACT`` rows when they fit (else ``B // (COMPACT * COMPACT)`` first, when
+#: that is smaller); more rows than that: all rows. ``COMPACT = 1`` turns compaction off.
 COMPACT = 4
+
+
+def _compact_sizes(batch: int) -> list[int]:
+    """The gathered batch sizes :func:`_compacted` tries, smallest first (all ``< batch``).
+
+    >>> _compact_sizes(64), _compact_sizes(8), _compact_sizes(1)
+    ([4, 16], [1, 2], [])
+    """
+    if COMPACT <= 1:
+        return []
+    sizes = {max(1, batch // (COMPACT * COMPACT)), max(1, batch // COMPACT)}
+    return sorted(k for k in sizes if k < batch)
 
 
 def _compacted(need: jax.Array, run, args):
@@ -1025,12 +1038,12 @@ def _compacted(need: jax.Array, run, args):
 
     ``run`` maps a batch (leading axis) of per-row inputs to per-row outputs; with the static
     ``active`` False it returns the rows' skip outputs without doing the work. One
-    batch-level ``lax.switch``: no row needs it (skip); at most ``k = max(1, B // COMPACT)``
-    rows do (they are gathered into a batch of k, run, and written back); more (all rows).
-    A row gathered only to fill the k gets its own outputs, which it does not use.
+    batch-level ``lax.switch``: no row needs it (skip); at most ``k`` rows do, for ``k`` in
+    :func:`_compact_sizes` (they are gathered into a batch of k, run, and written back; the
+    smallest k that holds them); more (all rows). A row gathered only to fill the k gets its
+    own outputs, which it does not use.
     """
     batch = need.shape[0]
-    k = max(1, batch // COMPACT)
     count = jnp.sum(need)
 
     def none():
@@ -1039,16 +1052,18 @@ def _compacted(need: jax.Array, run, args):
     def every():
         return run(args, True)
 
-    if k >= batch:
-        return lax.cond(count > 0, every, none)
-
-    def few():
+    def few(k):
         idx = jnp.argsort(~need, stable=True)[:k]  # the rows that need it first
         sub = run(jax.tree.map(lambda x: x[idx], args), True)
         return jax.tree.map(lambda o, s: o.at[idx].set(s), run(args, False), sub)
 
-    index = jnp.where(count == 0, 0, jnp.where(count <= k, 1, 2))
-    return lax.switch(index, [none, few, every])
+    sizes = _compact_sizes(batch)
+    if not sizes:
+        return lax.cond(count > 0, every, none)
+    index = jnp.where(count == 0, 0, len(sizes) + 1)
+    for i, k in reversed(list(enumerate(sizes))):
+        index = jnp.where((count > 0) & (count <= k), i + 1, index)
+    return lax.switch(index, [none, *(partial(few, k) for k in sizes), every])
 
 
 def tier_stats(

@@ -354,3 +354,22 @@ def test_fast_full_vocabulary_race_equals_the_exact_race(race_blocks, monkeypatc
     rate = np.mean(np.concatenate(certified_all))
     print("certified", rate)
     assert rate > 0.95 if race_blocks == 16 else rate < 1.0  # the exact race did run
+
+
+@pytest.mark.parametrize("count", [0, 1, 3, 4, 5, 16, 17, 64])
+def test_compaction_runs_exactly_the_rows_that_need_it(count):
+    """Whatever the number of rows that need a stage (none, fewer than each gathered size,
+    exactly at it, more than the largest), every row that needs it gets the stage's output
+    and every other row its skip output."""
+    batch = 64
+    need = np.zeros(batch, bool)
+    need[np.random.default_rng(count).choice(batch, count, replace=False)] = True
+    x = jnp.arange(batch, dtype=jnp.float32)
+
+    def run(args, active):
+        (v,) = args
+        return v * 2.0 + 1.0 if active else jnp.zeros_like(v)
+
+    out = jax.jit(lambda n, v: sm._compacted(n, run, (v,)))(jnp.asarray(need), x)
+    np.testing.assert_array_equal(np.asarray(out)[need], np.asarray(x)[need] * 2 + 1)
+    assert sm._compact_sizes(batch) == [4, 16]
