@@ -181,11 +181,12 @@ def _filters(row: RowParams) -> jax.Array:
     return (row.top_p < 1.0) | (row.top_a > 0.0) | (row.min_p > 0.0)
 
 
-def plan_rows(rows: RowParams, *, vocab_size: int) -> Plan:
+def plan_rows(rows: RowParams, *, vocab_size: int, for_sampling: bool = False) -> Plan:
     """The parameter-only part of a batch's plan (``rows`` with a leading axis B).
 
     The data-dependent fields (``full*``) are set to True here; :func:`distributions` narrows
-    them once the candidates have run.
+    them once the candidates have run. ``for_sampling`` (only the reported outputs are
+    needed) computes the kept mass only when some row reports processed log probabilities.
     """
     used = jnp.max(_bias_used(rows))
     tiers = _bias_tiers(rows.bias_values.shape[-1])
@@ -212,7 +213,7 @@ def plan_rows(rows: RowParams, *, vocab_size: int) -> Plan:
         full_a=true,
         raw=raw,
         penalties=jnp.any(penalties),
-        mass=jnp.any(rows.logprobs & rows.processed_logprobs),
+        mass=jnp.any(rows.logprobs & rows.processed_logprobs) if for_sampling else True,
     )
 
 
@@ -455,7 +456,7 @@ def _full_stage(f: _Front, row: RowParams, plan: Plan, words=None):
 
         def mass():
             w = jnp.exp(f.z - shift)
-            return jnp.sum(jnp.where(_kept(f.z, w, z_min, w_min), w, 0.0))
+            return jnp.sum(jnp.where(tf.kept(f.z, w, z_min, w_min), w, 0.0))
 
         m = _maybe(plan.mass, mass, lambda: jnp.float32(jnp.nan))
         if words is None:
@@ -468,12 +469,6 @@ def _full_stage(f: _Front, row: RowParams, plan: Plan, words=None):
         return jnp.float32(-jnp.inf), zero, jnp.float32(1.0), jnp.int32(0), jnp.bool_(True)
 
     return _maybe(plan.full, full_path, skip)
-
-
-def _kept(z, w, z_min, w_min):
-    """The kept set of a :class:`Distribution` (any shape): ``z >= z_min``, ``w >= w_min``,
-    ``z > -inf`` (``w = exp(z - shift)``)."""
-    return (z >= z_min) & (w >= w_min) & (z > -jnp.inf)
 
 
 def _finish(f: _Front, full_out, words=None):
@@ -575,12 +570,21 @@ def race_noise(words: jax.Array, ids: jax.Array) -> jax.Array:
     return -jnp.log1p(-race_uniform(words, ids))
 
 
-def race_uniform(words: jax.Array, ids: jax.Array) -> jax.Array:
-    """The uniform in (0, 1] behind :func:`race_noise`: ``(hash(key, id) + 0.5) / 2**32``."""
+def _race_hash(words: jax.Array, ids: jax.Array) -> jax.Array:
+    """``u32[...]``: the hash of ``(key, id)`` (two mixing rounds, the key's words between)."""
     w = words.astype(jnp.uint32)
     x = ids.astype(jnp.uint32) * jnp.uint32(0x9E3779B9) + w[0]
-    x = _mix32(_mix32(x) ^ w[1])
-    return (x.astype(jnp.float32) + 0.5) * jnp.float32(2.0**-32)
+    return _mix32(_mix32(x) ^ w[1])
+
+
+def _hash_uniform(h: jax.Array) -> jax.Array:
+    """The uniform in (0, 1] of a hash (an increasing map): ``(h + 0.5) / 2**32``."""
+    return (h.astype(jnp.float32) + 0.5) * jnp.float32(2.0**-32)
+
+
+def race_uniform(words: jax.Array, ids: jax.Array) -> jax.Array:
+    """The uniform in (0, 1] behind :func:`race_noise`: ``(hash(key, id) + 0.5) / 2**32``."""
+    return _hash_uniform(_race_hash(words, ids))
 
 
 def _key_words(key: jax.Array) -> jax.Array:
@@ -614,10 +618,7 @@ def _block_min_hash(words: jax.Array, vocab: int) -> jax.Array:
     block = tf.CANDIDATE_BLOCK
     n = -(-vocab // block)
     ids = jnp.arange(n * block, dtype=jnp.uint32).reshape(n, block)
-    w = words.astype(jnp.uint32)
-    x = ids * jnp.uint32(0x9E3779B9) + w[0]
-    h = jnp.min(_mix32(_mix32(x) ^ w[1]), axis=1)
-    return (h.astype(jnp.float32) + 0.5) * jnp.float32(2.0**-32)
+    return _hash_uniform(jnp.min(_race_hash(words, ids), axis=1))
 
 
 def _race_full_fast(
@@ -644,7 +645,7 @@ def _race_full_fast(
     def score(ids):
         zi = jnp.where(ids < vocab, z[jnp.minimum(ids, vocab - 1)], -jnp.inf)
         w = jnp.exp(zi - shift)
-        return jnp.where(_kept(zi, w, z_min, w_min), w / race_noise(words, ids), -1.0)
+        return jnp.where(tf.kept(zi, w, z_min, w_min), w / race_noise(words, ids), -1.0)
 
     cap = jnp.minimum(zb, cand_values[-1])
     bound = jnp.where(
@@ -670,7 +671,7 @@ def _race_full_fast(
 
 def _race_dist_exact(d: Distribution, words: jax.Array) -> jax.Array:
     w = jnp.exp(d.z - d.shift)
-    return _race_full(d.z, w, _kept(d.z, w, d.z_min, d.w_min), words)
+    return _race_full(d.z, w, tf.kept(d.z, w, d.z_min, d.w_min), words)
 
 
 def _race_dist(d: Distribution, words: jax.Array) -> jax.Array:
@@ -732,8 +733,9 @@ def log_prob(dist: Distribution, ids: jax.Array) -> jax.Array:
     """
     values = dist.z[ids]
     w = jnp.exp(values - dist.shift)
-    keep = (values >= dist.z_min) & (w >= dist.w_min) & (values > -jnp.inf)
-    sampled = jnp.where(keep, values - dist.shift - dist.log_mass, -jnp.inf)
+    sampled = jnp.where(
+        tf.kept(values, w, dist.z_min, dist.w_min), values - dist.shift - dist.log_mass, -jnp.inf
+    )
     greedy = jnp.where(ids == dist.ids[0], 0.0, -jnp.inf)
     return jnp.where(dist.ok, jnp.where(dist.greedy, greedy, sampled), -jnp.inf)
 
@@ -970,9 +972,7 @@ def distributions(
     words = None if keys is None else jax.vmap(_key_words)(keys)
     chain = tf.check_chain(transforms)
     vocab = logits.shape[-1]
-    plan = plan_rows(rows, vocab_size=vocab)
-    if not for_sampling:
-        plan = plan.replace(mass=True)
+    plan = plan_rows(rows, vocab_size=vocab, for_sampling=for_sampling)
     front = partial(_front, plan=plan, num_candidates=num_candidates, chain=chain)
     f = jax.vmap(lambda lg, r, h, a: front(lg, r, h, a), in_axes=(0, 0, 0, _rows_axes(allowed)))(
         logits, rows, hist, allowed

@@ -54,8 +54,16 @@ REPETITION_PENALTY_FLOOR = 1e-6
 
 
 def _refinite(new: jax.Array, old: jax.Array) -> jax.Array:
-    """Keeps removed tokens at -inf and clips every other value into the finite float32 range."""
-    return jnp.where(old == -jnp.inf, -jnp.inf, jnp.clip(new, -FLOAT32_MAX, FLOAT32_MAX))
+    """Keeps removed tokens at -inf, clips every other value into the finite float32 range and
+    writes -0.0 as +0.0: the two are equal logits, but ``top_k`` and sorts order -0.0 below
+    +0.0, so without this a tie between them would not go to the lower id (greedy, top_k)."""
+    finite = _plus_zero(jnp.clip(new, -FLOAT32_MAX, FLOAT32_MAX))
+    return jnp.where(old == -jnp.inf, -jnp.inf, finite)
+
+
+def _plus_zero(x: jax.Array) -> jax.Array:
+    """``x`` with -0.0 written as +0.0 (everything else unchanged)."""
+    return jnp.where(x == 0.0, 0.0, x)
 
 
 def sanitize(logits: jax.Array) -> jax.Array:
@@ -352,9 +360,15 @@ def init_full(z: jax.Array) -> FullRow:
     return FullRow(z, jnp.exp(z - shift), jnp.float32(-jnp.inf), jnp.float32(0.0))
 
 
+def kept(z: jax.Array, w: jax.Array, z_min: jax.Array, w_min: jax.Array) -> jax.Array:
+    """The kept-set rule of steps 6-9, on any shape: ``z >= z_min``, ``w >= w_min`` and
+    ``z > -inf`` (``w = exp(z - max z)``; the thresholds from top_k/top_p and top_a/min_p)."""
+    return (z >= z_min) & (w >= w_min) & (z > -jnp.inf)
+
+
 def full_keep(s: FullRow) -> jax.Array:
     """``bool[V]``: the tokens the filters have kept so far."""
-    return (s.z >= s.z_min) & (s.weights >= s.w_min) & (s.z > -jnp.inf)
+    return kept(s.z, s.weights, s.z_min, s.w_min)
 
 
 def full_mass(s: FullRow) -> jax.Array:
@@ -541,5 +555,5 @@ def check_chain(chain) -> tuple:
 
 def apply_user(t: UserTransform, z: jax.Array, params, hist) -> jax.Array:
     """Runs one user transform on a row: removed stays removed, NaN -> -inf, clipped."""
-    new = sanitize(t.fn(z, params, hist))
+    new = _plus_zero(sanitize(t.fn(z, params, hist)))
     return jnp.where(z == -jnp.inf, -jnp.inf, new)
