@@ -147,6 +147,7 @@ class Plan:
     raw: Any  # i32[] or int: 0 no raw log probabilities, 1 the normalizer, 2 also the top 20
     penalties: Any = True  # bool: some row has a repetition, frequency or presence penalty
     mass: Any = True  # bool: some row reports processed log probabilities (the kept mass)
+    k_max: Any = None  # i32[]: every sampled row's top_k keeps at most this many (None: unknown)
 
     @classmethod
     def everything(cls) -> Plan:
@@ -203,6 +204,11 @@ def plan_rows(rows: RowParams, *, vocab_size: int, for_sampling: bool = False) -
         | (rows.frequency_penalty != 0.0)
         | (rows.presence_penalty != 0.0)
     )
+    # every non-greedy row's top_k cuts to at most k_max tokens (the vocabulary: some row's
+    # does not cut): the candidate selection can be halved when k_max fits in half of it
+    k_max = jnp.max(
+        jnp.where(greedy, 0, jnp.where(_k_cuts(rows, vocab_size), rows.top_k, vocab_size))
+    )
     return Plan(
         bias=bias,
         total=total,
@@ -214,6 +220,7 @@ def plan_rows(rows: RowParams, *, vocab_size: int, for_sampling: bool = False) -
         raw=raw,
         penalties=jnp.any(penalties),
         mass=jnp.any(rows.logprobs & rows.processed_logprobs) if for_sampling else True,
+        k_max=k_max,
     )
 
 
@@ -354,7 +361,10 @@ def _front(logits, row, hist, allowed, plan: Plan, num_candidates, chain) -> _Fr
     z = _steps_1_to_5(logits, row, hist, allowed, plan.bias, chain, plan.penalties)
     greedy = tf.is_greedy(row.temperature)
     zb = tf.block_max(z)
-    c0 = tf.init_candidates(z, num_candidates, total=False, block_max=zb)
+    # top_k keeps at most half the candidates in every row: select only that half
+    half = min(num_candidates, vocab) // 2
+    small = False if plan.k_max is None or half < TOP_LOGPROBS_MAX else plan.k_max <= half
+    c0 = tf.init_candidates(z, num_candidates, total=False, block_max=zb, half=small)
     ok = c0.values[0] > -jnp.inf
     ck = tf.top_k(c0, row.top_k, vocab_size=vocab)
     # The full-vocabulary normalizer (one exp pass) only matters to a filter that runs while

@@ -230,7 +230,12 @@ class Candidates(NamedTuple):
 
 
 def init_candidates(
-    z: jax.Array, num_candidates: int, *, total: bool = True, block_max: jax.Array | None = None
+    z: jax.Array,
+    num_candidates: int,
+    *,
+    total: bool = True,
+    block_max: jax.Array | None = None,
+    half=False,
 ) -> Candidates:
     """Takes the ``C = min(num_candidates, V)`` largest logits of ``z`` (``lax.top_k``).
 
@@ -240,10 +245,36 @@ def init_candidates(
     filter that runs while ``kept_all`` reads it, and a caller that knows none will (top_k
     has cut) or computes it later (see :func:`vocabulary_total`) saves that pass.
     ``block_max`` (from :func:`block_max`) may be passed when already computed.
+
+    ``half`` (a bool, or a scalar bool array: a ``lax.cond``) selects only the ``C // 2``
+    largest and repeats the smallest of them to fill the ``C`` slots: half the selection's
+    cost, for a caller that knows top_k keeps at most ``C // 2`` tokens. The state is still
+    right for top_k with ``k <= C // 2``: a tie block at the k-th value that reaches the last
+    real candidate reaches the end of the slots too, so the cut is not claimed exact (the
+    repeated value bounds every token outside, as the ``C``-th largest would). Any other filter
+    must run after such a top_k has cut (SPEC.md's order does that).
     """
     vocab = z.shape[-1]
     c = min(num_candidates, vocab)
-    values, ids = top_candidates(z, c, block_max)
+    h = c // 2
+
+    def full():
+        return top_candidates(z, c, block_max)
+
+    def halved():
+        values, ids = top_candidates(z, h, block_max)
+        pad = c - h
+        return (
+            jnp.concatenate([values, jnp.broadcast_to(values[-1], (pad,))]),
+            jnp.concatenate([ids, jnp.broadcast_to(ids[-1], (pad,))]),
+        )
+
+    if h == 0 or c == vocab or half is False:
+        values, ids = full()
+    elif half is True:
+        values, ids = halved()
+    else:
+        values, ids = lax.cond(half, halved, full)
     top = values[0]
     shift = jnp.where(top == -jnp.inf, 0.0, top)
     weights = jnp.exp(values - shift)

@@ -244,9 +244,7 @@ def test_finished_job_does_not_load_the_engine(job):
     "change",
     ["input", "model", "slots", "job_seed", "dtype", "max_seq_len", "shard", "seed_rule"],
 )
-def test_resume_with_other_input_model_or_settings_is_refused(
-    job, change, tmp_path, monkeypatch
-):
+def test_resume_with_other_input_model_or_settings_is_refused(job, change, tmp_path, monkeypatch):
     cfg = job()
     with pytest.raises(RuntimeError):
         run_job(cfg, engine=FakeEngine(fail_after=5))

@@ -232,7 +232,7 @@ def test_plain_vmap_equals_sample_rows(nc, tier):
 
 
 def test_row_code_has_no_collectives():
-    v = 64
+    v = 300
     rows = _rows(MIXED)
     hist = _hist(len(MIXED), v)
     logits = jnp.zeros((len(MIXED), v))
@@ -244,10 +244,10 @@ def test_row_code_has_no_collectives():
     assert not re.search(r"\b(psum|pmax|cond)\[", text)  # no collective, no branch at all
     jaxpr = jax.make_jaxpr(lambda *a: sm.sample_rows(*a, None, 0))(logits, rows, hist)
     assert not re.search(r"\b(psum|pmax)\[", str(jaxpr))
-    # six batch-level branches per step: logit_bias tier, normalizer, second tier, full
-    # vocabulary (its three filters branch inside it, only when it runs), the exact race for
-    # an uncertified fast race, raw log probabilities
-    assert [e.primitive.name for e in jaxpr.jaxpr.eqns].count("cond") == 6
+    # seven batch-level branches per step: logit_bias tier, halved candidate selection,
+    # normalizer, second tier, full vocabulary (its three filters branch inside it, only when
+    # it runs), the exact race for an uncertified fast race, raw log probabilities
+    assert [e.primitive.name for e in jaxpr.jaxpr.eqns].count("cond") == 7
 
 
 # ------------------------------------------------------------------ greedy, host inputs, keys
@@ -373,3 +373,87 @@ def test_compaction_runs_exactly_the_rows_that_need_it(count):
     out = jax.jit(lambda n, v: sm._compacted(n, run, (v,)))(jnp.asarray(need), x)
     np.testing.assert_array_equal(np.asarray(out)[need], np.asarray(x)[need] * 2 + 1)
     assert sm._compact_sizes(batch) == [4, 16]
+
+
+# ------------------------------------------------------------------ halved candidate selection
+
+
+def _half_logits(rng, batch, vocab):
+    """Rows built to stress the halved selection (64 of 128 slots): a tie block of 70 at the
+    top, a tie block across the 64th place, fewer than 64 finite tokens, plain noise."""
+    x = rng.standard_normal((batch, vocab)).astype(np.float32)
+    x[0, rng.choice(vocab, 70, replace=False)] = 5.0  # 70 tied maxima
+    order = np.argsort(-x[1], kind="stable")
+    x[1, order[58:70]] = x[1, order[58]]  # a tie block from the 59th to the 70th place
+    x[2, rng.choice(vocab, vocab - 40, replace=False)] = -np.inf  # 40 finite tokens
+    x[3, rng.choice(vocab, vocab - 64, replace=False)] = np.nan  # exactly 64 (NaN: removed)
+    return x
+
+
+HALF = [
+    {"top_k": 50, "top_p": 0.95, "top_logprobs": 20},
+    {"top_k": 62, "min_p": 0.02, "processed_logprobs": True, "top_logprobs": 20},
+    {"top_k": 50, "top_a": 0.05, "temperature": 1.5},
+    {"top_k": 64, "top_p": 0.9, "processed_logprobs": True, "top_logprobs": 10},
+    {"top_k": 1},
+    {"temperature": 0.0, "top_logprobs": 5},  # greedy: its top_k (off) does not matter
+    {"top_k": 64, "repetition_penalty": 1.3, "logit_bias": {7: 4.0}},
+    {"top_k": 33, "temperature": 0.7},
+]
+
+
+def test_halved_candidates_give_the_same_numbers():
+    """A batch in which every sampled row's top_k keeps at most 64 tokens selects only 64
+    of its 128 candidates (the plan's ``k_max``); every output equals the full selection's
+    (a plain vmap of ``sample_row`` computes everything), ties across the 64th place and rows
+    with fewer finite tokens included, for many seeds."""
+    vocab, reps = 300, 6
+    params = [dict(p, seed=100 * r + i) for r in range(reps) for i, p in enumerate(HALF)]
+    rows = _rows(params)
+    batch = len(params)
+    plan = sm.plan_rows(rows, vocab_size=vocab)
+    assert int(plan.k_max) == 64  # so the halved selection runs
+    logits = jnp.asarray(_half_logits(np.random.default_rng(7), batch, vocab))
+    hist = _hist(batch, vocab, prompt=[3, 4], output=[4, 5])
+    want = jax.jit(jax.vmap(lambda lg, r, h: sm.sample_row(lg, r, h, None, 2)))(logits, rows, hist)
+    got = sm.sample_batch(logits, rows, hist, None, 2)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # and a neighbour without top_k (the full selection for the whole batch) changes nothing
+    rows_mixed = _rows([*params, {"seed": 9}])
+    logits_mixed = jnp.concatenate([logits, logits[:1]])
+    mixed = sm.sample_batch(
+        logits_mixed, rows_mixed, _hist(batch + 1, vocab, [3, 4], [4, 5]), None, 2
+    )
+    for x, y in zip(jax.tree.leaves(mixed), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(np.asarray(x)[:batch], np.asarray(y))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    k=st.integers(1, 20),
+    tie_at=st.integers(0, 30),
+    tie_len=st.integers(1, 30),
+)
+def test_halved_selection_is_exact_or_says_so(seed, k, tie_at, tie_len):
+    """``init_candidates(..., half=True)`` then top_k (k <= half): the kept set it claims
+    exact is the true one (every token >= the k-th largest), and a tie block that reaches
+    the last real candidate is never claimed exact."""
+    from jaxsample import transforms as tf
+
+    vocab, c = 200, 40
+    rng = np.random.default_rng(seed)
+    x = np.round(rng.standard_normal(vocab), 1).astype(np.float32)  # many natural ties
+    order = np.argsort(-x, kind="stable")
+    x[order[tie_at : tie_at + tie_len]] = x[order[tie_at]]
+    s = tf.top_k(tf.init_candidates(jnp.asarray(x), c, half=True), jnp.int32(k), vocab_size=vocab)
+    kth = np.sort(x)[::-1][k - 1]
+    true_n = int((x >= kth).sum())
+    if bool(s.exact):
+        assert int(s.n) == true_n
+        np.testing.assert_array_equal(
+            np.sort(np.asarray(s.ids)[: int(s.n)]), np.flatnonzero(x >= kth)
+        )
+    else:
+        assert true_n >= c // 2  # only a tie block reaching the 20th place is left undecided
