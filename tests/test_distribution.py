@@ -337,7 +337,9 @@ def test_fast_full_vocabulary_race_equals_the_exact_race(race_blocks, monkeypatc
         zb = tf.block_max(z)
         words = jax.random.bits(jax.random.key(int(scale * 10)), (n, 2), jnp.uint32)
         fast_fn = jax.vmap(
-            lambda wd: sm._race_full_fast(z, shift, -jnp.inf, 0.0, ids, values, zb, wd)
+            lambda wd, z=z, shift=shift, ids=ids, values=values, zb=zb: sm._race_full_fast(
+                z, shift, -jnp.inf, 0.0, ids, values, zb, wd
+            )
         )
         fast, certified = jax.jit(fast_fn)(words)
         exact = jax.jit(jax.vmap(sm._race_full, in_axes=(None, None, None, 0)))(z, w, kept, words)
