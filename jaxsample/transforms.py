@@ -293,9 +293,31 @@ def init_candidates(
     )
 
 
+def _tree_sum(y: jax.Array) -> jax.Array:
+    """The sum over the last axis in a fixed order: zeros appended up to a power of two, then
+    halves added. Elementwise adds only, so the order (and the bits) is the expression's
+    whatever XLA fuses or however large the batch."""
+    n = y.shape[-1]
+    y = jnp.pad(y, [(0, 0)] * (y.ndim - 1) + [(0, (1 << (n - 1).bit_length()) - n)])
+    while y.shape[-1] > 1:
+        h = y.shape[-1] // 2
+        y = y[..., :h] + y[..., h:]
+    return y[..., 0]
+
+
 def vocabulary_total(z: jax.Array, top: jax.Array) -> jax.Array:
-    """``sum(exp(z - top))`` over the row (``top``: its max; ``-inf`` for an empty row)."""
-    return jnp.sum(jnp.exp(z - jnp.where(top == -jnp.inf, 0.0, top)))
+    """``sum(exp(z - top))`` over the row (``top``: its max; ``-inf`` for an empty row).
+
+    Summed pairwise, in blocks of 32 and then over the blocks, by elementwise adds
+    (:func:`_tree_sum`): XLA's CPU backend runs that as one loop over every core, 0.9 ms for
+    ``[64, 49152]`` on 2 cores against 2.3 ms for ``jnp.sum`` (a reduction fusion that runs
+    its ``exp`` on one core), and the order is fixed by the expression, so a row's total is
+    the same bits at any batch size and in any program (the engine's bit-identity tests).
+    """
+    w = jnp.exp(z - jnp.where(top == -jnp.inf, 0.0, top))
+    pad = (-w.shape[-1]) % CANDIDATE_BLOCK
+    w = jnp.pad(w, (0, pad)).reshape(-1, CANDIDATE_BLOCK)
+    return _tree_sum(_tree_sum(w))
 
 
 def candidate_mass(s: Candidates) -> jax.Array:

@@ -16,12 +16,25 @@ Grid: B in {1, 64}, V in {49152, 128256, 262144}; "realistic" logits (Zipf-like 
 per-row exponent, so the top token has probability ~0.3-0.9, plus a little Gumbel noise) and
 "flat" logits (standard normal: the worst case for candidate-based filtering).
 
+Allocator: on Linux the script re-runs itself with glibc's ``mmap`` off, no trimming and one
+arena (``GLIBC_TUNABLES``: ``mmap_max=0``, ``trim_threshold`` 4 GiB, ``arena_max=1``; a
+thread's own arena holds at most 64 MB and maps anything larger). XLA's CPU client
+allocates a compiled program's temporary buffer at every call; the sampler's is 60-300 MB
+(the floor's is empty), above glibc's largest mmap threshold (32 MB), so with the default
+allocator every call maps fresh memory and pays a page fault per 4 KiB page it touches:
+about 3500 faults, 3-4 ms, per call at B = 64, V = 49152 on the 2-core VM. Inside a compiled
+decoding loop the buffer is allocated once per loop run, not per step, so the per-step cost
+is the one measured with mmap off. ``--allocator system`` measures with glibc's defaults;
+both runs record the minor page faults per call of the floor and the full sampler.
+
 Usage::
 
     .venv/bin/python scripts/bench_sampler.py            # full grid, ~5-10 minutes on 2 cores
     .venv/bin/python scripts/bench_sampler.py --quick    # small smoke run, prints only
+    .venv/bin/python scripts/bench_sampler.py --allocator system   # glibc's default malloc
 
-Writes ``results/bench_sampler_cpu.json`` (full run) and prints a table of ratios.
+Writes ``results/bench_sampler_cpu.json`` (full run; ``results/bench_sampler_cpu_system.json``
+with ``--allocator system``) and prints a table of ratios.
 No extra dependencies beyond the project's own.
 """
 
@@ -31,6 +44,8 @@ import argparse
 import json
 import os
 import platform
+import resource
+import sys
 import time
 from pathlib import Path
 
@@ -135,6 +150,26 @@ def sort_chain(logits, rows, hist, position):
     return jax.vmap(one)(logits, rows, hist.counts, hist.in_prompt)
 
 
+HEAP_TUNABLES = (
+    "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295:glibc.malloc.arena_max=1"
+)
+
+
+def use_allocator(kind: str) -> None:
+    """``heap``: re-run this script under glibc with mmap off (see the module docstring)."""
+    if kind == "heap" and sys.platform == "linux" and "GLIBC_TUNABLES" not in os.environ:
+        env = dict(os.environ, GLIBC_TUNABLES=HEAP_TUNABLES)
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def faults_per_call(fn, *args, calls: int = 5) -> float:
+    """Minor page faults per call (the process's count, around ``calls`` calls)."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        timed(fn, *args)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+
+
 def timed(fn, *args) -> float:
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
@@ -158,7 +193,21 @@ def bench_config(b, v, kind, reps, sort_reps, rng):
             if name == "sort_chain" and r >= sort_reps:
                 continue
             times[name].append(timed(fn, *args))
-    return _stats(times)
+    return _stats(times) | _faults(cases, "full")
+
+
+def _faults(cases: dict, sampler: str) -> dict:
+    """Page faults per call of the floor and the sampler, and the sampler's temporary buffer
+    (XLA's compiled memory analysis)."""
+    fn, args = cases[sampler]
+    temp = fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
+    return {
+        "faults_per_call": {
+            "floor": faults_per_call(*cases["floor"][:1], *cases["floor"][1]),
+            sampler: faults_per_call(fn, *args),
+        },
+        "sampler_temp_mb": temp / 2**20,
+    }
 
 
 def _stats(times: dict) -> dict:
@@ -222,7 +271,7 @@ def bench_real(reps, sort_reps, b=64):
             if name == "sort_chain" and r >= sort_reps:
                 continue
             times[name].append(timed(fn, *args))
-    return _stats(times)
+    return _stats(times) | _faults(cases, "full_p95")
 
 
 def main():
@@ -236,7 +285,14 @@ def main():
     ap.add_argument(
         "--real-only", action="store_true", help="only the real-logits table (prints only)"
     )
+    ap.add_argument(
+        "--allocator",
+        choices=("heap", "system"),
+        default="heap",
+        help="heap: glibc with mmap off, as inside a decoding loop (default); system: defaults",
+    )
     args = ap.parse_args()
+    use_allocator(args.allocator)
     if args.quick:
         grid, reps, sort_reps = [(4, 8192)], args.reps or 3, 2
     else:
@@ -246,7 +302,8 @@ def main():
         grid = [tuple(int(x) for x in args.only.split(","))]
     # a partial run (--quick, --only, --real-only) prints only, unless --out is given
     partial_run = args.quick or args.only or args.real_only
-    out = args.out or (None if partial_run else "results/bench_sampler_cpu.json")
+    default_out = "results/bench_sampler_cpu" + ("" if args.allocator == "heap" else "_system")
+    out = args.out or (None if partial_run else default_out + ".json")
     rng = np.random.default_rng(0)
     results = []
     names = ["floor", "full", "sort_chain", *ALONE]
@@ -268,6 +325,8 @@ def main():
             line += f"{med['full'] / f:>10.2f} {low['full'] / low['floor']:>8.2f} "
             line += f"{med['sort_chain'] / med['full']:>9.1f}  "
             line += " ".join(f"{med[n] / f:>8.2f}" for n in ALONE)
+            fpc = stats["faults_per_call"]
+            line += f"  faults/call {fpc['floor']:.0f} / {fpc['full']:.0f}"
             print(line, flush=True)
     real = None
     if not args.quick:
@@ -281,7 +340,11 @@ def main():
         print(" ".join(f"{real[n] / f:>14.2f}" for n in real))
         print(" ".join(f"{low[n] / low['floor']:>14.2f}" for n in low))
         print(f"sort_chain / full_p95: {real['sort_chain'] / real['full_p95']:.1f}")
-        import sys
+        fpc = real_stats["faults_per_call"]
+        print(
+            f"page faults per call: floor {fpc['floor']:.0f}, full_p95 {fpc['full_p95']:.0f} "
+            f"(temporary buffer {real_stats['sampler_temp_mb']:.0f} MiB)"
+        )
 
         sys.path.insert(0, str(Path(__file__).parent))
         from real_logits import fallback_rates, load_real_logits
@@ -300,6 +363,8 @@ def main():
             backend=jax.default_backend(),
             cpu_count=os.cpu_count(),
             machine=platform.machine(),
+            allocator=args.allocator,
+            glibc_tunables=os.environ.get("GLIBC_TUNABLES"),
             params_full={k: v for k, v in FULL.items() if k != "logit_bias"}
             | {"logit_bias_entries": len(FULL["logit_bias"])},
             names=names,

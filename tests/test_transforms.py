@@ -218,3 +218,25 @@ def test_full_vocabulary_bisection_matches_reference(seed, k, p, scale, decimals
     np.testing.assert_array_equal(got_k, want_k)
     tight, loose = (reference_keep(z, {"top_p": p}, slack=e) for e in (-1e-4, 1e-4))
     _assert_between(got_p, tight, loose)
+
+
+@pytest.mark.parametrize("vocab", [1, 3, 32, 33, 1000, 50257])
+def test_vocabulary_total_is_accurate_and_batch_invariant(vocab):
+    """The fixed-order pairwise sum: close to a float64 sum, NaN kept (the raw fast form
+    relies on it), 0 for an empty row, and the same bits for a row at any batch size,
+    alone or inside a larger jitted computation."""
+    rng = np.random.default_rng(vocab)
+    x = (rng.standard_normal((7, vocab)) * 3).astype(np.float32)
+    x[1, : vocab // 2] = -np.inf
+    top = x.max(axis=1)
+    want = np.exp(x.astype(np.float64) - top[:, None]).sum(axis=1)
+    batched = jax.jit(jax.vmap(tf.vocabulary_total))
+    got = np.asarray(batched(jnp.asarray(x), jnp.asarray(top)))
+    np.testing.assert_allclose(got, want, rtol=2e-7)
+    for b in (1, 3):
+        np.testing.assert_array_equal(np.asarray(batched(x[:b], top[:b])), got[:b])
+    inside = jax.jit(lambda z, t: (tf.vocabulary_total(z * 2.0 - z, t), jnp.argmax(z)))
+    np.testing.assert_array_equal(np.asarray(inside(x[2], top[2])[0]), got[2])
+    assert float(tf.vocabulary_total(jnp.full(vocab, -jnp.inf), jnp.float32(-jnp.inf))) == 0.0
+    nan_row = jnp.asarray(x[0]).at[0].set(jnp.nan)
+    assert np.isnan(float(tf.vocabulary_total(nan_row, jnp.asarray(top[0]))))
