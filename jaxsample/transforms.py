@@ -293,6 +293,10 @@ def init_candidates(
     )
 
 
+#: Below this many tokens a row's sums over the vocabulary use :func:`_tree_sum`.
+TREE_SUM_BELOW = 4096
+
+
 def _tree_sum(y: jax.Array) -> jax.Array:
     """The sum over the last axis in a fixed order: zeros appended up to a power of two, then
     halves added. Elementwise adds only, so the order (and the bits) is the expression's
@@ -308,16 +312,16 @@ def _tree_sum(y: jax.Array) -> jax.Array:
 def vocabulary_total(z: jax.Array, top: jax.Array) -> jax.Array:
     """``sum(exp(z - top))`` over the row (``top``: its max; ``-inf`` for an empty row).
 
-    Summed pairwise, in blocks of 32 and then over the blocks, by elementwise adds
-    (:func:`_tree_sum`): XLA's CPU backend runs that as one loop over every core, 0.9 ms for
-    ``[64, 49152]`` on 2 cores against 2.3 ms for ``jnp.sum`` (a reduction fusion that runs
-    its ``exp`` on one core), and the order is fixed by the expression, so a row's total is
-    the same bits at any batch size and in any program (the engine's bit-identity tests).
+    A row's total must not depend on the batch it is computed in. XLA's CPU reduction
+    (``jnp.sum``) changes its order with the batch size for rows of up to about 2000 tokens
+    (a row of 1000 gave another last bit at B = 3 than at B = 7) and gave the same bits at
+    every batch size from 4096 tokens up (tested to 128256). So a row of fewer than
+    ``TREE_SUM_BELOW`` tokens is summed pairwise in a fixed order (:func:`_tree_sum`), and a
+    longer one by ``jnp.sum``, which is faster there inside the sampler's program (the tree
+    was split into several passes by XLA and cost 1.2x the step at V = 49152).
     """
     w = jnp.exp(z - jnp.where(top == -jnp.inf, 0.0, top))
-    pad = (-w.shape[-1]) % CANDIDATE_BLOCK
-    w = jnp.pad(w, (0, pad)).reshape(-1, CANDIDATE_BLOCK)
-    return _tree_sum(_tree_sum(w))
+    return _tree_sum(w) if w.shape[-1] < TREE_SUM_BELOW else jnp.sum(w)
 
 
 def candidate_mass(s: Candidates) -> jax.Array:
