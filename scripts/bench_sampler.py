@@ -19,7 +19,7 @@ per-row exponent, so the top token has probability ~0.3-0.9, plus a little Gumbe
 Allocator: on Linux the script re-runs itself with glibc's ``mmap`` off, no trimming and one
 arena (``GLIBC_TUNABLES``: ``mmap_max=0``, ``trim_threshold`` 4 GiB, ``arena_max=1``; a
 thread's own arena holds at most 64 MB and maps anything larger). XLA's CPU client
-allocates a compiled program's temporary buffer at every call; the sampler's is 60-300 MB
+allocates a compiled program's temporary buffer at every call; the sampler's is 64-339 MiB
 (the floor's is empty), above glibc's largest mmap threshold (32 MB), so with the default
 allocator every call maps fresh memory and pays a page fault per 4 KiB page it touches:
 about 3500 faults, 3-4 ms, per call at B = 64, V = 49152 on the 2-core VM. Inside a compiled
