@@ -466,7 +466,7 @@ def _full_stage(f: _Front, row: RowParams, plan: Plan, words=None):
 
         def mass():
             w = jnp.exp(f.z - shift)
-            return jnp.sum(jnp.where(tf.kept(f.z, w, z_min, w_min), w, 0.0))
+            return tf.row_sum(jnp.where(tf.kept(f.z, w, z_min, w_min), w, 0.0))
 
         m = _maybe(plan.mass, mass, lambda: jnp.float32(jnp.nan))
         if words is None:

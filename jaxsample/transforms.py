@@ -320,8 +320,15 @@ def vocabulary_total(z: jax.Array, top: jax.Array) -> jax.Array:
     longer one by ``jnp.sum``, which is faster there inside the sampler's program (the tree
     was split into several passes by XLA and cost 1.2x the step at V = 49152).
     """
-    w = jnp.exp(z - jnp.where(top == -jnp.inf, 0.0, top))
-    return _tree_sum(w) if w.shape[-1] < TREE_SUM_BELOW else jnp.sum(w)
+    return row_sum(jnp.exp(z - jnp.where(top == -jnp.inf, 0.0, top)))
+
+
+def row_sum(x: jax.Array) -> jax.Array:
+    """``sum(x)`` over a row ``f32[V]`` whose bits do not depend on the batch: the fixed-order
+    :func:`_tree_sum` below ``TREE_SUM_BELOW`` tokens, ``jnp.sum`` above (see
+    :func:`vocabulary_total`). Every mass over the vocabulary that a decision reads (the
+    normalizers, the kept mass, the bisection's amounts) is summed with it."""
+    return _tree_sum(x) if x.shape[-1] < TREE_SUM_BELOW else jnp.sum(x)
 
 
 def candidate_mass(s: Candidates) -> jax.Array:
@@ -430,7 +437,7 @@ def full_keep(s: FullRow) -> jax.Array:
 
 def full_mass(s: FullRow) -> jax.Array:
     """The unnormalized mass of the kept set."""
-    return jnp.sum(jnp.where(full_keep(s), s.weights, 0.0))
+    return row_sum(jnp.where(full_keep(s), s.weights, 0.0))
 
 
 def _order_key(x: jax.Array) -> jax.Array:
@@ -464,7 +471,7 @@ def _largest_threshold(
     keys = _order_key(s.z)
     amount = jnp.where(keep, amount, 0.0)
     count0 = jnp.sum(keep.astype(jnp.float32))
-    reachable = jnp.sum(amount) >= target
+    reachable = row_sum(amount) >= target
     hi0 = _order_key(jnp.max(jnp.where(keep, s.z, -jnp.inf))) + 1
     lo0 = jnp.int32(np.iinfo(np.int32).min)
     zero = jnp.float32(0.0)
@@ -478,7 +485,7 @@ def _largest_threshold(
         lo, hi, count_lo, count_hi, amount_hi = state
         mid = (lo & hi) + ((lo ^ hi) >> 1)  # floor((lo + hi) / 2) without overflow
         above = keep & (keys >= mid)
-        amount_mid = jnp.sum(jnp.where(above, amount, 0.0))
+        amount_mid = row_sum(jnp.where(above, amount, 0.0))
         count_mid = jnp.sum(above.astype(jnp.float32))
         ok = amount_mid >= target
         return (
