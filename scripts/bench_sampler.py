@@ -29,7 +29,7 @@ both runs record the minor page faults per call of the floor and the full sample
 
 Usage::
 
-    .venv/bin/python scripts/bench_sampler.py            # full grid, ~5-10 minutes on 2 cores
+    .venv/bin/python scripts/bench_sampler.py            # full grid, ~13 minutes on 2 cores
     .venv/bin/python scripts/bench_sampler.py --quick    # small smoke run, prints only
     .venv/bin/python scripts/bench_sampler.py --allocator system   # glibc's default malloc
 
@@ -156,9 +156,16 @@ HEAP_TUNABLES = (
 
 
 def use_allocator(kind: str) -> None:
-    """``heap``: re-run this script under glibc with mmap off (see the module docstring)."""
-    if kind == "heap" and sys.platform == "linux" and "GLIBC_TUNABLES" not in os.environ:
-        env = dict(os.environ, GLIBC_TUNABLES=HEAP_TUNABLES)
+    """Re-runs this script, when needed, under the allocator ``kind`` asks for: ``heap``,
+    glibc with mmap off (see the module docstring); ``system``, without our tunables."""
+    if sys.platform != "linux":
+        return
+    env = dict(os.environ)
+    if kind == "heap":
+        env["GLIBC_TUNABLES"] = HEAP_TUNABLES
+    elif env.get("GLIBC_TUNABLES") == HEAP_TUNABLES:
+        del env["GLIBC_TUNABLES"]
+    if env.get("GLIBC_TUNABLES") != os.environ.get("GLIBC_TUNABLES"):
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
@@ -200,10 +207,11 @@ def _faults(cases: dict, sampler: str) -> dict:
     """Page faults per call of the floor and the sampler, and the sampler's temporary buffer
     (XLA's compiled memory analysis)."""
     fn, args = cases[sampler]
+    floor_fn, floor_args = cases["floor"]
     temp = fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
     return {
         "faults_per_call": {
-            "floor": faults_per_call(*cases["floor"][:1], *cases["floor"][1]),
+            "floor": faults_per_call(floor_fn, *floor_args),
             sampler: faults_per_call(fn, *args),
         },
         "sampler_temp_mb": temp / 2**20,
