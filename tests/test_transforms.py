@@ -220,11 +220,12 @@ def test_full_vocabulary_bisection_matches_reference(seed, k, p, scale, decimals
     _assert_between(got_p, tight, loose)
 
 
-@pytest.mark.parametrize("vocab", [1, 3, 33, 100, 1000, 2000, 4096, 50257])
+@pytest.mark.parametrize("vocab", [1, 3, 33, 100, 1000, 2000, 4095, 4096, 50257, 128256])
 def test_vocabulary_total_is_accurate_and_batch_invariant(vocab):
     """The normalizer: close to a float64 sum, NaN kept (the raw fast form relies on it), 0
     for an empty row, and the same bits for a row at any batch size and inside a larger
-    jitted computation (XLA's plain CPU sum was not, below about 2000 tokens)."""
+    jitted computation (XLA's plain CPU sum was not, below about 2000 tokens), on both sides
+    of the fold's threshold."""
     rng = np.random.default_rng(vocab)
     x = (rng.standard_normal((64, vocab)) * 3).astype(np.float32)
     x[1, : vocab // 2] = -np.inf
