@@ -16,6 +16,12 @@ Grid: B in {1, 64}, V in {49152, 128256, 262144}; "realistic" logits (Zipf-like 
 per-row exponent, so the top token has probability ~0.3-0.9, plus a little Gumbel noise) and
 "flat" logits (standard normal: the worst case for candidate-based filtering).
 
+Statistics: every case is timed once per round, round-robin, so machine load hits every case
+alike; per case the median and the minimum, and the median over rounds of the per-round
+ratio to the floor (``paired_ratio``). On the real logits, the floor, the full chain and
+T 0.8 / top_p 0.95 are also timed in bursts of 5 back-to-back calls (``burst``): the floor's
+time swings most between those protocols, so the ratio is reported under each.
+
 Allocator: on Linux the script re-runs itself with glibc's ``mmap`` off, no trimming and one
 arena (``GLIBC_TUNABLES``: ``mmap_max=0``, ``trim_threshold`` 4 GiB, ``arena_max=1``; a
 thread's own arena holds at most 64 MB and maps anything larger). XLA's CPU client
@@ -219,13 +225,36 @@ def _faults(cases: dict, sampler: str) -> dict:
 
 
 def _stats(times: dict) -> dict:
-    """Median and minimum per case, in ms. The floor writes a fresh ``[B, V]`` array every
-    call and its time swings by 2x between calls on a shared machine (the sampler returns a
-    few numbers per row and swings far less), so both statistics are kept."""
+    """Median and minimum per case, in ms, and the median over rounds of each case's time
+    divided by the floor's in the same round (``paired``). The floor writes a fresh
+    ``[B, V]`` array every call and its time swings by 2x between calls on a shared machine
+    (the sampler returns a few numbers per row and swings far less), so all three are kept."""
+    floor_times = times["floor"]
     return {
         "median_ms": {name: float(np.median(t)) * 1e3 for name, t in times.items()},
         "min_ms": {name: float(np.min(t)) * 1e3 for name, t in times.items()},
+        "paired_ratio": {
+            name: float(np.median(np.array(t) / np.array(floor_times[: len(t)])))
+            for name, t in times.items()
+        },
     }
+
+
+def burst_times(cases: dict, names, rounds: int, calls: int = 5) -> dict:
+    """Mean ms per call of ``calls`` back-to-back calls (dispatched without waiting, as a
+    decoding loop's steps follow each other), for each case in ``names``, per round,
+    round-robin: the median and the ratio to the floor's."""
+    times = {name: [] for name in names}
+    for _ in range(rounds):
+        for name in names:
+            fn, args = cases[name]
+            start = time.perf_counter()
+            for _ in range(calls):
+                out = fn(*args)
+            jax.block_until_ready(out)
+            times[name].append((time.perf_counter() - start) / calls)
+    med = {name: float(np.median(t)) * 1e3 for name, t in times.items()}
+    return {"median_ms": med, "ratio": {n: med[n] / med["floor"] for n in names}}
 
 
 REAL = {  # on the real model's logits (B = 64 rows of the dump, V = 49152)
@@ -279,7 +308,8 @@ def bench_real(reps, sort_reps, b=64):
             if name == "sort_chain" and r >= sort_reps:
                 continue
             times[name].append(timed(fn, *args))
-    return _stats(times) | _faults(cases, "full_p95")
+    bursts = burst_times(cases, ["floor", "full_p95", "p95_t08"], reps)
+    return _stats(times) | _faults(cases, "full_p95") | {"burst": bursts}
 
 
 def main():
@@ -347,6 +377,16 @@ def main():
         print(" ".join(f"{real[n]:>14.2f}" for n in real))
         print(" ".join(f"{real[n] / f:>14.2f}" for n in real))
         print(" ".join(f"{low[n] / low['floor']:>14.2f}" for n in low))
+        paired = real_stats["paired_ratio"]
+        print(" ".join(f"{paired[n]:>14.2f}" for n in paired) + "   (paired: per-round ratio)")
+        burst = real_stats["burst"]
+        print(
+            "bursts of 5 back-to-back calls (ms per call): "
+            + ", ".join(
+                f"{n} {burst['median_ms'][n]:.2f} ({burst['ratio'][n]:.2f}x)"
+                for n in burst["ratio"]
+            )
+        )
         print(f"sort_chain / full_p95: {real['sort_chain'] / real['full_p95']:.1f}")
         fpc = real_stats["faults_per_call"]
         print(
