@@ -279,14 +279,29 @@ def _scale(x, allowed, bias, row: RowParams, seen, counts):
     biased entries gathered from it, so both give bit-identical values. ``seen = None``
     skips the penalties (the history is not read): the same values as neutral penalties
     (``z / 1``, ``z * 1`` and ``z - 0`` are ``z``).
+
+    The same values as composing the public transforms (``hard_mask``, ``add_bias``,
+    ``repetition_penalty``, ``frequency_presence_penalty``, ``temperature``) with fewer
+    operations: each of those clips into the finite range, keeps removed tokens at -inf and
+    writes -0.0 as +0.0; here each step only clips, and the removed tokens (-inf after
+    ``sanitize``, or not allowed) and the zero sign are settled once at the end. That is
+    exact: a clipped value stays finite, so the removed set is the same at every step, and
+    a zero's sign never changes a later step's nonzero result (it only reaches other zeros).
     """
-    z = x if allowed is None else tf.hard_mask(x, allowed)
+    removed = x == -jnp.inf
+    if allowed is not None:
+        removed = removed | ~allowed
+    clip = partial(jnp.clip, min=-tf.FLOAT32_MAX, max=tf.FLOAT32_MAX)
+    z = x
     if bias is not None:
-        z = tf.add_bias(z, bias)
+        z = clip(z + bias)
     if seen is not None:
-        z = tf.repetition_penalty(z, row.repetition_penalty, seen)
-        z = tf.frequency_presence_penalty(z, counts, row.frequency_penalty, row.presence_penalty)
-    return tf.temperature(z, row.temperature)
+        r = jnp.maximum(row.repetition_penalty, tf.REPETITION_PENALTY_FLOOR)
+        z = clip(jnp.where(seen, jnp.where(z > 0, z / r, z * r), z))
+        penalty = row.frequency_penalty * counts.astype(jnp.float32)
+        z = clip(z - (penalty + row.presence_penalty * (counts > 0).astype(jnp.float32)))
+    z = clip(z / jnp.where(tf.is_greedy(row.temperature), 1.0, row.temperature))
+    return jnp.where(removed, -jnp.inf, jnp.where(z == 0.0, 0.0, z))
 
 
 def _user(chain, position, z, row: RowParams, hist: History):

@@ -79,6 +79,57 @@ def logit_rows(dtype=np.float32):
     return hnp.arrays(np.float32, V, elements=elements).map(cast)
 
 
+EDGES = [-0.0, 0.0, 1e-30, -1e-30, 1e-40, 3e38, -3e38, np.inf, -np.inf, np.nan, 1.0, -1.0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    z=hnp.arrays(
+        np.float32, V, elements=st.one_of(st.sampled_from(EDGES), st.floats(-30, 30, width=32))
+    ),
+    bias=hnp.arrays(np.float32, V, elements=st.sampled_from([0.0, -0.0, 1.0, -100.0, 100.0])),
+    counts=hnp.arrays(np.int32, V, elements=st.integers(0, 3)),
+    in_prompt=hnp.arrays(np.bool_, V, elements=st.booleans()),
+    allowed=hnp.arrays(np.bool_, V, elements=st.booleans()) | st.none(),
+    r=st.sampled_from([0.0, 1e-3, 0.5, 1.0, 1.3, 2.0]),
+    f=st.sampled_from([-2.0, -0.5, 0.0, -0.0, 0.7, 2.0]),
+    p=st.sampled_from([-2.0, 0.0, -0.0, 0.4, 2.0]),
+    t=st.sampled_from([0.0, 1e-5, 1e-4, 0.3, 1.0, 2.0]),
+)
+def test_fused_steps_1_to_5_equal_the_public_transforms_bit_for_bit(
+    z, bias, counts, in_prompt, allowed, r, f, p, t
+):
+    """The sampler's one-pass steps 1-5 (clip per step, removed tokens and the zero's sign
+    settled at the end) give the same bits as composing the public transforms, each of which
+    re-finites its output: at -0.0, infinities, NaN, overflow and subnormals, with a mask."""
+    from types import SimpleNamespace
+
+    from jaxsample import transforms as tf
+
+    row = SimpleNamespace(
+        repetition_penalty=jnp.float32(r),
+        frequency_penalty=jnp.float32(f),
+        presence_penalty=jnp.float32(p),
+        temperature=jnp.float32(t),
+    )
+    seen = in_prompt | (counts > 0)
+    mask = None if allowed is None else jnp.asarray(allowed)
+
+    @jax.jit
+    def composed(x, b, c, s):
+        y = tf.sanitize(x)
+        y = y if mask is None else tf.hard_mask(y, mask)
+        y = tf.add_bias(y, b)
+        y = tf.repetition_penalty(y, row.repetition_penalty, s)
+        y = tf.frequency_presence_penalty(y, c, row.frequency_penalty, row.presence_penalty)
+        return tf.temperature(y, row.temperature)
+
+    fused = jax.jit(lambda x, b, c, s: sm._scale(tf.sanitize(x), mask, b, row, s, c))
+    args = (jnp.asarray(z), jnp.asarray(bias), jnp.asarray(counts), jnp.asarray(seen))
+    want, got = np.asarray(composed(*args)), np.asarray(fused(*args))
+    np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
+
+
 @pytest.mark.parametrize("num_candidates", [V, 6])
 @settings(max_examples=40, deadline=None)
 @given(
