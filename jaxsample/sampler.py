@@ -147,7 +147,7 @@ class Plan:
     raw: Any  # i32[] or int: 0 no raw log probabilities, 1 the normalizer, 2 also the top 20
     penalties: Any = True  # bool: some row has a repetition, frequency or presence penalty
     mass: Any = True  # bool: some row reports processed log probabilities (the kept mass)
-    k_max: Any = None  # i32[]: every sampled row's top_k keeps at most this many (None: unknown)
+    k_max: Any = None  # i32[]: a sampled row's cutting top_k keeps at most this many (None: unknown)
 
     @classmethod
     def everything(cls) -> Plan:
@@ -204,11 +204,10 @@ def plan_rows(rows: RowParams, *, vocab_size: int, for_sampling: bool = False) -
         | (rows.frequency_penalty != 0.0)
         | (rows.presence_penalty != 0.0)
     )
-    # every non-greedy row's top_k cuts to at most k_max tokens (the vocabulary: some row's
-    # does not cut): the candidate selection can be halved when k_max fits in half of it
-    k_max = jnp.max(
-        jnp.where(greedy, 0, jnp.where(_k_cuts(rows, vocab_size), rows.top_k, vocab_size))
-    )
+    # every non-greedy row whose top_k cuts keeps at most k_max tokens (0: no row's cuts):
+    # the candidate selection is halved when k_max fits in half of it (a row that the half
+    # leaves unresolved is selected again in full, see _reselect_stage)
+    k_max = jnp.max(jnp.where(greedy | ~_k_cuts(rows, vocab_size), 0, rows.top_k))
     return Plan(
         bias=bias,
         total=total,
@@ -376,9 +375,7 @@ def _front(logits, row, hist, allowed, plan: Plan, num_candidates, chain) -> _Fr
     z = _steps_1_to_5(logits, row, hist, allowed, plan.bias, chain, plan.penalties)
     greedy = tf.is_greedy(row.temperature)
     zb = tf.block_max(z)
-    # top_k keeps at most half the candidates in every row: select only that half
-    half = min(num_candidates, vocab) // 2
-    small = False if plan.k_max is None or half < TOP_LOGPROBS_MAX else plan.k_max <= half
+    small = _halved(plan, num_candidates, vocab)
     c0 = tf.init_candidates(z, num_candidates, total=False, block_max=zb, half=small)
     ok = c0.values[0] > -jnp.inf
     ck = tf.top_k(c0, row.top_k, vocab_size=vocab)
@@ -393,6 +390,35 @@ def _front(logits, row, hist, allowed, plan: Plan, num_candidates, chain) -> _Fr
     c = _filter_candidates(c0, row, vocab, total)
     resolved = c.exact & ~c.kept_all
     return _Front(z, ck, c, ok, greedy, ok & ~greedy & ~resolved, zb=zb)
+
+
+def _halved(plan: Plan, num_candidates: int, vocab: int):
+    """Whether the first selection takes only half the candidates (a batch-level bool):
+    when no sampled row's top_k keeps more than half. Every row then gets the half; a row
+    whose filters it leaves unresolved is selected again in full (:func:`_reselect_stage`)."""
+    half = min(num_candidates, vocab) // 2
+    if plan.k_max is None or half < TOP_LOGPROBS_MAX:
+        return False
+    return plan.k_max <= half
+
+
+def _reselect_stage(f: _Front, row: RowParams, run, num_candidates: int):
+    """The full candidate selection and the filters again, if ``run``, for a row whose
+    halved selection left its kept set unresolved (its filters need more than half the
+    candidates, or a tie block reached the half's end): ``(ck, c)``, else the row's own."""
+    vocab = f.z.shape[-1]
+
+    def go():
+        c0 = tf.init_candidates(f.z, num_candidates, total=False, block_max=f.zb)
+        ck = tf.top_k(c0, row.top_k, vocab_size=vocab)._replace(total=f.ck.total)
+        return ck, _filter_candidates(c0, row, vocab, f.ck.total)
+
+    return _maybe(run, go, lambda: (f.ck, f.c))
+
+
+def _reselect_apply(f: _Front, ck: tf.Candidates, c: tf.Candidates) -> _Front:
+    resolved = c.exact & ~c.kept_all
+    return f._replace(ck=ck, c=c, need_full=f.ok & ~f.greedy & ~resolved)
 
 
 def _filter_candidates(c0: tf.Candidates, row: RowParams, vocab: int, total) -> tf.Candidates:
@@ -564,6 +590,10 @@ def distribution(
     plan = Plan.everything() if plan is None else plan
     chain = tf.check_chain(transforms)
     f = _front(logits, row, hist, allowed, plan, num_candidates, chain)
+    halved = _halved(plan, num_candidates, logits.shape[-1])
+    if halved is not False:
+        rerun = halved & _tier2_needed(f, row)
+        f = _reselect_apply(f, *_reselect_stage(f, row, rerun, num_candidates))
     tier2_on = plan.tier2 if second_tier > num_candidates else False
     c2, token2 = _tier2_stage(f, row, tier2_on, second_tier)
     f = _tier2_apply(f, row, c2, token2)
@@ -1002,6 +1032,16 @@ def distributions(
     f = jax.vmap(lambda lg, r, h, a: front(lg, r, h, a), in_axes=(0, 0, 0, _rows_axes(allowed)))(
         logits, rows, hist, allowed
     )
+    # the full selection again, on the few rows the halved one left unresolved
+    halved = _halved(plan, num_candidates, vocab)
+    if halved is not False:
+
+        def reselect(args, active):
+            fs, rs = args
+            return jax.vmap(lambda f, r: _reselect_stage(f, r, active, num_candidates))(fs, rs)
+
+        need1 = jax.vmap(_tier2_needed)(f, rows) & halved
+        f = jax.vmap(_reselect_apply)(f, *_compacted(need1, reselect, (f, rows), halves=True))
     # the second tier, on the few rows that need it (or on all when many do)
     need2 = jax.vmap(_tier2_needed)(f, rows)
     tier2_on = second_tier > num_candidates
@@ -1058,7 +1098,7 @@ def _compact_sizes(batch: int) -> list[int]:
     return sorted(k for k in sizes if k < batch)
 
 
-def _compacted(need: jax.Array, run, args):
+def _compacted(need: jax.Array, run, args, *, halves: bool = False):
     """``run(args, active)`` for the rows where ``need`` holds, as cheaply as possible.
 
     ``run`` maps a batch (leading axis) of per-row inputs to per-row outputs; with the static
@@ -1066,7 +1106,7 @@ def _compacted(need: jax.Array, run, args):
     batch-level ``lax.switch``: no row needs it (skip); at most ``k`` rows do, for ``k`` in
     :func:`_compact_sizes` (they are gathered into a batch of k, run, and written back; the
     smallest k that holds them); more (all rows). A row gathered only to fill the k gets its
-    own outputs, which it does not use.
+    own outputs, which it does not use. ``halves`` adds a size of half the batch.
     """
     batch = need.shape[0]
     count = jnp.sum(need)
@@ -1083,6 +1123,8 @@ def _compacted(need: jax.Array, run, args):
         return jax.tree.map(lambda o, s: o.at[idx].set(s), run(args, False), sub)
 
     sizes = _compact_sizes(batch)
+    if halves and COMPACT > 1 and batch // 2 > max(sizes, default=0):
+        sizes.append(batch // 2)
     if not sizes:
         return lax.cond(count > 0, every, none)
     index = jnp.where(count == 0, 0, len(sizes) + 1)

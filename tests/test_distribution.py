@@ -244,10 +244,11 @@ def test_row_code_has_no_collectives():
     assert not re.search(r"\b(psum|pmax|cond)\[", text)  # no collective, no branch at all
     jaxpr = jax.make_jaxpr(lambda *a: sm.sample_rows(*a, None, 0))(logits, rows, hist)
     assert not re.search(r"\b(psum|pmax)\[", str(jaxpr))
-    # seven batch-level branches per step: logit_bias tier, halved candidate selection,
-    # normalizer, second tier, full vocabulary (its three filters branch inside it, only when
-    # it runs), the exact race for an uncertified fast race, raw log probabilities
-    assert [e.primitive.name for e in jaxpr.jaxpr.eqns].count("cond") == 7
+    # eight batch-level branches per step: logit_bias tier, halved candidate selection and
+    # the full selection again for the rows it left unresolved, normalizer, second tier, full
+    # vocabulary (its three filters branch inside it, only when it runs), the exact race for
+    # an uncertified fast race, raw log probabilities
+    assert [e.primitive.name for e in jaxpr.jaxpr.eqns].count("cond") == 8
 
 
 # ------------------------------------------------------------------ greedy, host inputs, keys
@@ -429,6 +430,42 @@ def test_halved_candidates_give_the_same_numbers():
     )
     for x, y in zip(jax.tree.leaves(mixed), jax.tree.leaves(got), strict=True):
         np.testing.assert_array_equal(np.asarray(x)[:batch], np.asarray(y))
+
+
+HALF_FILTERS = [
+    {"top_p": 0.3, "top_logprobs": 20},
+    {"top_p": 0.6, "processed_logprobs": True, "top_logprobs": 20},
+    {"min_p": 0.2},
+    {"top_a": 0.3, "temperature": 0.5},
+    {"top_p": 0.99, "temperature": 0.7},
+    {"min_p": 0.002, "processed_logprobs": True, "top_logprobs": 5},
+    {"top_p": 0.8, "top_k": 40},
+    {"temperature": 0.0},
+]
+
+
+def test_rows_without_top_k_halved_or_selected_again_give_the_same_numbers():
+    """Rows without top_k take the halved selection too (the batch's cutting top_k keep at
+    most 64): a row whose filters it resolves keeps it, a row it leaves unresolved (its kept
+    set needs more than 64 candidates, or a tie block reaches the 64th place) is selected again
+    in full, and every output equals the full selection's (a plain vmap of ``sample_row``)."""
+    vocab, reps = 300, 6
+    params = [dict(p, seed=50 * r + i) for r in range(reps) for i, p in enumerate(HALF_FILTERS)]
+    rows = _rows(params)
+    batch = len(params)
+    plan = sm.plan_rows(rows, vocab_size=vocab)
+    assert int(plan.k_max) == 40  # rows without top_k do not count: the selection is halved
+    logits = jnp.asarray(_half_logits(np.random.default_rng(11), batch, vocab))
+    hist = _hist(batch, vocab, prompt=[3, 4], output=[4, 5])
+    want = jax.jit(jax.vmap(lambda lg, r, h: sm.sample_row(lg, r, h, None, 2)))(logits, rows, hist)
+    got = sm.sample_batch(logits, rows, hist, None, 2)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # both kinds of row occur: kept sets of the candidates with at most 63 tokens and with
+    # more than 64 (only the full selection can hold those)
+    dist, _ = jax.jit(lambda *a: sm.distributions(*a))(logits, rows, hist, None)
+    n = np.asarray(dist.n)[np.asarray(dist.in_candidates)]
+    assert (n <= 63).any() and (n > 64).any()
 
 
 @settings(max_examples=25, deadline=None)
