@@ -147,7 +147,7 @@ class Plan:
     raw: Any  # i32[] or int: 0 no raw log probabilities, 1 the normalizer, 2 also the top 20
     penalties: Any = True  # bool: some row has a repetition, frequency or presence penalty
     mass: Any = True  # bool: some row reports processed log probabilities (the kept mass)
-    k_max: Any = None  # i32[]: a sampled row's cutting top_k keeps at most this many (None: unknown)
+    k_max: Any = None  # i32[]: the largest cutting top_k of a sampled row (None: unknown)
 
     @classmethod
     def everything(cls) -> Plan:
