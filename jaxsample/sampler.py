@@ -238,6 +238,10 @@ class Distribution:
     threshold, so it is an upper set of ``z``; when ``in_candidates`` it is exactly the first
     ``n`` candidates. Build it with :func:`distribution`; use it with :func:`draw`,
     :func:`log_prob` and :func:`top_logprobs`.
+
+    From a batch whose candidate selection was halved (see :func:`plan_rows`), a row that the
+    half resolved holds the ``C / 2`` largest in the first slots and the ``C / 2``-th repeated
+    in the rest (its kept set lies inside the first ``C / 2``).
     """
 
     z: jax.Array  # shape=(V,), float32; logits after steps 1-5 (and user transforms)

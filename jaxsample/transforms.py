@@ -294,7 +294,7 @@ def init_candidates(
 
 
 #: A row of at least this many tokens is first folded into ``ROW_SUM_FOLD`` slices.
-TREE_SUM_BELOW = 4096
+ROW_SUM_FOLD_FROM = 4096
 #: How many equal slices :func:`row_sum` adds elementwise before the pairwise tree.
 ROW_SUM_FOLD = 8
 
@@ -322,7 +322,7 @@ def row_sum(x: jax.Array) -> jax.Array:
     batch or on what XLA fuses around it. Every mass over the vocabulary that a decision
     reads (the normalizers, the kept mass, the bisection's amounts) is summed with it.
 
-    A row of ``TREE_SUM_BELOW`` tokens or more is cut into ``ROW_SUM_FOLD`` equal slices
+    A row of ``ROW_SUM_FOLD_FROM`` tokens or more is cut into ``ROW_SUM_FOLD`` equal slices
     (zeros appended) that are added pairwise elementwise, then the remaining ``V / 8`` are
     summed by :func:`_tree_sum`; a shorter row goes to :func:`_tree_sum` directly. XLA's CPU
     ``jnp.sum`` changed its last bit with the batch size for rows of up to about 2000 tokens,
@@ -331,7 +331,7 @@ def row_sum(x: jax.Array) -> jax.Array:
     (about half that, measured in the sampler's program).
     """
     n = x.shape[-1]
-    if n >= TREE_SUM_BELOW:
+    if n >= ROW_SUM_FOLD_FROM:
         w = -(-n // ROW_SUM_FOLD)
         x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, w * ROW_SUM_FOLD - n)])
         parts = [x[..., i * w : (i + 1) * w] for i in range(ROW_SUM_FOLD)]
