@@ -299,11 +299,9 @@ def _scale(x, allowed, bias, row: RowParams, seen, counts):
     if bias is not None:
         z = clip(z + bias)
     if seen is not None:
-        r = jnp.maximum(row.repetition_penalty, tf.REPETITION_PENALTY_FLOOR)
-        z = clip(jnp.where(seen, jnp.where(z > 0, z / r, z * r), z))
-        penalty = row.frequency_penalty * counts.astype(jnp.float32)
-        z = clip(z - (penalty + row.presence_penalty * (counts > 0).astype(jnp.float32)))
-    z = clip(z / jnp.where(tf.is_greedy(row.temperature), 1.0, row.temperature))
+        z = clip(tf._repetition(z, row.repetition_penalty, seen))
+        z = clip(tf._frequency_presence(z, counts, row.frequency_penalty, row.presence_penalty))
+    z = clip(tf._temperature(z, row.temperature))
     return jnp.where(removed, -jnp.inf, jnp.where(z == 0.0, 0.0, z))
 
 
@@ -382,7 +380,6 @@ def _front(logits, row, hist, allowed, plan: Plan, num_candidates, chain) -> _Fr
     small = _halved(plan, num_candidates, vocab)
     c0 = tf.init_candidates(z, num_candidates, total=False, block_max=zb, half=small)
     ok = c0.values[0] > -jnp.inf
-    ck = tf.top_k(c0, row.top_k, vocab_size=vocab)
     # The full-vocabulary normalizer (one exp pass) only matters to a filter that runs while
     # every token is still kept, that is when top_k did not cut: skipped when no row needs it.
     total = _maybe(
@@ -390,8 +387,7 @@ def _front(logits, row, hist, allowed, plan: Plan, num_candidates, chain) -> _Fr
         lambda: tf.vocabulary_total(z, c0.values[0]),
         lambda: jnp.float32(jnp.nan),
     )
-    ck = ck._replace(total=total)
-    c = _filter_candidates(c0, row, vocab, total)
+    ck, c = _filter_candidates(c0, row, vocab, total)
     resolved = c.exact & ~c.kept_all
     return _Front(z, ck, c, ok, greedy, ok & ~greedy & ~resolved, zb=zb)
 
@@ -414,8 +410,7 @@ def _reselect_stage(f: _Front, row: RowParams, run, num_candidates: int):
 
     def go():
         c0 = tf.init_candidates(f.z, num_candidates, total=False, block_max=f.zb)
-        ck = tf.top_k(c0, row.top_k, vocab_size=vocab)._replace(total=f.ck.total)
-        return ck, _filter_candidates(c0, row, vocab, f.ck.total)
+        return _filter_candidates(c0, row, vocab, f.ck.total)
 
     return _maybe(run, go, lambda: (f.ck, f.c))
 
@@ -425,10 +420,11 @@ def _reselect_apply(f: _Front, ck: tf.Candidates, c: tf.Candidates) -> _Front:
     return f._replace(ck=ck, c=c, need_full=f.ok & ~f.greedy & ~resolved)
 
 
-def _filter_candidates(c0: tf.Candidates, row: RowParams, vocab: int, total) -> tf.Candidates:
-    """Steps 6-9 on a candidate set (top_k, then the others with the normalizer)."""
+def _filter_candidates(c0: tf.Candidates, row: RowParams, vocab: int, total):
+    """Steps 6-9 on a candidate set: ``(ck, c)``, the state after top_k (with the normalizer
+    ``total``) and after every filter."""
     ck = tf.top_k(c0, row.top_k, vocab_size=vocab)._replace(total=total)
-    return tf.min_p(tf.top_a(tf.top_p(ck, row.top_p), row.top_a), row.min_p)
+    return ck, tf.min_p(tf.top_a(tf.top_p(ck, row.top_p), row.top_a), row.min_p)
 
 
 def _tier2_needed(f: _Front, row: RowParams) -> jax.Array:
@@ -444,7 +440,7 @@ def _tier2_stage(f: _Front, row: RowParams, run, size: int, words=None):
 
     def go():
         c0 = tf.init_candidates(f.z, size, total=False)
-        c2 = _filter_candidates(c0, row, vocab, f.ck.total)
+        _, c2 = _filter_candidates(c0, row, vocab, f.ck.total)
         if words is None:
             return c2, jnp.int32(0)
         return c2, _race_candidates(c2.ids, c2.values, c2.n, c2.values[0], words)

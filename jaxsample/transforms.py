@@ -102,6 +102,26 @@ def add_bias(z: jax.Array, bias: jax.Array) -> jax.Array:
     return _refinite(z + bias, z)
 
 
+# The steps' arithmetic before ``_refinite``: the public steps re-finite each result; the
+# sampler's fused pass (``sampler._scale``) clips each and settles the rest once.
+
+
+def _repetition(z: jax.Array, r: jax.Array, seen: jax.Array) -> jax.Array:
+    r = jnp.maximum(r, REPETITION_PENALTY_FLOOR)
+    return jnp.where(seen, jnp.where(z > 0, z / r, z * r), z)
+
+
+def _frequency_presence(
+    z: jax.Array, counts: jax.Array, frequency: jax.Array, presence: jax.Array
+) -> jax.Array:
+    penalty = frequency * counts.astype(jnp.float32) + presence * (counts > 0).astype(jnp.float32)
+    return z - penalty
+
+
+def _temperature(z: jax.Array, t: jax.Array) -> jax.Array:
+    return z / jnp.where(is_greedy(t), 1.0, t)
+
+
 def logit_bias(z: jax.Array, ids: jax.Array, values: jax.Array) -> jax.Array:
     """Step 2: ``z[ids[j]] += values[j]`` (a sparse scatter-add). ``f32[V], i32[NB], f32[NB]``.
 
@@ -124,9 +144,7 @@ def repetition_penalty(z: jax.Array, r: jax.Array, seen: jax.Array) -> jax.Array
     ...                    jnp.array([True, True, False])).tolist()
     [1.0, -4.0, 2.0]
     """
-    r = jnp.maximum(r, REPETITION_PENALTY_FLOOR)
-    new = jnp.where(seen, jnp.where(z > 0, z / r, z * r), z)
-    return _refinite(new, z)
+    return _refinite(_repetition(z, r, seen), z)
 
 
 def frequency_presence_penalty(
@@ -140,8 +158,7 @@ def frequency_presence_penalty(
     ...                            jnp.float32(1.0)).tolist()
     [0.0, -1.5, -2.5]
     """
-    penalty = frequency * counts.astype(jnp.float32) + presence * (counts > 0).astype(jnp.float32)
-    return _refinite(z - penalty, z)
+    return _refinite(_frequency_presence(z, counts, frequency, presence), z)
 
 
 def is_greedy(t: jax.Array) -> jax.Array:
@@ -155,7 +172,7 @@ def temperature(z: jax.Array, t: jax.Array) -> jax.Array:
     >>> temperature(jnp.array([1.0, -jnp.inf]), jnp.float32(0.5)).tolist()
     [2.0, -inf]
     """
-    return _refinite(z / jnp.where(is_greedy(t), 1.0, t), z)
+    return _refinite(_temperature(z, t), z)
 
 
 # --------------------------------------------------------------------------------------------

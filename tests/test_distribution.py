@@ -393,6 +393,23 @@ def _half_logits(rng, batch, vocab):
     return x
 
 
+def _batch_equals_rows(params, vocab, *, seed, k_max):
+    """Samples ``params`` (one row each, on :func:`_half_logits`) as a batch whose plan has
+    ``k_max`` (asserted: it decides the halved selection) and asserts every output equals a
+    plain vmap of ``sample_row`` (which computes everything). Returns the batch's inputs and
+    outputs."""
+    rows = _rows(params)
+    batch = len(params)
+    assert int(sm.plan_rows(rows, vocab_size=vocab).k_max) == k_max
+    logits = jnp.asarray(_half_logits(np.random.default_rng(seed), batch, vocab))
+    hist = _hist(batch, vocab, prompt=[3, 4], output=[4, 5])
+    want = jax.jit(jax.vmap(lambda lg, r, h: sm.sample_row(lg, r, h, None, 2)))(logits, rows, hist)
+    got = sm.sample_batch(logits, rows, hist, None, 2)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    return rows, logits, hist, got
+
+
 HALF = [
     {"top_k": 50, "top_p": 0.95, "top_logprobs": 20},
     {"top_k": 62, "min_p": 0.02, "processed_logprobs": True, "top_logprobs": 20},
@@ -412,17 +429,9 @@ def test_halved_candidates_give_the_same_numbers():
     with fewer finite tokens included, for many seeds."""
     vocab, reps = 300, 6
     params = [dict(p, seed=100 * r + i) for r in range(reps) for i, p in enumerate(HALF)]
-    rows = _rows(params)
     batch = len(params)
-    plan = sm.plan_rows(rows, vocab_size=vocab)
-    assert int(plan.k_max) == 64  # so the halved selection runs
-    logits = jnp.asarray(_half_logits(np.random.default_rng(7), batch, vocab))
-    hist = _hist(batch, vocab, prompt=[3, 4], output=[4, 5])
-    want = jax.jit(jax.vmap(lambda lg, r, h: sm.sample_row(lg, r, h, None, 2)))(logits, rows, hist)
-    got = sm.sample_batch(logits, rows, hist, None, 2)
-    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    # and a neighbour without top_k (the full selection for the whole batch) changes nothing
+    _, logits, _, got = _batch_equals_rows(params, vocab, seed=7, k_max=64)
+    # and a neighbour without top_k or any filter (the full-vocabulary path) changes nothing
     rows_mixed = _rows([*params, {"seed": 9}])
     logits_mixed = jnp.concatenate([logits, logits[:1]])
     mixed = sm.sample_batch(
@@ -451,16 +460,8 @@ def test_rows_without_top_k_halved_or_selected_again_give_the_same_numbers():
     in full, and every output equals the full selection's (a plain vmap of ``sample_row``)."""
     vocab, reps = 300, 6
     params = [dict(p, seed=50 * r + i) for r in range(reps) for i, p in enumerate(HALF_FILTERS)]
-    rows = _rows(params)
-    batch = len(params)
-    plan = sm.plan_rows(rows, vocab_size=vocab)
-    assert int(plan.k_max) == 40  # rows without top_k do not count: the selection is halved
-    logits = jnp.asarray(_half_logits(np.random.default_rng(11), batch, vocab))
-    hist = _hist(batch, vocab, prompt=[3, 4], output=[4, 5])
-    want = jax.jit(jax.vmap(lambda lg, r, h: sm.sample_row(lg, r, h, None, 2)))(logits, rows, hist)
-    got = sm.sample_batch(logits, rows, hist, None, 2)
-    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # rows without top_k do not count in k_max: the selection is halved
+    rows, logits, hist, _ = _batch_equals_rows(params, vocab, seed=11, k_max=40)
     # both kinds of row occur: kept sets of the candidates with at most 63 tokens and with
     # more than 64 (only the full selection can hold those)
     dist, _ = jax.jit(lambda *a: sm.distributions(*a))(logits, rows, hist, None)
