@@ -46,6 +46,14 @@ SECOND_TIER = 1024
 DRAW_BLOCK = 256
 #: logit_bias is applied over the first 16, 128 or all entries, whichever the batch needs.
 BIAS_TIERS = (16, 128)
+#: Which batch-level skips the batched sampler compiles (read when it is traced): ``"many"``
+#: (the logit_bias tiers, the history read only with penalties, the halved selection, the
+#: rare stages gathered 4 or 16 rows at a time, only the full-vocabulary filters some row
+#: needs: least work, best where a branch is cheap, as on a CPU or a TPU); ``"few"`` (every
+#: cheap part always runs and only the rare stages are branches, over all rows: best where
+#: each branch costs a CUDA graph node or a wait for the device, as on a GPU); ``"auto"``:
+#: ``"few"`` when JAX's default backend is a GPU, else ``"many"``. Same numbers either way.
+BRANCHES = "auto"
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,6 +163,20 @@ class Plan:
         return cls(
             bias=-1, total=True, tier2=True, full=True, full_k=True, full_p=True, full_a=True, raw=2
         )
+
+
+def _few_branches() -> bool:
+    if BRANCHES not in ("auto", "few", "many"):
+        raise ValueError(f"sampler.BRANCHES must be 'auto', 'few' or 'many', got {BRANCHES!r}")
+    if BRANCHES == "auto":
+        return jax.default_backend() in ("gpu", "cuda", "rocm")
+    return BRANCHES == "few"
+
+
+def _fewer(plan: Plan) -> Plan:
+    """``plan`` with the cheap parts made static (computed for every row, no branch): every
+    logit_bias entry, the history, the normalizer, the full candidate selection."""
+    return plan.replace(bias=-1, total=True, penalties=True, mass=True, k_max=None)
 
 
 def _maybe(flag, yes, no):
@@ -1027,7 +1049,10 @@ def distributions(
     words = None if keys is None else jax.vmap(_key_words)(keys)
     chain = tf.check_chain(transforms)
     vocab = logits.shape[-1]
+    few = _few_branches()
     plan = plan_rows(rows, vocab_size=vocab, for_sampling=for_sampling)
+    if few:
+        plan = _fewer(plan)
     front = partial(_front, plan=plan, num_candidates=num_candidates, chain=chain)
     f = jax.vmap(lambda lg, r, h, a: front(lg, r, h, a), in_axes=(0, 0, 0, _rows_axes(allowed)))(
         logits, rows, hist, allowed
@@ -1050,7 +1075,7 @@ def distributions(
         fs, rs, ws = args
         return jax.vmap(lambda f, r, w: _tier2_stage(f, r, active, second_tier, w))(fs, rs, ws)
 
-    c2, token2 = _compacted(need2 & tier2_on, tier2, (f, rows, words))
+    c2, token2 = _compacted(need2 & tier2_on, tier2, (f, rows, words), few=few)
     f = jax.vmap(_tier2_apply)(f, rows, c2, token2)
 
     # the full vocabulary, likewise; which filters it runs is decided over those rows
@@ -1059,12 +1084,12 @@ def distributions(
         run_k, run_p, run_a = jax.vmap(_full_needs)(fs, rs)
 
         def flag(x):
-            return jnp.any(x) if active else False
+            return (True if few else jnp.any(x)) if active else False
 
         sub = plan.replace(full=active, full_k=flag(run_k), full_p=flag(run_p), full_a=flag(run_a))
         return jax.vmap(lambda f, r, w: _full_stage(f, r, sub, w))(fs, rs, ws)
 
-    full_out = _compacted(f.need_full, full, (f, rows, words))
+    full_out = _compacted(f.need_full, full, (f, rows, words), few=few)
     plan = plan.replace(tier2=jnp.any(need2) & tier2_on, full=jnp.any(f.need_full))
     if words is None:
         return jax.vmap(_finish)(f, full_out), plan
@@ -1076,7 +1101,7 @@ def distributions(
         return jax.vmap(lambda d, w: _race_dist_exact(d, w) if active else jnp.int32(0))(ds, ws)
 
     uncertified = f.need_full & ~full_out[4]
-    tokens = jnp.where(uncertified, _compacted(uncertified, exact, (dist, words)), tokens)
+    tokens = jnp.where(uncertified, _compacted(uncertified, exact, (dist, words), few=few), tokens)
     return dist, plan, tokens
 
 
@@ -1098,7 +1123,7 @@ def _compact_sizes(batch: int) -> list[int]:
     return sorted(k for k in sizes if k < batch)
 
 
-def _compacted(need: jax.Array, run, args, *, halves: bool = False):
+def _compacted(need: jax.Array, run, args, *, halves: bool = False, few: bool = False):
     """``run(args, active)`` for the rows where ``need`` holds, as cheaply as possible.
 
     ``run`` maps a batch (leading axis) of per-row inputs to per-row outputs; with the static
@@ -1106,7 +1131,8 @@ def _compacted(need: jax.Array, run, args, *, halves: bool = False):
     batch-level ``lax.switch``: no row needs it (skip); at most ``k`` rows do, for ``k`` in
     :func:`_compact_sizes` (they are gathered into a batch of k, run, and written back; the
     smallest k that holds them); more (all rows). A row gathered only to fill the k gets its
-    own outputs, which it does not use. ``halves`` adds a size of half the batch.
+    own outputs, which it does not use. ``halves`` adds a size of half the batch. ``few``
+    (see :data:`BRANCHES`): one ``lax.cond``, all rows or none.
     """
     batch = need.shape[0]
     count = jnp.sum(need)
@@ -1122,7 +1148,7 @@ def _compacted(need: jax.Array, run, args, *, halves: bool = False):
         sub = run(jax.tree.map(lambda x: x[idx], args), True)
         return jax.tree.map(lambda o, s: o.at[idx].set(s), run(args, False), sub)
 
-    sizes = _compact_sizes(batch)
+    sizes = [] if few else _compact_sizes(batch)
     if halves and COMPACT > 1 and batch // 2 > max(sizes, default=0):
         sizes.append(batch // 2)
     if not sizes:

@@ -28,8 +28,8 @@ thread's own arena holds at most 64 MB and maps anything larger). XLA's CPU clie
 allocates a compiled program's temporary buffer at every call; the sampler's is 64-339 MiB
 (the floor's is empty), above glibc's largest mmap threshold (32 MB), so with the default
 allocator every call maps fresh memory and pays a page fault per 4 KiB page it touches:
-about 3500-6700 faults (several ms) per call at B = 64, V = 49152 on the 2-core VM. Inside a compiled
-decoding loop the buffer is allocated once per loop run, not per step, so the per-step cost
+about 3500-6700 faults (several ms) per call at B = 64, V = 49152 on the 2-core VM. Inside a
+compiled decoding loop the buffer is allocated once per loop run, not per step, so the per-step cost
 is the one measured with mmap off. ``--allocator system`` measures with glibc's defaults;
 both runs record the minor page faults per call of the floor and the full sampler.
 

@@ -251,6 +251,49 @@ def test_row_code_has_no_collectives():
     assert [e.primitive.name for e in jaxpr.jaxpr.eqns].count("cond") == 8
 
 
+@pytest.mark.parametrize("nc,tier", [(8, 64), (16, 0), (128, 1024)])
+def test_few_branches_give_the_same_numbers(nc, tier, monkeypatch):
+    """``BRANCHES = "few"`` (the GPU's: every cheap part runs unconditionally, the rare stages
+    are one branch each over all rows) gives every output of ``"many"`` bit for bit, on a batch
+    with every path (candidates, second tier, full vocabulary, greedy, bias, penalties, raw
+    and processed log probabilities, a row that the halved selection leaves unresolved), and
+    compiles fewer batch-level branches."""
+    v = 300
+    params = [dict(p, seed=10 * r + i) for r in range(3) for i, p in enumerate(MIXED + HALF)]
+    rows = _rows(params, nb=20)
+    rng = np.random.default_rng(5)
+    logits = jnp.asarray(_half_logits(rng, len(params), v) * rng.uniform(0.5, 4, (len(params), 1)))
+    hist = _hist(len(params), v, prompt=[1, 2], output=[2, 3, 3])
+    outs, conds = {}, {}
+    for mode in ("many", "few"):
+        monkeypatch.setattr(sm, "BRANCHES", mode)
+
+        def fn(*a):  # a new function per mode: traced afresh
+            return sm.sample_rows(*a, None, 4, num_candidates=nc, second_tier=tier)
+
+        outs[mode] = jax.jit(fn)(logits, rows, hist)
+        jaxpr = jax.make_jaxpr(fn)(logits, rows, hist)
+        conds[mode] = [e.primitive.name for e in jaxpr.jaxpr.eqns].count("cond")
+        procs = jax.jit(lambda *a: sm.processed_logprobs_rows(*a, None, num_candidates=nc))
+        outs[mode + "_processed"] = procs(logits, rows, hist)
+    _tree_equal(outs["few"], outs["many"])
+    _tree_equal(outs["few_processed"], outs["many_processed"])
+    # the paths all occur: candidates, the full vocabulary, and (with a second tier) that tier
+    dist, _ = jax.jit(lambda *a: sm.distributions(*a, None, num_candidates=nc, second_tier=tier))(
+        logits, rows, hist
+    )
+    full = ~np.asarray(dist.in_candidates) & ~np.asarray(dist.in_tier2)
+    assert np.asarray(dist.in_candidates).any() and full.any()
+    assert np.asarray(dist.in_tier2).any() == (tier > nc)
+    # few: the second tier, the full vocabulary, the exact race, raw log probabilities
+    assert conds["few"] < conds["many"] and conds["few"] <= 4
+
+
+def _tree_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 # ------------------------------------------------------------------ greedy, host inputs, keys
 
 

@@ -1,0 +1,357 @@
+"""The sampler on a GPU: time per call against log_softmax and the sort chain, kernels and host
+synchronisations per call (from a profile), and the time per step inside a compiled loop.
+
+Run it on a machine with a GPU (it needs no model file, no network, nothing beyond the
+project's own dependencies)::
+
+    python3 scripts/bench_sampler_gpu.py --out results/bench_sampler_gpu.json
+
+The grid is :mod:`bench_sampler`'s (B in {1, 64}, V in {49152, 128256, 262144}, realistic and
+flat logits, the same parameter sets). Each sampler case is timed under each variant that
+``--variants`` names (default ``many,few``): a ``VARIANTS`` entry is the value of
+:data:`jaxsample.sampler.BRANCHES` the sampler is traced with and the XLA compiler options
+it is compiled with (None: XLA's defaults; the others switch CUDA graphs off, or on for
+fusions only, or on for conditionals and loops too).
+
+Protocols, every case round-robin so the machine's noise hits all alike:
+
+* ``call``: one call and ``block_until_ready`` (the latency a notebook user sees);
+* ``burst``: 10 calls dispatched back to back, then one wait (ms per call);
+* ``loop``: 32 steps of a ``lax.fori_loop`` inside one jitted program, each step the sampler
+  (or log_softmax) on logits that change with the step (ms per step; the cost inside a
+  decoding loop, without dispatch).
+
+Profile (``jax.profiler``, the trace's device plane): per call, the kernels launched, the
+device-to-host copies (each one a point where the host waits for the device: the predicate
+of a ``lax.cond`` or a loop's condition outside a command buffer) and the kernels' summed
+time, for the floor and the full sampler under each variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_sampler import ALONE, FULL, floor, make_history, make_logits, rows_for, sort_chain
+
+from jaxsample import sampler as sm
+
+NO_GRAPHS = {"xla_gpu_enable_command_buffer": ""}
+FUSION_GRAPHS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN"}
+ALL_GRAPHS = {  # loops too, and the profiler keeps the graphs
+    "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE",
+    "xla_gpu_graph_min_graph_size": 1,
+    "xla_enable_command_buffers_during_profiling": True,
+}
+#: name: (sampler.BRANCHES, XLA compiler options; None: XLA's defaults)
+VARIANTS = {
+    "many": ("many", None),
+    "few": ("few", None),
+    "few_nographs": ("few", NO_GRAPHS),
+    "many_nographs": ("many", NO_GRAPHS),
+    "few_fusiongraphs": ("few", FUSION_GRAPHS),
+    "many_allgraphs": ("many", ALL_GRAPHS),
+    "few_allgraphs": ("few", {**ALL_GRAPHS, "xla_gpu_command_buffer_unroll_loops": True}),
+}
+PROFILED = [(1, 49152, "realistic"), (64, 128256, "realistic"), (64, 262144, "flat")]
+
+
+def with_branches(fn, branches: str):
+    """``fn`` traced with ``sampler.BRANCHES = branches``."""
+
+    def traced(*args, **kwargs):
+        old = sm.BRANCHES
+        sm.BRANCHES = branches
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            sm.BRANCHES = old
+
+    return traced
+
+
+def samplers(names) -> dict:
+    static = ("num_candidates", "second_tier", "transforms")
+    fns = {}
+    for name in names:
+        branches, options = VARIANTS[name]
+        fn = with_branches(sm.sample_rows, branches)
+        fns[name] = jax.jit(fn, static_argnames=static, compiler_options=options)
+    return fns
+
+
+def timed(fn, *args) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - start
+
+
+def burst(fn, *args, calls: int = 10) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / calls
+
+
+def looped(step, steps: int, options=None):
+    """``steps`` iterations of ``step(logits, i)`` in one program; the logits change with
+    ``i`` (one entry per row) so no iteration can be hoisted out of the loop."""
+
+    def run(logits, *rest):
+        def body(i, acc):
+            z = logits.at[:, 0].add(i.astype(logits.dtype) * 1e-3)
+            return acc + step(z, i, *rest)
+
+        return lax.fori_loop(0, steps, body, jnp.float32(0))
+
+    return jax.jit(run, compiler_options=options)
+
+
+def sampler_step(z, i, rows, hist):
+    out = sm.sample_rows(z, rows, hist, None, i)
+    return jnp.sum(out.token).astype(jnp.float32) + jnp.sum(out.logprob)
+
+
+def floor_step(z, i):
+    return jnp.sum(jax.nn.log_softmax(z)[:, 0])
+
+
+def profile_counts(fn, *args, calls: int = 5) -> dict:
+    """Kernels, device-to-host copies and kernel time per call, read from a trace."""
+    from jax.profiler import ProfileData
+
+    jax.block_until_ready(fn(*args))
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            for _ in range(calls):
+                jax.block_until_ready(fn(*args))
+        path = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0]
+        data = ProfileData.from_file(path)
+        kernels = 0
+        d2h = 0
+        other = 0
+        kernel_ns = 0.0
+        names = collections.Counter()
+        by_time = collections.Counter()
+        lines = {}
+        for plane in data.planes:
+            if not plane.name.startswith("/device:GPU"):
+                continue
+            for line in plane.lines:
+                events = list(line.events)
+                lines[line.name] = len(events)
+                if not line.name.lower().startswith("stream"):
+                    continue
+                for e in events:
+                    low = e.name.lower()
+                    if "memcpy" in low or "memset" in low:
+                        if "dtoh" in low or "d2h" in low or "devicetohost" in low:
+                            d2h += 1
+                        else:
+                            other += 1
+                        names[e.name] += 1
+                        continue
+                    kernels += 1
+                    kernel_ns += e.duration_ns
+                    by_time[e.name] += e.duration_ns
+        host = collections.Counter()
+        host_n = collections.Counter()
+        for plane in data.planes:
+            if not plane.name.startswith("/host"):
+                continue
+            for line in plane.lines:
+                if line.name == "python":
+                    continue
+                for e in line.events:
+                    host[e.name[:80]] += e.duration_ns
+                    host_n[e.name[:80]] += 1
+        return {
+            "host_top_ms": {
+                k: [v / calls / 1e6, host_n[k] / calls] for k, v in host.most_common(40)
+            },
+            "kernels": kernels / calls,
+            "d2h_copies": d2h / calls,
+            "other_copies": other / calls,
+            "kernel_ms": kernel_ns / calls / 1e6,
+            "copy_names": dict(names.most_common(10)),
+            "top_kernels_ms": {k: v / calls / 1e6 for k, v in by_time.most_common(15)},
+            "device_lines": lines,
+        }
+
+
+def hlo_stats(fn, *args, dump: str | None = None) -> dict:
+    text = fn.lower(*args).compile().as_text()
+    if dump:
+        Path(dump).write_text(text)
+    return {
+        "command_buffers": text.count("command_buffer"),
+        "conditionals": text.count(" conditional("),
+        "whiles": text.count(" while("),
+        "fusions": text.count(" fusion("),
+        "custom_calls": text.count(" custom-call("),
+        "sorts": text.count(" sort("),
+    }
+
+
+def stats(times: dict) -> dict:
+    f = np.array(times["floor"])
+    return {
+        "median_ms": {n: float(np.median(t)) * 1e3 for n, t in times.items()},
+        "min_ms": {n: float(np.min(t)) * 1e3 for n, t in times.items()},
+        "paired_ratio": {n: float(np.median(np.array(t) / f[: len(t)])) for n, t in times.items()},
+    }
+
+
+def bench_point(b, v, kind, fns, reps, rng, profile: bool, loop: bool, dump=None) -> dict:
+    logits = jnp.asarray(make_logits(kind, b, v, rng))
+    hist = make_history(b, v, rng)
+    pos = jnp.int32(3)
+    full_rows = rows_for(FULL, b, v)
+    cases = {
+        "floor": (floor, (logits,)),
+        "sort_chain": (sort_chain, (logits, full_rows, hist, pos)),
+    }
+    for var, fn in fns.items():
+        cases[f"full/{var}"] = (fn, (logits, full_rows, hist, None, pos))
+        for name, fields in ALONE.items():
+            cases[f"{name}/{var}"] = (fn, (logits, rows_for(fields, b, v), hist, None, pos))
+    t0 = time.perf_counter()
+    for fn, args in cases.values():
+        timed(fn, *args)
+    compile_s = time.perf_counter() - t0
+    call = {n: [] for n in cases}
+    bursts = {n: [] for n in cases if n.startswith(("floor", "full", "sort", "neutral"))}
+    for _ in range(reps):
+        for n, (fn, args) in cases.items():
+            call[n].append(timed(fn, *args))
+        for n in bursts:
+            bursts[n].append(burst(*[cases[n][0]], *cases[n][1]))
+    out = {"B": b, "V": v, "logits": kind, "compile_s": compile_s, "call": stats(call)}
+    out["burst"] = stats(bursts)
+    out["hlo"] = {
+        var: hlo_stats(fn, logits, full_rows, hist, None, pos, dump=dump and f"{dump}_{var}.txt")
+        for var, fn in fns.items()
+    }
+    if profile:
+        out["profile"] = {"floor": profile_counts(floor, logits)}
+        for var, fn in fns.items():
+            out["profile"][f"full/{var}"] = profile_counts(fn, logits, full_rows, hist, None, pos)
+    if loop:
+        steps = 32
+        progs = {"floor": (looped(floor_step, steps), (logits,))}
+        for var in fns:
+            branches, opts = VARIANTS[var]
+            prog = looped(with_branches(sampler_step, branches), steps, opts)
+            progs[f"full/{var}"] = (prog, (logits, full_rows, hist))
+        for fn, args in progs.values():
+            timed(fn, *args)
+        lt = {n: [] for n in progs}
+        for _ in range(max(3, reps // 3)):
+            for n, (fn, args) in progs.items():
+                lt[n].append(timed(fn, *args) / steps)
+        out["loop"] = stats(lt)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=None, help="JSON path (written after every grid point)")
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--budget-s", type=float, default=420.0, help="start no grid point after")
+    ap.add_argument("--quick", action="store_true", help="one small point (a smoke test)")
+    ap.add_argument(
+        "--variants",
+        default="many,few",
+        help=f"comma-separated, of: {', '.join(VARIANTS)}",
+    )
+    ap.add_argument("--profiled-only", action="store_true", help="the profiled B, V only")
+    ap.add_argument(
+        "--dump-hlo", default=None, help="path prefix: the optimized HLO at the 2nd point"
+    )
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    fns = samplers(args.variants.split(","))
+    grid = [
+        (b, v, k) for b in (1, 64) for v in (49152, 128256, 262144) for k in ("realistic", "flat")
+    ]
+    # the profiled and looped points first, so a run cut short still has them
+    grid = PROFILED + [g for g in grid if g not in PROFILED]
+    if args.profiled_only:
+        shapes = {(b, v) for b, v, _ in PROFILED}
+        grid = [g for g in grid if (g[0], g[1]) in shapes]
+    if args.quick:
+        grid = [(2, 4096, "realistic")]
+    rng = np.random.default_rng(0)
+    meta = dict(
+        jax=jax.__version__,
+        backend=jax.default_backend(),
+        device=str(jax.devices()[0].device_kind),
+        cpu_count=os.cpu_count(),
+        machine=platform.machine(),
+        variants={name: VARIANTS[name] for name in fns},
+        reps=args.reps,
+    )
+    print(json.dumps(meta), flush=True)
+    results = []
+    for b, v, kind in grid:
+        if time.perf_counter() - t_start > args.budget_s:
+            print(f"budget reached: skipped {b} {v} {kind}", flush=True)
+            continue
+        first = (b, v, kind) in PROFILED or args.quick
+        loop = (b, v, kind) in PROFILED[:2] or args.quick
+        dump = args.dump_hlo if (b, v, kind) == PROFILED[1] else None
+        try:
+            r = bench_point(b, v, kind, fns, args.reps, rng, first, loop, dump)
+        except Exception as e:  # keep the other points
+            r = {"B": b, "V": v, "logits": kind, "error": repr(e)[:2000]}
+        results.append(r)
+        report(r)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(dict(meta=meta, results=results), indent=1) + "\n")
+    print(f"total {time.perf_counter() - t_start:.0f} s", flush=True)
+
+
+def report(r: dict) -> None:
+    if "error" in r:
+        print(r["B"], r["V"], r["logits"], "ERROR", r["error"][:500], flush=True)
+        return
+    med = r["call"]["median_ms"]
+    f = med["floor"]
+    line = f"{r['B']:>3} {r['V']:>7} {r['logits']:>9} compile {r['compile_s']:.0f}s floor {f:.3f}"
+    line += f" sort {med['sort_chain']:.3f}"
+    for var in [k.split("/")[1] for k in med if k.startswith("full/")]:
+        line += f" | {var}: full {med[f'full/{var}']:.3f} ({med[f'full/{var}'] / f:.2f}x)"
+        line += f" neutral {med[f'neutral/{var}'] / f:.2f}x"
+    print(line, flush=True)
+    bm = r["burst"]["median_ms"]
+    print("    burst ms/call: " + ", ".join(f"{n} {t:.3f}" for n, t in bm.items()), flush=True)
+    print("    hlo: " + json.dumps(r["hlo"]), flush=True)
+    for n, p in r.get("profile", {}).items():
+        print(
+            f"    profile {n}: kernels {p['kernels']:.0f}, d2h {p['d2h_copies']:.1f}, "
+            f"other copies {p['other_copies']:.1f}, kernel time {p['kernel_ms']:.3f} ms",
+            flush=True,
+        )
+    if "loop" in r:
+        lm = r["loop"]["median_ms"]
+        print("    loop ms/step: " + ", ".join(f"{n} {t:.4f}" for n, t in lm.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()
