@@ -258,6 +258,7 @@ def test_few_branches_give_the_same_numbers(nc, tier, monkeypatch):
     with every path (candidates, second tier, full vocabulary, greedy, bias, penalties, raw
     and processed log probabilities, a row that the halved selection leaves unresolved), and
     compiles fewer batch-level branches."""
+    assert sm.BRANCHES == "auto" and sm._few_branches() == (jax.default_backend() == "gpu")
     v = 300
     params = [dict(p, seed=10 * r + i) for r in range(3) for i, p in enumerate(MIXED + HALF)]
     rows = _rows(params, nb=20)
@@ -287,6 +288,9 @@ def test_few_branches_give_the_same_numbers(nc, tier, monkeypatch):
     assert np.asarray(dist.in_tier2).any() == (tier > nc)
     # few: the second tier, the full vocabulary, the exact race, raw log probabilities
     assert conds["few"] < conds["many"] and conds["few"] <= 4
+    monkeypatch.setattr(sm, "BRANCHES", "fewer")
+    with pytest.raises(ValueError, match="BRANCHES"):
+        sm._few_branches()
 
 
 def _tree_equal(a, b):
