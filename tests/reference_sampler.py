@@ -99,6 +99,9 @@ def scaled_logits(logits, p: dict, *, allowed=None, prompt=(), output=()):
         greedy = bool(t < 1e-5)
         if not greedy:
             z = _finite_or_removed(z / t, z)
+        # XLA's CPU flushes subnormals to zero and the chain writes zeros as +0.0 (docs/sampler.md,
+        # "Finite stays finite"): a subnormal logit ties with 0 there, so it does here too
+        z = np.where(np.abs(z) < np.finfo(np.float32).tiny, np.float32(0.0), z)
     return z, greedy
 
 

@@ -191,6 +191,25 @@ def test_top_candidates_equals_lax_top_k(x, k):
     np.testing.assert_array_equal(got[1], want[1])  # ties: lower index first
 
 
+def test_a_subnormal_logit_ties_with_zero_on_every_path():
+    """Hypothesis found it: a row of zeros and one subnormal, top_k = 1. The chain writes the
+    subnormal as +0.0 (XLA's CPU flushes it), so it ties with the zeros and top_k keeps them
+    all; the reference models that, and the candidate and full-vocabulary paths agree."""
+    z, _ = scaled_logits(np.array([1e-45] + [0.0] * (V - 1), np.float32), {})
+    want = reference_keep(z, {"top_k": 1})
+    assert want.all()
+    for num_candidates in (V, 5):
+        c_mask, exact, kept_all, f_mask = (
+            np.asarray(x)
+            for x in _filter_masks(
+                jnp.asarray(z), jnp.float32(1), name="top_k", num_candidates=num_candidates
+            )
+        )
+        np.testing.assert_array_equal(f_mask, want)
+        if exact:
+            np.testing.assert_array_equal(c_mask, want)
+
+
 @partial(jax.jit, static_argnames="vocab")
 def _full_top_k_top_p(z, k, p, *, vocab):
     s = tf.init_full(z)
