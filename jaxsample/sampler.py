@@ -1143,7 +1143,7 @@ def _compacted(need: jax.Array, run, args, *, halves: bool = False, few: bool = 
     def every():
         return run(args, True)
 
-    def few(k):
+    def gathered(k):
         idx = jnp.argsort(~need, stable=True)[:k]  # the rows that need it first
         sub = run(jax.tree.map(lambda x: x[idx], args), True)
         return jax.tree.map(lambda o, s: o.at[idx].set(s), run(args, False), sub)
@@ -1156,7 +1156,7 @@ def _compacted(need: jax.Array, run, args, *, halves: bool = False, few: bool = 
     index = jnp.where(count == 0, 0, len(sizes) + 1)
     for i, k in reversed(list(enumerate(sizes))):
         index = jnp.where((count > 0) & (count <= k), i + 1, index)
-    return lax.switch(index, [none, *(partial(few, k) for k in sizes), every])
+    return lax.switch(index, [none, *(partial(gathered, k) for k in sizes), every])
 
 
 def tier_stats(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -420,8 +421,14 @@ def test_compaction_runs_exactly_the_rows_that_need_it(count):
         (v,) = args
         return v * 2.0 + 1.0 if active else jnp.zeros_like(v)
 
-    out = jax.jit(lambda n, v: sm._compacted(n, run, (v,)))(jnp.asarray(need), x)
-    np.testing.assert_array_equal(np.asarray(out)[need], np.asarray(x)[need] * 2 + 1)
+    for few in (False, True):
+        fn = partial(sm._compacted, run=run, few=few)
+        out = jax.jit(lambda n, v, fn=fn: fn(n, args=(v,)))(jnp.asarray(need), x)
+        np.testing.assert_array_equal(np.asarray(out)[need], np.asarray(x)[need] * 2 + 1)
+        # one switch: none, 4 or 16 gathered rows, all (few: one cond, none or all)
+        jaxpr = jax.make_jaxpr(lambda n, v, fn=fn: fn(n, args=(v,)))(jnp.asarray(need), x)
+        (cond,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "cond"]
+        assert len(cond.params["branches"]) == (2 if few else 4)
     assert sm._compact_sizes(batch) == [4, 16]
 
 
