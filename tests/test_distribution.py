@@ -51,6 +51,11 @@ def _processed(logits, params, **kw):
     )
 
 
+def _tree_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 # ------------------------------------------------------------------ the token depends on the
 # key and the distribution only, whichever path computed it
 
@@ -228,11 +233,11 @@ def test_plain_vmap_equals_sample_rows(nc, tier):
         lambda lg, r, h: sm.sample_row(lg, r, h, None, 5, num_candidates=nc, second_tier=tier)
     )
     got = jax.jit(fn)(logits, rows, hist)
-    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    _tree_equal(got, want)
 
 
-def test_row_code_has_no_collectives():
+def test_row_code_has_no_collectives(monkeypatch):
+    monkeypatch.setattr(sm, "BRANCHES", "many")  # the CPU's plan, also on a GPU
     v = 300
     rows = _rows(MIXED)
     hist = _hist(len(MIXED), v)
@@ -292,11 +297,6 @@ def test_few_branches_give_the_same_numbers(nc, tier, monkeypatch):
     monkeypatch.setattr(sm, "BRANCHES", "fewer")
     with pytest.raises(ValueError, match="BRANCHES"):
         sm._few_branches()
-
-
-def _tree_equal(a, b):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 # ------------------------------------------------------------------ greedy, host inputs, keys
@@ -459,8 +459,7 @@ def _batch_equals_rows(params, vocab, *, seed, k_max):
     hist = _hist(batch, vocab, prompt=[3, 4], output=[4, 5])
     want = jax.jit(jax.vmap(lambda lg, r, h: sm.sample_row(lg, r, h, None, 2)))(logits, rows, hist)
     got = sm.sample_batch(logits, rows, hist, None, 2)
-    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    _tree_equal(got, want)
     return rows, logits, hist, got
 
 
