@@ -316,7 +316,7 @@ def _scale(x, allowed, bias, row: RowParams, seen, counts):
     removed = x == -jnp.inf
     if allowed is not None:
         removed = removed | ~allowed
-    clip = partial(jnp.clip, min=-tf.FLOAT32_MAX, max=tf.FLOAT32_MAX)
+    clip = tf._clip_finite
     z = x
     if bias is not None:
         z = clip(z + bias)
@@ -324,7 +324,7 @@ def _scale(x, allowed, bias, row: RowParams, seen, counts):
         z = clip(tf._repetition(z, row.repetition_penalty, seen))
         z = clip(tf._frequency_presence(z, counts, row.frequency_penalty, row.presence_penalty))
     z = clip(tf._temperature(z, row.temperature))
-    return jnp.where(removed, -jnp.inf, jnp.where(z == 0.0, 0.0, z))
+    return jnp.where(removed, -jnp.inf, tf._plus_zero(z))
 
 
 def _user(chain, position, z, row: RowParams, hist: History):
@@ -410,8 +410,12 @@ def _front(logits, row, hist, allowed, plan: Plan, num_candidates, chain) -> _Fr
         lambda: jnp.float32(jnp.nan),
     )
     ck, c = _filter_candidates(c0, row, vocab, total)
-    resolved = c.exact & ~c.kept_all
-    return _Front(z, ck, c, ok, greedy, ok & ~greedy & ~resolved, zb=zb)
+    return _Front(z, ck, c, ok, greedy, _unresolved(c, ok, greedy), zb=zb)
+
+
+def _unresolved(c: tf.Candidates, ok, greedy) -> jax.Array:
+    """A sampled row whose kept set the candidates ``c`` do not pin down."""
+    return ok & ~greedy & ~(c.exact & ~c.kept_all)
 
 
 def _halved(plan: Plan, num_candidates: int, vocab: int):
@@ -438,8 +442,7 @@ def _reselect_stage(f: _Front, row: RowParams, run, num_candidates: int):
 
 
 def _reselect_apply(f: _Front, ck: tf.Candidates, c: tf.Candidates) -> _Front:
-    resolved = c.exact & ~c.kept_all
-    return f._replace(ck=ck, c=c, need_full=f.ok & ~f.greedy & ~resolved)
+    return f._replace(ck=ck, c=c, need_full=_unresolved(c, f.ok, f.greedy))
 
 
 def _filter_candidates(c0: tf.Candidates, row: RowParams, vocab: int, total):

@@ -57,8 +57,13 @@ def _refinite(new: jax.Array, old: jax.Array) -> jax.Array:
     """Keeps removed tokens at -inf, clips every other value into the finite float32 range and
     writes -0.0 as +0.0: the two are equal logits, but ``top_k`` and sorts order -0.0 below
     +0.0, so without this a tie between them would not go to the lower id (greedy, top_k)."""
-    finite = _plus_zero(jnp.clip(new, -FLOAT32_MAX, FLOAT32_MAX))
+    finite = _plus_zero(_clip_finite(new))
     return jnp.where(old == -jnp.inf, -jnp.inf, finite)
+
+
+def _clip_finite(x: jax.Array) -> jax.Array:
+    """``x`` clipped into the finite float32 range (±inf to ±FLOAT32_MAX; NaN stays NaN)."""
+    return jnp.clip(x, -FLOAT32_MAX, FLOAT32_MAX)
 
 
 def _plus_zero(x: jax.Array) -> jax.Array:

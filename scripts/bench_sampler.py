@@ -240,19 +240,24 @@ def _stats(times: dict) -> dict:
     }
 
 
+def burst(fn, *args, calls: int = 5) -> float:
+    """Seconds per call of ``calls`` back-to-back calls (dispatched without waiting, as a
+    decoding loop's steps follow each other), then one wait."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / calls
+
+
 def burst_times(cases: dict, names, rounds: int, calls: int = 5) -> dict:
-    """Mean ms per call of ``calls`` back-to-back calls (dispatched without waiting, as a
-    decoding loop's steps follow each other), for each case in ``names``, per round,
-    round-robin: the median and the ratio to the floor's."""
+    """:func:`burst` for each case in ``names``, per round, round-robin: the median ms per
+    call and the ratio to the floor's."""
     times = {name: [] for name in names}
     for _ in range(rounds):
         for name in names:
             fn, args = cases[name]
-            start = time.perf_counter()
-            for _ in range(calls):
-                out = fn(*args)
-            jax.block_until_ready(out)
-            times[name].append((time.perf_counter() - start) / calls)
+            times[name].append(burst(fn, *args, calls=calls))
     med = {name: float(np.median(t)) * 1e3 for name, t in times.items()}
     return {"median_ms": med, "ratio": {n: med[n] / med["floor"] for n in names}}
 

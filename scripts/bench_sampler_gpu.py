@@ -46,7 +46,18 @@ import numpy as np
 from jax import lax
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_sampler import ALONE, FULL, floor, make_history, make_logits, rows_for, sort_chain
+from bench_sampler import (
+    ALONE,
+    FULL,
+    _stats,
+    burst,
+    floor,
+    make_history,
+    make_logits,
+    rows_for,
+    sort_chain,
+    timed,
+)
 
 from jaxsample import sampler as sm
 
@@ -92,20 +103,6 @@ def samplers(names) -> dict:
         fn = with_branches(sm.sample_rows, branches)
         fns[name] = jax.jit(fn, static_argnames=static, compiler_options=options)
     return fns
-
-
-def timed(fn, *args) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - start
-
-
-def burst(fn, *args, calls: int = 10) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / calls
 
 
 def looped(step, steps: int, options=None):
@@ -199,21 +196,11 @@ def hlo_stats(fn, *args, dump: str | None = None) -> dict:
     if dump:
         Path(dump).write_text(text)
     return {
-        "command_buffers": text.count("command_buffer"),
         "conditionals": text.count(" conditional("),
         "whiles": text.count(" while("),
         "fusions": text.count(" fusion("),
         "custom_calls": text.count(" custom-call("),
         "sorts": text.count(" sort("),
-    }
-
-
-def stats(times: dict) -> dict:
-    f = np.array(times["floor"])
-    return {
-        "median_ms": {n: float(np.median(t)) * 1e3 for n, t in times.items()},
-        "min_ms": {n: float(np.min(t)) * 1e3 for n, t in times.items()},
-        "paired_ratio": {n: float(np.median(np.array(t) / f[: len(t)])) for n, t in times.items()},
     }
 
 
@@ -240,9 +227,9 @@ def bench_point(b, v, kind, fns, reps, rng, profile: bool, loop: bool, dump=None
         for n, (fn, args) in cases.items():
             call[n].append(timed(fn, *args))
         for n in bursts:
-            bursts[n].append(burst(*[cases[n][0]], *cases[n][1]))
-    out = {"B": b, "V": v, "logits": kind, "compile_s": compile_s, "call": stats(call)}
-    out["burst"] = stats(bursts)
+            bursts[n].append(burst(cases[n][0], *cases[n][1], calls=10))
+    out = {"B": b, "V": v, "logits": kind, "compile_s": compile_s, "call": _stats(call)}
+    out["burst"] = _stats(bursts)
     out["hlo"] = {
         var: hlo_stats(fn, logits, full_rows, hist, None, pos, dump=dump and f"{dump}_{var}.txt")
         for var, fn in fns.items()
@@ -264,7 +251,7 @@ def bench_point(b, v, kind, fns, reps, rng, profile: bool, loop: bool, dump=None
         for _ in range(max(3, reps // 3)):
             for n, (fn, args) in progs.items():
                 lt[n].append(timed(fn, *args) / steps)
-        out["loop"] = stats(lt)
+        out["loop"] = _stats(lt)
     return out
 
 
