@@ -34,6 +34,7 @@ import numpy as np
 from flax import struct
 from jax import lax
 
+from jaxsample import native
 from jaxsample import transforms as tf
 from jaxsample.rows import TOP_LOGPROBS_MAX, RowParams
 
@@ -735,7 +736,7 @@ def _race_full_fast(
     )
     m = min(RACE_BLOCKS, bound.shape[0])
     if m < bound.shape[0]:
-        top, chosen = lax.top_k(bound, m + 1)
+        top, chosen = native.top_k(bound, m + 1)
         # (a barrier per output keeps XLA from rewriting this top_k into a full sort on CPU)
         top, chosen = lax.optimization_barrier(top), lax.optimization_barrier(chosen)[:m]
     else:

@@ -40,6 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxsample import native
+
 #: The largest finite float32; finite logits are kept inside [-FLOAT32_MAX, FLOAT32_MAX].
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 #: A row with ``temperature`` below this is greedy (SPEC.md step 5).
@@ -222,14 +224,14 @@ def top_candidates(
         # other work (seen on CPU: a slice of the result fused into a consumer). One barrier
         # per output: a barrier on top_k's tuple itself crashes XLA's SPMD partitioner (the
         # slot engine on several devices).
-        values, ids = lax.top_k(x, k)
+        values, ids = native.top_k(x, k)
         return lax.optimization_barrier(values), lax.optimization_barrier(ids)
     blocks = _blocks(x)
     if block_max is None:
         block_max = jnp.max(blocks, axis=1)
-    _, chosen = lax.top_k(block_max, k)
+    _, chosen = native.top_k(block_max, k)
     chosen = jnp.sort(chosen)  # k small ints: keeps the lower-index-first order of ties
-    values, pos = lax.top_k(blocks[chosen].reshape(-1), k)
+    values, pos = native.top_k(blocks[chosen].reshape(-1), k)
     ids = chosen[pos // block] * block + pos % block
     return lax.optimization_barrier((values, ids.astype(jnp.int32)))
 
