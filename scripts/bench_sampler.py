@@ -8,6 +8,9 @@ Measures, in one process on the same logits, the median wall time of:
   top_logprobs=20);
 * each transform alone (the same sampler with only that parameter away from neutral;
   ``neutral`` is plain softmax sampling, ``greedy`` is temperature 0);
+* ``full_xla_topk`` (and ``*_xla_topk`` on the real logits): the same sampler compiled with
+  XLA's own CPU TopK instead of jaxsample's kernel (``jaxsample.native.TOPK = "xla"``), the
+  in-run baseline of that kernel;
 * ``sort_chain``: a straightforward sort-based chain in the style of Hugging Face's Flax
   warpers (one full descending sort of the vocabulary for top_k/top_p, softmax for top_a and
   min_p, ``jax.random.categorical``), with the same parameters.
@@ -35,7 +38,7 @@ both runs record the minor page faults per call of the floor and the full sample
 
 Usage::
 
-    .venv/bin/python scripts/bench_sampler.py            # full grid, ~13 minutes on 2 cores
+    .venv/bin/python scripts/bench_sampler.py            # full grid, ~15 minutes on 2 cores
     .venv/bin/python scripts/bench_sampler.py --quick    # small smoke run, prints only
     .venv/bin/python scripts/bench_sampler.py --allocator system   # glibc's default malloc
 
@@ -60,8 +63,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxsample import native
 from jaxsample.params import SamplingParams, pack_rows
-from jaxsample.sampler import History, sample_batch
+from jaxsample.sampler import History, sample_batch, sample_rows
 
 FULL = dict(
     temperature=0.8,
@@ -189,12 +193,25 @@ def timed(fn, *args) -> float:
     return time.perf_counter() - start
 
 
+def with_xla_topk(*args):
+    """``sample_rows`` compiled (now) with XLA's own TopK instead of jaxsample's CPU kernel
+    (``native.TOPK = "xla"``): the in-run baseline of the kernel."""
+    native.TOPK = "xla"
+    try:
+        fn = jax.jit(lambda *a: sample_rows(*a))
+        timed(fn, *args)
+    finally:
+        native.TOPK = "auto"
+    return fn
+
+
 def bench_config(b, v, kind, reps, sort_reps, rng):
     logits = jnp.asarray(make_logits(kind, b, v, rng))
     hist = make_history(b, v, rng)
     pos = jnp.int32(3)
     cases = {"floor": (floor, (logits,))}
     cases["full"] = (sample_batch, (logits, rows_for(FULL, b, v), hist, None, pos))
+    cases["full_xla_topk"] = (with_xla_topk(*cases["full"][1]), cases["full"][1])
     for name, fields in ALONE.items():
         cases[name] = (sample_batch, (logits, rows_for(fields, b, v), hist, None, pos))
     cases["sort_chain"] = (sort_chain, (logits, rows_for(FULL, b, v), hist, pos))
@@ -293,6 +310,8 @@ def bench_real(reps, sort_reps, b=64):
     cases = {"floor": (floor, (logits,))}
     for name, fields in REAL.items():
         cases[name] = (sample_batch, (logits, rows_for(fields, b, v), hist, None, pos))
+    for name in ("full_p95", "p95_t1", "p95_t08", "p99_t1"):
+        cases[name + "_xla_topk"] = (with_xla_topk(*cases[name][1]), cases[name][1])
     # compiled below, with COMPACT = 1
     one_tier = jax.jit(lambda *a: sm.sample_rows(*a, second_tier=0))
     compact = sm.COMPACT
@@ -349,9 +368,9 @@ def main():
     out = args.out or (None if partial_run else default_out + ".json")
     rng = np.random.default_rng(0)
     results = []
-    names = ["floor", "full", "sort_chain", *ALONE]
+    names = ["floor", "full", "full_xla_topk", "sort_chain", *ALONE]
     header = f"{'B':>3} {'V':>7} {'logits':>9} {'floor ms':>9} {'full ms':>8} {'full/floor':>10} "
-    header += f"{'min/min':>8} "
+    header += f"{'min/min':>8} {'xla_topk':>8} "
     header += f"{'sort/full':>9}  " + " ".join(f"{n[:8]:>8}" for n in ALONE)
     print(
         "ratios: time / floor (log_softmax), medians; min/min: full / floor, minima; "
@@ -366,6 +385,7 @@ def main():
             results.append(dict(B=b, V=v, logits=kind, **stats))
             line = f"{b:>3} {v:>7} {kind:>9} {f:>9.2f} {med['full']:>8.2f} "
             line += f"{med['full'] / f:>10.2f} {low['full'] / low['floor']:>8.2f} "
+            line += f"{med['full_xla_topk'] / f:>8.2f} "
             line += f"{med['sort_chain'] / med['full']:>9.1f}  "
             line += " ".join(f"{med[n] / f:>8.2f}" for n in ALONE)
             fpc = stats["faults_per_call"]
@@ -418,6 +438,7 @@ def main():
             machine=platform.machine(),
             allocator=args.allocator,
             glibc_tunables=os.environ.get("GLIBC_TUNABLES"),
+            native_topk=native.status(),
             params_full={k: v for k, v in FULL.items() if k != "logit_bias"}
             | {"logit_bias_entries": len(FULL["logit_bias"])},
             names=names,
