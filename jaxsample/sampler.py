@@ -16,7 +16,8 @@ are jitted. :func:`sample` and :func:`processed_logprobs` are host wrappers that
 :class:`jaxsample.SamplingParams`.
 
 How a row is sampled without sorting the vocabulary (docs/sampler.md has the details): the
-``C = 128`` largest scaled logits come from a two-stage ``lax.top_k``; top_k, top_p, top_a and
+``C = 128`` largest scaled logits come from a two-stage top-k (:func:`jaxsample.native.top_k`:
+``lax.top_k``, or jaxsample's kernel on CPU, bit for bit the same); top_k, top_p, top_a and
 min_p are thresholds, exact from the sorted candidates whenever the kept set ends inside
 them; rows they cannot resolve retry on 1024 candidates, then on the full vocabulary
 (threshold bisection). The draw is an exponential race whose noise depends on the key and
@@ -38,7 +39,7 @@ from jaxsample import native
 from jaxsample import transforms as tf
 from jaxsample.rows import TOP_LOGPROBS_MAX, RowParams
 
-#: How many of a row's largest logits the fast path looks at (``lax.top_k``).
+#: How many of a row's largest logits the fast path looks at (a two-stage top-k).
 NUM_CANDIDATES = 128
 #: The second candidate tier: rows the first cannot resolve retry on this many largest
 #: logits (only when some row of the batch needs it) before the full-vocabulary bisection.

@@ -12,9 +12,9 @@ Steps 6-9 (top_k, top_p, top_a, min_p) are filters. Each filter keeps the tokens
 at or above a threshold, so every kept set is "all tokens ``>= t``". Each filter has two exact
 implementations that share that meaning:
 
-* a fast one on :class:`Candidates`, the ``C`` largest logits of the row (from ``lax.top_k``,
-  which does not sort the vocabulary). It works whenever the kept set lies inside the
-  candidates, and otherwise says so (``Candidates.exact`` becomes False);
+* a fast one on :class:`Candidates`, the ``C`` largest logits of the row (a two-stage top-k,
+  :func:`top_candidates`, which does not sort the vocabulary). It works whenever the kept
+  set lies inside the candidates, and otherwise says so (``Candidates.exact`` becomes False);
 * a full-vocabulary one on :class:`FullRow` that finds the threshold by bisection over the
   float32 order (about 32 counting passes), used only for the rows the candidates cannot
   resolve.

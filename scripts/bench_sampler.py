@@ -187,6 +187,16 @@ def faults_per_call(fn, *args, calls: int = 5) -> float:
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
 
 
+def machine_meta() -> dict:
+    """The versions and the machine a result JSON records."""
+    return dict(
+        jax=jax.__version__,
+        backend=jax.default_backend(),
+        cpu_count=os.cpu_count(),
+        machine=platform.machine(),
+    )
+
+
 def timed(fn, *args) -> float:
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
@@ -281,6 +291,8 @@ def burst_times(cases: dict, names, rounds: int, calls: int = 5) -> dict:
 
 REAL = {  # on the real model's logits (B = 64 rows of the dump, V = 49152)
     "full_p95": {**FULL, "top_p": 0.95},
+    # the same chain without log probabilities: what the raw normalizer and top 20 cost
+    "full_p95_nolp": {**FULL, "top_p": 0.95, "logprobs": False, "top_logprobs": 0},
     "p95_t1": dict(temperature=1.0, top_p=0.95),
     "p95_t08": dict(temperature=0.8, top_p=0.95),
     "p99_t1": dict(temperature=1.0, top_p=0.99),
@@ -432,10 +444,7 @@ def main():
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         meta = dict(
-            jax=jax.__version__,
-            backend=jax.default_backend(),
-            cpu_count=os.cpu_count(),
-            machine=platform.machine(),
+            **machine_meta(),
             allocator=args.allocator,
             glibc_tunables=os.environ.get("GLIBC_TUNABLES"),
             native_topk=native.status(),

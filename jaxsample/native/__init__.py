@@ -6,7 +6,8 @@ and gives the same bits. On a TPU or a GPU it is ``lax.top_k``. On XLA's CPU bac
 calls ``topk.cc`` in this directory through XLA's FFI: XLA's CPU TopK sorts through a
 comparator call per comparison and runs every row on one core; the kernel rejects most
 elements with one integer comparison and shares the rows out to XLA's intra-op threads
-(2-5x faster on 2 cores, 1.2-1.7x for the whole sampler on real logits: docs/sampler.md).
+(1.7-4.8x faster per call at B = 64 on 2 cores, the whole sampler 1.1-1.9x on real logits:
+docs/sampler.md, scripts/bench_topk.py).
 
 The kernel is compiled on first use with the C++ compiler found as ``$CXX``, ``c++`` or
 ``g++``, against the installed jaxlib's FFI headers, into a cache directory
@@ -132,6 +133,14 @@ def status() -> dict:
     return {"native": ok, "reason": _state["reason"], "path": _state.get("path")}
 
 
+def _platforms() -> set:
+    """The platforms of the backends this process has (empty if JAX cannot say)."""
+    try:
+        return set(jax.extend.backend.backends())
+    except Exception:  # an older JAX without jax.extend.backend.backends
+        return set()
+
+
 def _native(x: jax.Array, k: int):
     shape = x.shape[:-1] + (k,)
     out = (jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.int32))
@@ -155,7 +164,7 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     x = jnp.asarray(x)
     if TOPK == "xla" or x.dtype != jnp.float32 or not 1 <= k <= x.shape[-1]:
         return lax.top_k(x, k)
-    platforms = set(jax.extend.backend.backends())
+    platforms = _platforms()
     if "cpu" not in platforms or not _load():
         return lax.top_k(x, k)
     if platforms == {"cpu"}:  # the usual CPU-only process: no branch in the program
