@@ -153,8 +153,10 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
     ``x``: float32 ``[..., n]``; ``k``: a static int in ``[1, n]``. Other dtypes, and every
     backend but the CPU, use ``lax.top_k``. Batches under ``jax.vmap``. In a process whose
-    only backend is the CPU the program holds the kernel's call alone; with accelerators
-    too, ``lax.platform_dependent`` picks the kernel when the program is lowered for the CPU.
+    only backend is the CPU the program holds the kernel's call alone; when the default
+    backend is an accelerator, ``lax.top_k`` is used everywhere; with a CPU default and
+    accelerators too, ``lax.platform_dependent`` picks the kernel when the program is
+    lowered for the CPU.
 
     >>> top_k(jnp.array([1.0, 3.0, 3.0, -0.0, 0.0]), 5)[1].tolist()
     [1, 2, 0, 4, 3]
@@ -165,11 +167,13 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     if TOPK == "xla" or x.dtype != jnp.float32 or not 1 <= k <= x.shape[-1]:
         return lax.top_k(x, k)
     platforms = _platforms()
-    if "cpu" not in platforms or not _load():
+    # a process whose default backend is an accelerator keeps XLA's top_k everywhere (its
+    # programs, and their jaxprs, are what they were before this kernel)
+    if "cpu" not in platforms or jax.default_backend() != "cpu" or not _load():
         return lax.top_k(x, k)
     if platforms == {"cpu"}:  # the usual CPU-only process: no branch in the program
         return _native(x, k)
-    # with accelerators too, the platform the program is lowered for decides
+    # a CPU default with accelerators too: the platform the program is lowered for decides
     values, ids = lax.platform_dependent(
         x, cpu=lambda x: _native(x, k), default=lambda x: tuple(lax.top_k(x, k))
     )
