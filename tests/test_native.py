@@ -161,3 +161,18 @@ def test_without_a_working_compiler_it_is_lax_top_k(tmp_path, cxx):
     assert first.startswith("False") and "native CPU top-k is off" in first
     assert ("no C++ compiler" if cxx == "missing" else "failed") in first
     assert second == "True"
+
+
+def test_concurrent_calls_from_threads():
+    """Calls from several host threads at once (each one's rows shared out to the same
+    intra-op pool) all give lax.top_k's answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(3)
+    xs = [jnp.asarray(rng.standard_normal((32, 4096)).astype(np.float32)) for _ in range(8)]
+    ours = jax.jit(lambda x: native.top_k(x, 100))
+    theirs = jax.jit(lambda x: lax.top_k(x, 100))
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda x: jax.block_until_ready(ours(x)), xs * 4))
+    for x, got in zip(xs * 4, results):
+        assert same_bits(got, theirs(x))
