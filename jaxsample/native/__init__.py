@@ -9,8 +9,8 @@ elements with one integer comparison and shares the rows out to XLA's intra-op t
 (1.7-4.8x faster per call at B = 64 on 2 cores, the whole sampler 1.1-1.9x on real logits:
 docs/sampler.md, scripts/bench_topk.py).
 
-The kernel is compiled on first use with the C++ compiler found as ``$CXX``, ``c++`` or
-``g++``, against the installed jaxlib's FFI headers, into a cache directory
+The kernel is compiled on first use with the C++ compiler found as ``$CXX``, ``c++``,
+``g++`` or ``clang++``, against the installed jaxlib's FFI headers, into a cache directory
 (``$JAXSAMPLE_CACHE``, else ``$XDG_CACHE_HOME/jaxsample``, else ``~/.cache/jaxsample``; one
 file per source, jaxlib version and compiler, about 2 s once). When there is no compiler,
 or the build or the load fails, :func:`top_k` is ``lax.top_k`` everywhere, with a warning
@@ -164,7 +164,7 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     if TOPK not in ("auto", "xla"):
         raise ValueError(f"jaxsample.native.TOPK must be 'auto' or 'xla', got {TOPK!r}")
     x = jnp.asarray(x)
-    if TOPK == "xla" or x.dtype != jnp.float32 or not 1 <= k <= x.shape[-1]:
+    if TOPK == "xla" or x.dtype != jnp.float32 or x.ndim == 0 or not 1 <= k <= x.shape[-1]:
         return lax.top_k(x, k)
     platforms = _platforms()
     # a process whose default backend is an accelerator keeps XLA's top_k everywhere (its
