@@ -206,12 +206,12 @@ def timed(fn, *args) -> float:
 def with_xla_topk(*args):
     """``sample_rows`` compiled (now) with XLA's own TopK instead of jaxsample's CPU kernel
     (``native.TOPK = "xla"``): the in-run baseline of the kernel."""
-    native.TOPK = "xla"
+    setting, native.TOPK = native.TOPK, "xla"
     try:
         fn = jax.jit(lambda *a: sample_rows(*a))
         timed(fn, *args)
     finally:
-        native.TOPK = "auto"
+        native.TOPK = setting
     return fn
 
 

@@ -99,7 +99,7 @@ def _rows(b, v):
     return jax.tree.map(jnp.asarray, pack_rows(params, vocab_size=v, seeds=list(range(b))))
 
 
-def test_the_sampler_uses_it_and_draws_the_same():
+def test_the_sampler_uses_it_and_draws_the_same(monkeypatch):
     """On CPU the compiled sampler calls the kernel (no XLA TopK left), and with
     ``TOPK = "xla"`` it draws the same tokens and reports the same numbers, bit for bit."""
     b, v = 8, 5000
@@ -110,24 +110,20 @@ def test_the_sampler_uses_it_and_draws_the_same():
     text = jax.jit(lambda *a: sm.sample_rows(*a)).lower(*args).compile().as_text()
     assert "jaxsample_topk" in text and 'custom_call_target="TopK"' not in text
     ours = jax.jit(lambda *a: sm.sample_rows(*a))(*args)
-    native.TOPK = "xla"
-    try:
-        text = jax.jit(lambda *a: sm.sample_rows(*a)).lower(*args).compile().as_text()
-        assert "jaxsample_topk" not in text
-        theirs = jax.jit(lambda *a: sm.sample_rows(*a))(*args)
-    finally:
-        native.TOPK = "auto"
-    for a, c in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+    monkeypatch.setattr(native, "TOPK", "xla")
+    text = jax.jit(lambda *a: sm.sample_rows(*a)).lower(*args).compile().as_text()
+    assert "jaxsample_topk" not in text
+    theirs = jax.jit(lambda *a: sm.sample_rows(*a))(*args)
+    for a, c in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
 
 
-def test_unknown_setting_is_refused():
-    native.TOPK = "fast"
-    try:
-        with pytest.raises(ValueError, match="TOPK"):
-            native.top_k(jnp.zeros(4), 2)
-    finally:
-        native.TOPK = "auto"
+def test_unknown_setting_is_refused(monkeypatch):
+    monkeypatch.setattr(native, "TOPK", "fast")
+    with pytest.raises(ValueError, match="TOPK"):
+        native.top_k(jnp.zeros(4), 2)
+    with pytest.raises(ValueError, match="TOPK"):
+        native.status()
 
 
 @pytest.mark.parametrize("cxx", ["missing", "failing"])

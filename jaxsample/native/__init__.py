@@ -124,10 +124,17 @@ def _load() -> bool:
         return True
 
 
+def _wanted() -> bool:
+    """Whether ``TOPK`` asks for the kernel (ValueError naming it when it is neither value)."""
+    if TOPK not in ("auto", "xla"):
+        raise ValueError(f"jaxsample.native.TOPK must be 'auto' or 'xla', got {TOPK!r}")
+    return TOPK == "auto"
+
+
 def status() -> dict:
     """Which top-k :func:`top_k` uses on CPU: ``{"native": bool, "reason": str, "path": str}``
     (builds the kernel if that has not been tried yet and ``TOPK`` allows it)."""
-    if TOPK != "auto":
+    if not _wanted():
         return {"native": False, "reason": f"TOPK = {TOPK!r}", "path": None}
     ok = _load()
     return {"native": ok, "reason": _state["reason"], "path": _state.get("path")}
@@ -161,10 +168,8 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     >>> top_k(jnp.array([1.0, 3.0, 3.0, -0.0, 0.0]), 5)[1].tolist()
     [1, 2, 0, 4, 3]
     """
-    if TOPK not in ("auto", "xla"):
-        raise ValueError(f"jaxsample.native.TOPK must be 'auto' or 'xla', got {TOPK!r}")
     x = jnp.asarray(x)
-    if TOPK == "xla" or x.dtype != jnp.float32 or x.ndim == 0 or not 1 <= k <= x.shape[-1]:
+    if not _wanted() or x.dtype != jnp.float32 or x.ndim == 0 or not 1 <= k <= x.shape[-1]:
         return lax.top_k(x, k)
     platforms = _platforms()
     # a process whose default backend is an accelerator keeps XLA's top_k everywhere (its
