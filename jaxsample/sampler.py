@@ -863,42 +863,46 @@ def _no_top():
     )
 
 
-def _raw_row(logits, with_top: bool, exact: bool):
-    """One row's raw ``log_softmax`` normalizer and, ``with_top``, its top 20:
-    ``(lse, ids[20], log_probs[20])``.
+def _raw_row(logits, k: int, with_top: bool, exact: bool):
+    """One row's raw ``log_softmax`` normalizer and top ``k``, the JAX form of
+    :func:`jaxsample.native.logsumexp_top_k`: ``(lse, values[k], ids[k])`` (without
+    ``with_top``, -inf and -1 in their place, not computed).
 
     ``exact`` False is the fast form: it reads the logits as they are, with no masking
     inside the passes (XLA's CPU reductions fuse arithmetic but store any ``select`` they
     read as a whole ``[V]`` array first). It equals the exact form bit for bit whenever
     every logit is finite, and its ``lse`` is not finite otherwise (NaN and ``inf`` reach
-    the sum), which is how :func:`_raw_batch` knows to run the exact form.
+    the sum), which is how :func:`_raw_xla` knows to run the exact form.
     """
-    vocab = logits.shape[-1]
-    x = tf.sanitize(logits) if exact else logits.astype(jnp.float32)
-    # one pass: the max for lse and the top-20's stage 1 (the barrier keeps XLA from turning
+    x = tf.sanitize(logits) if exact else logits
+    # one pass: the max for lse and the top-k's stage 1 (the barrier keeps XLA from turning
     # the max of the block maxima back into a second pass over the row)
     block_max = lax.optimization_barrier(tf.block_max(x))
     top = jnp.max(block_max)
     lse = jnp.where(top == -jnp.inf, 0.0, top) + jnp.log(tf.vocabulary_total(x, top))
     if not with_top:
-        return (lse, *_no_top())
-    vals, ids = tf.top_candidates(x, min(TOP_LOGPROBS_MAX, vocab), block_max)
-    lp = jnp.where(vals > -jnp.inf, vals - lse, -jnp.inf)
-    pad = TOP_LOGPROBS_MAX - ids.shape[0]
-    return (
-        lse,
-        jnp.pad(ids, (0, pad), constant_values=-1),
-        jnp.pad(lp, (0, pad), constant_values=-jnp.inf),
-    )
+        return lse, jnp.full((k,), -jnp.inf, jnp.float32), jnp.full((k,), -1, jnp.int32)
+    values, ids = tf.top_candidates(x, k, block_max)
+    return lse, values, ids
+
+
+def _raw_xla(logits, k: int, with_top: bool):
+    """:func:`_raw_row` over a batch: the fast form, and the exact form only when some row's
+    logits are not all finite (a batch-level branch)."""
+    fast = jax.vmap(partial(_raw_row, k=k, with_top=with_top, exact=False))(logits)
+    exact = partial(jax.vmap(partial(_raw_row, k=k, with_top=with_top, exact=True)), logits)
+    return _maybe(jnp.all(jnp.isfinite(fast[0])), lambda: fast, exact)
 
 
 def _raw_batch(logits: jax.Array, raw) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """:func:`_raw_row` over a batch, as the plan's ``raw`` asks (0 none, 1 the normalizer,
-    2 also the top 20): the fast form, and the exact form only when some row's logits are
-    not all finite (a batch-level branch, inside the raw branch)."""
+    """The raw ``log_softmax`` normalizer of each row and its top 20 as the plan's ``raw``
+    asks (0 none, 1 the normalizer, 2 also the top 20): ``(lse, ids[20], log_probs[20])``,
+    from :func:`jaxsample.native.logsumexp_top_k` (one kernel on CPU; :func:`_raw_xla`
+    elsewhere)."""
+    batch, vocab = logits.shape
+    logits = logits.astype(jnp.float32)
 
     def none():
-        batch = logits.shape[0]
         ids, lps = _no_top()
         return (
             jnp.full((batch,), jnp.nan, jnp.float32),
@@ -907,9 +911,18 @@ def _raw_batch(logits: jax.Array, raw) -> tuple[jax.Array, jax.Array, jax.Array]
         )
 
     def some(with_top: bool):
-        fast = jax.vmap(partial(_raw_row, with_top=with_top, exact=False))(logits)
-        exact = partial(jax.vmap(partial(_raw_row, with_top=with_top, exact=True)), logits)
-        return _maybe(jnp.all(jnp.isfinite(fast[0])), lambda: fast, exact)
+        k = min(TOP_LOGPROBS_MAX, vocab) if with_top else 1
+        xla = partial(_raw_xla, k=k, with_top=with_top)
+        lse, values, ids = native.logsumexp_top_k(logits, k, otherwise=xla)
+        if not with_top:
+            return (lse, *none()[1:])
+        lp = jnp.where(values > -jnp.inf, values - lse[:, None], -jnp.inf)
+        pad = [(0, 0), (0, TOP_LOGPROBS_MAX - k)]
+        return (
+            lse,
+            jnp.pad(ids, pad, constant_values=-1),
+            jnp.pad(lp, pad, constant_values=-jnp.inf),
+        )
 
     branches = [none, partial(some, False), partial(some, True)]
     if isinstance(raw, int):
@@ -919,7 +932,7 @@ def _raw_batch(logits: jax.Array, raw) -> tuple[jax.Array, jax.Array, jax.Array]
 
 def _report(logits, row: RowParams, dist: Distribution, token, raw_stats) -> SampleOut:
     """The token's log probability and the top 20 (raw or processed), as the row asked;
-    ``raw_stats`` is the row's :func:`_raw_row` (from :func:`_raw_batch`)."""
+    ``raw_stats`` is the row's part of :func:`_raw_batch`."""
     safe = jnp.maximum(token, 0)
     proc_lp = log_prob(dist, safe)
     cand_ids, cand_lp = top_logprobs(dist, TOP_LOGPROBS_MAX)

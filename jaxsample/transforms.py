@@ -198,8 +198,10 @@ def _blocks(x: jax.Array) -> jax.Array:
 
 
 def block_max(x: jax.Array) -> jax.Array:
-    """``f32[ceil(V / 32)]``: the maximum of each block of 32 (one pass; its max is max(x))."""
-    return jnp.max(_blocks(x), axis=1)
+    """``f32[ceil(V / 32)]``: the maximum of each block of 32 (one pass; its max is max(x)).
+
+    :func:`jaxsample.native.block_max` (a kernel on CPU; a row without NaN)."""
+    return native.block_max(x, CANDIDATE_BLOCK)
 
 
 def top_candidates(
@@ -228,7 +230,7 @@ def top_candidates(
         return lax.optimization_barrier(values), lax.optimization_barrier(ids)
     blocks = _blocks(x)
     if block_max is None:
-        block_max = jnp.max(blocks, axis=1)
+        block_max = native.block_max(x, CANDIDATE_BLOCK)
     _, chosen = native.top_k(block_max, k)
     chosen = jnp.sort(chosen)  # k small ints: keeps the lower-index-first order of ties
     values, pos = native.top_k(blocks[chosen].reshape(-1), k)

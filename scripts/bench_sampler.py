@@ -8,9 +8,9 @@ Measures, in one process on the same logits, the median wall time of:
   top_logprobs=20);
 * each transform alone (the same sampler with only that parameter away from neutral;
   ``neutral`` is plain softmax sampling, ``greedy`` is temperature 0);
-* ``full_xla_topk`` (and ``*_xla_topk`` on the real logits): the same sampler compiled with
-  XLA's own CPU TopK instead of jaxsample's kernel (``jaxsample.native.TOPK = "xla"``), the
-  in-run baseline of that kernel;
+* ``full_xla`` (and ``*_xla`` on the real logits): the same sampler compiled without
+  jaxsample's CPU kernels (``jaxsample.native.KERNELS = "xla"``: XLA's TopK, reductions and
+  ``exp``), the in-run baseline of those kernels;
 * ``sort_chain``: a straightforward sort-based chain in the style of Hugging Face's Flax
   warpers (one full descending sort of the vocabulary for top_k/top_p, softmax for top_a and
   min_p, ``jax.random.categorical``), with the same parameters.
@@ -21,9 +21,12 @@ per-row exponent, so the top token has probability ~0.3-0.9, plus a little Gumbe
 
 Statistics: every case is timed once per round, round-robin, so machine load hits every case
 alike; per case the median and the minimum, and the median over rounds of the per-round
-ratio to the floor (``paired_ratio``). On the real logits, the floor, the full chain and
-T 0.8 / top_p 0.95 are also timed in bursts of 5 back-to-back calls (``burst``): the floor's
-time swings most between those protocols, so the ratio is reported under each.
+ratio to the floor (``paired_ratio``). On the real logits the sampler's cases and the
+baselines (``*_xla``, ``*_1tier``, the sort chain: calls up to 100x slower, after which the
+next case in a round starts with cold caches) run in two separate groups of rounds, each with
+the floor (``real.baselines`` in the JSON); the floor, the full chain and T 0.8 / top_p 0.95
+are also timed in bursts of 5 back-to-back calls (``burst``): the floor's time swings most
+between those protocols, so the ratio is reported under each.
 
 Allocator: on Linux the script re-runs itself with glibc's ``mmap`` off, no trimming and one
 arena (``GLIBC_TUNABLES``: ``mmap_max=0``, ``trim_threshold`` 4 GiB, ``arena_max=1``; a
@@ -203,15 +206,15 @@ def timed(fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def with_xla_topk(*args):
-    """``sample_rows`` compiled (now) with XLA's own TopK instead of jaxsample's CPU kernel
-    (``native.TOPK = "xla"``): the in-run baseline of the kernel."""
-    setting, native.TOPK = native.TOPK, "xla"
+def with_xla(*args):
+    """``sample_rows`` compiled (now) without jaxsample's CPU kernels (``native.KERNELS =
+    "xla"``): the in-run baseline of the kernels."""
+    setting, native.KERNELS = native.KERNELS, "xla"
     try:
         fn = jax.jit(lambda *a: sample_rows(*a))
         timed(fn, *args)
     finally:
-        native.TOPK = setting
+        native.KERNELS = setting
     return fn
 
 
@@ -221,7 +224,7 @@ def bench_config(b, v, kind, reps, sort_reps, rng):
     pos = jnp.int32(3)
     cases = {"floor": (floor, (logits,))}
     cases["full"] = (sample_batch, (logits, rows_for(FULL, b, v), hist, None, pos))
-    cases["full_xla_topk"] = (with_xla_topk(*cases["full"][1]), cases["full"][1])
+    cases["full_xla"] = (with_xla(*cases["full"][1]), cases["full"][1])
     for name, fields in ALONE.items():
         cases[name] = (sample_batch, (logits, rows_for(fields, b, v), hist, None, pos))
     cases["sort_chain"] = (sort_chain, (logits, rows_for(FULL, b, v), hist, pos))
@@ -323,7 +326,7 @@ def bench_real(reps, sort_reps, b=64):
     for name, fields in REAL.items():
         cases[name] = (sample_batch, (logits, rows_for(fields, b, v), hist, None, pos))
     for name in ("full_p95", "p95_t1", "p95_t08", "p99_t1"):
-        cases[name + "_xla_topk"] = (with_xla_topk(*cases[name][1]), cases[name][1])
+        cases[name + "_xla"] = (with_xla(*cases[name][1]), cases[name][1])
     # compiled below, with COMPACT = 1
     one_tier = jax.jit(lambda *a: sm.sample_rows(*a, second_tier=0))
     compact = sm.COMPACT
@@ -338,14 +341,32 @@ def bench_real(reps, sort_reps, b=64):
     cases["sort_chain"] = (sort_chain, (logits, rows_for(REAL["full_p95"], b, v), hist, pos))
     for fn, args in cases.values():
         timed(fn, *args)
-    times = {name: [] for name in cases}
+    # two groups of rounds, each with the floor: the sampler's cases, then the baselines
+    # (XLA-only, single tier, sort chain: up to 100x slower calls, which would leave the
+    # caches cold for whichever case follows them in a shared round)
+    sampler_names = ["floor", *REAL]
+    baseline_names = ["floor"] + [n for n in cases if n not in sampler_names]
+    times = round_robin(cases, sampler_names, reps, sort_reps)
+    baselines = round_robin(cases, baseline_names, reps, sort_reps)
+    bursts = burst_times(cases, ["floor", "full_p95", "p95_t08"], reps)
+    return (
+        _stats(times)
+        | _faults(cases, "full_p95")
+        | {"burst": bursts, "baselines": _stats(baselines)}
+    )
+
+
+def round_robin(cases: dict, names, reps: int, sort_reps: int) -> dict:
+    """Seconds per call of each case in ``names``, ``reps`` rounds, one call per case per
+    round in order (``sort_chain`` in the first ``sort_reps`` rounds only)."""
+    times = {name: [] for name in names}
     for r in range(reps):
-        for name, (fn, args) in cases.items():
+        for name in names:
             if name == "sort_chain" and r >= sort_reps:
                 continue
+            fn, args = cases[name]
             times[name].append(timed(fn, *args))
-    bursts = burst_times(cases, ["floor", "full_p95", "p95_t08"], reps)
-    return _stats(times) | _faults(cases, "full_p95") | {"burst": bursts}
+    return times
 
 
 def main():
@@ -380,9 +401,9 @@ def main():
     out = args.out or (None if partial_run else default_out + ".json")
     rng = np.random.default_rng(0)
     results = []
-    names = ["floor", "full", "full_xla_topk", "sort_chain", *ALONE]
+    names = ["floor", "full", "full_xla", "sort_chain", *ALONE]
     header = f"{'B':>3} {'V':>7} {'logits':>9} {'floor ms':>9} {'full ms':>8} {'full/floor':>10} "
-    header += f"{'min/min':>8} {'xla_topk':>8} "
+    header += f"{'min/min':>8} {'xla':>8} "
     header += f"{'sort/full':>9}  " + " ".join(f"{n[:8]:>8}" for n in ALONE)
     print(
         "ratios: time / floor (log_softmax), medians; min/min: full / floor, minima; "
@@ -397,7 +418,7 @@ def main():
             results.append(dict(B=b, V=v, logits=kind, **stats))
             line = f"{b:>3} {v:>7} {kind:>9} {f:>9.2f} {med['full']:>8.2f} "
             line += f"{med['full'] / f:>10.2f} {low['full'] / low['floor']:>8.2f} "
-            line += f"{med['full_xla_topk'] / f:>8.2f} "
+            line += f"{med['full_xla'] / f:>8.2f} "
             line += f"{med['sort_chain'] / med['full']:>9.1f}  "
             line += " ".join(f"{med[n] / f:>8.2f}" for n in ALONE)
             fpc = stats["faults_per_call"]
@@ -406,16 +427,18 @@ def main():
     real = None
     if not args.quick:
         real_stats = bench_real(reps, sort_reps)
-        real, low = real_stats["median_ms"], real_stats["min_ms"]
-        f = real["floor"]
-        print("\nreal SmolLM2 logits, B = 64, V = 49152 (median ms, ratio to log_softmax, and")
-        print("the ratio of the minima)")
-        print(" ".join(f"{n:>14}" for n in real))
-        print(" ".join(f"{real[n]:>14.2f}" for n in real))
-        print(" ".join(f"{real[n] / f:>14.2f}" for n in real))
-        print(" ".join(f"{low[n] / low['floor']:>14.2f}" for n in low))
-        paired = real_stats["paired_ratio"]
-        print(" ".join(f"{paired[n]:>14.2f}" for n in paired) + "   (paired: per-round ratio)")
+        for title, group in (("", real_stats), (", baselines", real_stats["baselines"])):
+            med, low = group["median_ms"], group["min_ms"]
+            f = med["floor"]
+            print(f"\nreal SmolLM2 logits{title}, B = 64, V = 49152 (median ms, ratio to")
+            print("log_softmax in the same rounds, of the minima, and per round)")
+            print(" ".join(f"{n:>14}" for n in med))
+            print(" ".join(f"{med[n]:>14.2f}" for n in med))
+            print(" ".join(f"{med[n] / f:>14.2f}" for n in med))
+            print(" ".join(f"{low[n] / low['floor']:>14.2f}" for n in low))
+            paired = group["paired_ratio"]
+            print(" ".join(f"{paired[n]:>14.2f}" for n in paired) + "   (paired)")
+        real = real_stats["median_ms"] | real_stats["baselines"]["median_ms"]
         burst = real_stats["burst"]
         print(
             "bursts of 5 back-to-back calls (ms per call): "
@@ -447,7 +470,7 @@ def main():
             **machine_meta(),
             allocator=args.allocator,
             glibc_tunables=os.environ.get("GLIBC_TUNABLES"),
-            native_topk=native.status(),
+            native_kernels=native.status(),
             params_full={k: v for k, v in FULL.items() if k != "logit_bias"}
             | {"logit_bias_entries": len(FULL["logit_bias"])},
             names=names,

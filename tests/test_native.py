@@ -1,5 +1,6 @@
-"""jaxsample's CPU top-k kernel (jaxsample/native): the same bits as lax.top_k, in use on CPU,
-and XLA's top_k when it cannot be built."""
+"""jaxsample's CPU kernels (jaxsample/native): top_k with the same bits as lax.top_k, block
+maxima in lax.top_k's order, logsumexp_top_k against float64 and lax.top_k; in use on CPU, and
+the JAX forms when they cannot be built."""
 
 from __future__ import annotations
 
@@ -34,6 +35,17 @@ def kernel():
     return state
 
 
+def draw_rows(data, max_n: int, few: list, floats):
+    """``(x, k)``: float32 rows of any batch shape (up to two leading axes) and length up to
+    ``max_n``, from one of three pools (the special values, a few values with many ties,
+    ``floats``), and a k in [1, n]."""
+    lead = data.draw(st.lists(st.integers(1, 3), max_size=2))
+    n = data.draw(st.integers(1, max_n))
+    elements = data.draw(st.sampled_from([st.sampled_from(SPECIAL), st.sampled_from(few), floats]))
+    x = data.draw(hnp.arrays(np.float32, (*lead, n), elements=elements))
+    return x, data.draw(st.integers(1, n))
+
+
 def same_bits(a, b):
     (va, ia), (vb, ib) = a, b
     va, vb = np.asarray(va), np.asarray(vb)
@@ -53,17 +65,7 @@ def native_and_xla(x, k):
 def test_same_bits_as_lax_top_k(data):
     """Ties (few distinct values), signed zeros, infinities, NaNs of both signs, subnormals,
     any batch shape and any k in [1, n]."""
-    lead = data.draw(st.lists(st.integers(1, 3), max_size=2))
-    n = data.draw(st.integers(1, 200))
-    pool = data.draw(st.sampled_from(["special", "few", "floats"]))
-    if pool == "special":
-        elements = st.sampled_from(SPECIAL)
-    elif pool == "few":
-        elements = st.sampled_from([0.0, 1.0, 2.0])
-    else:
-        elements = st.floats(width=32, allow_nan=True, allow_infinity=True)
-    x = data.draw(hnp.arrays(np.float32, (*lead, n), elements=elements))
-    k = data.draw(st.integers(1, n))
+    x, k = draw_rows(data, 200, few=[0.0, 1.0, 2.0], floats=st.floats(width=32))
     assert same_bits(*native_and_xla(jnp.asarray(x), k))
 
 
@@ -99,38 +101,51 @@ def _rows(b, v):
     return jax.tree.map(jnp.asarray, pack_rows(params, vocab_size=v, seeds=list(range(b))))
 
 
-def test_the_sampler_uses_it_and_draws_the_same(monkeypatch):
-    """On CPU the compiled sampler calls the kernel (no XLA TopK left), and with
-    ``TOPK = "xla"`` it draws the same tokens and reports the same numbers, bit for bit."""
+def test_the_sampler_uses_them_and_draws_the_same(monkeypatch):
+    """On CPU the compiled sampler calls the kernels (no XLA TopK left), and with
+    ``KERNELS = "xla"`` it draws the same tokens and reports the same top log probabilities'
+    ids, bit for bit; the raw log probabilities (the kernel's normalizer) agree to 2 ulp."""
     b, v = 8, 5000
     rng = np.random.default_rng(1)
     logits = jnp.asarray((rng.standard_normal((b, v)) * 3).astype(np.float32))
     hist = sm.History.stack([sm.History.from_tokens([1, 2], [3], v)] * b)
     args = (logits, _rows(b, v), hist, None, jnp.int32(2))
     text = jax.jit(lambda *a: sm.sample_rows(*a)).lower(*args).compile().as_text()
-    assert "jaxsample_topk" in text and 'custom_call_target="TopK"' not in text
+    for target in ("jaxsample_topk", "jaxsample_block_max", "jaxsample_logsumexp_top_k"):
+        assert target in text
+    assert 'custom_call_target="TopK"' not in text
     ours = jax.jit(lambda *a: sm.sample_rows(*a))(*args)
-    monkeypatch.setattr(native, "TOPK", "xla")
+    monkeypatch.setattr(native, "KERNELS", "xla")
     text = jax.jit(lambda *a: sm.sample_rows(*a)).lower(*args).compile().as_text()
-    assert "jaxsample_topk" not in text
+    assert "jaxsample_" not in text
     theirs = jax.jit(lambda *a: sm.sample_rows(*a))(*args)
-    for a, c in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+    for name in ("token", "top_ids", "ok"):
+        np.testing.assert_array_equal(getattr(ours, name), getattr(theirs, name))
+    for name in ("logprob", "top_logprobs"):
+        a, c = np.asarray(getattr(ours, name)), np.asarray(getattr(theirs, name))
+        assert np.array_equal(np.isfinite(a), np.isfinite(c))
+        fin = np.isfinite(a)
+        np.testing.assert_allclose(a[fin], c[fin], rtol=0, atol=4 * np.spacing(np.float32(64)))
 
 
 def test_unknown_setting_is_refused(monkeypatch):
-    monkeypatch.setattr(native, "TOPK", "fast")
-    with pytest.raises(ValueError, match="TOPK"):
-        native.top_k(jnp.zeros(4), 2)
-    with pytest.raises(ValueError, match="TOPK"):
-        native.status()
+    monkeypatch.setattr(native, "KERNELS", "fast")
+    for call in (
+        lambda: native.top_k(jnp.zeros(4), 2),
+        lambda: native.block_max(jnp.zeros(4), 2),
+        lambda: native.logsumexp_top_k(jnp.zeros(4), 2),
+        native.status,
+    ):
+        with pytest.raises(ValueError, match="KERNELS"):
+            call()
 
 
 @pytest.mark.parametrize("cxx", ["missing", "failing"])
-def test_without_a_working_compiler_it_is_lax_top_k(tmp_path, cxx):
-    """No compiler on the PATH, or one that fails: a warning naming why, then lax.top_k."""
+def test_without_a_working_compiler_it_is_the_jax_forms(tmp_path, cxx):
+    """No compiler on the PATH, or one that fails: a warning naming why, then lax.top_k and
+    the other JAX forms."""
     env = dict(os.environ, JAXSAMPLE_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
-    env.pop("JAXSAMPLE_TOPK", None)
+    env.pop("JAXSAMPLE_KERNELS", None)
     if cxx == "missing":
         env["PATH"] = str(tmp_path)  # no compiler there
         env.pop("CXX", None)
@@ -146,7 +161,12 @@ def test_without_a_working_compiler_it_is_lax_top_k(tmp_path, cxx):
             warnings.simplefilter("always")
             out = native.top_k(x, 3)
         print(native.status()["native"], [str(m.message) for m in w])
-        print(jnp.array_equal(out[1], lax.top_k(x, 3)[1]).item())
+        lse = native.logsumexp_top_k(x, 2)[0]
+        print(
+            jnp.array_equal(out[1], lax.top_k(x, 3)[1]).item()
+            and native.block_max(x, 2).tolist() == [[3.0, 3.0, 0.0]]
+            and abs(float(lse[0]) - float(jax.nn.logsumexp(x))) < 1e-6
+        )
         """
     )
     done = subprocess.run(
@@ -154,7 +174,7 @@ def test_without_a_working_compiler_it_is_lax_top_k(tmp_path, cxx):
     )
     assert done.returncode == 0, done.stderr
     first, second = done.stdout.strip().splitlines()
-    assert first.startswith("False") and "native CPU top-k is off" in first
+    assert first.startswith("False") and "native CPU kernels are off" in first
     assert ("no C++ compiler" if cxx == "missing" else "failed") in first
     assert second == "True"
 
@@ -172,3 +192,99 @@ def test_concurrent_calls_from_threads():
         results = list(pool.map(lambda x: jax.block_until_ready(ours(x)), xs * 4))
     for x, got in zip(xs * 4, results):
         assert same_bits(got, theirs(x))
+
+
+def order_keys(x: np.ndarray) -> np.ndarray:
+    """lax.top_k's order of float32 values as int32 keys (-0.0 below +0.0)."""
+    bits = np.asarray(x, np.float32).view(np.int32)
+    return np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_block_max_against_numpy(data):
+    """Each block's maximum in lax.top_k's order (the last block shorter), any shape and
+    block length, signed zeros and infinities (rows without NaN, as documented)."""
+    lead = data.draw(st.lists(st.integers(1, 3), max_size=2))
+    n = data.draw(st.integers(1, 300))
+    block = data.draw(st.sampled_from([1, 2, 7, 32, 64, 100]))
+    elements = st.one_of(
+        st.sampled_from([0.0, -0.0, 1.0, -1.0, np.inf, -np.inf]),
+        st.floats(width=32, allow_nan=False, allow_infinity=True),
+    )
+    x = data.draw(hnp.arrays(np.float32, (*lead, n), elements=elements))
+    got = np.asarray(jax.jit(lambda x: native.block_max(x, block))(jnp.asarray(x)))
+    pad = (-n) % block
+    padded = np.concatenate([x, np.full((*lead, pad), -np.inf, np.float32)], axis=-1)
+    keys = order_keys(padded).reshape(*lead, -1, block)
+    want = np.take_along_axis(
+        padded.reshape(*lead, -1, block), keys.argmax(-1)[..., None], axis=-1
+    )[..., 0]
+    assert np.array_equal(got.view(np.int32), want.view(np.int32))
+
+
+def reference_lse(x: np.ndarray) -> np.ndarray:
+    """float64 log(sum(exp(x))) per row, NaN read as -inf and +inf as the largest float32."""
+    z = np.where(np.isnan(x), -np.inf, np.minimum(x, np.finfo(np.float32).max)).astype(np.float64)
+    top = z.max(-1, keepdims=True)
+    shift = np.where(top == -np.inf, 0.0, top)
+    with np.errstate(divide="ignore"):
+        return (shift + np.log(np.exp(z - shift).sum(-1, keepdims=True)))[..., 0]
+
+
+def assert_lse_close(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want)
+    assert np.array_equal(np.isneginf(got), np.isneginf(want)), (got, want)
+    fin = np.isfinite(want)
+    assert np.all(np.isfinite(got[fin]))
+    # within 2 ulp of the float32 nearest the exact value (and 1e-6 absolute near zero)
+    below_max = np.nextafter(np.finfo(np.float32).max, np.float32(0))
+    size = np.minimum(np.abs(want[fin]), below_max).astype(np.float32)
+    ulp = np.spacing(size).astype(np.float64)
+    assert np.all(np.abs(got[fin] - want[fin]) <= 2 * ulp + 1e-6), (got, want)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_logsumexp_top_k_against_float64_and_lax_top_k(data):
+    """lse within 2 ulp of float64; the top k with lax.top_k's bits over the sanitized row
+    (NaN -> -inf, +inf -> the largest float); rows of -inf only; any shape and k."""
+    x, k = draw_rows(data, 300, few=[0.0, 1.0, 2.0, -np.inf], floats=st.floats(-100, 100, width=32))
+    lse, values, ids = jax.jit(lambda x: native.logsumexp_top_k(x, k))(jnp.asarray(x))
+    clean = np.where(np.isnan(x), -np.inf, np.minimum(x, np.finfo(np.float32).max))
+    assert same_bits((values, ids), lax.top_k(jnp.asarray(clean), k))
+    assert lse.shape == x.shape[:-1]
+    assert_lse_close(lse, reference_lse(x))
+
+
+@pytest.mark.parametrize("n", [20, 5000, 49152, 128256])
+def test_logsumexp_top_k_large_rows_and_batch_invariance(n):
+    """Long rows (real-model sizes) within 2 ulp of float64; a row's bits are the same alone,
+    in a batch of 7 and under vmap."""
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal((7, n)) * np.array([[0.1], [1], [3], [10], [30], [1], [1]])).astype(
+        np.float32
+    )
+    x[5, ::3] = -np.inf
+    x[6, 0] = np.nan
+    fn = jax.jit(lambda x: native.logsumexp_top_k(x, 20))
+    lse, values, ids = fn(jnp.asarray(x))
+    assert_lse_close(lse, reference_lse(x))
+    for i in (0, 3, 6):
+        alone = fn(jnp.asarray(x[i : i + 1]))
+        for a, b in zip(alone, (lse, values, ids), strict=True):
+            assert np.array_equal(np.asarray(a)[0], np.asarray(b)[i])
+    mapped = jax.vmap(lambda r: native.logsumexp_top_k(r, 20))(jnp.asarray(x))
+    for a, b in zip(mapped, (lse, values, ids), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_raw_log_probabilities_kernel_and_jax_form_agree():
+    """The sampler's raw normalizer and top 20 from the kernel and from its JAX form
+    (``sampler._raw_xla``): the same ids and values, the normalizers within 2 ulp."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray((rng.standard_normal((16, 49152)) * 4).astype(np.float32))
+    ours = jax.jit(lambda x: native.logsumexp_top_k(x, 20))(x)
+    theirs = jax.jit(lambda x: sm._raw_xla(x, 20, True))(x)
+    assert same_bits(ours[1:], theirs[1:])
+    assert_lse_close(ours[0], np.asarray(theirs[0], np.float64))

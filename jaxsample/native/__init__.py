@@ -1,21 +1,30 @@
-"""Exact top-k: XLA's, or jaxsample's own kernel on XLA's CPU backend.
+"""jaxsample's CPU kernels: exact top-k, block maxima and a log-sum-exp with its top k.
 
-:func:`top_k` has the contract of ``lax.top_k`` (float32 rows, the ``k`` largest along the
-last axis, descending, ties by the lower index, the same order of ``-0.0``, ``inf`` and NaN)
-and gives the same bits. On a TPU or a GPU it is ``lax.top_k``. On XLA's CPU backend it
-calls ``topk.cc`` in this directory through XLA's FFI: XLA's CPU TopK sorts through a
-comparator call per comparison and runs every row on one core; the kernel rejects most
-elements with one integer comparison and shares the rows out to XLA's intra-op threads
-(1.7-4.8x faster per call at B = 64 on 2 cores, the whole sampler 1.1-1.9x on real logits:
-docs/sampler.md, scripts/bench_topk.py).
+Each function here has one meaning on every backend and a plain JAX form; on XLA's CPU
+backend it calls a kernel in this directory (``topk.cc``, ``rows.cc``) through XLA's FFI:
 
-The kernel is compiled on first use with the C++ compiler found as ``$CXX``, ``c++``,
+* :func:`top_k` is ``lax.top_k``, bit for bit. XLA's CPU TopK sorts through a comparator
+  call per comparison and runs every row on one core; the kernel rejects most elements with
+  one integer comparison (1.7-4.8x faster per call at B = 64 on 2 cores: docs/sampler.md,
+  scripts/bench_topk.py).
+* :func:`block_max` is the maximum of each block of a row (XLA's CPU reduction runs on one
+  core; the kernel is vectorized and shares the rows out).
+* :func:`logsumexp_top_k` is a row's ``log(sum(exp(x)))`` and its top k in one kernel (two
+  passes over the row, the second from cache), where XLA makes a max pass, an ``exp`` pass
+  that it writes out, a sum and two top-k stages. The caller gives the JAX form
+  (``otherwise``) used elsewhere; the kernel's ``lse`` is within about 1 ulp of the exact
+  value, not the same bits as a JAX form.
+
+Every kernel shares the rows of a batch out to XLA's intra-op threads, and its result for a
+row depends on that row alone (not on the batch).
+
+The kernels are compiled on first use with the C++ compiler found as ``$CXX``, ``c++``,
 ``g++`` or ``clang++``, against the installed jaxlib's FFI headers, into a cache directory
 (``$JAXSAMPLE_CACHE``, else ``$XDG_CACHE_HOME/jaxsample``, else ``~/.cache/jaxsample``; one
-file per source, jaxlib version and compiler, about 2 s once). When there is no compiler,
-or the build or the load fails, :func:`top_k` is ``lax.top_k`` everywhere, with a warning
-naming the reason; :func:`status` says which is in use and why. ``TOPK = "xla"`` (read when
-a function is traced) or the environment variable ``JAXSAMPLE_TOPK=xla`` turns the kernel
+file per source, jaxlib version and compiler, about 3 s once). When there is no compiler, or
+the build or the load fails, every function here uses its JAX form, with a warning naming
+the reason; :func:`status` says which is in use and why. ``KERNELS = "xla"`` (read when a
+function is traced) or the environment variable ``JAXSAMPLE_KERNELS=xla`` turns the kernels
 off.
 """
 
@@ -34,15 +43,24 @@ from pathlib import Path
 import jax
 import jax.extend
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-#: ``"auto"``: jaxsample's kernel on XLA's CPU backend when it builds, ``lax.top_k``
-#: elsewhere; ``"xla"``: ``lax.top_k`` everywhere. Read when a function is traced.
-TOPK = os.environ.get("JAXSAMPLE_TOPK", "auto")
+#: ``"auto"``: jaxsample's kernels on XLA's CPU backend when they build, the JAX forms
+#: elsewhere; ``"xla"``: the JAX forms everywhere. Read when a function is traced.
+KERNELS = os.environ.get("JAXSAMPLE_KERNELS", "auto")
 
-_TARGET = "jaxsample_topk"
-_SOURCE = Path(__file__).with_name("topk.cc")
-_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
+_HERE = Path(__file__).parent
+_SOURCES = [_HERE / "topk.cc", _HERE / "rows.cc"]
+_HEADERS = [_HERE / "common.h"]
+#: FFI target name -> the symbol of its handler in the library
+_TARGETS = {
+    "jaxsample_topk": "JaxsampleTopK",
+    "jaxsample_block_max": "JaxsampleBlockMax",
+    "jaxsample_logsumexp_top_k": "JaxsampleLogSumExpTopK",
+}
+# no contraction into fused multiply-adds: every instruction-set clone gives the same bits
+_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off")
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "reason": str, "path": str, "lib": the loaded library
 
@@ -62,14 +80,14 @@ def _cache_dir() -> Path:
 
 
 def _build(compiler: str) -> Path:
-    """Compiles the kernel (once per source, jaxlib and compiler) and returns the library."""
+    """Compiles the kernels (once per source, jaxlib and compiler) and returns the library."""
     import jaxlib
 
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=False
     ).stdout
     tag = hashlib.sha256(
-        _SOURCE.read_bytes()
+        b"".join(path.read_bytes() for path in _SOURCES + _HEADERS)
         + jaxlib.__version__.encode()
         + version.encode()
         + " ".join(_FLAGS).encode()
@@ -80,14 +98,15 @@ def _build(compiler: str) -> Path:
     except OSError:
         cache = Path(tempfile.gettempdir()) / "jaxsample"
         cache.mkdir(parents=True, exist_ok=True)
-    lib = cache / f"topk-{tag}.so"
+    lib = cache / f"kernels-{tag}.so"
     if lib.exists():
         return lib
     # build under a unique name, then rename: concurrent builds (test workers) never see a
     # partial file
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
-    cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
+    sources = [str(path) for path in _SOURCES]
+    cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", *sources, "-o", tmp]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         os.unlink(tmp)
@@ -98,7 +117,7 @@ def _build(compiler: str) -> Path:
 
 
 def _load() -> bool:
-    """Builds, loads and registers the kernel once per process; True when it is usable."""
+    """Builds, loads and registers the kernels once per process; True when they are usable."""
     with _lock:
         if "ok" in _state:
             return _state["ok"]
@@ -108,14 +127,14 @@ def _load() -> bool:
                 raise RuntimeError("no C++ compiler ($CXX, c++, g++ or clang++) on the PATH")
             path = _build(compiler)
             lib = ctypes.CDLL(str(path))
-            jax.ffi.register_ffi_target(
-                _TARGET, jax.ffi.pycapsule(lib.JaxsampleTopK), platform="cpu"
-            )
-        except Exception as e:  # any failure: XLA's top_k, said once
+            for target, symbol in _TARGETS.items():
+                handler = jax.ffi.pycapsule(getattr(lib, symbol))
+                jax.ffi.register_ffi_target(target, handler, platform="cpu")
+        except Exception as e:  # any failure: the JAX forms, said once
             _state.update(ok=False, reason=f"{type(e).__name__}: {e}")
             warnings.warn(
-                f"jaxsample: the native CPU top-k is off ({_state['reason']}); "
-                "using lax.top_k (same results, slower on CPU)",
+                f"jaxsample: the native CPU kernels are off ({_state['reason']}); "
+                "using the JAX forms (the same meaning, slower on CPU)",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -125,17 +144,17 @@ def _load() -> bool:
 
 
 def _wanted() -> bool:
-    """Whether ``TOPK`` asks for the kernel (ValueError naming it when it is neither value)."""
-    if TOPK not in ("auto", "xla"):
-        raise ValueError(f"jaxsample.native.TOPK must be 'auto' or 'xla', got {TOPK!r}")
-    return TOPK == "auto"
+    """Whether ``KERNELS`` asks for the kernels (ValueError naming it when it is neither value)."""
+    if KERNELS not in ("auto", "xla"):
+        raise ValueError(f"jaxsample.native.KERNELS must be 'auto' or 'xla', got {KERNELS!r}")
+    return KERNELS == "auto"
 
 
 def status() -> dict:
-    """Which top-k :func:`top_k` uses on CPU: ``{"native": bool, "reason": str, "path": str}``
-    (builds the kernel if that has not been tried yet and ``TOPK`` allows it)."""
+    """Whether the functions here use the kernels on CPU: ``{"native": bool, "reason": str,
+    "path": str}`` (builds them if that has not been tried yet and ``KERNELS`` allows it)."""
     if not _wanted():
-        return {"native": False, "reason": f"TOPK = {TOPK!r}", "path": None}
+        return {"native": False, "reason": f"KERNELS = {KERNELS!r}", "path": None}
     ok = _load()
     return {"native": ok, "reason": _state["reason"], "path": _state.get("path")}
 
@@ -148,38 +167,106 @@ def _platforms() -> set:
         return set()
 
 
-def _native(x: jax.Array, k: int):
-    shape = x.shape[:-1] + (k,)
-    out = (jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.int32))
-    values, ids = jax.ffi.ffi_call(_TARGET, out, vmap_method="broadcast_all")(x)
-    return values, ids
+def _dispatch(kernel, otherwise, *args):
+    """``kernel(*args)`` where a program runs on XLA's CPU backend with the kernels built,
+    ``otherwise(*args)`` elsewhere. In a process whose only backend is the CPU the program
+    holds the kernel's call alone; when the default backend is an accelerator, ``otherwise``
+    is used everywhere (its programs, and their jaxprs, are what they would be without the
+    kernels); with a CPU default and accelerators too, ``lax.platform_dependent`` picks the
+    kernel when the program is lowered for the CPU."""
+    platforms = _platforms()
+    if "cpu" not in platforms or jax.default_backend() != "cpu" or not _load():
+        return otherwise(*args)
+    if platforms == {"cpu"}:  # the usual CPU-only process: no branch in the program
+        return kernel(*args)
+    return lax.platform_dependent(*args, cpu=kernel, default=otherwise)
+
+
+def _call(target: str, x: jax.Array, shapes, **attributes):
+    out = [jax.ShapeDtypeStruct(x.shape[:-1] + tail, dtype) for tail, dtype in shapes]
+    return tuple(jax.ffi.ffi_call(target, out, vmap_method="broadcast_all")(x, **attributes))
+
+
+def _rows_ok(x: jax.Array) -> bool:
+    return _wanted() and x.dtype == jnp.float32 and x.ndim > 0 and x.shape[-1] > 0
 
 
 def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """``lax.top_k(x, k)``, bit for bit: on XLA's CPU backend through jaxsample's kernel.
 
     ``x``: float32 ``[..., n]``; ``k``: a static int in ``[1, n]``. Other dtypes, and every
-    backend but the CPU, use ``lax.top_k``. Batches under ``jax.vmap``. In a process whose
-    only backend is the CPU the program holds the kernel's call alone; when the default
-    backend is an accelerator, ``lax.top_k`` is used everywhere; with a CPU default and
-    accelerators too, ``lax.platform_dependent`` picks the kernel when the program is
-    lowered for the CPU.
+    backend but the CPU, use ``lax.top_k``. Batches under ``jax.vmap``.
 
     >>> top_k(jnp.array([1.0, 3.0, 3.0, -0.0, 0.0]), 5)[1].tolist()
     [1, 2, 0, 4, 3]
     """
     x = jnp.asarray(x)
-    if not _wanted() or x.dtype != jnp.float32 or x.ndim == 0 or not 1 <= k <= x.shape[-1]:
-        return lax.top_k(x, k)
-    platforms = _platforms()
-    # a process whose default backend is an accelerator keeps XLA's top_k everywhere (its
-    # programs, and their jaxprs, are what they were before this kernel)
-    if "cpu" not in platforms or jax.default_backend() != "cpu" or not _load():
-        return lax.top_k(x, k)
-    if platforms == {"cpu"}:  # the usual CPU-only process: no branch in the program
-        return _native(x, k)
-    # a CPU default with accelerators too: the platform the program is lowered for decides
-    values, ids = lax.platform_dependent(
-        x, cpu=lambda x: _native(x, k), default=lambda x: tuple(lax.top_k(x, k))
-    )
+    xla = lambda x: tuple(lax.top_k(x, k))  # noqa: E731
+    if not _rows_ok(x) or not 1 <= k <= x.shape[-1]:
+        return xla(x)
+    kernel = lambda x: _call("jaxsample_topk", x, [((k,), jnp.float32), ((k,), jnp.int32)])  # noqa: E731
+    values, ids = _dispatch(kernel, xla, x)
     return values, ids
+
+
+def _block_max_xla(x: jax.Array, block: int) -> jax.Array:
+    pad = (-x.shape[-1]) % block
+    padded = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)], constant_values=-jnp.inf)
+    return jnp.max(padded.reshape(x.shape[:-1] + (-1, block)), axis=-1)
+
+
+def block_max(x: jax.Array, block: int) -> jax.Array:
+    """The maximum of each block of ``block`` elements along the last axis: ``f32[..., n] ->
+    f32[..., ceil(n / block)]`` (the last block may be shorter).
+
+    For rows without NaN. The kernel orders values as ``lax.top_k`` does, so a block that
+    holds both zeros has the maximum +0.0; XLA's maximum may give either zero there.
+
+    >>> block_max(jnp.arange(10.0), 4).tolist()
+    [3.0, 7.0, 9.0]
+    """
+    x = jnp.asarray(x)
+    xla = lambda x: _block_max_xla(x, block)  # noqa: E731
+    if not _rows_ok(x) or block < 1:
+        return xla(x)
+    blocks = -(-x.shape[-1] // block)
+    kernel = lambda x: _call(  # noqa: E731
+        "jaxsample_block_max", x, [((blocks,), jnp.float32)], block=np.int64(block)
+    )[0]
+    return _dispatch(kernel, xla, x)
+
+
+def _logsumexp_top_k_xla(x: jax.Array, k: int):
+    finite_max = jnp.finfo(jnp.float32).max
+    z = jnp.where(jnp.isnan(x), -jnp.inf, jnp.minimum(x, finite_max))
+    top = jnp.max(z, axis=-1)
+    shift = jnp.where(top == -jnp.inf, 0.0, top)
+    lse = shift + jnp.log(jnp.sum(jnp.exp(z - shift[..., None]), axis=-1))
+    values, ids = lax.top_k(z, k)
+    return lse, values, ids
+
+
+def logsumexp_top_k(x: jax.Array, k: int, otherwise=None):
+    """``(lse, values, ids)`` of each row of float32 logits: ``lse = log(sum(exp(x)))``
+    (``f32[...]``) and ``top_k(x, k)`` (``f32[..., k]``, ``i32[..., k]``), with NaN read as
+    -inf and +inf as the largest float32 (``transforms.sanitize``); a row of -inf only has
+    ``lse = -inf``. ``otherwise(x)``, which must return the same, is used where the kernel
+    is not (another backend, ``KERNELS = "xla"``, no compiler); by default a plain JAX form
+    (``jnp.sum``, whose bits may change with the batch on CPU).
+
+    The kernel's ``lse`` is within about 1 ulp of the exact value (its ``exp`` is a
+    polynomial, the sum is in double precision in a fixed order per row), so it need not
+    have the bits of ``otherwise``'s; its top k has ``lax.top_k``'s.
+
+    >>> lse, values, ids = logsumexp_top_k(jnp.log(jnp.array([1.0, 3.0])), 1)
+    >>> round(float(lse), 5), ids.tolist()
+    (1.38629, [1])
+    """
+    x = jnp.asarray(x)
+    if otherwise is None:
+        otherwise = lambda x: _logsumexp_top_k_xla(x, k)  # noqa: E731
+    if not _rows_ok(x) or not 1 <= k <= x.shape[-1]:
+        return otherwise(x)
+    shapes = [((), jnp.float32), ((k,), jnp.float32), ((k,), jnp.int32)]
+    kernel = lambda x: _call("jaxsample_logsumexp_top_k", x, shapes)  # noqa: E731
+    return _dispatch(kernel, otherwise, x)

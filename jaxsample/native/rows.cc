@@ -1,0 +1,252 @@
+// jaxsample's row reductions for XLA's CPU backend (XLA FFI handlers).
+//
+// JaxsampleBlockMax: the maximum of each block of `block` elements of every row (the last
+// axis; the last block may be shorter), in lax.top_k's order of values (common.h's order
+// key: +0.0 above -0.0, NaNs beyond the infinities, by their bits).
+//
+// JaxsampleLogSumExpTopK: for every row of float32 logits, lse = log(sum(exp(x))) and the k
+// largest values with their indices in lax.top_k's order (ties by the lower index). NaN
+// counts as -inf and +inf as the largest finite float, as transforms.sanitize does; a row
+// of -inf only has lse = -inf. Per row:
+//  1. one pass (vectorized, blocks of 64): the block maxima and sum(exp(x - max)) against
+//     the running maximum, each term rounded to float32 and added in double precision to
+//     one of 64 lanes, the lanes rescaled when the maximum rises (MaxAndSumExp). Every step
+//     depends on the row alone, so a row's bits do not depend on the batch;
+//     lse = max + log(sum), rounded once to float32;
+//  2. the top k: a block whose maximum cannot beat the running k-th word is skipped whole,
+//     the others go through topk.cc's threshold buffer (the row is in cache).
+// exp is a Cody-Waite range reduction and Cephes's polynomial (about 1 ulp); a term below
+// exp(-87) counts as 0 (together at most 1e-33 of the sum, which is at least 1).
+//
+// jaxsample/native/__init__.py builds this file with topk.cc on first use;
+// tests/test_native.py checks both against float64 and lax.top_k.
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using jaxsample::FromOrderKey;
+using jaxsample::OrderKey;
+
+// Elements per block of the logsumexp kernel's first pass, and lanes of its sum.
+constexpr int64_t kBlock = 64;
+constexpr float kFloatMax = std::numeric_limits<float>::max();
+
+inline float Sanitize(float v) { return std::isnan(v) ? -INFINITY : std::min(v, kFloatMax); }
+
+// The maxima of the order keys of blocks of `block` elements (the last block may be
+// shorter) into block_max[ceil(n / block)]; the row's smallest and largest keys into lo, hi.
+// Block is a template argument (0: a run-time block length) so the common lengths vectorize
+// with a fixed trip count.
+template <int64_t kFixed>
+inline void BlockMaxKeysImpl(const float* x, int64_t n, int64_t block, int32_t* block_max,
+                             int32_t* lo, int32_t* hi) {
+  if (kFixed > 0) block = kFixed;
+  int32_t row_lo = INT32_MAX, row_hi = INT32_MIN;
+  int64_t start = 0, b = 0;
+  for (; start + block <= n; start += block, ++b) {
+    int32_t m = INT32_MIN, l = INT32_MAX;
+    for (int64_t j = 0; j < (kFixed > 0 ? kFixed : block); ++j) {
+      int32_t bits;
+      std::memcpy(&bits, x + start + j, sizeof(bits));
+      const int32_t key = bits < 0 ? (bits ^ 0x7FFFFFFF) : bits;
+      m = m > key ? m : key;
+      l = l < key ? l : key;
+    }
+    block_max[b] = m;
+    row_hi = row_hi > m ? row_hi : m;
+    row_lo = row_lo < l ? row_lo : l;
+  }
+  if (start < n) {
+    int32_t m = INT32_MIN;
+    for (int64_t i = start; i < n; ++i) {
+      const int32_t key = OrderKey(x[i]);
+      m = std::max(m, key);
+      row_lo = std::min(row_lo, key);
+    }
+    block_max[b] = m;
+    row_hi = std::max(row_hi, m);
+  }
+  *lo = row_lo;
+  *hi = row_hi;
+}
+
+JAXSAMPLE_CLONES
+void BlockMaxKeys(const float* x, int64_t n, int64_t block, int32_t* block_max, int32_t* lo,
+                  int32_t* hi) {
+  if (block == 32) return BlockMaxKeysImpl<32>(x, n, block, block_max, lo, hi);
+  if (block == 64) return BlockMaxKeysImpl<64>(x, n, block, block_max, lo, hi);
+  BlockMaxKeysImpl<0>(x, n, block, block_max, lo, hi);
+}
+
+// exp(t) for t <= 0, -inf included; 0 below -87.
+inline float ExpNonPositive(float t) {
+  const float c = t < -87.0f ? -87.0f : t;
+  const float n = (c * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(c / ln 2)
+  float r = std::fma(n, -0.693145751953125f, c);  // ln 2, high part (n * it is exact)
+  r = std::fma(n, -1.428606765330187e-06f, r);     // ln 2, low part
+  float p = std::fma(1.9875691500e-4f, r, 1.3981999507e-3f);
+  p = std::fma(p, r, 8.3334519073e-3f);
+  p = std::fma(p, r, 4.1665795894e-2f);
+  p = std::fma(p, r, 1.6666665459e-1f);
+  p = std::fma(p, r, 5.0000001201e-1f);
+  p = std::fma(p, r * r, r) + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n >= -126
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return t < -87.0f ? 0.0f : p * scale;
+}
+
+// One pass over a row: the order-key maxima of its blocks of kBlock (into block_max, the
+// last block may be shorter), its smallest and largest keys (lo, hi), and sum(exp(x - top))
+// with top = the row's maximum (0 for a row of -inf only), returned with top in *top.
+// The sum runs against the running maximum of the blocks so far: each term is
+// exp(x - running max) rounded to float32 and added to its lane (lane j: elements j, j + 64,
+// ... of the row) in double precision; when a block raises the running maximum, the lanes
+// are first scaled by exp(old - new) in double precision. At the end the lanes are added
+// pairwise. Every step depends on the row alone.
+JAXSAMPLE_CLONES
+double MaxAndSumExp(const float* x, int64_t n, int32_t* block_max, int32_t* lo, int32_t* hi,
+                    float* top) {
+  double lanes[kBlock];
+  float terms[kBlock];
+  for (int64_t j = 0; j < kBlock; ++j) lanes[j] = 0.0;
+  int32_t row_lo = INT32_MAX, row_hi = INT32_MIN;
+  float shift = -INFINITY;  // the running maximum
+  for (int64_t start = 0, b = 0; start < n; start += kBlock, ++b) {
+    const int64_t len = std::min(kBlock, n - start);
+    int32_t m = INT32_MIN, l = INT32_MAX;
+    if (len == kBlock) {
+      for (int64_t j = 0; j < kBlock; ++j) {
+        int32_t bits;
+        std::memcpy(&bits, x + start + j, sizeof(bits));
+        const int32_t key = bits < 0 ? (bits ^ 0x7FFFFFFF) : bits;
+        m = m > key ? m : key;
+        l = l < key ? l : key;
+      }
+    } else {
+      for (int64_t j = 0; j < len; ++j) {
+        m = std::max(m, OrderKey(x[start + j]));
+        l = std::min(l, OrderKey(x[start + j]));
+      }
+    }
+    block_max[b] = m;
+    row_lo = row_lo < l ? row_lo : l;
+    if (m > row_hi) {
+      row_hi = m;
+      const float block_top = FromOrderKey(m);
+      if (block_top > shift) {
+        if (shift != -INFINITY) {
+          const double scale = std::exp(static_cast<double>(shift) - block_top);
+          for (int64_t j = 0; j < kBlock; ++j) lanes[j] *= scale;
+        }
+        shift = block_top;
+      }
+    }
+    const float s = shift == -INFINITY ? 0.0f : shift;
+    if (len == kBlock) {
+      for (int64_t j = 0; j < kBlock; ++j) terms[j] = ExpNonPositive(x[start + j] - s);
+      for (int64_t j = 0; j < kBlock; ++j) lanes[j] += terms[j];
+    } else {
+      for (int64_t j = 0; j < len; ++j) lanes[j] += ExpNonPositive(x[start + j] - s);
+    }
+  }
+  for (int64_t width = kBlock / 2; width >= 1; width /= 2) {
+    for (int64_t j = 0; j < width; ++j) lanes[j] += lanes[j + width];
+  }
+  *lo = row_lo;
+  *hi = row_hi;
+  *top = shift == -INFINITY ? 0.0f : shift;
+  return lanes[0];
+}
+
+struct Scratch {
+  std::vector<int32_t> block_max;
+  std::vector<uint64_t> buffer;
+  std::vector<float> clean;
+};
+
+void LogSumExpTopKRow(const float* x, int64_t n, int64_t k, float* lse, float* values,
+                      int32_t* indices, Scratch& s) {
+  s.block_max.resize((n + kBlock - 1) / kBlock);
+  int32_t lo, hi;
+  float top;
+  double sum = MaxAndSumExp(x, n, s.block_max.data(), &lo, &hi, &top);
+  if (hi >= OrderKey(INFINITY) || lo < OrderKey(-INFINITY)) {  // a NaN or +inf: sanitize
+    s.clean.resize(n);
+    for (int64_t i = 0; i < n; ++i) s.clean[i] = Sanitize(x[i]);
+    x = s.clean.data();
+    sum = MaxAndSumExp(x, n, s.block_max.data(), &lo, &hi, &top);
+  }
+  *lse = static_cast<float>(static_cast<double>(top) + std::log(sum));
+  jaxsample::TopKRow(x, n, k, s.block_max.data(), kBlock, s.buffer, values, indices);
+}
+
+ffi::Error LogSumExpTopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                             ffi::ResultBuffer<ffi::F32> lse, ffi::ResultBuffer<ffi::F32> values,
+                             ffi::ResultBuffer<ffi::S32> indices) {
+  const auto dims = x.dimensions();
+  if (dims.size() < 1) return ffi::Error::InvalidArgument("jaxsample_lse: a rank-0 operand");
+  const int64_t n = dims.back();
+  const int64_t k = values->dimensions().back();
+  if (k <= 0 || k > n || n > INT32_MAX) {
+    return ffi::Error::InvalidArgument("jaxsample_lse: need 0 < k <= n < 2**31");
+  }
+  const float* data = x.typed_data();
+  float* lse_data = lse->typed_data();
+  float* value_data = values->typed_data();
+  int32_t* index_data = indices->typed_data();
+  jaxsample::ForEachRow<Scratch>(pool, x.element_count() / n, n, [=](int64_t row, Scratch& s) {
+    LogSumExpTopKRow(data + row * n, n, k, lse_data + row, value_data + row * k,
+                     index_data + row * k, s);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error BlockMaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                        ffi::ResultBuffer<ffi::F32> out, int64_t block) {
+  const auto dims = x.dimensions();
+  if (dims.size() < 1) return ffi::Error::InvalidArgument("jaxsample_block_max: rank 0");
+  const int64_t n = dims.back();
+  const int64_t blocks = out->dimensions().back();
+  if (n <= 0 || block <= 0 || blocks != (n + block - 1) / block) {
+    return ffi::Error::InvalidArgument("jaxsample_block_max: need ceil(n / block) outputs");
+  }
+  const float* data = x.typed_data();
+  float* out_data = out->typed_data();
+  jaxsample::ForEachRow<std::vector<int32_t>>(
+      pool, x.element_count() / n, n, [=](int64_t row, std::vector<int32_t>& keys) {
+        keys.resize(blocks);
+        int32_t lo, hi;
+        BlockMaxKeys(data + row * n, n, block, keys.data(), &lo, &hi);
+        for (int64_t b = 0; b < blocks; ++b) out_data[row * blocks + b] = FromOrderKey(keys[b]);
+      });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsampleLogSumExpTopK, LogSumExpTopKImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsampleBlockMax, BlockMaxImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("block"));
