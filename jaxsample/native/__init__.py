@@ -21,7 +21,7 @@ row depends on that row alone (not on the batch).
 The kernels are compiled on first use with the C++ compiler found as ``$CXX``, ``c++``,
 ``g++`` or ``clang++``, against the installed jaxlib's FFI headers, into a cache directory
 (``$JAXSAMPLE_CACHE``, else ``$XDG_CACHE_HOME/jaxsample``, else ``~/.cache/jaxsample``; one
-file per source, jaxlib version and compiler, about 3 s once). When there is no compiler, or
+file per source, jaxlib version and compiler, about 5 s once). When there is no compiler, or
 the build or the load fails, every function here uses its JAX form, with a warning naming
 the reason; :func:`status` says which is in use and why. ``KERNELS = "xla"`` (read when a
 function is traced) or the environment variable ``JAXSAMPLE_KERNELS=xla`` turns the kernels
