@@ -237,13 +237,11 @@ def block_max(x: jax.Array, block: int) -> jax.Array:
 
 
 def _logsumexp_top_k_xla(x: jax.Array, k: int):
-    finite_max = jnp.finfo(jnp.float32).max
-    z = jnp.where(jnp.isnan(x), -jnp.inf, jnp.minimum(x, finite_max))
-    top = jnp.max(z, axis=-1)
-    shift = jnp.where(top == -jnp.inf, 0.0, top)
-    lse = shift + jnp.log(jnp.sum(jnp.exp(z - shift[..., None]), axis=-1))
+    from jaxsample.transforms import sanitize  # transforms imports this module
+
+    z = sanitize(x)
     values, ids = lax.top_k(z, k)
-    return lse, values, ids
+    return jax.nn.logsumexp(z, axis=-1), values, ids
 
 
 def logsumexp_top_k(x: jax.Array, k: int, otherwise=None):

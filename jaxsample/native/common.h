@@ -1,15 +1,18 @@
 // Shared by jaxsample's CPU kernels (topk.cc, rows.cc): the total order of float32 values
-// that lax.top_k uses, the threshold top-k, the sharing of a batch's rows with XLA's intra-op threads, and the
-// instruction-set clones of the vectorized loops.
+// that lax.top_k uses, the threshold top-k, the operand checks, the sharing of a batch's
+// rows with XLA's intra-op threads, and the instruction-set clones of the vectorized loops.
 #ifndef JAXSAMPLE_NATIVE_COMMON_H_
 #define JAXSAMPLE_NATIVE_COMMON_H_
 
 #include <algorithm>
 #include <atomic>
+#include <climits>
 #include <functional>
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <optional>
+#include <string>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -101,6 +104,17 @@ inline void TopKRow(const float* x, int64_t n, int64_t k, const int32_t* block_m
     indices[j] = static_cast<int32_t>(WordIndex(buffer[j]));
     values[j] = x[indices[j]];
   }
+}
+
+// The operand checks of a kernel that returns k elements of each row of n: an error naming
+// the kernel when the operand has rank 0 or k is not in [1, n], or n is 2**31 or more.
+inline std::optional<xla::ffi::Error> CheckRows(const char* kernel, size_t rank, int64_t n,
+                                                int64_t k) {
+  if (rank < 1) return xla::ffi::Error::InvalidArgument(std::string(kernel) + ": rank 0");
+  if (k <= 0 || k > n || n > INT32_MAX) {
+    return xla::ffi::Error::InvalidArgument(std::string(kernel) + ": need 0 < k <= n < 2**31");
+  }
+  return std::nullopt;
 }
 
 // Elements per helper thread below which sharing out the rows costs more than it saves.

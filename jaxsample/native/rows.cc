@@ -44,49 +44,43 @@ constexpr float kFloatMax = std::numeric_limits<float>::max();
 
 inline float Sanitize(float v) { return std::isnan(v) ? -INFINITY : std::min(v, kFloatMax); }
 
-// The maxima of the order keys of blocks of `block` elements (the last block may be
-// shorter) into block_max[ceil(n / block)]; the row's smallest and largest keys into lo, hi.
-// Block is a template argument (0: a run-time block length) so the common lengths vectorize
-// with a fixed trip count.
+// The largest and smallest order key of len elements (kFixed > 0: len is kFixed, a fixed
+// trip count that vectorizes).
 template <int64_t kFixed>
-inline void BlockMaxKeysImpl(const float* x, int64_t n, int64_t block, int32_t* block_max,
-                             int32_t* lo, int32_t* hi) {
-  if (kFixed > 0) block = kFixed;
-  int32_t row_lo = INT32_MAX, row_hi = INT32_MIN;
+inline void KeyMaxMin(const float* x, int64_t len, int32_t* max, int32_t* min) {
+  if (kFixed > 0) len = kFixed;
+  int32_t m = INT32_MIN, l = INT32_MAX;
+  for (int64_t j = 0; j < len; ++j) {
+    int32_t bits;
+    std::memcpy(&bits, x + j, sizeof(bits));
+    const int32_t key = bits < 0 ? (bits ^ 0x7FFFFFFF) : bits;
+    m = m > key ? m : key;
+    l = l < key ? l : key;
+  }
+  *max = m;
+  *min = l;
+}
+
+// The maximum of each block of `block` elements of a row of n (the last block may be
+// shorter) in the order of OrderKey, into out[ceil(n / block)].
+template <int64_t kFixed>
+inline void BlockMaxRow(const float* x, int64_t n, int64_t block, float* out) {
+  int32_t m, l;
   int64_t start = 0, b = 0;
   for (; start + block <= n; start += block, ++b) {
-    int32_t m = INT32_MIN, l = INT32_MAX;
-    for (int64_t j = 0; j < (kFixed > 0 ? kFixed : block); ++j) {
-      int32_t bits;
-      std::memcpy(&bits, x + start + j, sizeof(bits));
-      const int32_t key = bits < 0 ? (bits ^ 0x7FFFFFFF) : bits;
-      m = m > key ? m : key;
-      l = l < key ? l : key;
-    }
-    block_max[b] = m;
-    row_hi = row_hi > m ? row_hi : m;
-    row_lo = row_lo < l ? row_lo : l;
+    KeyMaxMin<kFixed>(x + start, block, &m, &l);
+    out[b] = FromOrderKey(m);
   }
   if (start < n) {
-    int32_t m = INT32_MIN;
-    for (int64_t i = start; i < n; ++i) {
-      const int32_t key = OrderKey(x[i]);
-      m = std::max(m, key);
-      row_lo = std::min(row_lo, key);
-    }
-    block_max[b] = m;
-    row_hi = std::max(row_hi, m);
+    KeyMaxMin<0>(x + start, n - start, &m, &l);
+    out[b] = FromOrderKey(m);
   }
-  *lo = row_lo;
-  *hi = row_hi;
 }
 
 JAXSAMPLE_CLONES
-void BlockMaxKeys(const float* x, int64_t n, int64_t block, int32_t* block_max, int32_t* lo,
-                  int32_t* hi) {
-  if (block == 32) return BlockMaxKeysImpl<32>(x, n, block, block_max, lo, hi);
-  if (block == 64) return BlockMaxKeysImpl<64>(x, n, block, block_max, lo, hi);
-  BlockMaxKeysImpl<0>(x, n, block, block_max, lo, hi);
+void BlockMax(const float* x, int64_t n, int64_t block, float* out) {
+  if (block == 32) return BlockMaxRow<32>(x, n, block, out);  // transforms.CANDIDATE_BLOCK
+  BlockMaxRow<0>(x, n, block, out);
 }
 
 // exp(t) for t <= 0, -inf included; 0 below -87.
@@ -125,20 +119,11 @@ double MaxAndSumExp(const float* x, int64_t n, int32_t* block_max, int32_t* lo, 
   float shift = -INFINITY;  // the running maximum
   for (int64_t start = 0, b = 0; start < n; start += kBlock, ++b) {
     const int64_t len = std::min(kBlock, n - start);
-    int32_t m = INT32_MIN, l = INT32_MAX;
+    int32_t m, l;
     if (len == kBlock) {
-      for (int64_t j = 0; j < kBlock; ++j) {
-        int32_t bits;
-        std::memcpy(&bits, x + start + j, sizeof(bits));
-        const int32_t key = bits < 0 ? (bits ^ 0x7FFFFFFF) : bits;
-        m = m > key ? m : key;
-        l = l < key ? l : key;
-      }
+      KeyMaxMin<kBlock>(x + start, len, &m, &l);
     } else {
-      for (int64_t j = 0; j < len; ++j) {
-        m = std::max(m, OrderKey(x[start + j]));
-        l = std::min(l, OrderKey(x[start + j]));
-      }
+      KeyMaxMin<0>(x + start, len, &m, &l);
     }
     block_max[b] = m;
     row_lo = row_lo < l ? row_lo : l;
@@ -195,12 +180,11 @@ void LogSumExpTopKRow(const float* x, int64_t n, int64_t k, float* lse, float* v
 ffi::Error LogSumExpTopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                              ffi::ResultBuffer<ffi::F32> lse, ffi::ResultBuffer<ffi::F32> values,
                              ffi::ResultBuffer<ffi::S32> indices) {
-  const auto dims = x.dimensions();
-  if (dims.size() < 1) return ffi::Error::InvalidArgument("jaxsample_lse: a rank-0 operand");
-  const int64_t n = dims.back();
+  const int64_t n = x.dimensions().size() > 0 ? x.dimensions().back() : 0;
   const int64_t k = values->dimensions().back();
-  if (k <= 0 || k > n || n > INT32_MAX) {
-    return ffi::Error::InvalidArgument("jaxsample_lse: need 0 < k <= n < 2**31");
+  const char* kernel = "jaxsample_logsumexp_top_k";
+  if (auto error = jaxsample::CheckRows(kernel, x.dimensions().size(), n, k)) {
+    return *error;
   }
   const float* data = x.typed_data();
   float* lse_data = lse->typed_data();
@@ -224,13 +208,10 @@ ffi::Error BlockMaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   }
   const float* data = x.typed_data();
   float* out_data = out->typed_data();
-  jaxsample::ForEachRow<std::vector<int32_t>>(
-      pool, x.element_count() / n, n, [=](int64_t row, std::vector<int32_t>& keys) {
-        keys.resize(blocks);
-        int32_t lo, hi;
-        BlockMaxKeys(data + row * n, n, block, keys.data(), &lo, &hi);
-        for (int64_t b = 0; b < blocks; ++b) out_data[row * blocks + b] = FromOrderKey(keys[b]);
-      });
+  struct None {};
+  jaxsample::ForEachRow<None>(pool, x.element_count() / n, n, [=](int64_t row, None&) {
+    BlockMax(data + row * n, n, block, out_data + row * blocks);
+  });
   return ffi::Error::Success();
 }
 

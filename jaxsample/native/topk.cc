@@ -28,12 +28,10 @@ namespace {
 
 ffi::Error TopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                     ffi::ResultBuffer<ffi::F32> values, ffi::ResultBuffer<ffi::S32> indices) {
-  const auto dims = x.dimensions();
-  if (dims.size() < 1) return ffi::Error::InvalidArgument("jaxsample_topk: a rank-0 operand");
-  const int64_t n = dims.back();
+  const int64_t n = x.dimensions().size() > 0 ? x.dimensions().back() : 0;
   const int64_t k = values->dimensions().back();
-  if (k <= 0 || k > n || n > INT32_MAX) {
-    return ffi::Error::InvalidArgument("jaxsample_topk: need 0 < k <= n < 2**31");
+  if (auto error = jaxsample::CheckRows("jaxsample_topk", x.dimensions().size(), n, k)) {
+    return *error;
   }
   const float* data = x.typed_data();
   float* value_data = values->typed_data();
