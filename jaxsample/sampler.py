@@ -38,6 +38,7 @@ from jax import lax
 from jaxsample import native
 from jaxsample import transforms as tf
 from jaxsample.rows import TOP_LOGPROBS_MAX, RowParams
+from jaxsample.transforms import _maybe
 
 #: How many of a row's largest logits the fast path looks at (a two-stage top-k).
 NUM_CANDIDATES = 128
@@ -179,13 +180,6 @@ def _fewer(plan: Plan) -> Plan:
     """``plan`` with the cheap parts made static (computed for every row, no branch): every
     logit_bias entry, the history, the normalizer, the full candidate selection."""
     return plan.replace(bias=-1, total=True, penalties=True, mass=True, k_max=None)
-
-
-def _maybe(flag, yes, no):
-    """``yes()`` if ``flag`` else ``no()``: a Python branch for a constant, else ``lax.cond``."""
-    if isinstance(flag, (bool, np.bool_)):
-        return yes() if flag else no()
-    return lax.cond(flag, yes, no)
 
 
 def _bias_used(row: RowParams) -> jax.Array:
@@ -400,18 +394,12 @@ def _front(logits, row, hist, allowed, plan: Plan, num_candidates, chain) -> _Fr
     vocab = logits.shape[-1]
     z = _steps_1_to_5(logits, row, hist, allowed, plan.bias, chain, plan.penalties)
     greedy = tf.is_greedy(row.temperature)
-    zb = tf.block_max(z)
     small = _halved(plan, num_candidates, vocab)
-    c0 = tf.init_candidates(z, num_candidates, total=False, block_max=zb, half=small)
-    ok = c0.values[0] > -jnp.inf
     # The full-vocabulary normalizer (one exp pass) only matters to a filter that runs while
     # every token is still kept, that is when top_k did not cut: skipped when no row needs it.
-    total = _maybe(
-        plan.total,
-        lambda: tf.vocabulary_total(z, c0.values[0]),
-        lambda: jnp.float32(jnp.nan),
-    )
-    ck, c = _filter_candidates(c0, row, vocab, total)
+    zb, c0 = tf.first_candidates(z, num_candidates, total=plan.total, half=small)
+    ok = c0.values[0] > -jnp.inf
+    ck, c = _filter_candidates(c0, row, vocab, c0.total)
     return _Front(z, ck, c, ok, greedy, _unresolved(c, ok, greedy), zb=zb)
 
 
@@ -425,8 +413,8 @@ def _halved(plan: Plan, num_candidates: int, vocab: int):
     when no sampled row's top_k keeps more than half. Every row then gets the half; a row
     whose filters it leaves unresolved is selected again in full (:func:`_reselect_stage`)."""
     half = min(num_candidates, vocab) // 2
-    if plan.k_max is None or half < TOP_LOGPROBS_MAX:
-        return False
+    if plan.k_max is None or half < TOP_LOGPROBS_MAX or native.kernels_alone():
+        return False  # (the CPU kernel selects every candidate in the same pass)
     return plan.k_max <= half
 
 

@@ -191,6 +191,13 @@ def temperature(z: jax.Array, t: jax.Array) -> jax.Array:
 CANDIDATE_BLOCK = 32
 
 
+def _maybe(flag, yes, no):
+    """``yes()`` if ``flag`` else ``no()``: a Python branch for a constant, else ``lax.cond``."""
+    if isinstance(flag, (bool, np.bool_)):
+        return yes() if flag else no()
+    return lax.cond(flag, yes, no)
+
+
 def _blocks(x: jax.Array) -> jax.Array:
     """``x`` padded with -inf to a multiple of CANDIDATE_BLOCK, as ``[V / 32, 32]``."""
     pad = (-x.shape[0]) % CANDIDATE_BLOCK
@@ -301,6 +308,40 @@ def init_candidates(
         values, ids = halved()
     else:
         values, ids = lax.cond(half, halved, full)
+    total = vocabulary_total(z, values[0]) if total else jnp.float32(jnp.nan)
+    return _candidates(values, ids, total, vocab)
+
+
+def first_candidates(
+    z: jax.Array, num_candidates: int, *, total=True, half=False
+) -> tuple[jax.Array, Candidates]:
+    """``(block_max(z), init_candidates(z, num_candidates, total=total, half=half))`` in one
+    call: on CPU one kernel (:func:`jaxsample.native.candidates`), which reads the row once
+    for the block maxima and the normalizer and always selects all ``C`` candidates (``half``
+    is then ignored: the state is the full selection's, which is at least as exact).
+
+    ``total``: a bool or a scalar bool array (a ``lax.cond``); False gives ``total = NaN``.
+    The kernel's normalizer is within about 1 ulp of the exact sum, not the bits of
+    :func:`vocabulary_total`, which the JAX form (every other backend) uses.
+    """
+    vocab = z.shape[-1]
+    c = min(num_candidates, vocab)
+
+    def xla(z, total):
+        zb = block_max(z)
+        c0 = init_candidates(z, num_candidates, total=False, block_max=zb, half=half)
+        nan = jnp.float32(jnp.nan)
+        t = _maybe(total, lambda: vocabulary_total(z, c0.values[0]), lambda: nan)
+        return zb, c0.values, c0.ids, t
+
+    zb, values, ids, t = native.candidates(z, c, CANDIDATE_BLOCK, total, xla)
+    return zb, _candidates(values, ids, t, vocab)
+
+
+def _candidates(values: jax.Array, ids: jax.Array, total: jax.Array, vocab: int) -> Candidates:
+    """The state of :func:`init_candidates` for the ``C`` largest ``(values, ids)`` of a row
+    of ``vocab`` tokens and its normalizer ``total``."""
+    c = values.shape[0]
     top = values[0]
     shift = jnp.where(top == -jnp.inf, 0.0, top)
     weights = jnp.exp(values - shift)
@@ -312,7 +353,7 @@ def init_candidates(
         ids=ids,
         weights=weights,
         cum=cum,
-        total=vocabulary_total(z, values[0]) if total else jnp.float32(jnp.nan),
+        total=total,
         n=jnp.where(complete, finite, c).astype(jnp.int32),
         kept_all=~complete,
         exact=jnp.bool_(True),

@@ -111,7 +111,7 @@ def test_the_sampler_uses_them_and_draws_the_same(monkeypatch):
     hist = sm.History.stack([sm.History.from_tokens([1, 2], [3], v)] * b)
     args = (logits, _rows(b, v), hist, None, jnp.int32(2))
     text = jax.jit(lambda *a: sm.sample_rows(*a)).lower(*args).compile().as_text()
-    for target in ("jaxsample_topk", "jaxsample_block_max", "jaxsample_logsumexp_top_k"):
+    for target in ("jaxsample_topk", "jaxsample_candidates", "jaxsample_logsumexp_top_k"):
         assert target in text
     assert 'custom_call_target="TopK"' not in text
     ours = jax.jit(lambda *a: sm.sample_rows(*a))(*args)
@@ -134,6 +134,7 @@ def test_unknown_setting_is_refused(monkeypatch):
         lambda: native.top_k(jnp.zeros(4), 2),
         lambda: native.block_max(jnp.zeros(4), 2),
         lambda: native.logsumexp_top_k(jnp.zeros(4), 2),
+        lambda: native.candidates(jnp.zeros(4), 2, 2, True, None),
         native.status,
     ):
         with pytest.raises(ValueError, match="KERNELS"):
@@ -162,10 +163,12 @@ def test_without_a_working_compiler_it_is_the_jax_forms(tmp_path, cxx):
             out = native.top_k(x, 3)
         print(native.status()["native"], [str(m.message) for m in w])
         lse = native.logsumexp_top_k(x, 2)[0]
+        form = lambda x, t: ("the JAX form", t)
         print(
             jnp.array_equal(out[1], lax.top_k(x, 3)[1]).item()
             and native.block_max(x, 2).tolist() == [[3.0, 3.0, 0.0]]
             and abs(float(lse[0]) - float(jax.nn.logsumexp(x))) < 1e-6
+            and native.candidates(x, 2, 2, True, form) == ("the JAX form", True)
         )
         """
     )
@@ -288,3 +291,83 @@ def test_raw_log_probabilities_kernel_and_jax_form_agree():
     theirs = jax.jit(lambda x: sm._raw_xla(x, 20, True))(x)
     assert same_bits(ours[1:], theirs[1:])
     assert_lse_close(ours[0], np.asarray(theirs[0], np.float64))
+
+
+def reference_total(x: np.ndarray) -> np.ndarray:
+    """float64 sum(exp(x - max x)) per row (0 for a row of -inf only)."""
+    z = np.asarray(x, np.float64)
+    top = z.max(-1, keepdims=True)
+    return np.exp(z - np.where(top == -np.inf, 0.0, top)).sum(-1)
+
+
+def check_candidates(x: np.ndarray, k: int, block: int, total: bool, got) -> None:
+    """``native.candidates``'s output against native.block_max, lax.top_k (same bits) and
+    float64 (the normalizer within 2 ulp; NaN when not asked for)."""
+    bm, values, ids, t = got
+    xj = jnp.asarray(x)
+    assert np.array_equal(
+        np.asarray(bm).view(np.int32), np.asarray(native.block_max(xj, block)).view(np.int32)
+    )
+    assert same_bits((values, ids), lax.top_k(xj, k))
+    t = np.asarray(t, np.float64)
+    assert t.shape == x.shape[:-1]
+    if not total:
+        assert np.all(np.isnan(t))
+        return
+    want = reference_total(x)
+    assert np.all(np.abs(t - want) <= 2 * np.spacing(want.astype(np.float32)).astype(np.float64)), (
+        t,
+        want,
+    )
+
+
+def _no_form(x, total):
+    raise AssertionError("the kernel was not used")
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_candidates_against_block_max_lax_top_k_and_float64(data):
+    """The block maxima, the top k (lax.top_k's bits) and the normalizer sum(exp(x - max))
+    within 2 ulp of float64, for rows without NaN or +inf (as documented): signed zeros,
+    ties, rows of -inf only, any shape, block length and k (k below and above the number of
+    blocks); without the normalizer it is NaN."""
+    x, k = draw_rows(
+        data, 600, few=[0.0, -0.0, 1.0, 2.0, -np.inf], floats=st.floats(-100, 100, width=32)
+    )
+    x = np.where(np.isnan(x), -np.inf, np.minimum(x, 3e38)).astype(np.float32)
+    block = data.draw(st.sampled_from([1, 2, 7, 32, 64]))
+    total = data.draw(st.booleans())
+    got = jax.jit(lambda x: native.candidates(x, k, block, total, _no_form))(jnp.asarray(x))
+    check_candidates(x, k, block, total, got)
+
+
+@pytest.mark.parametrize("n", [49152, 128256])
+def test_candidates_real_sizes_batch_invariance_and_traced_flag(n):
+    """Rows of real-model sizes: peaked, flat, masked to a few tokens, every value equal,
+    -inf only; a row's bits alone, in a batch and under vmap; ``total`` as a traced flag."""
+    rng = np.random.default_rng(n)
+    x = np.stack(
+        [
+            rng.standard_normal(n) * 0.1,
+            rng.standard_normal(n) * 3,
+            np.sort(rng.gumbel(size=n))[::-1] * 4,  # descending: the running maximum never rises
+            np.where(rng.random(n) < 0.001, rng.standard_normal(n), -np.inf),
+            np.full(n, 1.5),
+            np.full(n, -np.inf),
+        ]
+    ).astype(np.float32)
+    fn = jax.jit(lambda x, t: native.candidates(x, 128, 32, t, _no_form))
+    for flag in (True, False):
+        got = fn(jnp.asarray(x), jnp.bool_(flag))
+        check_candidates(x, 128, 32, flag, got)
+    got = fn(jnp.asarray(x), jnp.bool_(True))
+    for i in (0, 3, 5):
+        alone = fn(jnp.asarray(x[i : i + 1]), jnp.bool_(True))
+        for a, b in zip(alone, got, strict=True):
+            assert np.array_equal(np.asarray(a)[0], np.asarray(b)[i], equal_nan=True)
+    mapped = jax.jit(jax.vmap(lambda r: native.candidates(r, 128, 32, True, _no_form)))(
+        jnp.asarray(x)
+    )
+    for a, b in zip(mapped, got, strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))

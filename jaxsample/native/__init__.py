@@ -58,6 +58,7 @@ _TARGETS = {
     "jaxsample_topk": "JaxsampleTopK",
     "jaxsample_block_max": "JaxsampleBlockMax",
     "jaxsample_logsumexp_top_k": "JaxsampleLogSumExpTopK",
+    "jaxsample_candidates": "JaxsampleCandidates",
 }
 # no contraction into fused multiply-adds: every instruction-set clone gives the same bits
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off")
@@ -157,6 +158,13 @@ def status() -> dict:
         return {"native": False, "reason": f"KERNELS = {KERNELS!r}", "path": None}
     ok = _load()
     return {"native": ok, "reason": _state["reason"], "path": _state.get("path")}
+
+
+def kernels_alone() -> bool:
+    """Whether a program traced now calls the kernels with no other branch: a CPU-only
+    process, ``KERNELS = "auto"``, the kernels built. A caller may then skip work that only
+    the JAX forms need."""
+    return _wanted() and _platforms() == {"cpu"} and jax.default_backend() == "cpu" and _load()
 
 
 def _platforms() -> set:
@@ -268,3 +276,43 @@ def logsumexp_top_k(x: jax.Array, k: int, otherwise=None):
     shapes = [((), jnp.float32), ((k,), jnp.float32), ((k,), jnp.int32)]
     kernel = lambda x: _call("jaxsample_logsumexp_top_k", x, shapes)  # noqa: E731
     return _dispatch(kernel, otherwise, x)
+
+
+def candidates(x: jax.Array, k: int, block: int, total, otherwise):
+    """A row's block maxima, top k and normalizer in one call: ``(block_max, values, ids,
+    total)`` with ``block_max`` as :func:`block_max` (``f32[..., ceil(n / block)]``),
+    ``(values, ids)`` as ``lax.top_k(x, k)`` and ``total = sum(exp(x - max x))``
+    (``f32[...]``; NaN when ``total`` is False). For rows without NaN or +inf.
+
+    ``total`` is a bool or a scalar bool array (a ``lax.cond`` between the two forms).
+    ``otherwise(x, total)``, which must return the same, is used where the kernel is not; its
+    ``total`` need not have the kernel's bits (the kernel's is within about 1 ulp of the
+    exact sum, as :func:`logsumexp_top_k`'s). On CPU one pass over the row gives the block
+    maxima (and the sum); the k-th largest block maximum bounds the k-th largest element from
+    below, so the top k comes from the threshold scan of the blocks that reach it.
+
+    >>> x = jnp.log(jnp.array([1.0, 4.0, 2.0, 1.0, 8.0]))
+    >>> xla = lambda x, t: (block_max(x, 2), *lax.top_k(x, 2), jnp.sum(jnp.exp(x - x.max())))
+    >>> bm, values, ids, total = candidates(x, 2, 2, True, xla)
+    >>> np.exp(bm).round(3).tolist(), ids.tolist(), round(float(total), 4)
+    ([4.0, 2.0, 8.0], [4, 1], 2.0)
+    """
+    x = jnp.asarray(x)
+    if not _rows_ok(x) or not 1 <= k <= x.shape[-1] or block < 1:
+        return otherwise(x, total)
+    blocks = -(-x.shape[-1] // block)
+    shapes = [((blocks,), jnp.float32), ((k,), jnp.float32), ((k,), jnp.int32), ((), jnp.float32)]
+
+    def call(with_total: bool):
+        return lambda x: _call(
+            "jaxsample_candidates", x, shapes, block=np.int64(block), total=with_total
+        )
+
+    def kernel(x, total):
+        if isinstance(total, (bool, np.bool_)):
+            return call(bool(total))(x)
+        return lax.cond(total, call(True), call(False), x)
+
+    if isinstance(total, (bool, np.bool_)):
+        return _dispatch(lambda x: kernel(x, total), lambda x: otherwise(x, total), x)
+    return _dispatch(kernel, otherwise, x, total)

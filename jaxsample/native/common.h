@@ -63,47 +63,124 @@ inline int32_t WordKey(uint64_t word) {
   return static_cast<int32_t>(static_cast<uint32_t>(word >> 32) ^ 0x80000000u);
 }
 
+// The k largest of the `count` words at `words` into values[k], indices[k] (x: the row),
+// in lax.top_k's order: nth_element keeps the k largest, then they are sorted.
+inline void FinishTopK(uint64_t* words, int64_t count, int64_t k, const float* x,
+                       float* values, int32_t* indices) {
+  if (count > k) {
+    std::nth_element(words, words + (k - 1), words + count, std::greater<uint64_t>());
+  }
+  std::sort(words, words + k, std::greater<uint64_t>());
+  for (int64_t j = 0; j < k; ++j) {
+    indices[j] = static_cast<int32_t>(WordIndex(words[j]));
+    values[j] = x[indices[j]];
+  }
+}
+
 // The k largest elements of a row of n in lax.top_k's order, into values[k], indices[k]
 // (topk.cc's scan): a buffer keeps the words above a running threshold; when it holds 2k
 // words, nth_element keeps the k largest and the threshold becomes the smallest of them;
-// the survivors are sorted at the end. With block_max (the order-key maxima of the row's
-// blocks of `block`), a block whose maximum cannot enter the buffer is skipped whole.
-inline void TopKRow(const float* x, int64_t n, int64_t k, const int32_t* block_max,
-                    int64_t block, std::vector<uint64_t>& buffer, float* values,
-                    int32_t* indices) {
+// the survivors are sorted at the end.
+inline void TopKRow(const float* x, int64_t n, int64_t k, std::vector<uint64_t>& buffer,
+                    float* values, int32_t* indices) {
   buffer.clear();
   const size_t full = static_cast<size_t>(2 * k);
   bool bounded = false;
   uint64_t threshold = 0;
-  if (block_max == nullptr) block = n;
-  for (int64_t start = 0, b = 0; start < n; start += block, ++b) {
-    // every element of the block has a key <= its maximum, and one equal to the
-    // threshold's key comes after the threshold's element (a smaller word): none can enter
-    if (bounded && block_max != nullptr && block_max[b] <= WordKey(threshold)) continue;
-    const int64_t end = std::min(n, start + block);
-    for (int64_t i = start; i < end; ++i) {
-      const uint64_t word = Word(x[i], static_cast<uint32_t>(i));
-      if (bounded && word <= threshold) continue;
-      buffer.push_back(word);
-      if (buffer.size() == full) {
-        std::nth_element(buffer.begin(), buffer.begin() + (k - 1), buffer.end(),
-                         std::greater<uint64_t>());
-        buffer.resize(k);
-        threshold = buffer[k - 1];
-        bounded = true;
-      }
+  for (int64_t i = 0; i < n; ++i) {
+    const uint64_t word = Word(x[i], static_cast<uint32_t>(i));
+    if (bounded && word <= threshold) continue;
+    buffer.push_back(word);
+    if (buffer.size() == full) {
+      std::nth_element(buffer.begin(), buffer.begin() + (k - 1), buffer.end(),
+                       std::greater<uint64_t>());
+      buffer.resize(k);
+      threshold = buffer[k - 1];
+      bounded = true;
     }
   }
-  if (static_cast<int64_t>(buffer.size()) > k) {
-    std::nth_element(buffer.begin(), buffer.begin() + (k - 1), buffer.end(),
-                     std::greater<uint64_t>());
-    buffer.resize(k);
+  FinishTopK(buffer.data(), static_cast<int64_t>(buffer.size()), k, x, values, indices);
+}
+
+// The scratch of TopKByBlocks.
+struct BlockScratch {
+  std::vector<int32_t> chosen;
+  std::vector<uint64_t> words;
+};
+
+// The largest order key with at least k of the `blocks` keys at or above it, or one a little
+// below it: a bisection over the keys that stops once between k and 5k/4 keys reach it
+// (INT32_MIN when there are at most k keys). Given the row's block maxima, at least k
+// elements reach it, so it is at most the row's k-th largest key.
+inline int32_t BlockFloor(const int32_t* keys, int64_t blocks, int64_t k) {
+  if (blocks <= k) return INT32_MIN;
+  int32_t lo = INT32_MAX, hi = INT32_MIN;
+  for (int64_t b = 0; b < blocks; ++b) {
+    lo = lo < keys[b] ? lo : keys[b];
+    hi = hi > keys[b] ? hi : keys[b];
   }
-  std::sort(buffer.begin(), buffer.end(), std::greater<uint64_t>());
-  for (int64_t j = 0; j < k; ++j) {
-    indices[j] = static_cast<int32_t>(WordIndex(buffer[j]));
-    values[j] = x[indices[j]];
+  int64_t reached = lo, missed = static_cast<int64_t>(hi) + 1;  // >= k keys / fewer than k
+  while (reached + 1 < missed) {
+    const int32_t mid = static_cast<int32_t>(reached + (missed - reached) / 2);
+    int64_t count = 0;
+    for (int64_t b = 0; b < blocks; ++b) count += keys[b] >= mid;
+    if (count < k) {
+      missed = mid;
+    } else {
+      reached = mid;
+      if (count <= k + k / 4) break;
+    }
   }
+  return static_cast<int32_t>(reached);
+}
+
+// The k largest elements of a row of n in lax.top_k's order, into values[k], indices[k],
+// given block_max: the order-key maxima of the row's blocks of `block`.
+// BlockFloor gives a key that at least k elements reach, so only the blocks whose maximum
+// reaches it are read, in order; each block's words above the running threshold are
+// appended without a branch per element, and when 2k are held nth_element keeps the k
+// largest and the threshold rises to the smallest of them (a block whose maximum cannot beat
+// it is then skipped whole). A row of equal values reads about 2k elements.
+inline void TopKByBlocks(const float* x, int64_t n, int64_t k, const int32_t* block_max,
+                         int64_t block, BlockScratch& s, float* values, int32_t* indices) {
+  const int64_t blocks = (n + block - 1) / block;
+  const int32_t floor_key = BlockFloor(block_max, blocks, k);
+  s.chosen.resize(blocks);
+  int64_t chosen = 0;
+  for (int64_t b = 0; b < blocks; ++b) {
+    s.chosen[chosen] = static_cast<int32_t>(b);
+    chosen += block_max[b] >= floor_key;
+  }
+  s.words.resize(2 * k + block);
+  uint64_t* words = s.words.data();
+  // The largest word below every word whose key reaches the floor (0 for no floor: every
+  // word is above it, since no index is 2**32 - 1).
+  uint64_t threshold =
+      floor_key > INT32_MIN
+          ? (static_cast<uint64_t>(static_cast<uint32_t>(floor_key) ^ 0x80000000u) << 32) - 1
+          : 0;
+  int64_t count = 0;
+  for (int64_t c = 0; c < chosen; ++c) {
+    const int64_t b = s.chosen[c];
+    // Every element of the block has a key <= its maximum. Below the threshold's key none
+    // can enter; at it, none either: the threshold is the floor's (every word of that key
+    // is above it, but the key is floor - 1) or an earlier element's (every later one of
+    // the same key has a smaller word).
+    if (threshold != 0 && block_max[b] <= WordKey(threshold)) continue;
+    const int64_t start = b * block;
+    const int64_t len = std::min(block, n - start);
+    for (int64_t j = 0; j < len; ++j) {
+      const uint64_t word = Word(x[start + j], static_cast<uint32_t>(start + j));
+      words[count] = word;
+      count += word > threshold;
+    }
+    if (count >= 2 * k) {
+      std::nth_element(words, words + (k - 1), words + count, std::greater<uint64_t>());
+      count = k;
+      threshold = words[k - 1];
+    }
+  }
+  FinishTopK(words, count, k, x, values, indices);
 }
 
 // The operand checks of a kernel that returns k elements of each row of n: an error naming

@@ -22,11 +22,13 @@
 // tests/test_native.py checks both against float64 and lax.top_k.
 
 #include <algorithm>
+#include <functional>
 #include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -62,24 +64,38 @@ inline void KeyMaxMin(const float* x, int64_t len, int32_t* max, int32_t* min) {
 }
 
 // The maximum of each block of `block` elements of a row of n (the last block may be
-// shorter) in the order of OrderKey, into out[ceil(n / block)].
-template <int64_t kFixed>
-inline void BlockMaxRow(const float* x, int64_t n, int64_t block, float* out) {
+// shorter) in the order of OrderKey, into out[ceil(n / block)]: the values (Out = float)
+// or their order keys (Out = int32_t).
+template <int64_t kFixed, typename Out>
+inline void BlockMaxRow(const float* x, int64_t n, int64_t block, Out* out) {
   int32_t m, l;
   int64_t start = 0, b = 0;
+  auto put = [](int32_t key) -> Out {
+    if constexpr (std::is_same_v<Out, float>) {
+      return FromOrderKey(key);
+    } else {
+      return key;
+    }
+  };
   for (; start + block <= n; start += block, ++b) {
     KeyMaxMin<kFixed>(x + start, block, &m, &l);
-    out[b] = FromOrderKey(m);
+    out[b] = put(m);
   }
   if (start < n) {
     KeyMaxMin<0>(x + start, n - start, &m, &l);
-    out[b] = FromOrderKey(m);
+    out[b] = put(m);
   }
 }
 
 JAXSAMPLE_CLONES
 void BlockMax(const float* x, int64_t n, int64_t block, float* out) {
   if (block == 32) return BlockMaxRow<32>(x, n, block, out);  // transforms.CANDIDATE_BLOCK
+  BlockMaxRow<0>(x, n, block, out);
+}
+
+JAXSAMPLE_CLONES
+void BlockMaxKeys(const float* x, int64_t n, int64_t block, int32_t* out) {
+  if (block == 32) return BlockMaxRow<32>(x, n, block, out);
   BlockMaxRow<0>(x, n, block, out);
 }
 
@@ -101,31 +117,40 @@ inline float ExpNonPositive(float t) {
   return t < -87.0f ? 0.0f : p * scale;
 }
 
-// One pass over a row: the order-key maxima of its blocks of kBlock (into block_max, the
-// last block may be shorter), its smallest and largest keys (lo, hi), and sum(exp(x - top))
-// with top = the row's maximum (0 for a row of -inf only), returned with top in *top.
-// The sum runs against the running maximum of the blocks so far: each term is
-// exp(x - running max) rounded to float32 and added to its lane (lane j: elements j, j + 64,
-// ... of the row) in double precision; when a block raises the running maximum, the lanes
-// are first scaled by exp(old - new) in double precision. At the end the lanes are added
-// pairwise. Every step depends on the row alone.
-JAXSAMPLE_CLONES
-double MaxAndSumExp(const float* x, int64_t n, int32_t* block_max, int32_t* lo, int32_t* hi,
-                    float* top) {
+// One pass over a row: the order-key maxima of its blocks of kSub (a divisor of kBlock;
+// into block_max, the last block may be shorter), its smallest and largest keys (lo, hi),
+// and sum(exp(x - top)) with top = the row's maximum (0 for a row of -inf only), returned
+// with top in *top. The sum runs against the running maximum of the blocks of kBlock so
+// far: each term is exp(x - running max) rounded to float32 and added to its lane (lane j:
+// elements j, j + 64, ... of the row) in double precision; when a block raises the running
+// maximum, the lanes are first scaled by exp(old - new) in double precision. At the end the
+// lanes are added pairwise. Every step depends on the row alone, and the sum does not
+// depend on kSub.
+// (always inlined: it must be compiled for each instruction-set clone that calls it, or its
+// fused multiply-adds become library calls)
+template <int64_t kSub>
+__attribute__((always_inline)) inline double MaxAndSumExpRow(const float* x, int64_t n, int32_t* block_max, int32_t* lo,
+                              int32_t* hi, float* top) {
+  static_assert(kBlock % kSub == 0, "kSub must divide kBlock");
   double lanes[kBlock];
   float terms[kBlock];
   for (int64_t j = 0; j < kBlock; ++j) lanes[j] = 0.0;
   int32_t row_lo = INT32_MAX, row_hi = INT32_MIN;
   float shift = -INFINITY;  // the running maximum
-  for (int64_t start = 0, b = 0; start < n; start += kBlock, ++b) {
+  for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t len = std::min(kBlock, n - start);
-    int32_t m, l;
-    if (len == kBlock) {
-      KeyMaxMin<kBlock>(x + start, len, &m, &l);
-    } else {
-      KeyMaxMin<0>(x + start, len, &m, &l);
+    int32_t m = INT32_MIN, l = INT32_MAX;
+    for (int64_t off = 0; off < len; off += kSub) {
+      int32_t sub_max, sub_min;
+      if (off + kSub <= len) {
+        KeyMaxMin<kSub>(x + start + off, kSub, &sub_max, &sub_min);
+      } else {
+        KeyMaxMin<0>(x + start + off, len - off, &sub_max, &sub_min);
+      }
+      block_max[(start + off) / kSub] = sub_max;
+      m = m > sub_max ? m : sub_max;
+      l = l < sub_min ? l : sub_min;
     }
-    block_max[b] = m;
     row_lo = row_lo < l ? row_lo : l;
     if (m > row_hi) {
       row_hi = m;
@@ -155,10 +180,24 @@ double MaxAndSumExp(const float* x, int64_t n, int32_t* block_max, int32_t* lo, 
   return lanes[0];
 }
 
+JAXSAMPLE_CLONES
+double MaxAndSumExp(const float* x, int64_t n, int32_t* block_max, int32_t* lo, int32_t* hi,
+                    float* top) {
+  return MaxAndSumExpRow<kBlock>(x, n, block_max, lo, hi, top);
+}
+
+// MaxAndSumExp with the maxima of blocks of 32 (transforms.CANDIDATE_BLOCK): the same sum.
+JAXSAMPLE_CLONES
+double MaxAndSumExp32(const float* x, int64_t n, int32_t* block_max, int32_t* lo, int32_t* hi,
+                      float* top) {
+  return MaxAndSumExpRow<32>(x, n, block_max, lo, hi, top);
+}
+
 struct Scratch {
   std::vector<int32_t> block_max;
-  std::vector<uint64_t> buffer;
+  std::vector<int32_t> keys;
   std::vector<float> clean;
+  jaxsample::BlockScratch top;
 };
 
 void LogSumExpTopKRow(const float* x, int64_t n, int64_t k, float* lse, float* values,
@@ -174,7 +213,7 @@ void LogSumExpTopKRow(const float* x, int64_t n, int64_t k, float* lse, float* v
     sum = MaxAndSumExp(x, n, s.block_max.data(), &lo, &hi, &top);
   }
   *lse = static_cast<float>(static_cast<double>(top) + std::log(sum));
-  jaxsample::TopKRow(x, n, k, s.block_max.data(), kBlock, s.buffer, values, indices);
+  jaxsample::TopKByBlocks(x, n, k, s.block_max.data(), kBlock, s.top, values, indices);
 }
 
 ffi::Error LogSumExpTopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -193,6 +232,61 @@ ffi::Error LogSumExpTopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   jaxsample::ForEachRow<Scratch>(pool, x.element_count() / n, n, [=](int64_t row, Scratch& s) {
     LogSumExpTopKRow(data + row * n, n, k, lse_data + row, value_data + row * k,
                      index_data + row * k, s);
+  });
+  return ffi::Error::Success();
+}
+
+// The candidates of one row of n (no NaN): the block maxima (blocks of `block`) into
+// block_max, the k largest values and their indices (common.h's TopKByBlocks, from the
+// block maxima), and with `with_total` the sum of exp(x - max x) into *total (else NaN),
+// in the same pass as the block maxima (MaxAndSumExp's sum, to about 1 ulp).
+void CandidatesRow(const float* x, int64_t n, int64_t k, int64_t block, bool with_total,
+                   float* block_max, float* values, int32_t* indices, float* total,
+                   Scratch& s) {
+  const int64_t blocks = (n + block - 1) / block;
+  s.block_max.resize(blocks);
+  int32_t* keys = s.block_max.data();
+  if (with_total && block == 32) {
+    int32_t lo, hi;
+    float top;
+    *total = static_cast<float>(MaxAndSumExp32(x, n, keys, &lo, &hi, &top));
+  } else {
+    BlockMaxKeys(x, n, block, keys);
+    if (with_total) {
+      int32_t lo, hi;
+      float top;
+      s.keys.resize((n + kBlock - 1) / kBlock);
+      *total = static_cast<float>(MaxAndSumExp(x, n, s.keys.data(), &lo, &hi, &top));
+    } else {
+      *total = std::numeric_limits<float>::quiet_NaN();
+    }
+  }
+  for (int64_t b = 0; b < blocks; ++b) block_max[b] = FromOrderKey(keys[b]);
+  jaxsample::TopKByBlocks(x, n, k, keys, block, s.top, values, indices);
+}
+
+ffi::Error CandidatesImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                          ffi::ResultBuffer<ffi::F32> block_max, ffi::ResultBuffer<ffi::F32> values,
+                          ffi::ResultBuffer<ffi::S32> indices, ffi::ResultBuffer<ffi::F32> total,
+                          int64_t block, bool with_total) {
+  const int64_t n = x.dimensions().size() > 0 ? x.dimensions().back() : 0;
+  const int64_t k = values->dimensions().back();
+  const char* kernel = "jaxsample_candidates";
+  if (auto error = jaxsample::CheckRows(kernel, x.dimensions().size(), n, k)) {
+    return *error;
+  }
+  const int64_t blocks = block_max->dimensions().back();
+  if (block <= 0 || blocks != (n + block - 1) / block) {
+    return ffi::Error::InvalidArgument("jaxsample_candidates: need ceil(n / block) maxima");
+  }
+  const float* data = x.typed_data();
+  float* max_data = block_max->typed_data();
+  float* value_data = values->typed_data();
+  int32_t* index_data = indices->typed_data();
+  float* total_data = total->typed_data();
+  jaxsample::ForEachRow<Scratch>(pool, x.element_count() / n, n, [=](int64_t row, Scratch& s) {
+    CandidatesRow(data + row * n, n, k, block, with_total, max_data + row * blocks,
+                  value_data + row * k, index_data + row * k, total_data + row, s);
   });
   return ffi::Error::Success();
 }
@@ -231,3 +325,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsampleBlockMax, BlockMaxImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("block"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsampleCandidates, CandidatesImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("block")
+                                  .Attr<bool>("total"));

@@ -38,7 +38,7 @@ ffi::Error TopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   int32_t* index_data = indices->typed_data();
   jaxsample::ForEachRow<std::vector<uint64_t>>(
       pool, x.element_count() / n, n, [=](int64_t row, std::vector<uint64_t>& buffer) {
-        jaxsample::TopKRow(data + row * n, n, k, nullptr, 0, buffer, value_data + row * k,
+        jaxsample::TopKRow(data + row * n, n, k, buffer, value_data + row * k,
                            index_data + row * k);
       });
   return ffi::Error::Success();
