@@ -1,4 +1,4 @@
-"""jaxsample's CPU kernels: exact top-k, block maxima and a log-sum-exp with its top k.
+"""jaxsample's CPU kernels: exact top-k, block maxima, a log-sum-exp with its top k, candidates.
 
 Each function here has one meaning on every backend and a plain JAX form; on XLA's CPU
 backend it calls a kernel in this directory (``topk.cc``, ``rows.cc``) through XLA's FFI:
@@ -14,6 +14,10 @@ backend it calls a kernel in this directory (``topk.cc``, ``rows.cc``) through X
   that it writes out, a sum and two top-k stages. The caller gives the JAX form
   (``otherwise``) used elsewhere; the kernel's ``lse`` is within about 1 ulp of the exact
   value, not the same bits as a JAX form.
+* :func:`candidates` is the sampler's first candidate selection: a row's block maxima, its
+  top k and (optionally) ``sum(exp(x - max))`` in one call, where XLA makes a block-maximum
+  pass, two top-k stages around a gather, and an ``exp`` pass with its fold. Its top k starts
+  from a floor that at least k block maxima reach and reads only the blocks that reach it.
 
 Every kernel shares the rows of a batch out to XLA's intra-op threads, and its result for a
 row depends on that row alone (not on the batch).

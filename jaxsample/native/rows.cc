@@ -13,10 +13,14 @@
 //     one of 64 lanes, the lanes rescaled when the maximum rises (MaxAndSumExp). Every step
 //     depends on the row alone, so a row's bits do not depend on the batch;
 //     lse = max + log(sum), rounded once to float32;
-//  2. the top k: a block whose maximum cannot beat the running k-th word is skipped whole,
-//     the others go through topk.cc's threshold buffer (the row is in cache).
+//  2. the top k from the block maxima (common.h's TopKByBlocks; the row is in cache).
 // exp is a Cody-Waite range reduction and Cephes's polynomial (about 1 ulp); a term below
 // exp(-87) counts as 0 (together at most 1e-33 of the sum, which is at least 1).
+//
+// JaxsampleCandidates: the sampler's first candidate selection, for rows without NaN or
+// +inf: the block maxima of `block` (as JaxsampleBlockMax), the k largest (TopKByBlocks)
+// and, with the attribute `total`, sum(exp(x - max)) from the same pass (MaxAndSumExp's sum
+// with the maxima of blocks of 32), else NaN.
 //
 // jaxsample/native/__init__.py builds this file with topk.cc on first use;
 // tests/test_native.py checks both against float64 and lax.top_k.
