@@ -77,32 +77,12 @@ inline void FinishTopK(uint64_t* words, int64_t count, int64_t k, const float* x
   }
 }
 
-// The k largest elements of a row of n in lax.top_k's order, into values[k], indices[k]
-// (topk.cc's scan): a buffer keeps the words above a running threshold; when it holds 2k
-// words, nth_element keeps the k largest and the threshold becomes the smallest of them;
-// the survivors are sorted at the end.
-inline void TopKRow(const float* x, int64_t n, int64_t k, std::vector<uint64_t>& buffer,
-                    float* values, int32_t* indices) {
-  buffer.clear();
-  const size_t full = static_cast<size_t>(2 * k);
-  bool bounded = false;
-  uint64_t threshold = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const uint64_t word = Word(x[i], static_cast<uint32_t>(i));
-    if (bounded && word <= threshold) continue;
-    buffer.push_back(word);
-    if (buffer.size() == full) {
-      std::nth_element(buffer.begin(), buffer.begin() + (k - 1), buffer.end(),
-                       std::greater<uint64_t>());
-      buffer.resize(k);
-      threshold = buffer[k - 1];
-      bounded = true;
-    }
-  }
-  FinishTopK(buffer.data(), static_cast<int64_t>(buffer.size()), k, x, values, indices);
-}
+// The order-key maxima of the blocks of `block` elements of a row of n (the last block may
+// be shorter) into out[ceil(n / block)] (rows.cc, vectorized).
+void BlockMaxKeys(const float* x, int64_t n, int64_t block, int32_t* out);
 
 // The scratch of TopKByBlocks.
+
 struct BlockScratch {
   std::vector<int32_t> chosen;
   std::vector<uint64_t> words;

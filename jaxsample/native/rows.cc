@@ -97,11 +97,6 @@ void BlockMax(const float* x, int64_t n, int64_t block, float* out) {
   BlockMaxRow<0>(x, n, block, out);
 }
 
-JAXSAMPLE_CLONES
-void BlockMaxKeys(const float* x, int64_t n, int64_t block, int32_t* out) {
-  if (block == 32) return BlockMaxRow<32>(x, n, block, out);
-  BlockMaxRow<0>(x, n, block, out);
-}
 
 // exp(t) for t <= 0, -inf included; 0 below -87.
 inline float ExpNonPositive(float t) {
@@ -255,7 +250,7 @@ void CandidatesRow(const float* x, int64_t n, int64_t k, int64_t block, bool wit
     float top;
     *total = static_cast<float>(MaxAndSumExp32(x, n, keys, &lo, &hi, &top));
   } else {
-    BlockMaxKeys(x, n, block, keys);
+    jaxsample::BlockMaxKeys(x, n, block, keys);
     if (with_total) {
       int32_t lo, hi;
       float top;
@@ -314,6 +309,16 @@ ffi::Error BlockMaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 }
 
 }  // namespace
+
+namespace jaxsample {
+
+JAXSAMPLE_CLONES
+void BlockMaxKeys(const float* x, int64_t n, int64_t block, int32_t* out) {
+  if (block == 32) return BlockMaxRow<32>(x, n, block, out);  // transforms.CANDIDATE_BLOCK
+  BlockMaxRow<0>(x, n, block, out);
+}
+
+}  // namespace jaxsample
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsampleLogSumExpTopK, LogSumExpTopKImpl,
                               ffi::Ffi::Bind()

@@ -8,12 +8,13 @@
 //
 // Per row: each element becomes one 64-bit word, (order key of the value, complement of the
 // index), so all words are distinct and their descending order is exactly the result's
-// order. A scan keeps a buffer of candidate words above a running threshold: when the buffer
-// holds 2k words, nth_element keeps the k largest and the threshold becomes the smallest of
-// them. Most elements are rejected by one comparison; the k survivors are sorted at the end.
-// Rows are shared out to XLA's intra-op thread pool (common.h: claimed one at a time from a
-// counter, so a helper that starts late finds nothing left and the caller never waits on a
-// task that has not started).
+// order. The row's block maxima (blocks of 32, one vectorized pass) give a floor that at
+// least k elements reach, and only the blocks that reach it are scanned (common.h's
+// TopKByBlocks): their words above a running threshold are kept; when 2k are held,
+// nth_element keeps the k largest and the threshold rises; the k survivors are sorted at
+// the end. Rows are shared out to XLA's intra-op thread pool (common.h: claimed one at a
+// time from a counter, so a helper that starts late finds nothing left and the caller
+// never waits on a task that has not started).
 
 #include <algorithm>
 #include <climits>
@@ -26,6 +27,8 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+constexpr int64_t kBlock = 32;  // elements per block maximum
+
 ffi::Error TopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                     ffi::ResultBuffer<ffi::F32> values, ffi::ResultBuffer<ffi::S32> indices) {
   const int64_t n = x.dimensions().size() > 0 ? x.dimensions().back() : 0;
@@ -36,11 +39,17 @@ ffi::Error TopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* data = x.typed_data();
   float* value_data = values->typed_data();
   int32_t* index_data = indices->typed_data();
-  jaxsample::ForEachRow<std::vector<uint64_t>>(
-      pool, x.element_count() / n, n, [=](int64_t row, std::vector<uint64_t>& buffer) {
-        jaxsample::TopKRow(data + row * n, n, k, buffer, value_data + row * k,
-                           index_data + row * k);
-      });
+  struct Scratch {
+    std::vector<int32_t> block_max;
+    jaxsample::BlockScratch top;
+  };
+  jaxsample::ForEachRow<Scratch>(pool, x.element_count() / n, n, [=](int64_t row, Scratch& s) {
+    const float* x = data + row * n;
+    s.block_max.resize((n + kBlock - 1) / kBlock);
+    jaxsample::BlockMaxKeys(x, n, kBlock, s.block_max.data());
+    jaxsample::TopKByBlocks(x, n, k, s.block_max.data(), kBlock, s.top, value_data + row * k,
+                            index_data + row * k);
+  });
   return ffi::Error::Success();
 }
 
