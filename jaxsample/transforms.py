@@ -537,19 +537,34 @@ def _largest_threshold(
 ) -> jax.Array:
     """The largest token logit ``t`` with ``sum(amount[kept & z >= t]) >= target``.
 
-    ``amount: f32[V] >= 0`` (ones for a count, the weights for a mass). Bisection over the
-    float32 order, each pass measuring the amount and the number of tokens above the midpoint;
-    it stops once at most ``BISECTION_WINDOW`` tokens lie between the bounds, and one
-    ``top_candidates`` over that window finishes exactly (a cumulative sum from the upper
-    bound's amount). At most 32 passes, usually about half; none when ``run`` is False.
-    Returns ``-inf`` when ``run`` is False or no threshold reaches ``target``.
+    ``amount: f32[V] >= 0`` (ones for a count, the weights for a mass). Returns ``-inf`` when
+    ``run`` is False or no threshold reaches ``target``. On CPU a kernel
+    (:func:`jaxsample.native.mass_threshold`, its sums in double precision); elsewhere
+    :func:`_largest_threshold_xla`.
     """
     keep = full_keep(s)
-    keys = _order_key(s.z)
+    x = jnp.where(keep, s.z, -jnp.inf)
     amount = jnp.where(keep, amount, 0.0)
+    return native.mass_threshold(x, amount, target, run, _largest_threshold_xla)
+
+
+def _largest_threshold_xla(
+    x: jax.Array, amount: jax.Array, target: jax.Array, run: jax.Array
+) -> jax.Array:
+    """:func:`_largest_threshold`'s JAX form over the kept logits ``x`` (-inf: not kept) and
+    their amounts (0 where not kept).
+
+    Bisection over the float32 order, each pass measuring the amount and the number of tokens
+    above the midpoint; it stops once at most ``BISECTION_WINDOW`` tokens lie between the
+    bounds, and one ``top_candidates`` over that window finishes exactly (a cumulative sum
+    from the upper bound's amount). At most 32 passes, usually about half; none when ``run``
+    is False.
+    """
+    keep = x > -jnp.inf
+    keys = _order_key(x)
     count0 = jnp.sum(keep.astype(jnp.float32))
     reachable = row_sum(amount) >= target
-    hi0 = _order_key(jnp.max(jnp.where(keep, s.z, -jnp.inf))) + 1
+    hi0 = _order_key(jnp.max(x)) + 1
     lo0 = jnp.int32(np.iinfo(np.int32).min)
     zero = jnp.float32(0.0)
 
@@ -577,8 +592,8 @@ def _largest_threshold(
     # Finish inside the window [lo, hi): its tokens in descending order, the first one where
     # the amount above the window plus the window's cumulative amount reaches the target.
     window = keep & (keys >= lo) & (keys < hi)
-    size = min(BISECTION_WINDOW, s.z.shape[0])
-    values, ids = top_candidates(jnp.where(window, s.z, -jnp.inf), size)
+    size = min(BISECTION_WINDOW, x.shape[0])
+    values, ids = top_candidates(jnp.where(window, x, -jnp.inf), size)
     cum = amount_hi + jnp.cumsum(jnp.where(values > -jnp.inf, amount[ids], 0.0))
     first = jnp.sum(cum < target)
     last = jnp.maximum(jnp.sum(values > -jnp.inf) - 1, 0)

@@ -371,3 +371,92 @@ def test_candidates_real_sizes_batch_invariance_and_traced_flag(n):
     )
     for a, b in zip(mapped, got, strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def reference_threshold(x: np.ndarray, a: np.ndarray, target: float, run: bool) -> float:
+    """The largest value t of x with sum(a[x >= t]) >= target (float64 sums), else -inf."""
+    finite = x > -np.inf
+    if not run or not finite.any() or not a[finite].sum() >= target:
+        return -np.inf
+    values = np.unique(x[finite])[::-1]  # distinct, descending
+    reached = [a[x >= v].sum() >= target for v in values]
+    return float(values[int(np.argmax(reached))])
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_mass_threshold_against_numpy_and_the_jax_form(data):
+    """``mass_threshold`` against a float64 reference and the sampler's JAX form, on rows
+    whose amounts are multiples of 1/1024 (every sum exact in float32 and float64, so both
+    must give the same value, also when the target equals a cumulative amount): ties,
+    signed zeros, -inf (not kept), rows of -inf only, targets of 0, above the total and
+    NaN, ``run`` False; rows long enough for the kernel's buffer and window stages."""
+    from jaxsample import transforms as tf
+
+    lead = data.draw(st.integers(1, 3))
+    n = data.draw(st.sampled_from([1, 5, 40, 300, 5000]))
+    pool = data.draw(
+        st.sampled_from(
+            [
+                st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, -np.inf]),
+                st.floats(-50, 50, width=32),
+            ]
+        )
+    )
+    x = np.asarray(data.draw(hnp.arrays(np.float32, (lead, n), elements=pool)), np.float32)
+    units = data.draw(hnp.arrays(np.int32, (lead, n), elements=st.integers(0, 64)))
+    a = np.where(x > -np.inf, units / 1024.0, 0.0).astype(np.float32)
+    totals = a.astype(np.float64).sum(-1)
+    target = np.empty(lead, np.float32)
+    for r in range(lead):
+        kind = data.draw(st.sampled_from(["cum", "between", "zero", "above", "nan"]))
+        order = np.argsort(-x[r], kind="stable")
+        cum = np.cumsum(a[r][order].astype(np.float64))
+        pick = cum[data.draw(st.integers(0, n - 1))]
+        target[r] = {
+            "cum": pick,
+            "between": pick + 1 / 2048,
+            "zero": 0.0,
+            "above": totals[r] + 1,
+            "nan": np.nan,
+        }[kind]
+    run = np.asarray(data.draw(hnp.arrays(np.bool_, (lead,))))
+    args = tuple(jnp.asarray(v) for v in (x, a, target, run))
+    got = np.asarray(jax.jit(lambda *v: native.mass_threshold(*v, None))(*args))
+    form = np.asarray(jax.jit(jax.vmap(tf._largest_threshold_xla))(*args))
+    want = np.array(
+        [reference_threshold(x[r], a[r], target[r], run[r]) for r in range(lead)], np.float32
+    )
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(form, want)
+
+
+def test_mass_threshold_real_sizes_and_the_sampler():
+    """Rows of 49152 (top_p's weights and top_k's ones): the kernel and the JAX form give
+    the same threshold, and a row's result does not depend on the batch."""
+    from jaxsample import transforms as tf
+
+    rng = np.random.default_rng(7)
+    n = 49152
+    x = (rng.gumbel(size=(6, n)) * np.array([[0.5], [1], [2], [4], [1], [1]])).astype(np.float32)
+    x[4, rng.random(n) < 0.5] = -np.inf
+    w = np.where(x > -np.inf, np.exp(x - x.max(-1, keepdims=True)), 0.0).astype(np.float32)
+    ones = (x > -np.inf).astype(np.float32)
+    mass = jnp.asarray(w.astype(np.float64).sum(-1) * np.array([0.5, 0.9, 0.95, 0.99, 0.9, 1.5]))
+    count = jnp.asarray([5000.0, 1025.0, 40000.0, 1.0, 777.0, 0.0], jnp.float32)
+    run = jnp.ones(6, bool)
+    kernel = jax.jit(lambda *v: native.mass_threshold(*v, None))
+    form = jax.jit(jax.vmap(tf._largest_threshold_xla))
+    for a, target in ((w, mass.astype(jnp.float32)), (ones, count)):
+        args = (jnp.asarray(x), jnp.asarray(a), target, run)
+        got = np.asarray(kernel(*args))
+        want = np.asarray(form(*args))
+        # the same value, or (top_p, a boundary within float32's rounding of the target) the
+        # neighbouring one: the kept mass at the kernel's threshold reaches the target
+        for r in range(6):
+            kept = a[r][x[r] >= got[r]].astype(np.float64).sum()
+            assert got[r] == want[r] or abs(kept - float(target[r])) < 1e-5 * kept, r
+        if a is ones:
+            np.testing.assert_array_equal(got, want)  # counts are exact
+        alone = np.asarray(kernel(*(v[2:3] for v in args)))
+        assert alone[0] == got[2]

@@ -63,6 +63,7 @@ _TARGETS = {
     "jaxsample_block_max": "JaxsampleBlockMax",
     "jaxsample_logsumexp_top_k": "JaxsampleLogSumExpTopK",
     "jaxsample_candidates": "JaxsampleCandidates",
+    "jaxsample_mass_threshold": "JaxsampleMassThreshold",
 }
 # no contraction into fused multiply-adds: every instruction-set clone gives the same bits
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off")
@@ -320,3 +321,36 @@ def candidates(x: jax.Array, k: int, block: int, total, otherwise):
     if isinstance(total, (bool, np.bool_)):
         return _dispatch(lambda x: kernel(x, total), lambda x: otherwise(x, total), x)
     return _dispatch(kernel, otherwise, x, total)
+
+
+def mass_threshold(x: jax.Array, a: jax.Array, target: jax.Array, run: jax.Array, otherwise):
+    """The largest value ``t`` of each row of ``x`` with ``sum(a[x >= t]) >= target``
+    (``f32[...]``), or -inf when ``run`` is False, when ``sum(a) < target`` or when the row
+    has no finite value: the full-vocabulary threshold of top_p (``a``: the weights) and
+    top_k (``a``: ones). ``x``: ``f32[..., n]``, finite or -inf (-inf: not kept); ``a``:
+    ``f32[..., n] >= 0``, 0 where ``x`` is -inf; ``target``: ``f32[...]``; ``run``:
+    ``bool[...]``.
+
+    ``otherwise(x, a, target, run)``, which must return the same, is used where the kernel is
+    not. The kernel bisects over the values' order keys with each pass's amount summed in
+    double precision (8 lanes) and sorts the last 256 elements between its bounds; the JAX
+    form sums in float32, so at a boundary within its rounding of ``target`` the two may
+    pick neighbouring values.
+
+    >>> x = jnp.array([3.0, 1.0, 2.0, -jnp.inf])
+    >>> a = jnp.array([0.5, 0.2, 0.3, 0.0])
+    >>> float(mass_threshold(x, a, jnp.float32(0.7), jnp.bool_(True), None))
+    2.0
+    """
+    x, a = jnp.asarray(x), jnp.asarray(a)
+    target, run = jnp.asarray(target, jnp.float32), jnp.asarray(run, jnp.bool_)
+    if not _rows_ok(x) or a.dtype != jnp.float32 or a.shape != x.shape:
+        return otherwise(x, a, target, run)
+    kernel = (
+        lambda x, a, t, r: jax.ffi.ffi_call(  # noqa: E731
+            "jaxsample_mass_threshold",
+            jax.ShapeDtypeStruct(x.shape[:-1], jnp.float32),
+            vmap_method="broadcast_all",
+        )(x, a, t, r)
+    )
+    return _dispatch(kernel, otherwise, x, a, target, run)

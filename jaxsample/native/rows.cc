@@ -290,6 +290,265 @@ ffi::Error CandidatesImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// Eight-lane vectors (GCC's vector extensions: one register or several, whatever the
+// instruction-set clone has).
+typedef int32_t V8i __attribute__((vector_size(32)));
+typedef float V8f __attribute__((vector_size(32)));
+typedef int64_t V8l __attribute__((vector_size(64)));
+typedef double V8d __attribute__((vector_size(64)));
+
+// The order keys of eight float32 values (or eight keys, Value = int32_t), from memory.
+template <typename Value>
+__attribute__((always_inline)) inline V8i Keys8(const Value* x) {
+  V8i bits;
+  std::memcpy(&bits, x, sizeof(bits));
+  if constexpr (std::is_same_v<Value, float>) {
+    return bits < 0 ? (bits ^ 0x7FFFFFFF) : bits;
+  } else {
+    return bits;
+  }
+}
+
+// Adds the eight lanes (pairwise) to *amount and *count.
+__attribute__((always_inline)) inline void AddLanes(const V8d& sums, const V8l& counts,
+                                                    double* amount, int64_t* count) {
+  double s[8];
+  int64_t c[8];
+  std::memcpy(s, &sums, sizeof(s));
+  std::memcpy(c, &counts, sizeof(c));
+  for (int64_t width = 4; width >= 1; width /= 2) {
+    for (int64_t j = 0; j < width; ++j) {
+      s[j] += s[j + width];
+      c[j] += c[j + width];
+    }
+  }
+  *amount += s[0];
+  *count += c[0];
+}
+
+// Over a row of n float32 values (or their order keys, Value = int32_t) and their amounts:
+// sum(a[key >= mid]) in double precision into *amount and the number of those elements
+// into *count, in eight lanes (lane j: elements j, j + 8, ...; added pairwise at the end,
+// then the last n % 8 elements in order).
+template <typename Value>
+__attribute__((always_inline)) inline void AmountAboveRow(const Value* x, const float* a,
+                                                          int64_t n, int32_t mid,
+                                                          double* amount, int64_t* count) {
+  V8d sums = {};
+  V8l counts = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    V8f amounts;
+    std::memcpy(&amounts, a + i, sizeof(amounts));
+    const V8l above = __builtin_convertvector(Keys8(x + i) >= mid, V8l);  // -1 or 0
+    sums += (V8d)((V8l)__builtin_convertvector(amounts, V8d) & above);
+    counts -= above;
+  }
+  *amount = 0.0;
+  *count = 0;
+  AddLanes(sums, counts, amount, count);
+  for (; i < n; ++i) {
+    const int32_t key = std::is_same_v<Value, float> ? OrderKey(x[i]) : x[i];
+    if (key >= mid) {
+      *amount += a[i];
+      *count += 1;
+    }
+  }
+}
+
+JAXSAMPLE_CLONES
+void AmountAbove(const float* x, const float* a, int64_t n, int32_t mid, double* amount,
+                 int64_t* count) {
+  AmountAboveRow(x, a, n, mid, amount, count);
+}
+
+JAXSAMPLE_CLONES
+void AmountAboveKeys(const int32_t* keys, const float* a, int64_t n, int32_t mid,
+                     double* amount, int64_t* count) {
+  AmountAboveRow(keys, a, n, mid, amount, count);
+}
+
+// A row's total amount (double, eight lanes), its number of finite values and their
+// smallest and largest order keys (x: finite or -inf).
+JAXSAMPLE_CLONES
+void FiniteStats(const float* x, const float* a, int64_t n, double* total, int64_t* finite,
+                 int32_t* lo, int32_t* hi) {
+  const int32_t minus_inf = OrderKey(-INFINITY);
+  V8d sums = {};
+  V8l counts = {};
+  V8i low = V8i{} + INT32_MAX, high = V8i{} + INT32_MIN;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    V8f amounts;
+    std::memcpy(&amounts, a + i, sizeof(amounts));
+    const V8i key = Keys8(x + i);
+    const V8i is_finite = key != minus_inf;  // -1 or 0
+    sums += __builtin_convertvector(amounts, V8d);
+    counts -= __builtin_convertvector(is_finite, V8l);
+    low = is_finite && key < low ? key : low;
+    high = is_finite && key > high ? key : high;
+  }
+  *total = 0.0;
+  *finite = 0;
+  AddLanes(sums, counts, total, finite);
+  int32_t l = INT32_MAX, h = INT32_MIN;
+  for (int64_t j = 0; j < 8; ++j) {
+    l = std::min(l, low[j]);
+    h = std::max(h, high[j]);
+  }
+  for (; i < n; ++i) {
+    *total += a[i];
+    if (x[i] == -INFINITY) continue;
+    *finite += 1;
+    l = std::min(l, OrderKey(x[i]));
+    h = std::max(h, OrderKey(x[i]));
+  }
+  *lo = l;
+  *hi = h;
+}
+
+// The bisection stops once at most this many elements lie between its bounds, and reads
+// the row's elements between its bounds into a buffer once at most n / kCompact do.
+constexpr int64_t kWindow = 256;
+constexpr int64_t kCompact = 16;
+
+struct MassScratch {
+  std::vector<int32_t> keys;
+  std::vector<float> amounts;
+  std::vector<int32_t> sample;
+  std::vector<std::pair<int32_t, float>> window;
+};
+
+// The largest value t of a row of n with sum(a[x >= t]) >= target, or -inf (x: finite or
+// -inf, a >= 0 and 0 where x is -inf). A bisection over the order keys: the bounds low
+// (reaches the target) and high (does not) start at the smallest finite key and one past
+// the largest; each step's pivot is the median of the keys between them in a strided
+// sample of the row (the middle key when the sample holds too few), and one pass measures
+// the amount at or above it (AmountAbove, double precision). Once at most n / kCompact
+// elements lie between the bounds they are read into a buffer, and later passes read the
+// buffer only; once at most kWindow do, they are sorted in descending order and added to
+// the amount above `high` until the target is reached.
+float MassThresholdRow(const float* x, const float* a, int64_t n, float target,
+                       MassScratch& s) {
+  double total;
+  int64_t finite;
+  int32_t lo, hi;
+  FiniteStats(x, a, n, &total, &finite, &lo, &hi);
+  if (finite == 0 || !(total >= target)) return -INFINITY;
+  int64_t low = lo, high = static_cast<int64_t>(hi) + 1;
+  int64_t count_low = finite, count_high = 0;
+  double amount_high = 0.0;
+  bool compacted = false;
+  int64_t m = 0;  // the buffer's elements (keys in [low, high)) once compacted
+  const int64_t stride = std::max<int64_t>(1, n / 1024);
+  while (low + 1 < high && count_low - count_high > kWindow) {
+    if (!compacted && count_low - count_high <= std::max(kWindow, n / kCompact)) {
+      s.keys.resize(count_low - count_high);
+      s.amounts.resize(count_low - count_high);
+      for (int64_t i = 0; i < n; ++i) {
+        const int32_t key = OrderKey(x[i]);
+        if (key >= low && key < high) {
+          s.keys[m] = key;
+          s.amounts[m] = a[i];
+          ++m;
+        }
+      }
+      compacted = true;
+    }
+    // the pivot: the median of the sampled keys between the bounds
+    s.sample.clear();
+    if (compacted) {
+      const int64_t step = std::max<int64_t>(1, m / 256);
+      for (int64_t i = 0; i < m; i += step) s.sample.push_back(s.keys[i]);
+    } else {
+      for (int64_t i = 0; i < n; i += stride) {
+        const int32_t key = OrderKey(x[i]);
+        if (key >= low && key < high) s.sample.push_back(key);
+      }
+    }
+    int64_t pivot = low + (high - low) / 2;
+    if (s.sample.size() >= 8) {
+      auto middle = s.sample.begin() + s.sample.size() / 2;
+      std::nth_element(s.sample.begin(), middle, s.sample.end());
+      pivot = std::clamp<int64_t>(*middle, low + 1, high - 1);
+    }
+    double amount;
+    int64_t count;
+    if (compacted) {
+      AmountAboveKeys(s.keys.data(), s.amounts.data(), m, static_cast<int32_t>(pivot), &amount,
+                      &count);
+      amount += amount_high;
+      count += count_high;
+    } else {
+      AmountAbove(x, a, n, static_cast<int32_t>(pivot), &amount, &count);
+    }
+    const bool reached = amount >= target;
+    if (reached) {
+      low = pivot;
+      count_low = count;
+    } else {
+      high = pivot;
+      count_high = count;
+      amount_high = amount;
+    }
+    if (compacted) {  // keep the buffer's elements between the new bounds
+      int64_t kept = 0;
+      for (int64_t i = 0; i < m; ++i) {
+        s.keys[kept] = s.keys[i];
+        s.amounts[kept] = s.amounts[i];
+        kept += (s.keys[i] >= pivot) == reached;
+      }
+      m = kept;
+    }
+  }
+  if (low + 1 == high) return FromOrderKey(static_cast<int32_t>(low));
+  s.window.clear();
+  if (compacted) {
+    for (int64_t i = 0; i < m; ++i) s.window.emplace_back(s.keys[i], s.amounts[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const int32_t key = OrderKey(x[i]);
+      if (key >= low && key < high) s.window.emplace_back(key, a[i]);
+    }
+  }
+  std::sort(s.window.begin(), s.window.end(),
+            [](const auto& p, const auto& q) { return p.first > q.first; });
+  double cum = amount_high;
+  for (const auto& [key, amount] : s.window) {
+    cum += amount;
+    if (cum >= target) return FromOrderKey(key);
+  }
+  // (rounding: the amounts above the bounds were measured in another order)
+  return FromOrderKey(s.window.back().first);
+}
+
+ffi::Error MassThresholdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                             ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> target,
+                             ffi::Buffer<ffi::PRED> run, ffi::ResultBuffer<ffi::F32> out) {
+  const auto dims = x.dimensions();
+  const int64_t n = dims.size() > 0 ? dims.back() : 0;
+  if (dims.size() < 1 || n <= 0 || n > INT32_MAX) {
+    return ffi::Error::InvalidArgument("jaxsample_mass_threshold: need rows of 1 to 2**31 - 1");
+  }
+  const int64_t rows = x.element_count() / n;
+  if (a.element_count() != x.element_count() ||
+      static_cast<int64_t>(target.element_count()) != rows ||
+      static_cast<int64_t>(run.element_count()) != rows) {
+    return ffi::Error::InvalidArgument("jaxsample_mass_threshold: operand shapes differ");
+  }
+  const float* x_data = x.typed_data();
+  const float* a_data = a.typed_data();
+  const float* target_data = target.typed_data();
+  const bool* run_data = run.typed_data();
+  float* out_data = out->typed_data();
+  jaxsample::ForEachRow<MassScratch>(pool, rows, n, [=](int64_t row, MassScratch& s) {
+    out_data[row] = run_data[row] ? MassThresholdRow(x_data + row * n, a_data + row * n, n,
+                                                     target_data[row], s)
+                                  : -INFINITY;
+  });
+  return ffi::Error::Success();
+}
+
 ffi::Error BlockMaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                         ffi::ResultBuffer<ffi::F32> out, int64_t block) {
   const auto dims = x.dimensions();
@@ -345,3 +604,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsampleCandidates, CandidatesImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("block")
                                   .Attr<bool>("total"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsampleMassThreshold, MassThresholdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
