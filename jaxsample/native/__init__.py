@@ -1,4 +1,4 @@
-"""jaxsample's CPU kernels: exact top-k, block maxima, a log-sum-exp with its top k, candidates.
+"""jaxsample's CPU kernels: top-k, block maxima, log-sum-exp, candidates, mass thresholds.
 
 Each function here has one meaning on every backend and a plain JAX form; on XLA's CPU
 backend it calls a kernel in this directory (``topk.cc``, ``rows.cc``) through XLA's FFI:
@@ -18,6 +18,10 @@ backend it calls a kernel in this directory (``topk.cc``, ``rows.cc``) through X
   top k and (optionally) ``sum(exp(x - max))`` in one call, where XLA makes a block-maximum
   pass, two top-k stages around a gather, and an ``exp`` pass with its fold. Its top k starts
   from a floor that at least k block maxima reach and reads only the blocks that reach it.
+* :func:`mass_threshold` is the full-vocabulary threshold of top_p and top_k (the largest
+  value whose amount at or above it reaches a target), where XLA runs a ``while_loop`` of
+  fused passes; the kernel's passes are vectorized double-precision sums around sampled
+  median pivots.
 
 Every kernel shares the rows of a batch out to XLA's intra-op threads, and its result for a
 row depends on that row alone (not on the batch).
@@ -346,11 +350,10 @@ def mass_threshold(x: jax.Array, a: jax.Array, target: jax.Array, run: jax.Array
     target, run = jnp.asarray(target, jnp.float32), jnp.asarray(run, jnp.bool_)
     if not _rows_ok(x) or a.dtype != jnp.float32 or a.shape != x.shape:
         return otherwise(x, a, target, run)
-    kernel = (
-        lambda x, a, t, r: jax.ffi.ffi_call(  # noqa: E731
-            "jaxsample_mass_threshold",
-            jax.ShapeDtypeStruct(x.shape[:-1], jnp.float32),
-            vmap_method="broadcast_all",
-        )(x, a, t, r)
-    )
+
+    def kernel(x, a, t, r):
+        out = jax.ShapeDtypeStruct(x.shape[:-1], jnp.float32)
+        call = jax.ffi.ffi_call("jaxsample_mass_threshold", out, vmap_method="broadcast_all")
+        return call(x, a, t, r)
+
     return _dispatch(kernel, otherwise, x, a, target, run)

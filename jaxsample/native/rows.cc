@@ -22,6 +22,9 @@
 // and, with the attribute `total`, sum(exp(x - max)) from the same pass (MaxAndSumExp's sum
 // with the maxima of blocks of 32), else NaN.
 //
+// JaxsampleMassThreshold: per row, the largest value t of x (finite or -inf) with
+// sum(a[x >= t]) >= target (MassThresholdRow), or -inf when the row's `run` is false.
+//
 // jaxsample/native/__init__.py builds this file with topk.cc on first use;
 // tests/test_native.py checks both against float64 and lax.top_k.
 
