@@ -31,7 +31,7 @@ between those protocols, so the ratio is reported under each.
 Allocator: on Linux the script re-runs itself with glibc's ``mmap`` off, no trimming and one
 arena (``GLIBC_TUNABLES``: ``mmap_max=0``, ``trim_threshold`` 4 GiB, ``arena_max=1``; a
 thread's own arena holds at most 64 MB and maps anything larger). XLA's CPU client
-allocates a compiled program's temporary buffer at every call; the sampler's is 64-339 MiB
+allocates a compiled program's temporary buffer at every call; the sampler's is 48-256 MiB
 (the floor's is empty), above glibc's largest mmap threshold (32 MB), so with the default
 allocator every call maps fresh memory and pays a page fault per 4 KiB page it touches:
 about 3500-6700 faults (several ms) per call at B = 64, V = 49152 on the 2-core VM. Inside a
@@ -41,7 +41,7 @@ both runs record the minor page faults per call of the floor and the full sample
 
 Usage::
 
-    .venv/bin/python scripts/bench_sampler.py            # full grid, ~15 minutes on 2 cores
+    .venv/bin/python scripts/bench_sampler.py            # full grid, ~4 minutes on 2 cores
     .venv/bin/python scripts/bench_sampler.py --quick    # small smoke run, prints only
     .venv/bin/python scripts/bench_sampler.py --allocator system   # glibc's default malloc
 
