@@ -51,7 +51,15 @@ using jaxsample::OrderKey;
 constexpr int64_t kBlock = 64;
 constexpr float kFloatMax = std::numeric_limits<float>::max();
 
-inline float Sanitize(float v) { return std::isnan(v) ? -INFINITY : std::min(v, kFloatMax); }
+// NaN -> -inf, +inf -> the largest float, every other value's bits unchanged (on integers:
+// a float min would read a subnormal as zero where XLA's threads flush denormals).
+inline float Sanitize(float v) {
+  int32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  if ((bits & 0x7FFFFFFF) > 0x7F800000) return -INFINITY;  // NaN, either sign
+  if (bits == 0x7F800000) return kFloatMax;                // +inf
+  return v;
+}
 
 // The largest and smallest order key of len elements (kFixed > 0: len is kFixed, a fixed
 // trip count that vectorizes).
@@ -306,10 +314,15 @@ __attribute__((always_inline)) inline V8i Keys8(const Value* x) {
   V8i bits;
   std::memcpy(&bits, x, sizeof(bits));
   if constexpr (std::is_same_v<Value, float>) {
-    return bits < 0 ? (bits ^ 0x7FFFFFFF) : bits;
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF);  // OrderKey, lane by lane
   } else {
     return bits;
   }
+}
+
+// Lane by lane, a where mask (all ones) holds, else b.
+__attribute__((always_inline)) inline V8i Select8(V8i mask, V8i a, V8i b) {
+  return (a & mask) | (b & ~mask);
 }
 
 // Adds the eight lanes (pairwise) to *amount and *count.
@@ -388,8 +401,8 @@ void FiniteStats(const float* x, const float* a, int64_t n, double* total, int64
     const V8i is_finite = key != minus_inf;  // -1 or 0
     sums += __builtin_convertvector(amounts, V8d);
     counts -= __builtin_convertvector(is_finite, V8l);
-    low = is_finite && key < low ? key : low;
-    high = is_finite && key > high ? key : high;
+    low = Select8(is_finite & (key < low), key, low);
+    high = Select8(is_finite & (key > high), key, high);
   }
   *total = 0.0;
   *finite = 0;
