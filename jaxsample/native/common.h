@@ -63,14 +63,51 @@ inline int32_t WordKey(uint64_t word) {
   return static_cast<int32_t>(static_cast<uint32_t>(word >> 32) ^ 0x80000000u);
 }
 
-// The k largest of the `count` words at `words` into values[k], indices[k] (x: the row),
-// in lax.top_k's order: nth_element keeps the k largest, then they are sorted.
-inline void FinishTopK(uint64_t* words, int64_t count, int64_t k, const float* x,
-                       float* values, int32_t* indices) {
-  if (count > k) {
-    std::nth_element(words, words + (k - 1), words + count, std::greater<uint64_t>());
+// Sorts `count` words in descending order: a least-significant-digit radix sort on bytes
+// (stable, each byte's buckets from the largest), skipping the bytes that are the same in
+// every word, through `spare` (room for `count` words). No comparison branches: for the
+// thousand words of a large k, about four times faster than std::sort here.
+inline void RadixSortDescending(uint64_t* words, int64_t count, uint64_t* spare) {
+  uint64_t all_ones = ~uint64_t{0}, any_ones = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    all_ones &= words[i];
+    any_ones |= words[i];
   }
-  std::sort(words, words + k, std::greater<uint64_t>());
+  const uint64_t varying = all_ones ^ any_ones;
+  uint64_t* from = words;
+  uint64_t* to = spare;
+  for (int shift = 0; shift < 64; shift += 8) {
+    if (((varying >> shift) & 0xFF) == 0) continue;
+    int64_t start[256] = {0};
+    for (int64_t i = 0; i < count; ++i) ++start[255 - ((from[i] >> shift) & 0xFF)];
+    int64_t total = 0;
+    for (int64_t& bucket : start) {
+      const int64_t size = bucket;
+      bucket = total;
+      total += size;
+    }
+    for (int64_t i = 0; i < count; ++i) to[start[255 - ((from[i] >> shift) & 0xFF)]++] = from[i];
+    std::swap(from, to);
+  }
+  if (from != words) std::memcpy(words, from, count * sizeof(uint64_t));
+}
+
+// Words at and above which FinishTopK radix-sorts them all instead of nth_element and a
+// comparison sort of the k largest.
+constexpr int64_t kRadixFrom = 512;
+
+// The k largest of the `count` words at `words` into values[k], indices[k] (x: the row),
+// in lax.top_k's order; `spare` has room for `count` words.
+inline void FinishTopK(uint64_t* words, int64_t count, int64_t k, const float* x,
+                       float* values, int32_t* indices, uint64_t* spare) {
+  if (count >= kRadixFrom) {
+    RadixSortDescending(words, count, spare);
+  } else {
+    if (count > k) {
+      std::nth_element(words, words + (k - 1), words + count, std::greater<uint64_t>());
+    }
+    std::sort(words, words + k, std::greater<uint64_t>());
+  }
   for (int64_t j = 0; j < k; ++j) {
     indices[j] = static_cast<int32_t>(WordIndex(words[j]));
     values[j] = x[indices[j]];
@@ -86,6 +123,7 @@ void BlockMaxKeys(const float* x, int64_t n, int64_t block, int32_t* out);
 struct BlockScratch {
   std::vector<int32_t> chosen;
   std::vector<uint64_t> words;
+  std::vector<uint64_t> spare;
 };
 
 // The largest order key with at least k of the `blocks` keys at or above it, or one a little
@@ -160,7 +198,8 @@ inline void TopKByBlocks(const float* x, int64_t n, int64_t k, const int32_t* bl
       threshold = words[k - 1];
     }
   }
-  FinishTopK(words, count, k, x, values, indices);
+  s.spare.resize(count);
+  FinishTopK(words, count, k, x, values, indices, s.spare.data());
 }
 
 // The operand checks of a kernel that returns k elements of each row of n: an error naming

@@ -364,7 +364,12 @@ __attribute__((always_inline)) inline void AmountAboveRow(const Value* x, const 
   *count = 0;
   AddLanes(sums, counts, amount, count);
   for (; i < n; ++i) {
-    const int32_t key = std::is_same_v<Value, float> ? OrderKey(x[i]) : x[i];
+    int32_t key;
+    if constexpr (std::is_same_v<Value, float>) {
+      key = OrderKey(x[i]);
+    } else {
+      key = x[i];
+    }
     if (key >= mid) {
       *amount += a[i];
       *count += 1;
