@@ -21,9 +21,11 @@
 
 // The vectorized loops are compiled for AVX-512, AVX2 + FMA and the baseline, and the
 // loader picks one for the machine (GCC on x86-64; other compilers and CPUs build the
-// baseline only). The build turns off floating-point contraction and the loops use explicit
+// baseline only; -DJAXSAMPLE_NO_CLONES builds one version, for -march, to compare the
+// clones' bits). The build turns off floating-point contraction and the loops use explicit
 // fused multiply-adds only, so every clone gives the same bits.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && \
+    !defined(JAXSAMPLE_NO_CLONES)
 #define JAXSAMPLE_CLONES \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
