@@ -170,10 +170,10 @@ def status() -> dict:
 
 
 def kernels_alone() -> bool:
-    """Whether a program traced now calls the kernels with no other branch: a CPU-only
-    process, ``KERNELS = "auto"``, the kernels built. A caller may then skip work that only
-    the JAX forms need."""
-    return _wanted() and _platforms() == {"cpu"} and jax.default_backend() == "cpu" and _load()
+    """Whether a program traced now calls the kernels with no other branch (:func:`_mode`
+    is ``"kernel"``: a CPU-only process, ``KERNELS = "auto"``, the kernels built). A caller
+    may then skip work that only the JAX forms need."""
+    return _wanted() and _mode() == "kernel"
 
 
 def _platforms() -> set:
@@ -184,24 +184,38 @@ def _platforms() -> set:
         return set()
 
 
-def _dispatch(kernel, otherwise, *args):
-    """``kernel(*args)`` where a program runs on XLA's CPU backend with the kernels built,
-    ``otherwise(*args)`` elsewhere. In a process whose only backend is the CPU the program
-    holds the kernel's call alone; when the default backend is an accelerator, ``otherwise``
-    is used everywhere (its programs, and their jaxprs, are what they would be without the
-    kernels); with a CPU default and accelerators too, ``lax.platform_dependent`` picks the
-    kernel when the program is lowered for the CPU."""
+def _mode() -> str:
+    """How :func:`_dispatch` traces a call now: ``"kernel"`` in a process whose only backend
+    is the CPU, with the kernels built; ``"otherwise"`` when the default backend is an
+    accelerator, or the kernels did not build; ``"both"`` (``lax.platform_dependent``) with a
+    CPU default and accelerators too."""
     platforms = _platforms()
     if "cpu" not in platforms or jax.default_backend() != "cpu" or not _load():
+        return "otherwise"
+    return "kernel" if platforms == {"cpu"} else "both"
+
+
+def _dispatch(kernel, otherwise, *args):
+    """``kernel(*args)`` where a program runs on XLA's CPU backend with the kernels built,
+    ``otherwise(*args)`` elsewhere (:func:`_mode`). In a process whose only backend is the
+    CPU the program holds the kernel's call alone; when the default backend is an
+    accelerator, ``otherwise`` is used everywhere (its programs, and their jaxprs, are what
+    they would be without the kernels); with a CPU default and accelerators too,
+    ``lax.platform_dependent`` picks the kernel when the program is lowered for the CPU."""
+    mode = _mode()
+    if mode == "otherwise":
         return otherwise(*args)
-    if platforms == {"cpu"}:  # the usual CPU-only process: no branch in the program
+    if mode == "kernel":  # the usual CPU-only process: no branch in the program
         return kernel(*args)
     return lax.platform_dependent(*args, cpu=kernel, default=otherwise)
 
 
-def _call(target: str, x: jax.Array, shapes, **attributes):
+def _call(target: str, x: jax.Array, shapes, *more: jax.Array, **attributes):
+    """The FFI call of ``target`` on the rows of ``x`` (and the operands ``more``): one result
+    per ``(tail, dtype)`` of ``shapes``, of shape ``x.shape[:-1] + tail``."""
     out = [jax.ShapeDtypeStruct(x.shape[:-1] + tail, dtype) for tail, dtype in shapes]
-    return tuple(jax.ffi.ffi_call(target, out, vmap_method="broadcast_all")(x, **attributes))
+    call = jax.ffi.ffi_call(target, out, vmap_method="broadcast_all")
+    return tuple(call(x, *more, **attributes))
 
 
 def _rows_ok(x: jax.Array) -> bool:
@@ -297,8 +311,8 @@ def candidates(x: jax.Array, k: int, block: int, total, otherwise):
     ``otherwise(x, total)``, which must return the same, is used where the kernel is not; its
     ``total`` need not have the kernel's bits (the kernel's is within about 1 ulp of the
     exact sum, as :func:`logsumexp_top_k`'s). On CPU one pass over the row gives the block
-    maxima (and the sum); the k-th largest block maximum bounds the k-th largest element from
-    below, so the top k comes from the threshold scan of the blocks that reach it.
+    maxima (and the sum); a key that at least k block maxima reach bounds the k-th largest
+    element from below, so the top k comes from the scan of the blocks that reach it.
 
     >>> x = jnp.log(jnp.array([1.0, 4.0, 2.0, 1.0, 8.0]))
     >>> xla = lambda x, t: (block_max(x, 2), *lax.top_k(x, 2), jnp.sum(jnp.exp(x - x.max())))
@@ -312,19 +326,15 @@ def candidates(x: jax.Array, k: int, block: int, total, otherwise):
     blocks = -(-x.shape[-1] // block)
     shapes = [((blocks,), jnp.float32), ((k,), jnp.float32), ((k,), jnp.int32), ((), jnp.float32)]
 
-    def call(with_total: bool):
-        return lambda x: _call(
-            "jaxsample_candidates", x, shapes, block=np.int64(block), total=with_total
-        )
+    from jaxsample.transforms import _maybe  # transforms imports this module
 
-    def kernel(x, total):
-        if isinstance(total, (bool, np.bool_)):
-            return call(bool(total))(x)
-        return lax.cond(total, call(True), call(False), x)
+    def call(x, with_total: bool):
+        return _call("jaxsample_candidates", x, shapes, block=np.int64(block), total=with_total)
 
-    if isinstance(total, (bool, np.bool_)):
-        return _dispatch(lambda x: kernel(x, total), lambda x: otherwise(x, total), x)
-    return _dispatch(kernel, otherwise, x, total)
+    def kernel(x):
+        return _maybe(total, lambda: call(x, True), lambda: call(x, False))
+
+    return _dispatch(kernel, lambda x: otherwise(x, total), x)
 
 
 def mass_threshold(x: jax.Array, a: jax.Array, target: jax.Array, run: jax.Array, otherwise):
@@ -352,8 +362,6 @@ def mass_threshold(x: jax.Array, a: jax.Array, target: jax.Array, run: jax.Array
         return otherwise(x, a, target, run)
 
     def kernel(x, a, t, r):
-        out = jax.ShapeDtypeStruct(x.shape[:-1], jnp.float32)
-        call = jax.ffi.ffi_call("jaxsample_mass_threshold", out, vmap_method="broadcast_all")
-        return call(x, a, t, r)
+        return _call("jaxsample_mass_threshold", x, [((), jnp.float32)], a, t, r)[0]
 
     return _dispatch(kernel, otherwise, x, a, target, run)

@@ -1,6 +1,7 @@
 // Shared by jaxsample's CPU kernels (topk.cc, rows.cc): the total order of float32 values
-// that lax.top_k uses, the threshold top-k, the operand checks, the sharing of a batch's
-// rows with XLA's intra-op threads, and the instruction-set clones of the vectorized loops.
+// that lax.top_k uses, the top-k from block maxima, the operand checks, the sharing of a
+// batch's rows with XLA's intra-op threads, and the instruction-set clones of the vectorized
+// loops.
 #ifndef JAXSAMPLE_NATIVE_COMMON_H_
 #define JAXSAMPLE_NATIVE_COMMON_H_
 
@@ -121,7 +122,6 @@ inline void FinishTopK(uint64_t* words, int64_t count, int64_t k, const float* x
 void BlockMaxKeys(const float* x, int64_t n, int64_t block, int32_t* out);
 
 // The scratch of TopKByBlocks.
-
 struct BlockScratch {
   std::vector<int32_t> chosen;
   std::vector<uint64_t> words;

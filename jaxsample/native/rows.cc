@@ -108,7 +108,6 @@ void BlockMax(const float* x, int64_t n, int64_t block, float* out) {
   BlockMaxRow<0>(x, n, block, out);
 }
 
-
 // exp(t) for t <= 0, -inf included; 0 below -87.
 inline float ExpNonPositive(float t) {
   const float c = t < -87.0f ? -87.0f : t;
@@ -139,8 +138,9 @@ inline float ExpNonPositive(float t) {
 // (always inlined: it must be compiled for each instruction-set clone that calls it, or its
 // fused multiply-adds become library calls)
 template <int64_t kSub>
-__attribute__((always_inline)) inline double MaxAndSumExpRow(const float* x, int64_t n, int32_t* block_max, int32_t* lo,
-                              int32_t* hi, float* top) {
+__attribute__((always_inline)) inline double MaxAndSumExpRow(const float* x, int64_t n,
+                                                             int32_t* block_max, int32_t* lo,
+                                                             int32_t* hi, float* top) {
   static_assert(kBlock % kSub == 0, "kSub must divide kBlock");
   double lanes[kBlock];
   float terms[kBlock];
@@ -256,19 +256,16 @@ void CandidatesRow(const float* x, int64_t n, int64_t k, int64_t block, bool wit
   const int64_t blocks = (n + block - 1) / block;
   s.block_max.resize(blocks);
   int32_t* keys = s.block_max.data();
-  if (with_total && block == 32) {
-    int32_t lo, hi;
-    float top;
+  int32_t lo, hi;  // (unused: the rows hold no NaN)
+  float top;
+  *total = std::numeric_limits<float>::quiet_NaN();
+  if (with_total && block == 32) {  // the block maxima from the sum's pass
     *total = static_cast<float>(MaxAndSumExp32(x, n, keys, &lo, &hi, &top));
   } else {
     jaxsample::BlockMaxKeys(x, n, block, keys);
     if (with_total) {
-      int32_t lo, hi;
-      float top;
       s.keys.resize((n + kBlock - 1) / kBlock);
       *total = static_cast<float>(MaxAndSumExp(x, n, s.keys.data(), &lo, &hi, &top));
-    } else {
-      *total = std::numeric_limits<float>::quiet_NaN();
     }
   }
   for (int64_t b = 0; b < blocks; ++b) block_max[b] = FromOrderKey(keys[b]);
@@ -440,6 +437,22 @@ struct MassScratch {
   std::vector<std::pair<int32_t, float>> window;
 };
 
+// Reads the row's elements whose keys lie in [low, high) into the buffer (s.keys and
+// s.amounts); returns how many.
+int64_t GatherBetween(const float* x, const float* a, int64_t n, int64_t low, int64_t high,
+                      MassScratch& s) {
+  s.keys.clear();
+  s.amounts.clear();
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t key = OrderKey(x[i]);
+    if (key >= low && key < high) {
+      s.keys.push_back(key);
+      s.amounts.push_back(a[i]);
+    }
+  }
+  return static_cast<int64_t>(s.keys.size());
+}
+
 // The largest value t of a row of n with sum(a[x >= t]) >= target, or -inf (x: finite or
 // -inf, a >= 0 and 0 where x is -inf). A bisection over the order keys: the bounds low
 // (reaches the target) and high (does not) start at the smallest finite key and one past
@@ -464,16 +477,7 @@ float MassThresholdRow(const float* x, const float* a, int64_t n, float target,
   const int64_t stride = std::max<int64_t>(1, n / 1024);
   while (low + 1 < high && count_low - count_high > kWindow) {
     if (!compacted && count_low - count_high <= std::max(kWindow, n / kCompact)) {
-      s.keys.resize(count_low - count_high);
-      s.amounts.resize(count_low - count_high);
-      for (int64_t i = 0; i < n; ++i) {
-        const int32_t key = OrderKey(x[i]);
-        if (key >= low && key < high) {
-          s.keys[m] = key;
-          s.amounts[m] = a[i];
-          ++m;
-        }
-      }
+      m = GatherBetween(x, a, n, low, high, s);
       compacted = true;
     }
     // the pivot: the median of the sampled keys between the bounds
@@ -523,15 +527,9 @@ float MassThresholdRow(const float* x, const float* a, int64_t n, float target,
     }
   }
   if (low + 1 == high) return FromOrderKey(static_cast<int32_t>(low));
+  if (!compacted) m = GatherBetween(x, a, n, low, high, s);
   s.window.clear();
-  if (compacted) {
-    for (int64_t i = 0; i < m; ++i) s.window.emplace_back(s.keys[i], s.amounts[i]);
-  } else {
-    for (int64_t i = 0; i < n; ++i) {
-      const int32_t key = OrderKey(x[i]);
-      if (key >= low && key < high) s.window.emplace_back(key, a[i]);
-    }
-  }
+  for (int64_t i = 0; i < m; ++i) s.window.emplace_back(s.keys[i], s.amounts[i]);
   std::sort(s.window.begin(), s.window.end(),
             [](const auto& p, const auto& q) { return p.first > q.first; });
   double cum = amount_high;
