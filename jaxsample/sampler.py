@@ -55,7 +55,11 @@ BIAS_TIERS = (16, 128)
 #: needs: least work, best where a branch is cheap, as on a CPU or a TPU); ``"few"`` (every
 #: cheap part always runs and only the rare stages are branches, over all rows: best where
 #: each branch costs a CUDA graph node or a wait for the device, as on a GPU); ``"auto"``:
-#: ``"few"`` when JAX's default backend is a GPU, else ``"many"``. Same numbers either way.
+#: ``"few"`` when JAX's default backend is a GPU, else ``"many"``; ``"one"`` (a GPU candidate,
+#: not yet timed on one: one batch-level branch for every rare stage, the second tier and the
+#: full-vocabulary thresholds, and one switch for the reported log probabilities; every row's
+#: token from one race over the whole vocabulary, a transcendental per token where a GPU has
+#: them to spare). Same numbers in every mode.
 BRANCHES = "auto"
 
 
@@ -168,12 +172,20 @@ class Plan:
         )
 
 
-def _few_branches() -> bool:
-    if BRANCHES not in ("auto", "few", "many"):
-        raise ValueError(f"sampler.BRANCHES must be 'auto', 'few' or 'many', got {BRANCHES!r}")
+def _branches() -> str:
+    """The mode :data:`BRANCHES` names: ``"many"``, ``"few"`` or ``"one"``."""
+    if BRANCHES not in ("auto", "few", "many", "one"):
+        raise ValueError(
+            f"sampler.BRANCHES must be 'auto', 'few', 'many' or 'one', got {BRANCHES!r}"
+        )
     if BRANCHES == "auto":
-        return jax.default_backend() in ("gpu", "cuda", "rocm")
-    return BRANCHES == "few"
+        return "few" if jax.default_backend() in ("gpu", "cuda", "rocm") else "many"
+    return BRANCHES
+
+
+def _few_branches() -> bool:
+    """Whether the plan's cheap parts are static (``"few"`` and ``"one"``)."""
+    return _branches() != "many"
 
 
 def _fewer(plan: Plan) -> Plan:
@@ -487,42 +499,61 @@ def _full_needs(f: _Front, row: RowParams):
     return run_k, f.need_full & (row.top_p < 1.0), f.need_full & (row.top_a > 0.0)
 
 
-def _full_stage(f: _Front, row: RowParams, plan: Plan, words=None):
-    """The kept set's thresholds on the full vocabulary (if ``plan.full``), and with the
-    row's key ``words`` the race over it: ``(z_min, w_min, mass, token, certified)``.
+def _shift(f: _Front) -> jax.Array:
+    top = f.c.values[0]  # the largest z
+    return jnp.where(top == -jnp.inf, 0.0, top)
 
-    The weights ``exp(z - shift)`` are computed inside each filter's branch and fused into
-    the mass's single pass, never stored as a ``[V]`` array outside a branch. The mass is
-    NaN when ``plan.mass`` is False (no row reports processed log probabilities).
-    """
+
+def _kept_mass(z, shift, z_min, w_min) -> jax.Array:
+    """The unnormalized mass of the tokens a row keeps (one pass over the vocabulary)."""
+    w = jnp.exp(z - shift)
+    return tf.row_sum(jnp.where(tf.kept(z, w, z_min, w_min), w, 0.0))
+
+
+def _known_thresholds(f: _Front, row: RowParams):
+    """``(z_min, w_min)`` of a row that needs no full-vocabulary bisection: top_k's threshold
+    from the candidates when they resolved it (else -inf), and min_p's weight."""
+    k_value = f.ck.values[jnp.maximum(f.ck.n - 1, 0)]
+    z_min = jnp.where(_k_known(f), k_value, -jnp.inf)
+    return z_min, jnp.maximum(jnp.float32(0.0), row.min_p)  # min_p: w >= m
+
+
+def _full_thresholds(f: _Front, row: RowParams, plan: Plan):
+    """``(z_min, w_min)`` on the full vocabulary: each filter the row runs there
+    (:func:`_full_needs`) by bisection, each only if the plan says some row needs it; the
+    rest as :func:`_known_thresholds`. The weights ``exp(z - shift)`` are computed inside each
+    filter's branch and never stored as a ``[V]`` array outside one."""
     vocab = f.z.shape[-1]
     run_k, run_p, run_a = _full_needs(f, row)
+    shift = _shift(f)
+    th = (_known_thresholds(f, row)[0], jnp.float32(0.0))
+
+    def filtered(flag, fn, th):
+        def go():
+            s = fn(tf.FullRow(f.z, jnp.exp(f.z - shift), *th))
+            return s.z_min, s.w_min
+
+        return _maybe(flag, go, lambda: th)
+
+    th = filtered(plan.full_k, lambda s: tf.top_k_full(s, row.top_k, run_k, vocab_size=vocab), th)
+    th = filtered(plan.full_p, lambda s: tf.top_p_full(s, row.top_p, run_p), th)
+    th = filtered(plan.full_a, lambda s: tf.top_a_full(s, jnp.where(run_a, row.top_a, 0)), th)
+    return th[0], jnp.maximum(th[1], row.min_p)  # min_p: w >= m
+
+
+def _full_stage(f: _Front, row: RowParams, plan: Plan, words=None):
+    """The kept set's thresholds on the full vocabulary (if ``plan.full``,
+    :func:`_full_thresholds`), its mass, and with the row's key ``words`` the race over it:
+    ``(z_min, w_min, mass, token, certified)``. The mass is NaN when ``plan.mass`` is False
+    (no row reports processed log probabilities).
+    """
 
     def full_path():
-        top = f.c.values[0]  # the largest z
-        shift = jnp.where(top == -jnp.inf, 0.0, top)
-        # top_k's threshold is reused from the candidates when they resolved it.
-        k_value = f.ck.values[jnp.maximum(f.ck.n - 1, 0)]
-        th = (jnp.where(_k_known(f), k_value, -jnp.inf), jnp.float32(0.0))
-
-        def filtered(flag, fn, th):
-            # each full-vocabulary filter runs only if the plan says some row needs it
-            def go():
-                s = fn(tf.FullRow(f.z, jnp.exp(f.z - shift), *th))
-                return s.z_min, s.w_min
-
-            return _maybe(flag, go, lambda: th)
-
-        th = filtered(
-            plan.full_k, lambda s: tf.top_k_full(s, row.top_k, run_k, vocab_size=vocab), th
-        )
-        th = filtered(plan.full_p, lambda s: tf.top_p_full(s, row.top_p, run_p), th)
-        th = filtered(plan.full_a, lambda s: tf.top_a_full(s, jnp.where(run_a, row.top_a, 0)), th)
-        z_min, w_min = th[0], jnp.maximum(th[1], row.min_p)  # min_p: w >= m
+        z_min, w_min = _full_thresholds(f, row, plan)
+        shift = _shift(f)
 
         def mass():
-            w = jnp.exp(f.z - shift)
-            return tf.row_sum(jnp.where(tf.kept(f.z, w, z_min, w_min), w, 0.0))
+            return _kept_mass(f.z, shift, z_min, w_min)
 
         m = _maybe(plan.mass, mass, lambda: jnp.float32(jnp.nan))
         if words is None:
@@ -673,7 +704,8 @@ def _race_full(z, w, kept, words: jax.Array) -> jax.Array:
     """The race over the whole vocabulary: the largest ``w / E`` over the kept tokens
     (``w = exp(z - shift)``; ties: the lowest id). Exact, and costs a ``log1p`` per token."""
     ids = jnp.arange(z.shape[-1], dtype=jnp.int32)
-    return _winner(jnp.where(kept, w / race_noise(words, ids), -1.0), ids)
+    # the first largest score is the lowest id's: one reduction of (score, id) pairs
+    return jnp.argmax(jnp.where(kept, w / race_noise(words, ids), -1.0)).astype(jnp.int32)
 
 
 #: The fast full-vocabulary race scores the tokens of this many blocks (of 32) exactly, besides
@@ -882,11 +914,14 @@ def _raw_xla(logits, k: int, with_top: bool):
     return _maybe(jnp.all(jnp.isfinite(fast[0])), lambda: fast, exact)
 
 
-def _raw_batch(logits: jax.Array, raw) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _raw_batch(
+    logits: jax.Array, raw, exact_only: bool = False
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The raw ``log_softmax`` normalizer of each row and its top 20 as the plan's ``raw``
     asks (0 none, 1 the normalizer, 2 also the top 20): ``(lse, ids[20], log_probs[20])``,
     from :func:`jaxsample.native.logsumexp_top_k` (one kernel on CPU; :func:`_raw_xla`
-    elsewhere)."""
+    elsewhere, or with ``exact_only`` the exact form alone: where the masking fuses into
+    the passes, as on a GPU, it costs nothing and saves a branch)."""
     batch, vocab = logits.shape
     logits = logits.astype(jnp.float32)
 
@@ -901,6 +936,8 @@ def _raw_batch(logits: jax.Array, raw) -> tuple[jax.Array, jax.Array, jax.Array]
     def some(with_top: bool):
         k = min(TOP_LOGPROBS_MAX, vocab) if with_top else 1
         xla = partial(_raw_xla, k=k, with_top=with_top)
+        if exact_only:
+            xla = jax.vmap(partial(_raw_row, k=k, with_top=with_top, exact=True))
         lse, values, ids = native.logsumexp_top_k(logits, k, otherwise=xla)
         if not with_top:
             return (lse, *none()[1:])
@@ -1055,14 +1092,18 @@ def distributions(
     words = None if keys is None else jax.vmap(_key_words)(keys)
     chain = tf.check_chain(transforms)
     vocab = logits.shape[-1]
-    few = _few_branches()
+    mode = _branches()
+    few = mode != "many"
     plan = plan_rows(rows, vocab_size=vocab, for_sampling=for_sampling)
     if few:
-        plan = _fewer(plan)
+        # ("one" keeps the kept mass's flag: sample_rows folds it into its report switch)
+        plan = _fewer(plan).replace(mass=plan.mass if mode == "one" else True)
     front = partial(_front, plan=plan, num_candidates=num_candidates, chain=chain)
     f = jax.vmap(lambda lg, r, h, a: front(lg, r, h, a), in_axes=(0, 0, 0, _rows_axes(allowed)))(
         logits, rows, hist, allowed
     )
+    if mode == "one":
+        return _rest_one(f, rows, plan, words, num_candidates, second_tier)
     # the full selection again, on the few rows the halved one left unresolved
     halved = _halved(plan, num_candidates, vocab)
     if halved is not False:
@@ -1109,6 +1150,81 @@ def distributions(
     uncertified = f.need_full & ~full_out[4]
     tokens = jnp.where(uncertified, _compacted(uncertified, exact, (dist, words), few=few), tokens)
     return dist, plan, tokens
+
+
+def _rest_one(f: _Front, rows: RowParams, plan: Plan, words, num_candidates: int, second_tier: int):
+    """:func:`distributions` after the first candidates under ``BRANCHES = "one"``.
+
+    One batch-level branch, taken when some row retries on the second tier: that tier on
+    every row, then (a branch inside it) the full-vocabulary bisections on every row when
+    some row still needs one. A row the candidates leave unresolved only because nothing cut
+    its kept set (plain sampling, min_p) needs no bisection: its thresholds are known
+    (:func:`_known_thresholds`). The kept mass of the rows on the full vocabulary is
+    computed here when ``plan.mass`` is a Python True, else left NaN for
+    :func:`_report_inputs_one`. Every row's token comes from the race over the whole
+    vocabulary (:func:`_race_dist_exact`: one fused pass), which equals the race over its
+    candidates or its tier whenever they hold the kept set.
+    """
+    tier2_on = second_tier > num_candidates
+    need2 = jax.vmap(_tier2_needed)(f, rows)
+
+    def after_tier2(run: bool):
+        stage = jax.vmap(lambda f, r: _tier2_stage(f, r, run, second_tier))(f, rows)
+        return jax.vmap(_tier2_apply)(f, rows, *stage)
+
+    def rare():
+        g = after_tier2(tier2_on)
+        bisect = jnp.any(jnp.stack(jax.vmap(_full_needs)(g, rows)))
+        th = lax.cond(
+            bisect,
+            lambda: jax.vmap(lambda f, r: _full_thresholds(f, r, plan))(g, rows),
+            lambda: jax.vmap(_known_thresholds)(g, rows),
+        )
+        return g.c2, g.in_tier2, g.need_full, th
+
+    def common():
+        g = after_tier2(False)
+        return g.c2, g.in_tier2, g.need_full, jax.vmap(_known_thresholds)(g, rows)
+
+    c2, in_tier2, need_full, (z_min, w_min) = lax.cond(jnp.any(need2), rare, common)
+    f = f._replace(c2=c2, in_tier2=in_tier2, need_full=need_full)
+    if plan.mass is True:
+        mass = jax.vmap(_kept_mass)(f.z, jax.vmap(_shift)(f), z_min, w_min)
+    else:
+        mass = jnp.full(z_min.shape, jnp.nan, jnp.float32)
+    nothing = (jnp.zeros(z_min.shape, jnp.int32), jnp.ones(z_min.shape, jnp.bool_))
+    dist = jax.vmap(_finish)(f, (z_min, w_min, mass, *nothing))
+    plan = plan.replace(tier2=jnp.any(need2) & tier2_on, full=jnp.any(need_full))
+    if words is None:
+        return dist, plan
+
+    def token(d, w):
+        t = _race_dist_exact(d, w)
+        return _pick(d, t, t, t)
+
+    return dist, plan, jax.vmap(token)(dist, words)
+
+
+def _report_inputs_one(logits: jax.Array, dist: Distribution, plan: Plan):
+    """``(raw_stats, dist)`` for :func:`_report` under ``BRANCHES = "one"``: the raw log
+    probabilities the plan asks for and, when some row reports processed ones, the kept mass
+    of the rows on the full vocabulary, in one batch-level switch (six sides)."""
+
+    def side(raw: int, mass: bool):
+        def go():
+            d = dist
+            if mass:
+                m = jax.vmap(lambda d: _kept_mass(d.z, d.shift, d.z_min, d.w_min))(dist)
+                full = ~dist.in_candidates & ~dist.in_tier2 & dist.ok
+                d = dist.replace(log_mass=jnp.where(full, jnp.log(m), dist.log_mass))
+            return _raw_batch(logits, raw, exact_only=True), d
+
+        return go
+
+    if plan.mass is True:  # (already computed)
+        return _raw_batch(logits, plan.raw, exact_only=True), dist
+    index = plan.raw * 2 + jnp.asarray(plan.mass, jnp.int32)
+    return lax.switch(index, [side(r, m) for r in range(3) for m in (False, True)])
 
 
 #: Batch-level work that only a few rows need runs on the rows that need it, gathered into a
@@ -1218,7 +1334,11 @@ def sample_rows(
         keys=keys,
         for_sampling=True,
     )
-    return jax.vmap(_report)(logits, rows, dist, token, _raw_batch(logits, plan.raw))
+    if _branches() == "one":
+        raw_stats, dist = _report_inputs_one(logits, dist, plan)
+    else:
+        raw_stats = _raw_batch(logits, plan.raw)
+    return jax.vmap(_report)(logits, rows, dist, token, raw_stats)
 
 
 def processed_logprobs_rows(

@@ -239,7 +239,7 @@ def top_candidates(
     if block_max is None:
         block_max = native.block_max(x, CANDIDATE_BLOCK)
     _, chosen = native.top_k(block_max, k)
-    chosen = jnp.sort(chosen)  # k small ints: keeps the lower-index-first order of ties
+    chosen = native.sort_distinct(chosen)  # ascending: keeps the lower-index-first tie order
     values, pos = native.top_k(blocks[chosen].reshape(-1), k)
     ids = chosen[pos // block] * block + pos % block
     return lax.optimization_barrier((values, ids.astype(jnp.int32)))

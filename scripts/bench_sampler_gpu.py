@@ -8,10 +8,11 @@ project's own dependencies)::
 
 The grid is :mod:`bench_sampler`'s (B in {1, 64}, V in {49152, 128256, 262144}, realistic and
 flat logits, the same parameter sets). Each sampler case is timed under each variant that
-``--variants`` names (default ``many,few``): a ``VARIANTS`` entry is the value of
-:data:`jaxsample.sampler.BRANCHES` the sampler is traced with and the XLA compiler options
-it is compiled with (None: XLA's defaults; the others switch CUDA graphs off, or on for
-fusions only, or on for conditionals and loops too).
+``--variants`` names (default ``few,one,one_rank``): a ``VARIANTS`` entry is the value of
+:data:`jaxsample.sampler.BRANCHES` the sampler is traced with, the XLA compiler options it
+is compiled with (None: XLA's defaults; the others switch CUDA graphs off, or on for fusions
+only, or on for conditionals and loops too) and :data:`jaxsample.native.TOP_K_FORM` (sort:
+XLA's sorts; rank: counted ranks for small rows).
 
 Protocols, every case round-robin so the machine's noise hits all alike:
 
@@ -59,6 +60,7 @@ from bench_sampler import (
     timed,
 )
 
+from jaxsample import native
 from jaxsample import sampler as sm
 
 NO_GRAPHS = {"xla_gpu_enable_command_buffer": ""}
@@ -68,29 +70,33 @@ ALL_GRAPHS = {  # loops too, and the profiler keeps the graphs
     "xla_gpu_graph_min_graph_size": 1,
     "xla_enable_command_buffers_during_profiling": True,
 }
-#: name: (sampler.BRANCHES, XLA compiler options; None: XLA's defaults)
+#: name: (sampler.BRANCHES, XLA compiler options (None: XLA's defaults), native.TOP_K_FORM)
 VARIANTS = {
-    "many": ("many", None),
-    "few": ("few", None),
-    "few_nographs": ("few", NO_GRAPHS),
-    "many_nographs": ("many", NO_GRAPHS),
-    "few_fusiongraphs": ("few", FUSION_GRAPHS),
-    "many_allgraphs": ("many", ALL_GRAPHS),
-    "few_allgraphs": ("few", {**ALL_GRAPHS, "xla_gpu_command_buffer_unroll_loops": True}),
+    "many": ("many", None, "sort"),
+    "few": ("few", None, "sort"),
+    "few_rank": ("few", None, "rank"),
+    "one": ("one", None, "sort"),
+    "one_rank": ("one", None, "rank"),
+    "one_rank_graphs": ("one", ALL_GRAPHS, "rank"),
+    "few_nographs": ("few", NO_GRAPHS, "sort"),
+    "many_nographs": ("many", NO_GRAPHS, "sort"),
+    "few_fusiongraphs": ("few", FUSION_GRAPHS, "sort"),
+    "many_allgraphs": ("many", ALL_GRAPHS, "sort"),
+    "few_allgraphs": ("few", {**ALL_GRAPHS, "xla_gpu_command_buffer_unroll_loops": True}, "sort"),
 }
 PROFILED = [(1, 49152, "realistic"), (64, 128256, "realistic"), (64, 262144, "flat")]
 
 
-def with_branches(fn, branches: str):
-    """``fn`` traced with ``sampler.BRANCHES = branches``."""
+def with_branches(fn, branches: str, form: str = "sort"):
+    """``fn`` traced with ``sampler.BRANCHES = branches`` and ``native.TOP_K_FORM = form``."""
 
     def traced(*args, **kwargs):
-        old = sm.BRANCHES
-        sm.BRANCHES = branches
+        old = sm.BRANCHES, native.TOP_K_FORM
+        sm.BRANCHES, native.TOP_K_FORM = branches, form
         try:
             return fn(*args, **kwargs)
         finally:
-            sm.BRANCHES = old
+            sm.BRANCHES, native.TOP_K_FORM = old
 
     return traced
 
@@ -99,8 +105,8 @@ def samplers(names) -> dict:
     static = ("num_candidates", "second_tier", "transforms")
     fns = {}
     for name in names:
-        branches, options = VARIANTS[name]
-        fn = with_branches(sm.sample_rows, branches)
+        branches, options, form = VARIANTS[name]
+        fn = with_branches(sm.sample_rows, branches, form)
         fns[name] = jax.jit(fn, static_argnames=static, compiler_options=options)
     return fns
 
@@ -242,8 +248,8 @@ def bench_point(b, v, kind, fns, reps, rng, profile: bool, loop: bool, dump=None
         steps = 32
         progs = {"floor": (looped(floor_step, steps), (logits,))}
         for var in fns:
-            branches, opts = VARIANTS[var]
-            prog = looped(with_branches(sampler_step, branches), steps, opts)
+            branches, opts, form = VARIANTS[var]
+            prog = looped(with_branches(sampler_step, branches, form), steps, opts)
             progs[f"full/{var}"] = (prog, (logits, full_rows, hist))
         for fn, args in progs.values():
             timed(fn, *args)
@@ -263,7 +269,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="one small point (a smoke test)")
     ap.add_argument(
         "--variants",
-        default="many,few",
+        default="few,one,one_rank",
         help=f"comma-separated, of: {', '.join(VARIANTS)}",
     )
     ap.add_argument("--profiled-only", action="store_true", help="the profiled B, V only")

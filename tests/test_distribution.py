@@ -263,46 +263,90 @@ def test_row_code_has_no_collectives(monkeypatch, kernels):
         assert halved == 2
 
 
-@pytest.mark.parametrize("nc,tier", [(8, 64), (16, 0), (128, 1024)])
-def test_few_branches_give_the_same_numbers(nc, tier, monkeypatch):
-    """``BRANCHES = "few"`` (the GPU's: every cheap part runs unconditionally, the rare stages
-    are one branch each over all rows) gives every output of ``"many"`` bit for bit, on a batch
-    with every path (candidates, second tier, full vocabulary, greedy, bias, penalties, raw
-    and processed log probabilities, a row that the halved selection leaves unresolved), and
-    compiles fewer batch-level branches."""
-    assert sm.BRANCHES == "auto" and sm._few_branches() == (jax.default_backend() == "gpu")
-    v = 300
-    params = [dict(p, seed=10 * r + i) for r in range(3) for i, p in enumerate(MIXED + HALF)]
-    rows = _rows(params, nb=20)
-    rng = np.random.default_rng(5)
+def _every_path_batch(v: int, repeats: int, seed: int):
+    """``(logits, rows, hist)``: MIXED and HALF's parameter sets ``repeats`` times (distinct
+    seeds) over logits whose scale varies by row: a batch that takes every path."""
+    params = [dict(p, seed=10 * r + i) for r in range(repeats) for i, p in enumerate(MIXED + HALF)]
+    rng = np.random.default_rng(seed)
     logits = jnp.asarray(_half_logits(rng, len(params), v) * rng.uniform(0.5, 4, (len(params), 1)))
-    hist = _hist(len(params), v, prompt=[1, 2], output=[2, 3, 3])
-    outs, conds = {}, {}
-    for mode in ("many", "few"):
-        monkeypatch.setattr(sm, "BRANCHES", mode)
+    return logits, _rows(params, nb=20), _hist(len(params), v, prompt=[1, 2], output=[2, 3, 3])
 
-        def fn(*a):  # a new function per mode: traced afresh
-            return sm.sample_rows(*a, None, 4, num_candidates=nc, second_tier=tier)
 
-        outs[mode] = jax.jit(fn)(logits, rows, hist)
-        jaxpr = jax.make_jaxpr(fn)(logits, rows, hist)
-        conds[mode] = [e.primitive.name for e in jaxpr.jaxpr.eqns].count("cond")
-        procs = jax.jit(lambda *a: sm.processed_logprobs_rows(*a, None, num_candidates=nc))
-        outs[mode + "_processed"] = procs(logits, rows, hist)
-    _tree_equal(outs["few"], outs["many"])
-    _tree_equal(outs["few_processed"], outs["many_processed"])
-    # the paths all occur: candidates, the full vocabulary, and (with a second tier) that tier
+def _traced_outputs(logits, rows, hist, nc: int, tier: int) -> dict:
+    """sample_rows' and processed_logprobs_rows' outputs, the batch-level branches of
+    sample_rows' jaxpr and its compiled program, traced afresh under the settings now."""
+
+    def fn(*a):  # a new function per call: traced afresh
+        return sm.sample_rows(*a, None, 4, num_candidates=nc, second_tier=tier)
+
+    jaxpr = jax.make_jaxpr(fn)(logits, rows, hist)
+    procs = jax.jit(lambda *a: sm.processed_logprobs_rows(*a, None, num_candidates=nc))
+    return {
+        "sample": jax.jit(fn)(logits, rows, hist),
+        "processed": procs(logits, rows, hist),
+        "branches": sum(e.primitive.name in ("cond", "switch") for e in jaxpr.jaxpr.eqns),
+        "program": jax.jit(fn).lower(logits, rows, hist).compile().as_text(),
+    }
+
+
+def _assert_paths(logits, rows, hist, nc: int, tier: int):
+    """The batch takes the candidates, the full vocabulary and (with one) the second tier."""
     dist, _ = jax.jit(lambda *a: sm.distributions(*a, None, num_candidates=nc, second_tier=tier))(
         logits, rows, hist
     )
     full = ~np.asarray(dist.in_candidates) & ~np.asarray(dist.in_tier2)
     assert np.asarray(dist.in_candidates).any() and full.any()
     assert np.asarray(dist.in_tier2).any() == (tier > nc)
-    # few: the second tier, the full vocabulary, the exact race, raw log probabilities
-    assert conds["few"] < conds["many"] and conds["few"] <= 4
+
+
+@pytest.mark.parametrize("nc,tier", [(8, 64), (16, 0), (128, 1024)])
+def test_few_branches_give_the_same_numbers(nc, tier, monkeypatch):
+    """``BRANCHES = "few"`` (the GPU's: every cheap part runs unconditionally, the rare stages
+    are one branch each over all rows) and ``"one"`` (one branch for every rare stage, one
+    switch for the reports, every token from the race over the whole vocabulary) give every
+    output of ``"many"`` bit for bit, on a batch with every path (candidates, second tier,
+    full vocabulary, greedy, bias, penalties, raw and processed log probabilities, a row
+    that the halved selection leaves unresolved), and compile fewer batch-level branches."""
+    assert sm.BRANCHES == "auto" and sm._few_branches() == (jax.default_backend() == "gpu")
+    logits, rows, hist = _every_path_batch(300, 3, 5)
+    outs = {}
+    for mode in ("many", "few", "one"):
+        monkeypatch.setattr(sm, "BRANCHES", mode)
+        outs[mode] = _traced_outputs(logits, rows, hist, nc, tier)
+    for mode in ("few", "one"):
+        _tree_equal(outs[mode]["sample"], outs["many"]["sample"])
+        _tree_equal(outs[mode]["processed"], outs["many"]["processed"])
+    _assert_paths(logits, rows, hist, nc, tier)
+    # few: the second tier, the full vocabulary, the exact race, raw log probabilities;
+    # one: the rare stages, the reports
+    branches = {mode: outs[mode]["branches"] for mode in outs}
+    assert branches["one"] == 2 < branches["few"] <= 4 < branches["many"]
     monkeypatch.setattr(sm, "BRANCHES", "fewer")
     with pytest.raises(ValueError, match="BRANCHES"):
         sm._few_branches()
+
+
+@pytest.mark.parametrize("mode", ["many", "few", "one"])
+def test_rank_form_gives_the_same_numbers(mode, monkeypatch):
+    """``native.TOP_K_FORM = "rank"`` (a GPU candidate: counting ranks where XLA sorts) gives
+    every output of the sort form bit for bit, with each plan, on a batch with every path
+    (the two-stage top-k of the candidates and of the raw top 20, the second tier, the full
+    vocabulary's window); at this size its program has no TopK left."""
+    monkeypatch.setattr(native, "KERNELS", "xla")
+    monkeypatch.setattr(sm, "BRANCHES", mode)
+    nc, tier = 16, 64
+    logits, rows, hist = _every_path_batch(2000, 2, 6)
+    outs = {}
+    for form in ("sort", "rank"):
+        monkeypatch.setattr(native, "TOP_K_FORM", form)
+        outs[form] = _traced_outputs(logits, rows, hist, nc, tier)
+    _tree_equal(outs["rank"]["sample"], outs["sort"]["sample"])
+    _tree_equal(outs["rank"]["processed"], outs["sort"]["processed"])
+    assert "TopK" in outs["sort"]["program"]
+    assert "TopK" not in outs["rank"]["program"]
+    # (the "many" plan sorts B flags to gather the rows a rare stage needs)
+    assert (" sort(" in outs["rank"]["program"]) == (mode == "many")
+    _assert_paths(logits, rows, hist, nc, tier)
 
 
 # ------------------------------------------------------------------ greedy, host inputs, keys

@@ -88,6 +88,54 @@ def test_vmap_and_nested_vmap():
     assert same_bits(both, lax.top_k(jnp.maximum(x[1], y[None]), 5))
 
 
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_rank_form_same_bits_as_lax_top_k(data):
+    """``TOP_K_FORM = "rank"`` (the JAX form that counts ranks, for a GPU): lax.top_k's bits
+    on the same rows as the kernel's test (ties, signed zeros, infinities, NaNs, any batch
+    shape and k), under nested vmaps; ``sort_distinct`` is ``jnp.sort`` for distinct ints."""
+    x, k = draw_rows(data, 120, few=[0.0, 1.0, 2.0], floats=st.floats(width=32))
+    x = jnp.asarray(x)
+    ints = jnp.asarray(np.random.default_rng(x.size).permutation(2000)[: x.size], jnp.int32)
+    ints = ints.reshape(x.shape)
+    mapped = lambda r: native.top_k(r, k)  # noqa: E731
+    for _ in range(x.ndim - 1):
+        mapped = jax.vmap(mapped)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(native, "KERNELS", "xla")
+        mp.setattr(native, "TOP_K_FORM", "rank")
+        assert same_bits(jax.jit(mapped)(x), lax.top_k(x, k))
+        assert np.array_equal(jax.jit(native.sort_distinct)(ints), jnp.sort(ints))
+
+
+def test_rank_form_counts_the_rows_of_the_batch(monkeypatch):
+    """The rank form runs where the batch's rows times n**2 fit in RANK_LIMIT, counted
+    through the vmaps around the per-row call (a custom_vmap), else XLA's TopK; the same
+    bits either way, and the default form is lax.top_k's program unchanged."""
+    monkeypatch.setattr(native, "KERNELS", "xla")
+    n, k = 64, 5
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 4, n)).astype(np.float32))
+
+    def compiled(fn, arg=x):  # traced afresh: the settings are read when a function is traced
+        return jax.jit(lambda a: fn(a)).lower(arg).compile().as_text()
+
+    def per_row(r):
+        return native.top_k(r, k)
+
+    nested = jax.vmap(jax.vmap(per_row))
+    assert "TopK" in compiled(nested)  # "sort": lax.top_k
+    monkeypatch.setattr(native, "TOP_K_FORM", "rank")
+    monkeypatch.setattr(native, "RANK_LIMIT", 8 * n * n)
+    assert "TopK" not in compiled(nested)  # 8 rows fit
+    assert same_bits(jax.jit(lambda a: nested(a))(x), lax.top_k(x, k))
+    monkeypatch.setattr(native, "RANK_LIMIT", 7 * n * n)
+    assert "TopK" in compiled(nested)  # 8 rows do not
+    assert "TopK" not in compiled(jax.vmap(per_row), x[0])  # ... but the 4 rows of x[0] do
+    monkeypatch.setattr(native, "TOP_K_FORM", "fast")
+    with pytest.raises(ValueError, match="TOP_K_FORM"):
+        native.top_k(x[0, 0], k)
+
+
 def _rows(b, v):
     params = [
         SamplingParams(temperature=1.0, top_p=0.95),

@@ -34,11 +34,16 @@ the build or the load fails, every function here uses its JAX form, with a warni
 the reason; :func:`status` says which is in use and why. ``KERNELS = "xla"`` (read when a
 function is traced) or the environment variable ``JAXSAMPLE_KERNELS=xla`` turns the kernels
 off.
+
+The JAX form of :func:`top_k` (and :func:`sort_distinct`) is ``lax.top_k``, or with
+``TOP_K_FORM = "rank"`` (``JAXSAMPLE_TOP_K_FORM=rank``) a count of ranks that needs no sort,
+for small rows on a GPU (see :data:`TOP_K_FORM`).
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -57,6 +62,17 @@ from jax import lax
 #: ``"auto"``: jaxsample's kernels on XLA's CPU backend when they build, the JAX forms
 #: elsewhere; ``"xla"``: the JAX forms everywhere. Read when a function is traced.
 KERNELS = os.environ.get("JAXSAMPLE_KERNELS", "auto")
+#: The JAX form of :func:`top_k` and :func:`sort_distinct` (read when a function is traced;
+#: the CPU kernels, where they run, do not read it): ``"sort"``, ``lax.top_k`` and
+#: ``jnp.sort`` (on a GPU, XLA sorts each row for ``k > 16``: one sort kernel of a few
+#: microseconds to tens of them per call, at any batch size); ``"rank"``, each element's rank
+#: counted by comparing it with every element of its row (a fused reduction, no sort), where
+#: the rows of the batch times ``n**2`` are at most :data:`RANK_LIMIT`, else the sort form.
+#: Bit for bit the same results either way. ``"sort"`` is the default until the rank form is
+#: measured on a GPU (scripts/bench_sampler_gpu.py times both).
+TOP_K_FORM = os.environ.get("JAXSAMPLE_TOP_K_FORM", "sort")
+#: The rank form's largest ``rows * n**2`` (comparisons per call).
+RANK_LIMIT = 2**27
 
 _HERE = Path(__file__).parent
 _SOURCES = [_HERE / "topk.cc", _HERE / "rows.cc"]
@@ -222,17 +238,105 @@ def _rows_ok(x: jax.Array) -> bool:
     return _wanted() and x.dtype == jnp.float32 and x.ndim > 0 and x.shape[-1] > 0
 
 
+def _order_keys(x: jax.Array) -> jax.Array:
+    """int32 keys whose order is ``lax.top_k``'s order of float32 (-0.0 just below +0.0)."""
+    i = lax.bitcast_convert_type(x, jnp.int32)
+    return jnp.where(i < 0, i ^ 0x7FFFFFFF, i)
+
+
+def _pick_slots(rank: jax.Array, values: jax.Array, k: int) -> jax.Array:
+    """``out[..., s] = values[..., i]`` for the ``i`` of rank ``s`` (ranks distinct), ``s < k``:
+    a one-hot sum, exact for ints."""
+    slots = jnp.arange(k, dtype=jnp.int32).reshape((1,) * (rank.ndim - 1) + (k, 1))
+    hit = rank[..., None, :] == slots
+    return jnp.sum(jnp.where(hit, values[..., None, :], 0), axis=-1, dtype=values.dtype)
+
+
+def _rank_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """``lax.top_k`` by counting: the rank of element i is the number of elements above it
+    in the order (a larger key, or the same key at a lower index), so the ranks are distinct
+    and slot s of the result holds the element of rank s."""
+    keys = _order_keys(x)
+    n = x.shape[-1]
+    idx = jnp.arange(n, dtype=jnp.int32)
+    kj, ki = keys[..., None, :], keys[..., :, None]
+    lower = (idx[None, :] < idx[:, None]).reshape((1,) * (x.ndim - 1) + (n, n))
+    above = (kj > ki) | ((kj == ki) & lower)
+    rank = jnp.sum(above, axis=-1, dtype=jnp.int32)
+    ids = _pick_slots(rank, jnp.broadcast_to(idx, x.shape), k)
+    return jnp.take_along_axis(x, ids, axis=-1), ids
+
+
+def _rank_sort_distinct(x: jax.Array) -> jax.Array:
+    """``jnp.sort`` of distinct ints by counting: element i goes to the slot of the number of
+    elements below it."""
+    rank = jnp.sum(x[..., None, :] < x[..., :, None], axis=-1, dtype=jnp.int32)
+    return _pick_slots(rank, x, x.shape[-1])
+
+
+_SORT_FORMS = {
+    "top_k": lambda x, k: tuple(lax.top_k(x, k)),
+    "sort_distinct": lambda x, k: jnp.sort(x, axis=-1),
+}
+_RANK_FORMS = {"top_k": _rank_top_k, "sort_distinct": lambda x, k: _rank_sort_distinct(x)}
+
+
+@functools.cache
+def _by_rows(op: str, k: int, limit: int):
+    """``op``'s rank form where the rows of its input times ``n**2`` fit in ``limit``, else its
+    sort form. The per-row code that calls it does not know the batch: a ``custom_vmap``
+    defers the choice to the input of the batched call, whose shape holds every batch axis
+    of the ``jax.vmap`` calls around it."""
+
+    @jax.custom_batching.custom_vmap
+    def fn(x):
+        rows = int(np.prod(x.shape[:-1], dtype=np.int64))
+        form = _RANK_FORMS if rows * x.shape[-1] ** 2 <= limit else _SORT_FORMS
+        return form[op](x, k)
+
+    @fn.def_vmap
+    def _rule(axis_size, in_batched, x):
+        out = fn(x)  # batched: x has the batch axis first
+        return out, jax.tree.map(lambda _: in_batched[0], out)
+
+    return fn
+
+
+def _jax_form(op: str, x: jax.Array, k: int):
+    """The JAX form of ``op`` (``"top_k"`` or ``"sort_distinct"``) that :data:`TOP_K_FORM`
+    names."""
+    if TOP_K_FORM not in ("sort", "rank"):
+        raise ValueError(
+            f"jaxsample.native.TOP_K_FORM must be 'sort' or 'rank', got {TOP_K_FORM!r}"
+        )
+    if TOP_K_FORM == "sort":
+        return _SORT_FORMS[op](x, k)
+    return _by_rows(op, k, RANK_LIMIT)(x)
+
+
+def sort_distinct(x: jax.Array) -> jax.Array:
+    """``jnp.sort(x, axis=-1)`` for rows of distinct ints, in the form :data:`TOP_K_FORM`
+    names (the same values either way).
+
+    >>> sort_distinct(jnp.array([7, 2, 5])).tolist()
+    [2, 5, 7]
+    """
+    x = jnp.asarray(x)
+    return _jax_form("sort_distinct", x, x.shape[-1])
+
+
 def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """``lax.top_k(x, k)``, bit for bit: on XLA's CPU backend through jaxsample's kernel.
 
     ``x``: float32 ``[..., n]``; ``k``: a static int in ``[1, n]``. Other dtypes, and every
-    backend but the CPU, use ``lax.top_k``. Batches under ``jax.vmap``.
+    backend but the CPU, use the JAX form :data:`TOP_K_FORM` names (``lax.top_k`` by
+    default). Batches under ``jax.vmap``.
 
     >>> top_k(jnp.array([1.0, 3.0, 3.0, -0.0, 0.0]), 5)[1].tolist()
     [1, 2, 0, 4, 3]
     """
     x = jnp.asarray(x)
-    xla = lambda x: tuple(lax.top_k(x, k))  # noqa: E731
+    xla = lambda x: _jax_form("top_k", x, k)  # noqa: E731
     if not _rows_ok(x) or not 1 <= k <= x.shape[-1]:
         return xla(x)
     kernel = lambda x: _call("jaxsample_topk", x, [((k,), jnp.float32), ((k,), jnp.int32)])  # noqa: E731
