@@ -1087,7 +1087,8 @@ def distributions(
     computed its kept set (the same tokens as ``vmap(draw)``, with fewer branches).
     ``for_sampling`` (what :func:`sample_rows` passes) computes a full-vocabulary row's kept
     mass only when some row reports processed log probabilities (else its ``log_mass`` is
-    NaN); by default every field of every distribution is complete.
+    NaN); by default every field of every distribution is complete. Under
+    ``BRANCHES = "one"`` the stages after the first candidates are :func:`_rest_one`'s.
     """
     words = None if keys is None else jax.vmap(_key_words)(keys)
     chain = tf.check_chain(transforms)
