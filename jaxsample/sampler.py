@@ -57,9 +57,10 @@ BIAS_TIERS = (16, 128)
 #: each branch costs a CUDA graph node or a wait for the device, as on a GPU); ``"auto"``:
 #: ``"few"`` when JAX's default backend is a GPU, else ``"many"``; ``"one"`` (a GPU candidate,
 #: not yet timed on one: one batch-level branch for every rare stage, the second tier and the
-#: full-vocabulary thresholds, and one switch for the reported log probabilities; every row's
-#: token from one race over the whole vocabulary, a transcendental per token where a GPU has
-#: them to spare). Same numbers in every mode.
+#: full-vocabulary thresholds, placed last so that the host waits for its predicate only when
+#: the device has nothing left to run, and one switch for the reported log probabilities;
+#: every row's token from one race over the whole vocabulary, a transcendental per token
+#: where a GPU has them to spare). Same numbers in every mode.
 BRANCHES = "auto"
 
 
@@ -1090,6 +1091,34 @@ def distributions(
     NaN); by default every field of every distribution is complete. Under
     ``BRANCHES = "one"`` the stages after the first candidates are :func:`_rest_one`'s.
     """
+    return _distributions(
+        logits,
+        rows,
+        hist,
+        allowed,
+        num_candidates=num_candidates,
+        second_tier=second_tier,
+        transforms=transforms,
+        keys=keys,
+        for_sampling=for_sampling,
+    )
+
+
+def _distributions(
+    logits,
+    rows,
+    hist,
+    allowed,
+    *,
+    num_candidates,
+    second_tier,
+    transforms,
+    keys,
+    for_sampling,
+    then=None,
+):
+    """:func:`distributions`, and with ``then`` (a function of ``(dist, plan, tokens)``)
+    ``then``'s result instead: under ``BRANCHES = "one"`` it runs inside the last branch."""
     words = None if keys is None else jax.vmap(_key_words)(keys)
     chain = tf.check_chain(transforms)
     vocab = logits.shape[-1]
@@ -1104,7 +1133,7 @@ def distributions(
         logits, rows, hist, allowed
     )
     if mode == "one":
-        return _rest_one(f, rows, plan, words, num_candidates, second_tier)
+        return _rest_one(f, rows, plan, words, num_candidates, second_tier, then)
     # the full selection again, on the few rows the halved one left unresolved
     halved = _halved(plan, num_candidates, vocab)
     if halved is not False:
@@ -1140,7 +1169,8 @@ def distributions(
     full_out = _compacted(f.need_full, full, (f, rows, words), few=few)
     plan = plan.replace(tier2=jnp.any(need2) & tier2_on, full=jnp.any(f.need_full))
     if words is None:
-        return jax.vmap(_finish)(f, full_out), plan
+        out = jax.vmap(_finish)(f, full_out), plan
+        return out if then is None else then(*out, None)
     dist, tokens = jax.vmap(_finish)(f, full_out, words)
 
     # the exact full-vocabulary race, for the rare row whose fast race is not certified
@@ -1150,60 +1180,68 @@ def distributions(
 
     uncertified = f.need_full & ~full_out[4]
     tokens = jnp.where(uncertified, _compacted(uncertified, exact, (dist, words), few=few), tokens)
-    return dist, plan, tokens
+    return (dist, plan, tokens) if then is None else then(dist, plan, tokens)
 
 
-def _rest_one(f: _Front, rows: RowParams, plan: Plan, words, num_candidates: int, second_tier: int):
+def _rest_one(
+    f: _Front, rows: RowParams, plan: Plan, words, num_candidates: int, second_tier: int, then
+):
     """:func:`distributions` after the first candidates under ``BRANCHES = "one"``.
 
-    One batch-level branch, taken when some row retries on the second tier: that tier on
-    every row, then (a branch inside it) the full-vocabulary bisections on every row when
-    some row still needs one. A row the candidates leave unresolved only because nothing cut
-    its kept set (plain sampling, min_p) needs no bisection: its thresholds are known
-    (:func:`_known_thresholds`). The kept mass of the rows on the full vocabulary is
-    computed here when ``plan.mass`` is a Python True, else left NaN for
+    Everything is computed first as if no row retried on the second tier; then one
+    batch-level branch, taken when some row does, computes it all again with that tier on
+    every row and (a branch inside it) the full-vocabulary bisections on every row when
+    some row still needs one. The branch comes last, with ``then`` (the caller's remaining
+    work, such as the reports) inside it, so the host, which reads its predicate, waits
+    only when the device has nothing left to do. A row the candidates leave unresolved
+    only because nothing cut its kept set (plain sampling, min_p) needs no bisection: its
+    thresholds are known (:func:`_known_thresholds`). The kept mass of the rows on the full
+    vocabulary is computed here when ``plan.mass`` is a Python True, else left NaN for
     :func:`_report_inputs_one`. Every row's token comes from the race over the whole
     vocabulary (:func:`_race_dist_exact`: one fused pass), which equals the race over its
-    candidates or its tier whenever they hold the kept set.
+    candidates or its tier whenever they hold the kept set. The plan returned says
+    ``full`` for any row the candidates left unresolved (a superset: :func:`draw` then
+    runs the full race, which is right for every row).
     """
     tier2_on = second_tier > num_candidates
     need2 = jax.vmap(_tier2_needed)(f, rows)
+    plan = plan.replace(tier2=jnp.any(need2) & tier2_on, full=jnp.any(f.need_full))
 
-    def after_tier2(run: bool):
-        stage = jax.vmap(lambda f, r: _tier2_stage(f, r, run, second_tier))(f, rows)
-        return jax.vmap(_tier2_apply)(f, rows, *stage)
+    def stages(rare: bool):
+        stage = jax.vmap(lambda f, r: _tier2_stage(f, r, rare and tier2_on, second_tier))
+        g = jax.vmap(_tier2_apply)(f, rows, *stage(f, rows))
+        if rare:
+            bisect = jnp.any(jnp.stack(jax.vmap(_full_needs)(g, rows)))
+            z_min, w_min = lax.cond(
+                bisect,
+                lambda: jax.vmap(lambda f, r: _full_thresholds(f, r, plan))(g, rows),
+                lambda: jax.vmap(_known_thresholds)(g, rows),
+            )
+        else:
+            z_min, w_min = jax.vmap(_known_thresholds)(g, rows)
+        if plan.mass is True:
+            mass = jax.vmap(_kept_mass)(g.z, jax.vmap(_shift)(g), z_min, w_min)
+        else:
+            mass = jnp.full(z_min.shape, jnp.nan, jnp.float32)
+        nothing = (jnp.zeros(z_min.shape, jnp.int32), jnp.ones(z_min.shape, jnp.bool_))
+        dist = jax.vmap(_finish)(g, (z_min, w_min, mass, *nothing))
+        tokens = None
+        if words is not None:
 
-    def rare():
-        g = after_tier2(tier2_on)
-        bisect = jnp.any(jnp.stack(jax.vmap(_full_needs)(g, rows)))
-        th = lax.cond(
-            bisect,
-            lambda: jax.vmap(lambda f, r: _full_thresholds(f, r, plan))(g, rows),
-            lambda: jax.vmap(_known_thresholds)(g, rows),
-        )
-        return g.c2, g.in_tier2, g.need_full, th
+            def token(d, w):
+                t = _race_dist_exact(d, w)
+                return _pick(d, t, t, t)
 
-    def common():
-        g = after_tier2(False)
-        return g.c2, g.in_tier2, g.need_full, jax.vmap(_known_thresholds)(g, rows)
+            tokens = jax.vmap(token)(dist, words)
+        if then is not None:
+            return then(dist, plan, tokens)
+        return dist if tokens is None else (dist, tokens)
 
-    c2, in_tier2, need_full, (z_min, w_min) = lax.cond(jnp.any(need2), rare, common)
-    f = f._replace(c2=c2, in_tier2=in_tier2, need_full=need_full)
-    if plan.mass is True:
-        mass = jax.vmap(_kept_mass)(f.z, jax.vmap(_shift)(f), z_min, w_min)
-    else:
-        mass = jnp.full(z_min.shape, jnp.nan, jnp.float32)
-    nothing = (jnp.zeros(z_min.shape, jnp.int32), jnp.ones(z_min.shape, jnp.bool_))
-    dist = jax.vmap(_finish)(f, (z_min, w_min, mass, *nothing))
-    plan = plan.replace(tier2=jnp.any(need2) & tier2_on, full=jnp.any(need_full))
-    if words is None:
-        return dist, plan
-
-    def token(d, w):
-        t = _race_dist_exact(d, w)
-        return _pick(d, t, t, t)
-
-    return dist, plan, jax.vmap(token)(dist, words)
+    common = stages(False)
+    out = lax.cond(jnp.any(need2), lambda: stages(True), lambda: common)
+    if then is not None:
+        return out
+    return (out, plan) if words is None else (out[0], plan, out[1])
 
 
 def _report_inputs_one(logits: jax.Array, dist: Distribution, plan: Plan):
@@ -1324,7 +1362,15 @@ def sample_rows(
     if keys is None:
         position = jnp.broadcast_to(jnp.asarray(position, jnp.int32), (batch,))
         keys = jax.vmap(row_key)(rows, position)
-    dist, plan, token = distributions(
+
+    def report(dist, plan, token):
+        if _branches() == "one":
+            raw_stats, dist = _report_inputs_one(logits, dist, plan)
+        else:
+            raw_stats = _raw_batch(logits, plan.raw)
+        return jax.vmap(_report)(logits, rows, dist, token, raw_stats)
+
+    return _distributions(
         logits,
         rows,
         hist,
@@ -1334,12 +1380,8 @@ def sample_rows(
         transforms=transforms,
         keys=keys,
         for_sampling=True,
+        then=report,
     )
-    if _branches() == "one":
-        raw_stats, dist = _report_inputs_one(logits, dist, plan)
-    else:
-        raw_stats = _raw_batch(logits, plan.raw)
-    return jax.vmap(_report)(logits, rows, dist, token, raw_stats)
 
 
 def processed_logprobs_rows(

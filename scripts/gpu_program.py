@@ -115,14 +115,16 @@ def _branches(line: str) -> list[str]:
     ]
 
 
-def _stage(comps: dict, line: str, sides: list, second_tier: int) -> str:
-    """Which batch-level branch a top-level ``conditional`` is: under ``few``, the raw log
-    probabilities' switch (three sides), the full vocabulary (a loop inside), the second tier
-    (its ``[B, second_tier]`` candidates), else the exact race; under ``one``, the reports'
-    switch (six sides) or the rare stages (named for the second tier, which they start
-    with: taken with it)."""
+def _stage(line: str, sides: list, second_tier: int, mode: str) -> str:
+    """Which batch-level branch a top-level ``conditional`` is: the raw log probabilities'
+    switch (three sides; six under ``one``, with the kept mass); under ``one`` the other is
+    the rare stages (named for the second tier, which they start with: taken with it); under
+    ``few``, the full vocabulary (a loop inside), the second tier (its ``[B, second_tier]``
+    candidates), else the exact race."""
     if len(sides) in (3, 6):
         return "raw"
+    if mode == "one":
+        return "tier2"
     if any(s["common"]["loops"] or s["loops"] for s in sides):
         return "full"
     if re.search(rf"\[\d+,{second_tier}\]", line.split(" conditional(")[0]):
@@ -131,7 +133,7 @@ def _stage(comps: dict, line: str, sides: list, second_tier: int) -> str:
 
 
 def cost(
-    comps: dict, name: str, taken: dict, second_tier: int, top: bool = True, named: bool = True
+    comps: dict, name: str, taken: dict, second_tier: int, top: bool = True, mode: str = "few"
 ) -> dict:
     """Kernels, copies, branches and loops of one computation, its branches' own (each side
     separately), and the common path: the side of each top-level branch that ``taken`` says
@@ -149,8 +151,8 @@ def cost(
     common = {"kernels": out["kernels"], "copies": out["copies"], "conditionals": 0, "loops": 0}
     for op, line in ops:
         if op == "conditional":
-            sides = [cost(comps, b, taken, second_tier, False, named) for b in _branches(line)]
-            stage = _stage(comps, line, sides, second_tier) if top and named else None
+            sides = [cost(comps, b, taken, second_tier, False, mode) for b in _branches(line)]
+            stage = _stage(line, sides, second_tier, mode) if top and mode != "many" else None
             out["branches"].append((stage, [s["common"] for s in sides]))
             if stage is None:
                 pick = min(sides, key=lambda s: s["common"]["kernels"])
@@ -163,7 +165,7 @@ def cost(
                 common[key] += pick["common"][key]
         elif op == "while":
             body = re.search(r"body=%?([\w.\-]+)", line).group(1)
-            out["loops"].append(cost(comps, body, taken, second_tier, False)["common"])
+            out["loops"].append(cost(comps, body, taken, second_tier, False, mode)["common"])
             common["loops"] += 1
     out["common"] = common
     return out
@@ -217,7 +219,7 @@ def program(variant: str, b: int, v: int, params: dict, topology) -> dict:
         sm.BRANCHES, native.TOP_K_FORM = old
     comps, entry = parse(text)
     taken = taken_stages(b, v, params)
-    top = cost(comps, entry, taken, min(sm.SECOND_TIER, v), named=branches != "many")
+    top = cost(comps, entry, taken, min(sm.SECOND_TIER, v), mode=branches)
     return {
         "taken": taken,
         "common": top["common"],
