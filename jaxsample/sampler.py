@@ -1078,6 +1078,7 @@ def distributions(
     transforms=(),
     keys: jax.Array | None = None,
     for_sampling: bool = False,
+    then=None,
 ):
     """:func:`distribution` over a batch (leading axis ``B``) and the batch's :class:`Plan`.
 
@@ -1090,35 +1091,10 @@ def distributions(
     mass only when some row reports processed log probabilities (else its ``log_mass`` is
     NaN); by default every field of every distribution is complete. Under
     ``BRANCHES = "one"`` the stages after the first candidates are :func:`_rest_one`'s.
+    ``then`` (a function of ``(dist, plan, tokens)``; tokens None without ``keys``) returns
+    its result instead: under ``"one"`` it runs inside the last branch, which is how
+    :func:`sample_rows` puts its reports there.
     """
-    return _distributions(
-        logits,
-        rows,
-        hist,
-        allowed,
-        num_candidates=num_candidates,
-        second_tier=second_tier,
-        transforms=transforms,
-        keys=keys,
-        for_sampling=for_sampling,
-    )
-
-
-def _distributions(
-    logits,
-    rows,
-    hist,
-    allowed,
-    *,
-    num_candidates,
-    second_tier,
-    transforms,
-    keys,
-    for_sampling,
-    then=None,
-):
-    """:func:`distributions`, and with ``then`` (a function of ``(dist, plan, tokens)``)
-    ``then``'s result instead: under ``BRANCHES = "one"`` it runs inside the last branch."""
     words = None if keys is None else jax.vmap(_key_words)(keys)
     chain = tf.check_chain(transforms)
     vocab = logits.shape[-1]
@@ -1370,7 +1346,7 @@ def sample_rows(
             raw_stats = _raw_batch(logits, plan.raw)
         return jax.vmap(_report)(logits, rows, dist, token, raw_stats)
 
-    return _distributions(
+    return distributions(
         logits,
         rows,
         hist,
