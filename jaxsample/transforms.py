@@ -517,10 +517,8 @@ def full_mass(s: FullRow) -> jax.Array:
     return row_sum(jnp.where(full_keep(s), s.weights, 0.0))
 
 
-def _order_key(x: jax.Array) -> jax.Array:
-    """Maps float32 to int32 so that integer order equals float order (-0.0 just below +0.0)."""
-    i = lax.bitcast_convert_type(x, jnp.int32)
-    return jnp.where(i < 0, i ^ 0x7FFFFFFF, i)
+#: Maps float32 to int32 so that integer order equals float order (-0.0 just below +0.0).
+_order_key = native._order_keys
 
 
 def _from_order_key(k: jax.Array) -> jax.Array:

@@ -309,7 +309,9 @@ def _jax_form(op: str, x: jax.Array, k: int):
         raise ValueError(
             f"jaxsample.native.TOP_K_FORM must be 'sort' or 'rank', got {TOP_K_FORM!r}"
         )
-    if TOP_K_FORM == "sort":
+    # (the rank form reads float32 keys; lax.top_k's own errors for a bad k stay its own)
+    floats = x.dtype == jnp.float32 and x.ndim > 0 and 1 <= k <= x.shape[-1]
+    if TOP_K_FORM == "sort" or (op == "top_k" and not floats):
         return _SORT_FORMS[op](x, k)
     return _by_rows(op, k, RANK_LIMIT)(x)
 
