@@ -272,20 +272,21 @@ def _every_path_batch(v: int, repeats: int, seed: int):
     return logits, _rows(params, nb=20), _hist(len(params), v, prompt=[1, 2], output=[2, 3, 3])
 
 
-def _traced_outputs(logits, rows, hist, nc: int, tier: int) -> dict:
+def _traced_outputs(logits, rows, hist, nc: int, tier: int, allowed=None) -> dict:
     """sample_rows' and processed_logprobs_rows' outputs, the batch-level branches of
     sample_rows' jaxpr and its compiled program, traced afresh under the settings now."""
 
-    def fn(*a):  # a new function per call: traced afresh
-        return sm.sample_rows(*a, None, 4, num_candidates=nc, second_tier=tier)
+    def fn(lg, r, h, a):  # a new function per call: traced afresh
+        return sm.sample_rows(lg, r, h, a, 4, num_candidates=nc, second_tier=tier)
 
-    jaxpr = jax.make_jaxpr(fn)(logits, rows, hist)
-    procs = jax.jit(lambda *a: sm.processed_logprobs_rows(*a, None, num_candidates=nc))
+    args = (logits, rows, hist, allowed)
+    jaxpr = jax.make_jaxpr(fn)(*args)
+    procs = jax.jit(lambda *a: sm.processed_logprobs_rows(*a, num_candidates=nc))
     return {
-        "sample": jax.jit(fn)(logits, rows, hist),
-        "processed": procs(logits, rows, hist),
+        "sample": jax.jit(fn)(*args),
+        "processed": procs(*args),
         "branches": sum(e.primitive.name in ("cond", "switch") for e in jaxpr.jaxpr.eqns),
-        "program": jax.jit(fn).lower(logits, rows, hist).compile().as_text(),
+        "program": jax.jit(fn).lower(*args).compile().as_text(),
     }
 
 
@@ -324,6 +325,25 @@ def test_few_branches_give_the_same_numbers(nc, tier, monkeypatch):
     monkeypatch.setattr(sm, "BRANCHES", "fewer")
     with pytest.raises(ValueError, match="BRANCHES"):
         sm._few_branches()
+
+
+def test_one_branch_with_hard_masks(monkeypatch):
+    """``BRANCHES = "one"`` with a hard constraint (JSON mode's and stop strings' masks):
+    every output of ``"many"`` bit for bit, a row with no allowed token included."""
+    logits, rows, hist = _every_path_batch(300, 2, 8)
+    rng = np.random.default_rng(9)
+    allowed = rng.random(logits.shape) < 0.7
+    allowed[3] = False  # no token allowed: token -1, ok False
+    allowed[5] = np.arange(logits.shape[1]) == 7  # one token allowed
+    allowed = jnp.asarray(allowed)
+    outs = {}
+    for mode in ("many", "one"):
+        monkeypatch.setattr(sm, "BRANCHES", mode)
+        outs[mode] = _traced_outputs(logits, rows, hist, 128, 1024, allowed)
+    _tree_equal(outs["one"]["sample"], outs["many"]["sample"])
+    _tree_equal(outs["one"]["processed"], outs["many"]["processed"])
+    tokens = np.asarray(outs["one"]["sample"].token)
+    assert tokens[3] == -1 and tokens[5] == 7 and (tokens >= 0).sum() == len(tokens) - 1
 
 
 @pytest.mark.parametrize("mode", ["few", "one"])
