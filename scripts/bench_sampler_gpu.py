@@ -6,6 +6,12 @@ project's own dependencies)::
 
     python3 scripts/bench_sampler_gpu.py --out results/bench_sampler_gpu.json
 
+With ``--real PATH`` it also times the variants on real SmolLM2 logits, where rows retry on
+the second candidate tier as the synthetic logits never make them: write the float16 dump
+here first (``PYTHONPATH=. .venv/bin/python scripts/real_logits.py --export-half
+results/cache/smollm2_logits_f16.npy``, about 38 MB, gitignored) and carry it to the GPU
+machine with the working tree.
+
 The grid is :mod:`bench_sampler`'s (B in {1, 64}, V in {49152, 128256, 262144}, realistic and
 flat logits, the same parameter sets). Each sampler case is timed under each variant that
 ``--variants`` names (default ``few,one,one_rank``): a ``VARIANTS`` entry is the value of
@@ -50,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_sampler import (
     ALONE,
     FULL,
+    REAL,
     _stats,
     burst,
     floor,
@@ -261,6 +268,44 @@ def bench_point(b, v, kind, fns, reps, rng, profile: bool, loop: bool, dump=None
     return out
 
 
+def bench_real_gpu(path: str, fns, reps: int, rng) -> list[dict]:
+    """Each variant on real SmolLM2 logits (``scripts/real_logits.py --export-half``'s
+    float16 dump, read as float32): B = 1 and 64 rows, bench_sampler's ``REAL`` parameter
+    sets, ratio to the floor; where the second tier matters (top_p 0.95-0.99 at T = 1), which
+    the synthetic logits never reach."""
+    data = np.load(path).astype(np.float32)
+    out = []
+    for b in (1, 64):
+        idx = rng.choice(data.shape[0], b, replace=False)
+        logits = jnp.asarray(data[idx])
+        v = logits.shape[1]
+        hist = make_history(b, v, rng)
+        pos = jnp.int32(3)
+        cases = {"floor": (floor, (logits,))}
+        cases["sort_chain"] = (sort_chain, (logits, rows_for(REAL["full_p95"], b, v), hist, pos))
+        for var, fn in fns.items():
+            for name, fields in REAL.items():
+                cases[f"{name}/{var}"] = (fn, (logits, rows_for(fields, b, v), hist, None, pos))
+        for fn, args in cases.values():
+            timed(fn, *args)
+        call = {n: [] for n in cases}
+        bursts = {n: [] for n in cases if n.startswith(("floor", "full_p95/", "p95_t1/"))}
+        for _ in range(reps):
+            for n, (fn, args) in cases.items():
+                call[n].append(timed(fn, *args))
+            for n in bursts:
+                bursts[n].append(burst(cases[n][0], *cases[n][1], calls=10))
+        r = {"B": b, "V": v, "logits": "real", "call": _stats(call), "burst": _stats(bursts)}
+        med = r["call"]["median_ms"]
+        print(
+            f"real B={b}: floor {med['floor']:.3f} ms; "
+            + ", ".join(f"{n} {t / med['floor']:.2f}x" for n, t in med.items() if n != "floor"),
+            flush=True,
+        )
+        out.append(r)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None, help="JSON path (written after every grid point)")
@@ -273,6 +318,12 @@ def main():
         help=f"comma-separated, of: {', '.join(VARIANTS)}",
     )
     ap.add_argument("--profiled-only", action="store_true", help="the profiled B, V only")
+    ap.add_argument(
+        "--real",
+        default=None,
+        metavar="PATH",
+        help="also time the variants on real logits (real_logits.py --export-half's file)",
+    )
     ap.add_argument(
         "--dump-hlo", default=None, help="path prefix: the optimized HLO at the 2nd point"
     )
@@ -317,6 +368,11 @@ def main():
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(dict(meta=meta, results=results), indent=1) + "\n")
+    if args.real:
+        real = bench_real_gpu(args.real, fns, args.reps, rng)
+        if args.out:
+            doc = dict(meta=meta, results=results, real=real)
+            Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
     print(f"total {time.perf_counter() - t_start:.0f} s", flush=True)
 
 

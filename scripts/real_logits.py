@@ -16,6 +16,8 @@ percentile of the kept-set size.
 Usage::
 
     PYTHONPATH=. .venv/bin/python scripts/real_logits.py     # writes results/fallback_rate.json
+    PYTHONPATH=. .venv/bin/python scripts/real_logits.py --export-half \\
+        results/cache/smollm2_logits_f16.npy                  # for bench_sampler_gpu.py --real
 """
 
 from __future__ import annotations
@@ -130,8 +132,20 @@ def fallback_rates(logits: np.ndarray) -> list[dict]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="results/fallback_rate.json")
+    ap.add_argument(
+        "--export-half",
+        default=None,
+        metavar="PATH",
+        help="only write the dump as float16 to PATH (about 38 MB: small enough to travel "
+        "to a lent GPU machine, where bench_sampler_gpu.py --real reads it)",
+    )
     args = ap.parse_args()
     logits = load_real_logits()
+    if args.export_half:
+        Path(args.export_half).parent.mkdir(parents=True, exist_ok=True)
+        np.save(args.export_half, logits.astype(np.float16))
+        print(f"wrote {args.export_half} ({logits.shape[0]} rows, float16)")
+        return
     res = fallback_rates(logits)
     print(f"{logits.shape[0]} rows of real SmolLM2 logits (V = {logits.shape[1]})")
     print("temperature top_p  before (1 tier of 128)  after (2nd tier)  kept median  kept p90")
