@@ -58,9 +58,9 @@ BIAS_TIERS = (16, 128)
 #: ``"few"`` when JAX's default backend is a GPU, else ``"many"``; ``"one"`` (a GPU candidate,
 #: not yet timed on one: one batch-level branch for every rare stage, the second tier and the
 #: full-vocabulary thresholds, placed last so that the host waits for its predicate only when
-#: the device has nothing left to run, and one switch for the reported log probabilities;
-#: every row's token from one race over the whole vocabulary, a transcendental per token
-#: where a GPU has them to spare). Same numbers in every mode.
+#: the device has nothing left to run; every row's token from one race over the whole
+#: vocabulary, a transcendental per token where a GPU has them to spare). Same numbers in
+#: every mode.
 BRANCHES = "auto"
 
 
@@ -182,11 +182,6 @@ def _branches() -> str:
     if BRANCHES == "auto":
         return "few" if jax.default_backend() in ("gpu", "cuda", "rocm") else "many"
     return BRANCHES
-
-
-def _few_branches() -> bool:
-    """Whether the plan's cheap parts are static (``"few"`` and ``"one"``)."""
-    return _branches() != "many"
 
 
 def _fewer(plan: Plan) -> Plan:
@@ -1176,7 +1171,7 @@ def _rest_one(
     only because nothing cut its kept set (plain sampling, min_p) needs no bisection: its
     thresholds are known (:func:`_known_thresholds`). The kept mass of the rows on the full
     vocabulary is computed here when ``plan.mass`` is a Python True, else left NaN for
-    :func:`_report_inputs_one`. Every row's token comes from the race over the whole
+    :func:`_with_kept_mass`. Every row's token comes from the race over the whole
     vocabulary (:func:`_race_dist_exact`: one fused pass), which equals the race over its
     candidates or its tier whenever they hold the kept set. The plan returned says
     ``full`` for any row the candidates left unresolved (a superset: :func:`draw` then
@@ -1223,26 +1218,17 @@ def _rest_one(
     return (out, plan) if words is None else (out[0], plan, out[1])
 
 
-def _report_inputs_one(logits: jax.Array, dist: Distribution, plan: Plan):
-    """``(raw_stats, dist)`` for :func:`_report` under ``BRANCHES = "one"``: the raw log
-    probabilities the plan asks for and, when some row reports processed ones, the kept mass
-    of the rows on the full vocabulary, in one batch-level switch (six sides)."""
+def _with_kept_mass(dist: Distribution, mass) -> Distribution:
+    """``dist`` with the kept mass of its rows on the full vocabulary, when ``mass`` (the
+    plan's flag: some row reports processed log probabilities) says so; :func:`_rest_one`
+    leaves it NaN under a traced flag."""
 
-    def side(raw: int, mass: bool):
-        def go():
-            d = dist
-            if mass:
-                m = jax.vmap(lambda d: _kept_mass(d.z, d.shift, d.z_min, d.w_min))(dist)
-                full = ~dist.in_candidates & ~dist.in_tier2 & dist.ok
-                d = dist.replace(log_mass=jnp.where(full, jnp.log(m), dist.log_mass))
-            return _raw_batch(logits, raw, exact_only=True), d
+    def fill():
+        m = jax.vmap(lambda d: _kept_mass(d.z, d.shift, d.z_min, d.w_min))(dist)
+        full = ~dist.in_candidates & ~dist.in_tier2 & dist.ok
+        return dist.replace(log_mass=jnp.where(full, jnp.log(m), dist.log_mass))
 
-        return go
-
-    if plan.mass is True:  # (already computed)
-        return _raw_batch(logits, plan.raw, exact_only=True), dist
-    index = plan.raw * 2 + jnp.asarray(plan.mass, jnp.int32)
-    return lax.switch(index, [side(r, m) for r in range(3) for m in (False, True)])
+    return _maybe(mass, fill, lambda: dist)
 
 
 #: Batch-level work that only a few rows need runs on the rows that need it, gathered into a
@@ -1341,12 +1327,15 @@ def sample_rows(
     if keys is None:
         position = jnp.broadcast_to(jnp.asarray(position, jnp.int32), (batch,))
         keys = jax.vmap(row_key)(rows, position)
+    one = _branches() == "one"
+    # the raw log probabilities depend on the logits and the parameters alone: computed once,
+    # outside every branch of the plan (under "one", not again in its last branch)
+    raw = plan_rows(rows, vocab_size=logits.shape[-1], for_sampling=True).raw
+    raw_stats = _raw_batch(logits, raw, exact_only=one)
 
     def report(dist, plan, token):
-        if _branches() == "one":
-            raw_stats, dist = _report_inputs_one(logits, dist, plan)
-        else:
-            raw_stats = _raw_batch(logits, plan.raw)
+        if one and plan.mass is not True:
+            dist = _with_kept_mass(dist, plan.mass)
         return jax.vmap(_report)(logits, rows, dist, token, raw_stats)
 
     return distributions(

@@ -115,16 +115,16 @@ def _branches(line: str) -> list[str]:
     ]
 
 
-def _stage(line: str, sides: list, second_tier: int, mode: str) -> str:
+def _stage(line: str, sides: list, second_tier: int, mode: str, last: bool) -> str:
     """Which batch-level branch a top-level ``conditional`` is: the raw log probabilities'
-    switch (three sides; six under ``one``, with the kept mass); under ``one`` the other is
-    the rare stages (named for the second tier, which they start with: taken with it); under
+    switch (three sides); under ``one``, the rare stages (the ``last`` conditional, named
+    for the second tier, which they start with: taken with it) or the kept mass; under
     ``few``, the full vocabulary (a loop inside), the second tier (its ``[B, second_tier]``
     candidates), else the exact race."""
-    if len(sides) in (3, 6):
+    if len(sides) == 3:
         return "raw"
     if mode == "one":
-        return "tier2"
+        return "tier2" if last else "mass"
     if any(s["common"]["loops"] or s["loops"] for s in sides):
         return "full"
     if re.search(rf"\[\d+,{second_tier}\]", line.split(" conditional(")[0]):
@@ -149,15 +149,15 @@ def cost(
         "loops": [],
     }
     common = {"kernels": out["kernels"], "copies": out["copies"], "conditionals": 0, "loops": 0}
-    for op, line in ops:
+    last = max((i for i, (op, _) in enumerate(ops) if op == "conditional"), default=-1)
+    for i, (op, line) in enumerate(ops):
         if op == "conditional":
             sides = [cost(comps, b, taken, second_tier, False, mode) for b in _branches(line)]
-            stage = _stage(line, sides, second_tier, mode) if top and mode != "many" else None
+            named = top and mode != "many"
+            stage = _stage(line, sides, second_tier, mode, i == last) if named else None
             out["branches"].append((stage, [s["common"] for s in sides]))
             if stage is None:
                 pick = min(sides, key=lambda s: s["common"]["kernels"])
-            elif len(sides) == 6:  # one's reports: raw * 2 + (some row's processed mass)
-                pick = sides[2 * taken["raw"] + int(taken["mass"])]
             else:
                 pick = sides[int(taken[stage])]
             common["conditionals"] += 1

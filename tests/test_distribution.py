@@ -303,12 +303,13 @@ def _assert_paths(logits, rows, hist, nc: int, tier: int):
 @pytest.mark.parametrize("nc,tier", [(8, 64), (16, 0), (128, 1024)])
 def test_few_branches_give_the_same_numbers(nc, tier, monkeypatch):
     """``BRANCHES = "few"`` (the GPU's: every cheap part runs unconditionally, the rare stages
-    are one branch each over all rows) and ``"one"`` (one branch for every rare stage, one
-    switch for the reports, every token from the race over the whole vocabulary) give every
+    are one branch each over all rows) and ``"one"`` (one branch for every rare stage, last,
+    every token from the race over the whole vocabulary) give every
     output of ``"many"`` bit for bit, on a batch with every path (candidates, second tier,
     full vocabulary, greedy, bias, penalties, raw and processed log probabilities, a row
     that the halved selection leaves unresolved), and compile fewer batch-level branches."""
-    assert sm.BRANCHES == "auto" and sm._few_branches() == (jax.default_backend() == "gpu")
+    gpu = jax.default_backend() == "gpu"
+    assert sm.BRANCHES == "auto" and sm._branches() == ("few" if gpu else "many")
     logits, rows, hist = _every_path_batch(300, 3, 5)
     outs = {}
     for mode in ("many", "few", "one"):
@@ -319,12 +320,13 @@ def test_few_branches_give_the_same_numbers(nc, tier, monkeypatch):
         _tree_equal(outs[mode]["processed"], outs["many"]["processed"])
     _assert_paths(logits, rows, hist, nc, tier)
     # few: the second tier, the full vocabulary, the exact race, raw log probabilities;
-    # one: the rare stages, the reports
+    # one: raw log probabilities, the kept mass (only a row that reports processed ones
+    # needs it), the rare stages (last)
     branches = {mode: outs[mode]["branches"] for mode in outs}
-    assert branches["one"] == 2 < branches["few"] <= 4 < branches["many"]
+    assert branches["one"] == 3 < branches["few"] <= 4 < branches["many"]
     monkeypatch.setattr(sm, "BRANCHES", "fewer")
     with pytest.raises(ValueError, match="BRANCHES"):
-        sm._few_branches()
+        sm._branches()
 
 
 def test_one_branch_with_hard_masks(monkeypatch):
