@@ -54,13 +54,13 @@ BIAS_TIERS = (16, 128)
 #: rare stages gathered 4 or 16 rows at a time, only the full-vocabulary filters some row
 #: needs: least work, best where a branch is cheap, as on a CPU or a TPU); ``"few"`` (every
 #: cheap part always runs and only the rare stages are branches, over all rows: best where
-#: each branch costs a CUDA graph node or a wait for the device, as on a GPU); ``"auto"``:
-#: ``"few"`` when JAX's default backend is a GPU, else ``"many"``; ``"one"`` (a GPU candidate,
-#: not yet timed on one: one batch-level branch for every rare stage, the second tier and the
-#: full-vocabulary thresholds, placed last so that the host waits for its predicate only when
-#: the device has nothing left to run; every row's token from one race over the whole
-#: vocabulary, a transcendental per token where a GPU has them to spare). Same numbers in
-#: every mode.
+#: each branch costs a CUDA graph node or a wait for the device); ``"one"`` (one batch-level
+#: branch for every rare stage, the second tier and the full-vocabulary thresholds, placed
+#: last so that the host waits for its predicate only when the device has nothing left to
+#: run; every row's token from one race over the whole vocabulary, a transcendental per token
+#: where a GPU has them to spare); ``"auto"``: ``"one"`` when JAX's default backend is a GPU,
+#: else ``"many"``. On an H100 "one" was the fastest of the three at every point timed
+#: (docs/sampler.md). Same numbers in every mode.
 BRANCHES = "auto"
 
 
@@ -180,7 +180,7 @@ def _branches() -> str:
             f"sampler.BRANCHES must be 'auto', 'few', 'many' or 'one', got {BRANCHES!r}"
         )
     if BRANCHES == "auto":
-        return "few" if jax.default_backend() in ("gpu", "cuda", "rocm") else "many"
+        return "one" if jax.default_backend() in ("gpu", "cuda", "rocm") else "many"
     return BRANCHES
 
 

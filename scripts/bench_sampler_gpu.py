@@ -14,7 +14,8 @@ machine with the working tree.
 
 The grid is :mod:`bench_sampler`'s (B in {1, 64}, V in {49152, 128256, 262144}, realistic and
 flat logits, the same parameter sets). Each sampler case is timed under each variant that
-``--variants`` names (default ``few,one,one_rank``): a ``VARIANTS`` entry is the value of
+``--variants`` names (default ``few,auto``: the GPU's plan before session 12, and the
+library's defaults, which on a GPU are ``one_rank`` since): a ``VARIANTS`` entry is the value of
 :data:`jaxsample.sampler.BRANCHES` the sampler is traced with, the XLA compiler options it
 is compiled with (None: XLA's defaults; the others switch CUDA graphs off, or on for fusions
 only, or on for conditionals and loops too) and :data:`jaxsample.native.TOP_K_FORM` (sort:
@@ -79,12 +80,14 @@ ALL_GRAPHS = {  # loops too, and the profiler keeps the graphs
 }
 #: name: (sampler.BRANCHES, XLA compiler options (None: XLA's defaults), native.TOP_K_FORM)
 VARIANTS = {
+    "auto": ("auto", None, "auto"),  # the library's defaults ("one" and "rank" on a GPU)
     "many": ("many", None, "sort"),
     "few": ("few", None, "sort"),
     "few_rank": ("few", None, "rank"),
     "one": ("one", None, "sort"),
     "one_rank": ("one", None, "rank"),
     "one_rank_graphs": ("one", ALL_GRAPHS, "rank"),
+    "one_rank_nographs": ("one", NO_GRAPHS, "rank"),
     "few_nographs": ("few", NO_GRAPHS, "sort"),
     "many_nographs": ("many", NO_GRAPHS, "sort"),
     "few_fusiongraphs": ("few", FUSION_GRAPHS, "sort"),
@@ -157,6 +160,7 @@ def profile_counts(fn, *args, calls: int = 5) -> dict:
         other = 0
         kernel_ns = 0.0
         names = collections.Counter()
+        sequence = []
         by_time = collections.Counter()
         lines = {}
         for plane in data.planes:
@@ -168,6 +172,7 @@ def profile_counts(fn, *args, calls: int = 5) -> dict:
                 if not line.name.lower().startswith("stream"):
                     continue
                 for e in events:
+                    sequence.append((e.name[:120], round(e.duration_ns / 1e3, 2)))
                     low = e.name.lower()
                     if "memcpy" in low or "memset" in low:
                         if "dtoh" in low or "d2h" in low or "devicetohost" in low:
@@ -191,6 +196,8 @@ def profile_counts(fn, *args, calls: int = 5) -> dict:
                     host[e.name[:80]] += e.duration_ns
                     host_n[e.name[:80]] += 1
         return {
+            # one call's kernels and copies in launch order (name, microseconds)
+            "sequence": sequence[: len(sequence) // calls],
             "host_top_ms": {
                 k: [v / calls / 1e6, host_n[k] / calls] for k, v in host.most_common(40)
             },
@@ -268,7 +275,7 @@ def bench_point(b, v, kind, fns, reps, rng, profile: bool, loop: bool, dump=None
     return out
 
 
-def bench_real_gpu(path: str, fns, reps: int, rng) -> list[dict]:
+def bench_real_gpu(path: str, fns, reps: int, rng, save=None) -> list[dict]:
     """Each variant on real SmolLM2 logits (``scripts/real_logits.py --export-half``'s
     float16 dump, read as float32): B = 1 and 64 rows, bench_sampler's ``REAL`` parameter
     sets, ratio to the floor; where the second tier matters (top_p 0.95-0.99 at T = 1), which
@@ -296,13 +303,26 @@ def bench_real_gpu(path: str, fns, reps: int, rng) -> list[dict]:
             for n in bursts:
                 bursts[n].append(burst(cases[n][0], *cases[n][1], calls=10))
         r = {"B": b, "V": v, "logits": "real", "call": _stats(call), "burst": _stats(bursts)}
+        r["profile"] = {"floor": profile_counts(floor, logits)}
+        for name in ("full_p95", "p95_t1", "neutral"):
+            for var in fns:
+                fn, args = cases[f"{name}/{var}"]
+                r["profile"][f"{name}/{var}"] = profile_counts(fn, *args)
         med = r["call"]["median_ms"]
         print(
             f"real B={b}: floor {med['floor']:.3f} ms; "
             + ", ".join(f"{n} {t / med['floor']:.2f}x" for n, t in med.items() if n != "floor"),
             flush=True,
         )
+        for n, p in r["profile"].items():
+            print(
+                f"    profile {n}: kernels {p['kernels']:.0f}, d2h {p['d2h_copies']:.1f}, "
+                f"kernel time {p['kernel_ms']:.3f} ms",
+                flush=True,
+            )
         out.append(r)
+        if save:
+            save(out)
     return out
 
 
@@ -314,7 +334,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="one small point (a smoke test)")
     ap.add_argument(
         "--variants",
-        default="few,one,one_rank",
+        default="few,auto",
         help=f"comma-separated, of: {', '.join(VARIANTS)}",
     )
     ap.add_argument("--profiled-only", action="store_true", help="the profiled B, V only")
@@ -352,6 +372,21 @@ def main():
     )
     print(json.dumps(meta), flush=True)
     results = []
+    real = []
+
+    def save(real_now=None):
+        if args.out:
+            doc = dict(meta=meta, results=results, real=real_now or real)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+
+    if args.real:  # first: it decides the plan, and a run cut short still has it
+        try:
+            real = bench_real_gpu(args.real, fns, args.reps, rng, save)
+        except Exception as e:
+            print("real: ERROR", repr(e)[:2000], flush=True)
+            real = [{"error": repr(e)[:2000]}]
+        save()
     for b, v, kind in grid:
         if time.perf_counter() - t_start > args.budget_s:
             print(f"budget reached: skipped {b} {v} {kind}", flush=True)
@@ -365,14 +400,7 @@ def main():
             r = {"B": b, "V": v, "logits": kind, "error": repr(e)[:2000]}
         results.append(r)
         report(r)
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(dict(meta=meta, results=results), indent=1) + "\n")
-    if args.real:
-        real = bench_real_gpu(args.real, fns, args.reps, rng)
-        if args.out:
-            doc = dict(meta=meta, results=results, real=real)
-            Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+        save()
     print(f"total {time.perf_counter() - t_start:.0f} s", flush=True)
 
 

@@ -309,7 +309,7 @@ def test_few_branches_give_the_same_numbers(nc, tier, monkeypatch):
     full vocabulary, greedy, bias, penalties, raw and processed log probabilities, a row
     that the halved selection leaves unresolved), and compile fewer batch-level branches."""
     gpu = jax.default_backend() == "gpu"
-    assert sm.BRANCHES == "auto" and sm._branches() == ("few" if gpu else "many")
+    assert sm.BRANCHES == "auto" and sm._branches() == ("one" if gpu else "many")
     logits, rows, hist = _every_path_batch(300, 3, 5)
     outs = {}
     for mode in ("many", "few", "one"):

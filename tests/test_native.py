@@ -141,6 +141,21 @@ def test_rank_form_counts_the_rows_of_the_batch(monkeypatch):
         native.top_k(x[0, 0], k)
 
 
+@pytest.mark.parametrize("backend,form,plan", [("cpu", "sort", "many"), ("gpu", "rank", "one")])
+def test_auto_forms_follow_the_backend(backend, form, plan, monkeypatch):
+    """``TOP_K_FORM = "auto"`` and ``sampler.BRANCHES = "auto"`` (the defaults) pick by JAX's
+    default backend: the rank form and the one-branch plan on a GPU (the fastest measured on
+    an H100), the sort and the many-branch plan elsewhere."""
+    from jaxsample import sampler as sm
+
+    assert native.TOP_K_FORM == "auto" and sm.BRANCHES == "auto"
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    assert native.top_k_form() == form
+    assert sm._branches() == plan
+    monkeypatch.setattr(native, "TOP_K_FORM", "sort")
+    assert native.top_k_form() == "sort"
+
+
 def _rows(b, v):
     params = [
         SamplingParams(temperature=1.0, top_p=0.95),
