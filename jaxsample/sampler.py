@@ -20,7 +20,7 @@ How a row is sampled without sorting the vocabulary (docs/sampler.md has the det
 ``lax.top_k``, or jaxsample's kernel on CPU, bit for bit the same); top_k, top_p, top_a and
 min_p are thresholds, exact from the sorted candidates whenever the kept set ends inside
 them; rows they cannot resolve retry on 1024 candidates, then on the full vocabulary
-(threshold bisection). The draw is an exponential race whose noise depends on the key and
+(threshold search). The draw is an exponential race whose noise depends on the key and
 the token id only, so every path draws the same token from the same distribution.
 """
 
@@ -43,7 +43,7 @@ from jaxsample.transforms import _maybe
 #: How many of a row's largest logits the fast path looks at (a two-stage top-k).
 NUM_CANDIDATES = 128
 #: The second candidate tier: rows the first cannot resolve retry on this many largest
-#: logits (only when some row of the batch needs it) before the full-vocabulary bisection.
+#: logits (only when some row of the batch needs it) before the full-vocabulary threshold search.
 SECOND_TIER = 1024
 #: Block length of the full-vocabulary inverse-CDF draw.
 DRAW_BLOCK = 256
@@ -157,7 +157,7 @@ class Plan:
     total: Any  # bool: some row needs the full-vocabulary normalizer (a filter while kept_all)
     tier2: Any  # bool: some row retries on the second candidate tier
     full: Any  # bool: some row's kept set is not resolved by the candidates
-    full_k: Any  # bool: some such row needs top_k's threshold by bisection
+    full_k: Any  # bool: some such row needs top_k's threshold by search
     full_p: Any  # bool: ... top_p's
     full_a: Any  # bool: ... top_a's (one mass pass)
     raw: Any  # i32[] or int: 0 no raw log probabilities, 1 the normalizer, 2 also the top 20
@@ -507,7 +507,7 @@ def _kept_mass(z, shift, z_min, w_min) -> jax.Array:
 
 
 def _known_thresholds(f: _Front, row: RowParams):
-    """``(z_min, w_min)`` of a row that needs no full-vocabulary bisection: top_k's threshold
+    """``(z_min, w_min)`` of a row that needs no full-vocabulary search: top_k's threshold
     from the candidates when they resolved it (else -inf), and min_p's weight."""
     k_value = f.ck.values[jnp.maximum(f.ck.n - 1, 0)]
     z_min = jnp.where(_k_known(f), k_value, -jnp.inf)
@@ -516,7 +516,7 @@ def _known_thresholds(f: _Front, row: RowParams):
 
 def _full_thresholds(f: _Front, row: RowParams, plan: Plan):
     """``(z_min, w_min)`` on the full vocabulary: each filter the row runs there
-    (:func:`_full_needs`) by bisection, each only if the plan says some row needs it; the
+    (:func:`_full_needs`) by search, each only if the plan says some row needs it; the
     rest as :func:`_known_thresholds`. The weights ``exp(z - shift)`` are computed inside each
     filter's branch and never stored as a ``[V]`` array outside one."""
     vocab = f.z.shape[-1]
@@ -1164,11 +1164,11 @@ def _rest_one(
 
     Everything is computed first as if no row retried on the second tier; then one
     batch-level branch, taken when some row does, computes it all again with that tier on
-    every row and (a branch inside it) the full-vocabulary bisections on every row when
+    every row and (a branch inside it) the full-vocabulary searches on every row when
     some row still needs one. The branch comes last, with ``then`` (the caller's remaining
     work, such as the reports) inside it, so the host, which reads its predicate, waits
     only when the device has nothing left to do. A row the candidates leave unresolved
-    only because nothing cut its kept set (plain sampling, min_p) needs no bisection: its
+    only because nothing cut its kept set (plain sampling, min_p) needs no search: its
     thresholds are known (:func:`_known_thresholds`). The kept mass of the rows on the full
     vocabulary is computed here when ``plan.mass`` is a Python True, else left NaN for
     :func:`_with_kept_mass`. Every row's token comes from the race over the whole
@@ -1185,9 +1185,9 @@ def _rest_one(
         stage = jax.vmap(lambda f, r: _tier2_stage(f, r, rare and tier2_on, second_tier))
         g = jax.vmap(_tier2_apply)(f, rows, *stage(f, rows))
         if rare:
-            bisect = jnp.any(jnp.stack(jax.vmap(_full_needs)(g, rows)))
+            search = jnp.any(jnp.stack(jax.vmap(_full_needs)(g, rows)))
             z_min, w_min = lax.cond(
-                bisect,
+                search,
                 lambda: jax.vmap(lambda f, r: _full_thresholds(f, r, plan))(g, rows),
                 lambda: jax.vmap(_known_thresholds)(g, rows),
             )

@@ -70,6 +70,7 @@ from bench_sampler import (
 
 from jaxsample import native
 from jaxsample import sampler as sm
+from jaxsample import transforms as tf
 
 NO_GRAPHS = {"xla_gpu_enable_command_buffer": ""}
 FUSION_GRAPHS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN"}
@@ -78,9 +79,12 @@ ALL_GRAPHS = {  # loops too, and the profiler keeps the graphs
     "xla_gpu_graph_min_graph_size": 1,
     "xla_enable_command_buffers_during_profiling": True,
 }
-#: name: (sampler.BRANCHES, XLA compiler options (None: XLA's defaults), native.TOP_K_FORM)
+#: name: (sampler.BRANCHES, XLA compiler options (None: XLA's defaults), native.TOP_K_FORM[,
+#: transforms.THRESHOLD_BITS ("auto" when absent)])
 VARIANTS = {
-    "auto": ("auto", None, "auto"),  # the library's defaults ("one" and "rank" on a GPU)
+    "auto": ("auto", None, "auto"),  # the library's defaults ("one", "rank" and 2 on a GPU)
+    "auto_bits2": ("auto", None, "auto", 2),
+    "auto_bits4": ("auto", None, "auto", 4),
     "many": ("many", None, "sort"),
     "few": ("few", None, "sort"),
     "few_rank": ("few", None, "rank"),
@@ -94,19 +98,28 @@ VARIANTS = {
     "many_allgraphs": ("many", ALL_GRAPHS, "sort"),
     "few_allgraphs": ("few", {**ALL_GRAPHS, "xla_gpu_command_buffer_unroll_loops": True}, "sort"),
 }
+
+
+def settings(name: str) -> tuple:
+    """``(BRANCHES, compiler options, TOP_K_FORM, THRESHOLD_BITS)`` of a variant."""
+    v = VARIANTS[name]
+    return (*v, "auto") if len(v) == 3 else v
+
+
 PROFILED = [(1, 49152, "realistic"), (64, 128256, "realistic"), (64, 262144, "flat")]
 
 
-def with_branches(fn, branches: str, form: str = "sort"):
-    """``fn`` traced with ``sampler.BRANCHES = branches`` and ``native.TOP_K_FORM = form``."""
+def with_branches(fn, branches: str, form: str = "sort", bits="auto"):
+    """``fn`` traced with ``sampler.BRANCHES = branches``, ``native.TOP_K_FORM = form`` and
+    ``transforms.THRESHOLD_BITS = bits``."""
 
     def traced(*args, **kwargs):
-        old = sm.BRANCHES, native.TOP_K_FORM
-        sm.BRANCHES, native.TOP_K_FORM = branches, form
+        old = sm.BRANCHES, native.TOP_K_FORM, tf.THRESHOLD_BITS
+        sm.BRANCHES, native.TOP_K_FORM, tf.THRESHOLD_BITS = branches, form, bits
         try:
             return fn(*args, **kwargs)
         finally:
-            sm.BRANCHES, native.TOP_K_FORM = old
+            sm.BRANCHES, native.TOP_K_FORM, tf.THRESHOLD_BITS = old
 
     return traced
 
@@ -115,8 +128,8 @@ def samplers(names) -> dict:
     static = ("num_candidates", "second_tier", "transforms")
     fns = {}
     for name in names:
-        branches, options, form = VARIANTS[name]
-        fn = with_branches(sm.sample_rows, branches, form)
+        branches, options, form, bits = settings(name)
+        fn = with_branches(sm.sample_rows, branches, form, bits)
         fns[name] = jax.jit(fn, static_argnames=static, compiler_options=options)
     return fns
 
@@ -262,8 +275,8 @@ def bench_point(b, v, kind, fns, reps, rng, profile: bool, loop: bool, dump=None
         steps = 32
         progs = {"floor": (looped(floor_step, steps), (logits,))}
         for var in fns:
-            branches, opts, form = VARIANTS[var]
-            prog = looped(with_branches(sampler_step, branches, form), steps, opts)
+            branches, opts, form, bits = settings(var)
+            prog = looped(with_branches(sampler_step, branches, form, bits), steps, opts)
             progs[f"full/{var}"] = (prog, (logits, full_rows, hist))
         for fn, args in progs.values():
             timed(fn, *args)
@@ -367,7 +380,7 @@ def main():
         device=str(jax.devices()[0].device_kind),
         cpu_count=os.cpu_count(),
         machine=platform.machine(),
-        variants={name: VARIANTS[name] for name in fns},
+        variants={name: settings(name) for name in fns},
         reps=args.reps,
     )
     print(json.dumps(meta), flush=True)

@@ -47,6 +47,7 @@ from bench_sampler import ALONE, FULL, make_history, make_logits, rows_for  # no
 
 from jaxsample import native  # noqa: E402
 from jaxsample import sampler as sm  # noqa: E402
+from jaxsample import transforms as tf  # noqa: E402
 
 #: An H100 SXM as XLA's GPU compiler sees it (public device properties).
 H100 = """
@@ -66,12 +67,15 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 """
 
 #: name: (sampler.BRANCHES, native.TOP_K_FORM), as in bench_sampler_gpu.py's VARIANTS
+#: name: (sampler.BRANCHES, native.TOP_K_FORM, transforms.THRESHOLD_BITS: 2, what "auto"
+#: picks on a GPU, unless named; the process's default backend here is the CPU)
 VARIANTS = {
-    "many": ("many", "sort"),
-    "few": ("few", "sort"),
-    "few_rank": ("few", "rank"),
-    "one": ("one", "sort"),
-    "one_rank": ("one", "rank"),
+    "many": ("many", "sort", 2),
+    "few": ("few", "sort", 2),
+    "few_rank": ("few", "rank", 2),
+    "one": ("one", "sort", 2),
+    "one_rank": ("one", "rank", 2),
+    "one_rank_bits4": ("one", "rank", 4),
 }
 #: Not kernels: bookkeeping that launches nothing, and the branches and loops themselves.
 NOT_KERNELS = {
@@ -191,9 +195,9 @@ def taken_stages(b: int, v: int, params: dict) -> dict:
 
 
 def program(variant: str, b: int, v: int, params: dict, topology) -> dict:
-    branches, form = VARIANTS[variant]
-    old = sm.BRANCHES, native.TOP_K_FORM
-    sm.BRANCHES, native.TOP_K_FORM = branches, form
+    branches, form, bits = VARIANTS[variant]
+    old = sm.BRANCHES, native.TOP_K_FORM, tf.THRESHOLD_BITS
+    sm.BRANCHES, native.TOP_K_FORM, tf.THRESHOLD_BITS = branches, form, bits
     try:
         sharding = jax.sharding.SingleDeviceSharding(topology.devices[0])
 
@@ -216,7 +220,7 @@ def program(variant: str, b: int, v: int, params: dict, topology) -> dict:
         )
         compile_s = time.perf_counter() - t0
     finally:
-        sm.BRANCHES, native.TOP_K_FORM = old
+        sm.BRANCHES, native.TOP_K_FORM, tf.THRESHOLD_BITS = old
     comps, entry = parse(text)
     taken = taken_stages(b, v, params)
     top = cost(comps, entry, taken, min(sm.SECOND_TIER, v), mode=branches)

@@ -141,19 +141,28 @@ def test_rank_form_counts_the_rows_of_the_batch(monkeypatch):
         native.top_k(x[0, 0], k)
 
 
-@pytest.mark.parametrize("backend,form,plan", [("cpu", "sort", "many"), ("gpu", "rank", "one")])
-def test_auto_forms_follow_the_backend(backend, form, plan, monkeypatch):
-    """``TOP_K_FORM = "auto"`` and ``sampler.BRANCHES = "auto"`` (the defaults) pick by JAX's
-    default backend: the rank form and the one-branch plan on a GPU (the fastest measured on
-    an H100), the sort and the many-branch plan elsewhere."""
+@pytest.mark.parametrize(
+    "backend,form,plan,bits", [("cpu", "sort", "many", 1), ("gpu", "rank", "one", 2)]
+)
+def test_auto_forms_follow_the_backend(backend, form, plan, bits, monkeypatch):
+    """``TOP_K_FORM``, ``sampler.BRANCHES`` and ``transforms.THRESHOLD_BITS`` are ``"auto"``
+    by default and pick by JAX's default backend: the rank form, the one-branch plan and 2
+    bits a pass on a GPU (the fastest measured on an H100 and H200), the sort, the many-branch plan
+    and 1 bit a pass elsewhere. A value that is none of theirs is an error naming it."""
     from jaxsample import sampler as sm
+    from jaxsample import transforms as tf
 
     assert native.TOP_K_FORM == "auto" and sm.BRANCHES == "auto"
+    assert tf.THRESHOLD_BITS == "auto"
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
     assert native.top_k_form() == form
     assert sm._branches() == plan
+    assert tf._threshold_bits() == bits
     monkeypatch.setattr(native, "TOP_K_FORM", "sort")
     assert native.top_k_form() == "sort"
+    monkeypatch.setattr(tf, "THRESHOLD_BITS", 3)
+    with pytest.raises(ValueError, match="THRESHOLD_BITS"):
+        tf._threshold_bits()
 
 
 def _rows(b, v):
@@ -528,6 +537,52 @@ def test_mass_threshold_real_sizes_and_the_sampler():
             np.testing.assert_array_equal(got, want)  # counts are exact
         alone = np.asarray(kernel(*(v[2:3] for v in args)))
         assert alone[0] == got[2]
+
+
+@settings(max_examples=15, deadline=None)
+@given(data=st.data())
+def test_threshold_search_is_the_largest_under_its_own_sums(data):
+    """The JAX form's radix search (``transforms.THRESHOLD_BITS`` bits a pass) gives the same
+    threshold for 1, 2, 4 and 8 bits a pass, and that threshold is the largest under the
+    float32 sums it decides with: the amount at or above it (summed by ``row_sum``, as the
+    search sums) reaches the target, and the amount above the next larger logit does not.
+    Rows of real-sized weights whose sums round, ties, signed zeros, -inf."""
+    from jaxsample import transforms as tf
+
+    n = data.draw(st.sampled_from([7, 300, 4099]))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31 - 1)))
+    x = (rng.standard_normal((3, n)) * data.draw(st.sampled_from([0.5, 2.0, 8.0]))).astype(
+        np.float32
+    )
+    x[0, rng.random(n) < 0.3] = -np.inf
+    x[1, : n // 2] = np.round(x[1, : n // 2])  # ties
+    x[1, 0], x[1, 1] = 0.0, -0.0
+    a = np.where(x > -np.inf, np.exp(x - x.max(-1, keepdims=True)), 0.0).astype(np.float32)
+    frac = np.array([data.draw(st.floats(0.0, 1.0)) for _ in range(3)])
+    target = (a.astype(np.float64).sum(-1) * frac).astype(np.float32)
+    run = np.ones(3, bool)
+    got = {}
+    for bits in (1, 2, 4, 8):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(tf, "THRESHOLD_BITS", bits)
+            fn = jax.jit(jax.vmap(lambda *v: tf._largest_threshold_xla(*v)))  # traced anew
+            got[bits] = np.asarray(fn(*map(jnp.asarray, (x, a, target, run))))
+    for bits in (2, 4, 8):
+        np.testing.assert_array_equal(got[bits], got[1])
+    keys = np.asarray(native._order_keys(jnp.asarray(x)))
+    amounts = jnp.asarray(a)
+
+    def amount_at_or_above(r, key):
+        return float(tf.row_sum(jnp.where(jnp.asarray(keys[r]) >= key, amounts[r], 0.0)))
+
+    for r in range(3):
+        t = got[1][r]
+        assert t > -np.inf and t in x[r]
+        key = int(np.asarray(native._order_keys(jnp.float32(t))))
+        assert amount_at_or_above(r, key) >= target[r]
+        larger = keys[r][keys[r] > key]
+        if larger.size:
+            assert amount_at_or_above(r, larger.min()) < target[r]
 
 
 @pytest.mark.parametrize("n", [300, 301, 303])
