@@ -228,19 +228,24 @@ def top_candidates(
     """
     vocab = x.shape[0]
     block = CANDIDATE_BLOCK
+    if LARGE_TOP_K not in ("sort", "count"):
+        raise ValueError(
+            f"jaxsample.transforms.LARGE_TOP_K must be 'sort' or 'count', got {LARGE_TOP_K!r}"
+        )
+    select = top_k_by_count if LARGE_TOP_K == "count" and k >= LARGE_K else native.top_k
     if k * block * 2 > vocab:
         # The barrier keeps XLA from rewriting top_k into a full sort when its output feeds
         # other work (seen on CPU: a slice of the result fused into a consumer). One barrier
         # per output: a barrier on top_k's tuple itself crashes XLA's SPMD partitioner (the
         # slot engine on several devices).
-        values, ids = native.top_k(x, k)
+        values, ids = select(x, k)
         return lax.optimization_barrier(values), lax.optimization_barrier(ids)
     blocks = _blocks(x)
     if block_max is None:
         block_max = native.block_max(x, CANDIDATE_BLOCK)
     _, chosen = native.top_k(block_max, k)
     chosen = native.sort_distinct(chosen)  # ascending: keeps the lower-index-first tie order
-    values, pos = native.top_k(blocks[chosen].reshape(-1), k)
+    values, pos = select(blocks[chosen].reshape(-1), k)
     ids = chosen[pos // block] * block + pos % block
     return lax.optimization_barrier((values, ids.astype(jnp.int32)))
 
@@ -529,7 +534,7 @@ def _from_order_key(k: jax.Array) -> jax.Array:
 #: Bits of the order key that each pass of the full-vocabulary threshold search settles
 #: (:func:`_largest_threshold_xla`; read when a function is traced): ``2**bits - 1`` sums per
 #: pass, ``32 / bits`` passes. ``"auto"``: 2 when JAX's default backend is a GPU (16 passes of
-#: 3 sums, unrolled: on an H200 4-15% faster than 4 bits a pass where the search ran, on real
+#: 3 sums, unrolled: on an H200 0-15% faster than 4 bits a pass where the search ran, on real
 #: logits at B = 64), else 1 (32 passes of one sum in a loop, the least work). One of 1, 2, 4,
 #: 8 or ``"auto"``; the threshold is the same whichever.
 THRESHOLD_BITS: int | str = "auto"
@@ -569,7 +574,7 @@ def _largest_threshold_xla(
     x: jax.Array, amount: jax.Array, target: jax.Array, run: jax.Array
 ) -> jax.Array:
     """:func:`_largest_threshold`'s JAX form over the kept logits ``x`` (-inf: not kept) and
-    their amounts (0 where not kept): a radix search without a loop.
+    their amounts (0 where not kept): a radix search of a fixed number of passes.
 
     The logits' order keys, as unsigned ints ``u`` (integer order = float order), are searched
     from the top bit down, :data:`THRESHOLD_BITS` bits a pass: a pass sums the amount at or
@@ -578,28 +583,86 @@ def _largest_threshold_xla(
     monotone, so the amount at or above ``u`` never grows with ``u`` and the search ends on
     the largest ``K`` whose amount reaches ``target``: the key of a kept token (the amount
     falls just above it), or past the largest logit when ``target <= 0`` (then the largest
-    logit). The same ``K`` for any number of bits a pass; a fixed number of passes, so on a
-    GPU no host wait for a loop's condition.
+    logit). The same ``K`` for any number of bits a pass. With 2 or more bits the passes are
+    unrolled, so on a GPU the host never waits for a loop's condition.
     """
     keep = x > -jnp.inf
-    u = lax.bitcast_convert_type(_order_key(x), jnp.uint32) ^ _SIGN
+    u = _unsigned_keys(x)
     reachable = row_sum(amount) >= target
-    bits = _threshold_bits()
+    k = _largest_key(u, amount, target)
+    top = jnp.max(jnp.where(keep, u, 0))
+    found = lax.bitcast_convert_type(jnp.minimum(k, top) ^ _SIGN, jnp.int32)
+    return jnp.where(run & reachable & jnp.any(keep), _from_order_key(found), -jnp.inf)
+
+
+def _unsigned_keys(x: jax.Array) -> jax.Array:
+    """``u32`` keys whose order is ``lax.top_k``'s order of the float32 ``x``."""
+    return lax.bitcast_convert_type(_order_key(x), jnp.uint32) ^ _SIGN
+
+
+def _largest_key(u: jax.Array, amount, target: jax.Array, bits: int | None = None) -> jax.Array:
+    """The largest ``K`` (``u32``) with ``row_sum(amount[u >= K]) >= target`` (0 when none):
+    :func:`_largest_threshold_xla`'s radix search, ``bits`` (default
+    :data:`THRESHOLD_BITS`) bits a pass. ``amount=None`` counts instead (an int32 sum, exact
+    in any order, so a plain reduction; ``target`` an int)."""
+    bits = _threshold_bits() if bits is None else bits
     steps = jnp.arange(1, 1 << bits, dtype=jnp.uint32)
+
+    def total(above):
+        if amount is None:
+            return jnp.sum(above, axis=-1, dtype=jnp.int32)
+        return row_sum(jnp.where(above, amount[None, :], 0.0))
 
     def one_pass(i, k):
         shift = (jnp.uint32(32 - bits) - jnp.uint32(bits) * i.astype(jnp.uint32)).astype(jnp.uint32)
         pivots = k + (steps << shift)
-        sums = row_sum(jnp.where(u[None, :] >= pivots[:, None], amount[None, :], 0.0))
+        sums = total(u[None, :] >= pivots[:, None])
         return k + (jnp.sum(sums >= target, dtype=jnp.uint32) << shift)  # a prefix of trues
 
     # k = 0 to start: the amount at or above 0 is the whole row's. Unrolled up to 16 passes
     # (on a GPU a loop's every condition would be a host wait); 32 passes are a loop (the
     # CPU's: unrolled, they take seconds to compile)
-    k = lax.fori_loop(0, 32 // bits, one_pass, jnp.uint32(0), unroll=bits >= 2)
-    top = jnp.max(jnp.where(keep, u, 0))
-    found = lax.bitcast_convert_type(jnp.minimum(k, top) ^ _SIGN, jnp.int32)
-    return jnp.where(run & reachable & jnp.any(keep), _from_order_key(found), -jnp.inf)
+    return lax.fori_loop(0, 32 // bits, one_pass, jnp.uint32(0), unroll=bits >= 2)
+
+
+def top_k_by_count(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """``lax.top_k(x, k)``, bit for bit, without sorting the row: ``f32[n] -> (f32[k], i32[k])``.
+
+    The k-th largest order key ``K`` by :func:`_largest_key` (counting, 4 bits a pass: 8
+    passes of one fused count each), then the elements above it and the first of those equal
+    to it (lower index first), as many as make k, gathered in index order (one cumulative
+    count of both kinds, and a scatter), then ordered by :func:`jaxsample.native.top_k` over
+    those k alone (ties stay lower index first: the gathered elements are in index order).
+    For a large k on a GPU, where XLA sorts the whole row for ``lax.top_k`` (see
+    :data:`LARGE_TOP_K`).
+
+    >>> top_k_by_count(jnp.array([1.0, 3.0, 3.0, -0.0, 0.0]), 4)[1].tolist()
+    [1, 2, 0, 4]
+    """
+    n = x.shape[-1]
+    u = _unsigned_keys(x)
+    kth = _largest_key(u, None, jnp.int32(k), bits=4)  # k <= n: reachable
+    above, tied = u > kth, u == kth
+    counts = jnp.cumsum(jnp.stack([above, tied]), axis=-1, dtype=jnp.int32)
+    need = k - counts[0, -1]  # >= 1: fewer than k lie above the k-th
+    taken_tied = jnp.minimum(counts[1], need)  # the tied ones taken up to here
+    take = above | (tied & (counts[1] <= need))
+    slot = jnp.where(take, counts[0] + taken_tied - 1, k)  # k: dropped
+    pos = jnp.zeros(k, jnp.int32).at[slot].set(jnp.arange(n, dtype=jnp.int32), mode="drop")
+    values, order = native.top_k(x[pos], k)
+    return values, pos[order]
+
+
+#: How :func:`top_candidates` selects ``k >= LARGE_K`` candidates (the second tier's 1024;
+#: read when a function is traced): ``"sort"`` (the default), its two stages of
+#: ``native.top_k``; ``"count"``, its last stage (the whole row when ``V < 64 k``) by
+#: :func:`top_k_by_count`. On an H200 the second tier's ``lax.top_k`` over a row of 49152
+#: was a segmented sort (18 kernels), 0.69 of the 0.89 ms of kernel time of a B = 64 step on
+#: real logits that needed the tier (docs/sampler.md); the count form is a GPU candidate,
+#: not yet timed on one.
+LARGE_TOP_K = "sort"
+#: The smallest ``k`` that :data:`LARGE_TOP_K` applies to.
+LARGE_K = 512
 
 
 def top_k_full(s: FullRow, k: jax.Array, run: jax.Array, *, vocab_size: int) -> FullRow:

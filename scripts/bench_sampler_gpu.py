@@ -80,11 +80,12 @@ ALL_GRAPHS = {  # loops too, and the profiler keeps the graphs
     "xla_enable_command_buffers_during_profiling": True,
 }
 #: name: (sampler.BRANCHES, XLA compiler options (None: XLA's defaults), native.TOP_K_FORM[,
-#: transforms.THRESHOLD_BITS ("auto" when absent)])
+#: transforms.THRESHOLD_BITS ("auto" when absent)[, transforms.LARGE_TOP_K ("sort")]])
 VARIANTS = {
     "auto": ("auto", None, "auto"),  # the library's defaults ("one", "rank" and 2 on a GPU)
     "auto_bits2": ("auto", None, "auto", 2),
     "auto_bits4": ("auto", None, "auto", 4),
+    "auto_count": ("auto", None, "auto", "auto", "count"),  # the second tier by counting
     "many": ("many", None, "sort"),
     "few": ("few", None, "sort"),
     "few_rank": ("few", None, "rank"),
@@ -101,25 +102,31 @@ VARIANTS = {
 
 
 def settings(name: str) -> tuple:
-    """``(BRANCHES, compiler options, TOP_K_FORM, THRESHOLD_BITS)`` of a variant."""
+    """``(BRANCHES, compiler options, TOP_K_FORM, THRESHOLD_BITS, LARGE_TOP_K)`` of a
+    variant."""
     v = VARIANTS[name]
-    return (*v, "auto") if len(v) == 3 else v
+    return (*v, *("auto", "sort")[len(v) - 3 :])
 
 
 PROFILED = [(1, 49152, "realistic"), (64, 128256, "realistic"), (64, 262144, "flat")]
 
 
-def with_branches(fn, branches: str, form: str = "sort", bits="auto"):
-    """``fn`` traced with ``sampler.BRANCHES = branches``, ``native.TOP_K_FORM = form`` and
-    ``transforms.THRESHOLD_BITS = bits``."""
+def with_branches(fn, branches: str, form: str = "sort", bits="auto", large: str = "sort"):
+    """``fn`` traced with ``sampler.BRANCHES = branches``, ``native.TOP_K_FORM = form``,
+    ``transforms.THRESHOLD_BITS = bits`` and ``transforms.LARGE_TOP_K = large``."""
 
     def traced(*args, **kwargs):
-        old = sm.BRANCHES, native.TOP_K_FORM, tf.THRESHOLD_BITS
-        sm.BRANCHES, native.TOP_K_FORM, tf.THRESHOLD_BITS = branches, form, bits
+        old = sm.BRANCHES, native.TOP_K_FORM, tf.THRESHOLD_BITS, tf.LARGE_TOP_K
+        sm.BRANCHES, native.TOP_K_FORM, tf.THRESHOLD_BITS, tf.LARGE_TOP_K = (
+            branches,
+            form,
+            bits,
+            large,
+        )
         try:
             return fn(*args, **kwargs)
         finally:
-            sm.BRANCHES, native.TOP_K_FORM, tf.THRESHOLD_BITS = old
+            sm.BRANCHES, native.TOP_K_FORM, tf.THRESHOLD_BITS, tf.LARGE_TOP_K = old
 
     return traced
 
@@ -128,8 +135,8 @@ def samplers(names) -> dict:
     static = ("num_candidates", "second_tier", "transforms")
     fns = {}
     for name in names:
-        branches, options, form, bits = settings(name)
-        fn = with_branches(sm.sample_rows, branches, form, bits)
+        branches, options, form, bits, large = settings(name)
+        fn = with_branches(sm.sample_rows, branches, form, bits, large)
         fns[name] = jax.jit(fn, static_argnames=static, compiler_options=options)
     return fns
 
@@ -275,8 +282,8 @@ def bench_point(b, v, kind, fns, reps, rng, profile: bool, loop: bool, dump=None
         steps = 32
         progs = {"floor": (looped(floor_step, steps), (logits,))}
         for var in fns:
-            branches, opts, form, bits = settings(var)
-            prog = looped(with_branches(sampler_step, branches, form, bits), steps, opts)
+            branches, opts, form, bits, large = settings(var)
+            prog = looped(with_branches(sampler_step, branches, form, bits, large), steps, opts)
             progs[f"full/{var}"] = (prog, (logits, full_rows, hist))
         for fn, args in progs.values():
             timed(fn, *args)

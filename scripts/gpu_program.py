@@ -68,7 +68,8 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 
 #: name: (sampler.BRANCHES, native.TOP_K_FORM), as in bench_sampler_gpu.py's VARIANTS
 #: name: (sampler.BRANCHES, native.TOP_K_FORM, transforms.THRESHOLD_BITS: 2, what "auto"
-#: picks on a GPU, unless named; the process's default backend here is the CPU)
+#: picks on a GPU, unless named; the process's default backend here is the CPU[,
+#: transforms.LARGE_TOP_K ("sort" when absent)])
 VARIANTS = {
     "many": ("many", "sort", 2),
     "few": ("few", "sort", 2),
@@ -76,6 +77,7 @@ VARIANTS = {
     "one": ("one", "sort", 2),
     "one_rank": ("one", "rank", 2),
     "one_rank_bits4": ("one", "rank", 4),
+    "one_rank_count": ("one", "rank", 2, "count"),
 }
 #: Not kernels: bookkeeping that launches nothing, and the branches and loops themselves.
 NOT_KERNELS = {
@@ -195,9 +197,9 @@ def taken_stages(b: int, v: int, params: dict) -> dict:
 
 
 def program(variant: str, b: int, v: int, params: dict, topology) -> dict:
-    branches, form, bits = VARIANTS[variant]
-    old = sm.BRANCHES, native.TOP_K_FORM, tf.THRESHOLD_BITS
-    sm.BRANCHES, native.TOP_K_FORM, tf.THRESHOLD_BITS = branches, form, bits
+    branches, form, bits, large = (*VARIANTS[variant], "sort")[:4]
+    old = sm.BRANCHES, native.TOP_K_FORM, tf.THRESHOLD_BITS, tf.LARGE_TOP_K
+    sm.BRANCHES, native.TOP_K_FORM, tf.THRESHOLD_BITS, tf.LARGE_TOP_K = branches, form, bits, large
     try:
         sharding = jax.sharding.SingleDeviceSharding(topology.devices[0])
 
@@ -220,7 +222,7 @@ def program(variant: str, b: int, v: int, params: dict, topology) -> dict:
         )
         compile_s = time.perf_counter() - t0
     finally:
-        sm.BRANCHES, native.TOP_K_FORM, tf.THRESHOLD_BITS = old
+        sm.BRANCHES, native.TOP_K_FORM, tf.THRESHOLD_BITS, tf.LARGE_TOP_K = old
     comps, entry = parse(text)
     taken = taken_stages(b, v, params)
     top = cost(comps, entry, taken, min(sm.SECOND_TIER, v), mode=branches)
@@ -243,9 +245,13 @@ def program(variant: str, b: int, v: int, params: dict, topology) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None, help="JSON path")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--params", default="full,neutral,top_p", help="FULL and bench_sampler's ALONE")
-    ap.add_argument("--points", default="1x49152,64x128256", help="BxV, comma-separated")
+    ap.add_argument("--variants", default="few,few_rank,one,one_rank")
+    ap.add_argument(
+        "--params",
+        default="full,neutral,top_p,top_logprobs",
+        help="FULL and bench_sampler's ALONE",
+    )
+    ap.add_argument("--points", default="1x49152,64x128256,64x262144", help="BxV, comma-separated")
     args = ap.parse_args()
     from jax.experimental import topologies
 

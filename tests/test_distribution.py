@@ -369,6 +369,30 @@ def test_rank_form_gives_the_same_numbers(mode, monkeypatch):
     _assert_paths(logits, rows, hist, nc, tier)
 
 
+def test_large_top_k_by_count_gives_the_same_numbers(monkeypatch):
+    """``transforms.LARGE_TOP_K = "count"`` (a GPU candidate: the second tier's top-k by
+    counting, where XLA sorts the row) gives every output of the sort form bit for bit, on a
+    batch with every path, the second tier's two-stage selection and its whole-row one."""
+    from jaxsample import transforms as tf
+
+    monkeypatch.setattr(native, "KERNELS", "xla")
+    monkeypatch.setattr(sm, "BRANCHES", "one")  # the GPU's plan
+    monkeypatch.setattr(tf, "LARGE_K", 64)
+    for vocab, tier in ((2000, 64), (5000, 64)):  # 2000 < 64 * 64: the whole row
+        nc = 16
+        logits, rows, hist = _every_path_batch(vocab, 2, 6)
+        outs = {}
+        for form in ("sort", "count"):
+            monkeypatch.setattr(tf, "LARGE_TOP_K", form)
+            outs[form] = _traced_outputs(logits, rows, hist, nc, tier)
+        _tree_equal(outs["count"]["sample"], outs["sort"]["sample"])
+        _tree_equal(outs["count"]["processed"], outs["sort"]["processed"])
+        _assert_paths(logits, rows, hist, nc, tier)
+    monkeypatch.setattr(tf, "LARGE_TOP_K", "fast")
+    with pytest.raises(ValueError, match="LARGE_TOP_K"):
+        tf.top_candidates(jnp.zeros(100), 4)
+
+
 # ------------------------------------------------------------------ greedy, host inputs, keys
 
 

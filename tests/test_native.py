@@ -108,6 +108,23 @@ def test_rank_form_same_bits_as_lax_top_k(data):
         assert np.array_equal(jax.jit(native.sort_distinct)(ints), jnp.sort(ints))
 
 
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_top_k_by_count_same_bits_as_lax_top_k(data):
+    """``transforms.top_k_by_count`` (the k-th key by counting, the rows above it and the first
+    tied ones gathered in index order, then ordered): lax.top_k's bits on rows with ties,
+    signed zeros, infinities and NaNs, any k, under vmap, with either form of the last order."""
+    from jaxsample import transforms as tf
+
+    x, k = draw_rows(data, 120, few=[0.0, 1.0, 2.0], floats=st.floats(width=32))
+    x = jnp.asarray(x).reshape(-1, x.shape[-1])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(native, "KERNELS", "xla")
+        mp.setattr(native, "TOP_K_FORM", data.draw(st.sampled_from(["sort", "rank"])))
+        got = jax.jit(jax.vmap(lambda r: tf.top_k_by_count(r, k)))(x)
+    assert same_bits(got, lax.top_k(x, k))
+
+
 def test_rank_form_counts_the_rows_of_the_batch(monkeypatch):
     """The rank form runs where the batch's rows times n**2 fit in RANK_LIMIT, counted
     through the vmaps around the per-row call (a custom_vmap), else XLA's TopK; the same
