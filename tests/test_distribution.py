@@ -356,17 +356,26 @@ def test_rank_form_gives_the_same_numbers(mode, monkeypatch):
     vocabulary's window); at this size its program has no TopK left."""
     monkeypatch.setattr(native, "KERNELS", "xla")
     monkeypatch.setattr(sm, "BRANCHES", mode)
-    nc, tier = 16, 64
-    logits, rows, hist = _every_path_batch(2000, 2, 6)
-    outs = {}
-    for form in ("sort", "rank"):
-        monkeypatch.setattr(native, "TOP_K_FORM", form)
-        outs[form] = _traced_outputs(logits, rows, hist, nc, tier)
-    _tree_equal(outs["rank"]["sample"], outs["sort"]["sample"])
-    _tree_equal(outs["rank"]["processed"], outs["sort"]["processed"])
+    outs = _same_outputs_under(monkeypatch, native, "TOP_K_FORM", ("sort", "rank"), 2000, 64)
     assert "TopK" in outs["sort"]["program"]
     assert "TopK" not in outs["rank"]["program"] and " sort(" not in outs["rank"]["program"]
+
+
+def _same_outputs_under(monkeypatch, module, name: str, values, vocab: int, tier: int) -> dict:
+    """The outputs (:func:`_traced_outputs`) of a batch with every path, 16 candidates and a
+    second tier of ``tier``, with ``module.name`` set to each of ``values``: all equal, bit
+    for bit, to the first's. Returns them by value."""
+    nc = 16
+    logits, rows, hist = _every_path_batch(vocab, 2, 6)
+    outs = {}
+    for value in values:
+        monkeypatch.setattr(module, name, value)
+        outs[value] = _traced_outputs(logits, rows, hist, nc, tier)
+    for value in values[1:]:
+        _tree_equal(outs[value]["sample"], outs[values[0]]["sample"])
+        _tree_equal(outs[value]["processed"], outs[values[0]]["processed"])
     _assert_paths(logits, rows, hist, nc, tier)
+    return outs
 
 
 def test_large_top_k_by_count_gives_the_same_numbers(monkeypatch):
@@ -378,16 +387,8 @@ def test_large_top_k_by_count_gives_the_same_numbers(monkeypatch):
     monkeypatch.setattr(native, "KERNELS", "xla")
     monkeypatch.setattr(sm, "BRANCHES", "one")  # the GPU's plan
     monkeypatch.setattr(tf, "LARGE_K", 64)
-    for vocab, tier in ((2000, 64), (5000, 64)):  # 2000 < 64 * 64: the whole row
-        nc = 16
-        logits, rows, hist = _every_path_batch(vocab, 2, 6)
-        outs = {}
-        for form in ("sort", "count"):
-            monkeypatch.setattr(tf, "LARGE_TOP_K", form)
-            outs[form] = _traced_outputs(logits, rows, hist, nc, tier)
-        _tree_equal(outs["count"]["sample"], outs["sort"]["sample"])
-        _tree_equal(outs["count"]["processed"], outs["sort"]["processed"])
-        _assert_paths(logits, rows, hist, nc, tier)
+    for vocab in (2000, 5000):  # 2000 < 64 * 64: the whole row
+        _same_outputs_under(monkeypatch, tf, "LARGE_TOP_K", ("sort", "count"), vocab, 64)
     monkeypatch.setattr(tf, "LARGE_TOP_K", "fast")
     with pytest.raises(ValueError, match="LARGE_TOP_K"):
         tf.top_candidates(jnp.zeros(100), 4)
