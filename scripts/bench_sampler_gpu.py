@@ -14,8 +14,9 @@ machine with the working tree.
 
 The grid is :mod:`bench_sampler`'s (B in {1, 64}, V in {49152, 128256, 262144}, realistic and
 flat logits, the same parameter sets). Each sampler case is timed under each variant that
-``--variants`` names (default ``few,auto``: the GPU's plan before session 12, and the
-library's defaults, which on a GPU are ``one_rank`` since): a ``VARIANTS`` entry is the value of
+``--variants`` names (default ``auto,auto_count``: the library's defaults, which on a GPU
+are ``one_rank`` since session 12, and the same with the second tier's top-k by counting,
+the candidate that session 12 could not time): a ``VARIANTS`` entry is the value of
 :data:`jaxsample.sampler.BRANCHES` the sampler is traced with, the XLA compiler options it
 is compiled with (None: XLA's defaults; the others switch CUDA graphs off, or on for fusions
 only, or on for conditionals and loops too) and :data:`jaxsample.native.TOP_K_FORM` (sort:
@@ -354,7 +355,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="one small point (a smoke test)")
     ap.add_argument(
         "--variants",
-        default="few,auto",
+        default="auto,auto_count",
         help=f"comma-separated, of: {', '.join(VARIANTS)}",
     )
     ap.add_argument("--profiled-only", action="store_true", help="the profiled B, V only")
