@@ -180,7 +180,7 @@ def _branches() -> str:
             f"sampler.BRANCHES must be 'auto', 'few', 'many' or 'one', got {BRANCHES!r}"
         )
     if BRANCHES == "auto":
-        return "one" if jax.default_backend() in ("gpu", "cuda", "rocm") else "many"
+        return "one" if native.default_is_gpu() else "many"
     return BRANCHES
 
 
@@ -208,6 +208,15 @@ def _filters(row: RowParams) -> jax.Array:
     return (row.top_p < 1.0) | (row.top_a > 0.0) | (row.min_p > 0.0)
 
 
+def _raw_needed(rows: RowParams) -> jax.Array:
+    """:attr:`Plan.raw`: 0 no row reports raw log probabilities, 1 some do, 2 some also
+    their top ones."""
+    wants_raw = rows.logprobs & ~rows.processed_logprobs
+    return jnp.where(
+        jnp.any(wants_raw & (rows.top_logprobs > 0)), 2, jnp.where(jnp.any(wants_raw), 1, 0)
+    )
+
+
 def plan_rows(rows: RowParams, *, vocab_size: int, for_sampling: bool = False) -> Plan:
     """The parameter-only part of a batch's plan (``rows`` with a leading axis B).
 
@@ -220,10 +229,7 @@ def plan_rows(rows: RowParams, *, vocab_size: int, for_sampling: bool = False) -
     bias = jnp.where(used == 0, 0, 1 + jnp.sum(jnp.array(tiers[:-1]) < used))
     greedy = tf.is_greedy(rows.temperature)
     total = jnp.any(~greedy & _filters(rows) & ~_k_cuts(rows, vocab_size))
-    wants_raw = rows.logprobs & ~rows.processed_logprobs
-    raw = jnp.where(
-        jnp.any(wants_raw & (rows.top_logprobs > 0)), 2, jnp.where(jnp.any(wants_raw), 1, 0)
-    )
+    raw = _raw_needed(rows)
     true = jnp.bool_(True)
     penalties = (
         (rows.repetition_penalty != 1.0)
@@ -1100,7 +1106,8 @@ def distributions(
     few = mode != "many"
     plan = plan_rows(rows, vocab_size=vocab, for_sampling=for_sampling)
     if few:
-        # ("one" keeps the kept mass's flag: sample_rows folds it into its report switch)
+        # ("one" keeps the kept mass's flag: sample_rows adds the mass in a branch of its
+        # own, _with_kept_mass, taken when some row reports processed log probabilities)
         plan = _fewer(plan).replace(mass=plan.mass if mode == "one" else True)
     front = partial(_front, plan=plan, num_candidates=num_candidates, chain=chain)
     f = jax.vmap(lambda lg, r, h, a: front(lg, r, h, a), in_axes=(0, 0, 0, _rows_axes(allowed)))(
@@ -1330,8 +1337,7 @@ def sample_rows(
     one = _branches() == "one"
     # the raw log probabilities depend on the logits and the parameters alone: computed once,
     # outside every branch of the plan (under "one", not again in its last branch)
-    raw = plan_rows(rows, vocab_size=logits.shape[-1], for_sampling=True).raw
-    raw_stats = _raw_batch(logits, raw, exact_only=one)
+    raw_stats = _raw_batch(logits, _raw_needed(rows), exact_only=one)
 
     def report(dist, plan, token):
         if one and plan.mass is not True:

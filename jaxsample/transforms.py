@@ -542,7 +542,7 @@ THRESHOLD_BITS: int | str = "auto"
 
 def _threshold_bits() -> int:
     if THRESHOLD_BITS == "auto":
-        return 2 if jax.default_backend() in ("gpu", "cuda", "rocm") else 1
+        return 2 if native.default_is_gpu() else 1
     if THRESHOLD_BITS not in (1, 2, 4, 8):
         raise ValueError(
             "jaxsample.transforms.THRESHOLD_BITS must be 1, 2, 4, 8 or 'auto', "
@@ -614,7 +614,7 @@ def _largest_key(u: jax.Array, amount, target: jax.Array, bits: int | None = Non
         return row_sum(jnp.where(above, amount[None, :], 0.0))
 
     def one_pass(i, k):
-        shift = (jnp.uint32(32 - bits) - jnp.uint32(bits) * i.astype(jnp.uint32)).astype(jnp.uint32)
+        shift = jnp.uint32(32 - bits) - jnp.uint32(bits) * i.astype(jnp.uint32)
         pivots = k + (steps << shift)
         sums = total(u[None, :] >= pivots[:, None])
         return k + (jnp.sum(sums >= target, dtype=jnp.uint32) << shift)  # a prefix of trues

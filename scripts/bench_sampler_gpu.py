@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import glob
 import json
 import os
@@ -112,22 +113,36 @@ def settings(name: str) -> tuple:
 PROFILED = [(1, 49152, "realistic"), (64, 128256, "realistic"), (64, 262144, "flat")]
 
 
-def with_branches(fn, branches: str, form: str = "sort", bits="auto", large: str = "sort"):
-    """``fn`` traced with ``sampler.BRANCHES = branches``, ``native.TOP_K_FORM = form``,
-    ``transforms.THRESHOLD_BITS = bits`` and ``transforms.LARGE_TOP_K = large``."""
+#: The settings a variant sets while the sampler is traced, in ``settings``' order after the
+#: compiler options.
+TRACE_SETTINGS = (
+    (sm, "BRANCHES"),
+    (native, "TOP_K_FORM"),
+    (tf, "THRESHOLD_BITS"),
+    (tf, "LARGE_TOP_K"),
+)
+
+
+@contextlib.contextmanager
+def traced_with(branches: str, form: str = "sort", bits="auto", large: str = "sort"):
+    """``sampler.BRANCHES``, ``native.TOP_K_FORM``, ``transforms.THRESHOLD_BITS`` and
+    ``transforms.LARGE_TOP_K`` set to these values inside the block, restored after it."""
+    old = [getattr(module, name) for module, name in TRACE_SETTINGS]
+    for (module, name), value in zip(TRACE_SETTINGS, (branches, form, bits, large)):
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for (module, name), value in zip(TRACE_SETTINGS, old):
+            setattr(module, name, value)
+
+
+def with_branches(fn, *values):
+    """``fn`` traced under :func:`traced_with` ``(*values)``."""
 
     def traced(*args, **kwargs):
-        old = sm.BRANCHES, native.TOP_K_FORM, tf.THRESHOLD_BITS, tf.LARGE_TOP_K
-        sm.BRANCHES, native.TOP_K_FORM, tf.THRESHOLD_BITS, tf.LARGE_TOP_K = (
-            branches,
-            form,
-            bits,
-            large,
-        )
-        try:
+        with traced_with(*values):
             return fn(*args, **kwargs)
-        finally:
-            sm.BRANCHES, native.TOP_K_FORM, tf.THRESHOLD_BITS, tf.LARGE_TOP_K = old
 
     return traced
 

@@ -44,10 +44,9 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(1, str(Path(__file__).parents[1]))  # jaxsample, not installed in that venv
 from bench_sampler import ALONE, FULL, make_history, make_logits, rows_for  # noqa: E402
+from bench_sampler_gpu import traced_with  # noqa: E402
 
-from jaxsample import native  # noqa: E402
 from jaxsample import sampler as sm  # noqa: E402
-from jaxsample import transforms as tf  # noqa: E402
 
 #: An H100 SXM as XLA's GPU compiler sees it (public device properties).
 H100 = """
@@ -66,7 +65,6 @@ runtime_version { major: 12 minor: 8 patch: 0 }
 device_description_str: "NVIDIA H100 80GB HBM3"
 """
 
-#: name: (sampler.BRANCHES, native.TOP_K_FORM), as in bench_sampler_gpu.py's VARIANTS
 #: name: (sampler.BRANCHES, native.TOP_K_FORM, transforms.THRESHOLD_BITS: 2, what "auto"
 #: picks on a GPU, unless named; the process's default backend here is the CPU[,
 #: transforms.LARGE_TOP_K ("sort" when absent)])
@@ -198,9 +196,7 @@ def taken_stages(b: int, v: int, params: dict) -> dict:
 
 def program(variant: str, b: int, v: int, params: dict, topology) -> dict:
     branches, form, bits, large = (*VARIANTS[variant], "sort")[:4]
-    old = sm.BRANCHES, native.TOP_K_FORM, tf.THRESHOLD_BITS, tf.LARGE_TOP_K
-    sm.BRANCHES, native.TOP_K_FORM, tf.THRESHOLD_BITS, tf.LARGE_TOP_K = branches, form, bits, large
-    try:
+    with traced_with(branches, form, bits, large):
         sharding = jax.sharding.SingleDeviceSharding(topology.devices[0])
 
         def spec(a):
@@ -221,8 +217,6 @@ def program(variant: str, b: int, v: int, params: dict, topology) -> dict:
             .as_text()
         )
         compile_s = time.perf_counter() - t0
-    finally:
-        sm.BRANCHES, native.TOP_K_FORM, tf.THRESHOLD_BITS, tf.LARGE_TOP_K = old
     comps, entry = parse(text)
     taken = taken_stages(b, v, params)
     top = cost(comps, entry, taken, min(sm.SECOND_TIER, v), mode=branches)

@@ -305,6 +305,13 @@ def _by_rows(op: str, k: int, limit: int):
     return fn
 
 
+def default_is_gpu() -> bool:
+    """Whether JAX's default backend is a GPU: what the ``"auto"`` settings that differ on a
+    GPU (this module's :data:`TOP_K_FORM`, ``sampler.BRANCHES``,
+    ``transforms.THRESHOLD_BITS``) decide by."""
+    return jax.default_backend() in ("gpu", "cuda", "rocm")
+
+
 def top_k_form() -> str:
     """The form :data:`TOP_K_FORM` names, ``"sort"`` or ``"rank"`` (``"auto"`` resolved by
     JAX's default backend; ValueError naming it when it is none of the three)."""
@@ -313,7 +320,7 @@ def top_k_form() -> str:
             f"jaxsample.native.TOP_K_FORM must be 'auto', 'sort' or 'rank', got {TOP_K_FORM!r}"
         )
     if TOP_K_FORM == "auto":
-        return "rank" if jax.default_backend() in ("gpu", "cuda", "rocm") else "sort"
+        return "rank" if default_is_gpu() else "sort"
     return TOP_K_FORM
 
 
