@@ -372,11 +372,19 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params", params, "a SamplingParams")
         ids = self.encode_input(item)
+        model_context = self.model.config.context_length
+        limit = None
+        if self.context_length < model_context:
+            limit = (
+                f"the engine's max_seq_len ({self.context_length} tokens; the model's context is"
+                f" {model_context}: Engine.load(max_seq_len=...) or --max-seq-len raises it)"
+            )
         max_tokens = check_for_model(
             params,
             vocab_size=self.vocab_size,
             context_length=self.context_length,
             prompt_length=len(ids),
+            limit=limit,
         )
         return ids, max_tokens
 

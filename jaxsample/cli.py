@@ -39,6 +39,46 @@ _SAMPLING_FLAGS = {
 }
 
 
+class UsageError(Exception):
+    """A bad flag or file the command refuses with exit status 2 (its message is printed)."""
+
+
+def seed_flag(text: str) -> int:
+    """argparse type of ``--job-seed``: a signed 64-bit integer, as a request's ``seed``."""
+    from jaxsample.params import INT64_MAX, INT64_MIN
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise argparse.ArgumentTypeError(f"{value}: must be an integer in [-2**63, 2**63 - 1]")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be >= 1")
+    return value
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """The model and engine flags that ``generate`` and ``batch`` share."""
+    parser.add_argument("--model", default=None, help="a Llama GGUF file (default: SmolLM2-135M)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument(
+        "--max-seq-len",
+        type=positive_int,
+        default=None,
+        help="tokens of prompt + output per request (default: the model's context, at most 2048)",
+    )
+    parser.add_argument(
+        "--job-seed", type=seed_flag, default=0, help="seeds the requests without one"
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxsample", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,9 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt", help="the user message (chat template applied)")
     src.add_argument("--request", help="a chat-completions request body as JSON file, or -")
     gen.add_argument("--raw", action="store_true", help="send --prompt as plain text")
-    gen.add_argument("--model", default=None, help="path of a Llama GGUF file")
-    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    gen.add_argument("--job-seed", type=int, default=0, help="seed for requests without one")
+    add_engine_flags(gen)
     gen.add_argument("--json", action="store_true", help="print the chat.completion JSON")
     for name, typ in _SAMPLING_FLAGS.items():
         gen.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
@@ -98,7 +136,7 @@ def _body_from_flags(args) -> dict:
         try:
             body["logit_bias"] = json.loads(args.logit_bias)
         except json.JSONDecodeError as err:
-            raise SystemExit(f"jaxsample: --logit-bias is not JSON: {err}") from err
+            raise UsageError(f"--logit-bias is not JSON: {err}") from err
     if args.logprobs:
         body["logprobs"] = True
     if args.logprobs_mode is not None:
@@ -110,12 +148,30 @@ def _body_from_flags(args) -> dict:
     return body
 
 
-def _read_request(path: str) -> dict:
-    text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
+#: generate's flags that set a request field: with --request the body sets every field
+_BODY_FLAGS = (*_SAMPLING_FLAGS, "logit_bias", "logprobs", "logprobs_mode", "response_format")
+
+
+def _read_request(args) -> dict:
+    given = [
+        "--" + name.replace("_", "-")
+        for name in (*_BODY_FLAGS, "stop")
+        if getattr(args, name) is not None
+    ] + (["--raw"] if args.raw else [])
+    if given:  # nothing given is dropped: the body is the whole request
+        raise UsageError(
+            f"--request takes every request field from the body; {', '.join(given)} given too"
+            " (put them in the body)"
+        )
+    path = args.request
+    try:
+        text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
+    except OSError as err:
+        raise UsageError(f"cannot read the request {path}: {err.strerror}") from err
     try:
         return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise SystemExit(f"jaxsample: the request is not JSON: {err}") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"the request is not JSON: {err}") from err
 
 
 def _dumps(obj) -> str:
@@ -129,7 +185,13 @@ def main(argv: list[str] | None = None) -> int:
         from jaxsample.batch.command import run as run_batch
 
         return run_batch(args)
-    body = _read_request(args.request) if args.request else _body_from_flags(args)
+    try:
+        body = _read_request(args) if args.request else _body_from_flags(args)
+        if args.model is not None and not os.path.isfile(args.model):
+            raise UsageError(f"no model file {args.model}")
+    except UsageError as err:
+        print(f"jaxsample: {err}", file=sys.stderr)
+        return 2
 
     import jax.numpy as jnp
 
@@ -147,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         _enable_compile_cache()
     try:
         dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-        engine = Engine.load(args.model, dtype=dtype)
+        engine = Engine.load(args.model, dtype=dtype, max_seq_len=args.max_seq_len)
     except ModelNotFoundError as err:
         print(f"jaxsample: {err}", file=sys.stderr)
         return 1

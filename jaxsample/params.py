@@ -618,14 +618,21 @@ def _check_bias_ids(params: SamplingParams, vocab_size: int, index: int | None =
 
 
 def check_for_model(
-    params: SamplingParams, *, vocab_size: int, context_length: int, prompt_length: int
+    params: SamplingParams,
+    *,
+    vocab_size: int,
+    context_length: int,
+    prompt_length: int,
+    limit: str | None = None,
 ) -> int:
     """Checks what needs the model and returns the resolved ``max_tokens``.
 
     Refuses a logit_bias token id ``>= vocab_size`` (field ``logit_bias``), a prompt of
     ``>= context_length`` tokens (field ``messages``), and ``max_tokens >
     context_length - prompt_length`` (field ``max_tokens``). Without ``max_tokens`` the
-    result is ``context_length - prompt_length``.
+    result is ``context_length - prompt_length``. ``limit`` names where ``context_length``
+    comes from in the messages (default: the context length), for an engine whose
+    ``max_seq_len`` is below the model's context.
 
     Example::
 
@@ -633,11 +640,10 @@ def check_for_model(
         42
     """
     _check_bias_ids(params, vocab_size)
+    limit = limit or f"the context length ({context_length} tokens)"
     if prompt_length >= context_length:
         raise InvalidRequestError(
-            "messages",
-            f"<prompt of {prompt_length} tokens>",
-            f"a prompt shorter than the context length ({context_length} tokens)",
+            "messages", f"<prompt of {prompt_length} tokens>", f"a prompt shorter than {limit}"
         )
     room = context_length - prompt_length
     if params.max_tokens is None:
@@ -646,8 +652,7 @@ def check_for_model(
         raise InvalidRequestError(
             "max_tokens",
             params.max_tokens,
-            f"an integer in [1, {room}] (context length {context_length} "
-            f"minus prompt length {prompt_length})",
+            f"an integer in [1, {room}] ({limit} minus the prompt's {prompt_length} tokens)",
         )
     return params.max_tokens
 

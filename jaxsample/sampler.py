@@ -890,25 +890,26 @@ def _no_top():
 
 def _raw_row(logits, k: int, with_top: bool, exact: bool):
     """One row's raw ``log_softmax`` normalizer and top ``k``, the JAX form of
-    :func:`jaxsample.native.logsumexp_top_k`: ``(lse, values[k], ids[k])`` (without
-    ``with_top``, -inf and -1 in their place, not computed).
+    :func:`jaxsample.native.log_total_top_k`: ``(log_total, values[k], ids[k])`` (without
+    ``with_top``, the max in every value and -1 for the ids: the top k is not computed).
 
     ``exact`` False is the fast form: it reads the logits as they are, with no masking
     inside the passes (XLA's CPU reductions fuse arithmetic but store any ``select`` they
     read as a whole ``[V]`` array first). It equals the exact form bit for bit whenever
-    every logit is finite, and its ``lse`` is not finite otherwise (NaN and ``inf`` reach
-    the sum), which is how :func:`_raw_xla` knows to run the exact form.
+    every logit is finite, and its ``log_total`` is not finite otherwise (NaN and ``inf``
+    reach the sum; a row of -inf only gives -inf), which is how :func:`_raw_xla` knows to
+    run the exact form.
     """
     x = tf.sanitize(logits) if exact else logits
-    # one pass: the max for lse and the top-k's stage 1 (the barrier keeps XLA from turning
-    # the max of the block maxima back into a second pass over the row)
+    # one pass: the max for the normalizer and the top-k's stage 1 (the barrier keeps XLA
+    # from turning the max of the block maxima back into a second pass over the row)
     block_max = lax.optimization_barrier(tf.block_max(x))
     top = jnp.max(block_max)
-    lse = jnp.where(top == -jnp.inf, 0.0, top) + jnp.log(tf.vocabulary_total(x, top))
+    log_total = jnp.log(tf.vocabulary_total(x, top))
     if not with_top:
-        return lse, jnp.full((k,), -jnp.inf, jnp.float32), jnp.full((k,), -1, jnp.int32)
+        return log_total, jnp.full((k,), top, jnp.float32), jnp.full((k,), -1, jnp.int32)
     values, ids = tf.top_candidates(x, k, block_max)
-    return lse, values, ids
+    return log_total, values, ids
 
 
 def _raw_xla(logits, k: int, with_top: bool):
@@ -923,8 +924,9 @@ def _raw_batch(
     logits: jax.Array, raw, exact_only: bool = False
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The raw ``log_softmax`` normalizer of each row and its top 20 as the plan's ``raw``
-    asks (0 none, 1 the normalizer, 2 also the top 20): ``(lse, ids[20], log_probs[20])``,
-    from :func:`jaxsample.native.logsumexp_top_k` (one kernel on CPU; :func:`_raw_xla`
+    asks (0 none, 1 the normalizer, 2 also the top 20): ``((top, log_total), ids[20],
+    log_probs[20])`` (``log_softmax(x) = (x - top) - log_total``: exact whatever the size of
+    ``top``), from :func:`jaxsample.native.log_total_top_k` (one kernel on CPU; :func:`_raw_xla`
     elsewhere, or with ``exact_only`` the exact form alone: where the masking fuses into
     the passes, as on a GPU, it costs nothing and saves a branch)."""
     batch, vocab = logits.shape
@@ -932,8 +934,9 @@ def _raw_batch(
 
     def none():
         ids, lps = _no_top()
+        nan = jnp.full((batch,), jnp.nan, jnp.float32)
         return (
-            jnp.full((batch,), jnp.nan, jnp.float32),
+            (nan, nan),
             jnp.broadcast_to(ids, (batch, ids.shape[0])),
             jnp.broadcast_to(lps, (batch, lps.shape[0])),
         )
@@ -943,13 +946,14 @@ def _raw_batch(
         xla = partial(_raw_xla, k=k, with_top=with_top)
         if exact_only:
             xla = jax.vmap(partial(_raw_row, k=k, with_top=with_top, exact=True))
-        lse, values, ids = native.logsumexp_top_k(logits, k, otherwise=xla)
+        log_total, values, ids = native.log_total_top_k(logits, k, otherwise=xla)
+        norm = (values[:, 0], log_total)  # values[:, 0]: the row's max, in both forms
         if not with_top:
-            return (lse, *none()[1:])
-        lp = jnp.where(values > -jnp.inf, values - lse[:, None], -jnp.inf)
+            return (norm, *none()[1:])
+        lp = jnp.where(values > -jnp.inf, (values - values[:, :1]) - log_total[:, None], -jnp.inf)
         pad = [(0, 0), (0, TOP_LOGPROBS_MAX - k)]
         return (
-            lse,
+            norm,
             jnp.pad(ids, pad, constant_values=-1),
             jnp.pad(lp, pad, constant_values=-jnp.inf),
         )
@@ -966,8 +970,8 @@ def _report(logits, row: RowParams, dist: Distribution, token, raw_stats) -> Sam
     safe = jnp.maximum(token, 0)
     proc_lp = log_prob(dist, safe)
     cand_ids, cand_lp = top_logprobs(dist, TOP_LOGPROBS_MAX)
-    lse, raw_ids, raw_lps = raw_stats
-    raw_lp = tf.sanitize(logits[safe]) - lse
+    (top, log_total), raw_ids, raw_lps = raw_stats
+    raw_lp = (tf.sanitize(logits[safe]) - top) - log_total
     logprob = jnp.where(dist.ok, jnp.where(row.processed_logprobs, proc_lp, raw_lp), -jnp.inf)
     # a row that asked for no top_logprobs gets none, whatever the rest of the batch asked
     none_ids, none_lps = _no_top()

@@ -52,14 +52,14 @@ int main(int argc, char** argv) {
   std::vector<int32_t> ids(128), ids20(20);
   for (int64_t r = 0; r < rows; ++r) {
     const float* x = z.data() + r * n;
-    float total, lse;
+    float total, log_total;
     CandidatesRow(x, n, 128, 32, true, block_max.data(), values.data(), ids.data(), &total, s);
     mix(block_max.data(), block_max.size() * 4);
     mix(values.data(), 512);
     mix(ids.data(), 512);
     mix(&total, 4);
-    LogSumExpTopKRow(x, n, 20, &lse, top20.data(), ids20.data(), s);
-    mix(&lse, 4);
+    LogTotalTopKRow(x, n, 20, &log_total, top20.data(), ids20.data(), s);
+    mix(&log_total, 4);
     mix(top20.data(), 80);
     mix(ids20.data(), 80);
     for (int64_t i = 0; i < n; ++i) w[i] = std::exp(x[i] - values[0]);

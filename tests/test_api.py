@@ -15,7 +15,7 @@ import pytest
 
 import jaxsample
 from jaxsample import InvalidRequestError, SamplingParams, derive_seed
-from jaxsample.api import choice_seed, normalize_inputs, validate_messages
+from jaxsample.api import Engine, choice_seed, normalize_inputs, validate_messages
 from tests.small_engine import ALTERNATE_CHECK, HI, SYSTEM, nan_engine, small_engine, with_template
 
 P = SamplingParams(temperature=1.0, seed=4, max_tokens=6)
@@ -163,6 +163,19 @@ def test_choice_zero_is_the_plain_request_and_seeds_follow_the_job(engine):
     seeds = [choice_seed(seed, i) for i in range(3)]
     assert seeds[0] == seed and len(set(seeds)) == 3
     assert seeds[1] == derive_seed(seed, 1)
+
+
+def test_max_tokens_past_max_seq_len_names_the_engine_limit(engine):
+    """An engine whose max_seq_len is below the model's context says so, not 'context
+    length', and says how to raise it."""
+    short = Engine(engine.model, engine.tokenizer, max_seq_len=64)
+    with pytest.raises(InvalidRequestError) as err:
+        short.prepare("Hi", SamplingParams(max_tokens=100))
+    msg = str(err.value)
+    assert err.value.field == "max_tokens" and "max_seq_len (64 tokens" in msg
+    assert "context is 256" in msg and "--max-seq-len" in msg
+    with pytest.raises(InvalidRequestError, match="the context length \\(256 tokens\\)"):
+        engine.prepare("Hi", SamplingParams(max_tokens=1000))
 
 
 def test_n_out_of_range_is_refused(engine):

@@ -4,6 +4,7 @@ tests/test_batch_cli.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -21,7 +22,7 @@ from jaxsample.batch.reader import check_line, read_lines, shard_of
 
 # ---------------------------------------------------------------------------- reader
 
-_KINDS = ["ok", "json", "list", "missing", "int_id", "url", "method", "body"]
+_KINDS = ["ok", "json", "list", "missing", "int_id", "url", "method", "body", "extra"]
 
 
 @st.composite
@@ -52,11 +53,15 @@ def _input_lines(draw):
         else:
             seen.add(cid)
             code = {"ok": None, "url": "invalid_url", "method": "invalid_method"}
+            code["extra"] = "unknown_key"
             expect.append((code.get(kind, "invalid_body"), cid))
         url = "/v1/completions" if kind == "url" else "/v1/chat/completions"
         method = "PUT" if kind == "method" else "POST"
         body = "x" if kind == "body" else chat_body("hi")
-        lines.append(request_line(cid, body, method=method, url=url))
+        line = request_line(cid, body, method=method, url=url)
+        if kind == "extra":
+            line = line[:-1] + ', "metadata": {}}'
+        lines.append(line)
     return lines, expect
 
 
@@ -85,6 +90,27 @@ def test_reader_last_line_without_newline_and_crlf(tmp_path):
     a, b = request_line("a", chat_body("x")), request_line("b", chat_body("y"))
     path.write_bytes(f"{a}\r\n{b}".encode())
     assert [g.key for g in read_lines(str(path))] == ["a", "b"]
+
+
+def test_reader_skips_a_byte_order_mark_at_the_start_only(tmp_path):
+    path = tmp_path / "in.jsonl"
+    a, b = request_line("a", chat_body("x")), request_line("b", chat_body("y"))
+    path.write_bytes(b"\xef\xbb\xbf" + f"{a}\n".encode() + b"\xef\xbb\xbf" + b.encode())
+    got = list(read_lines(str(path)))
+    assert got[0].key == "a" and got[0].error is None
+    assert got[1].error["code"] == "invalid_json"  # a BOM inside the file is not skipped
+
+
+def test_reader_unknown_key_fails_its_line_alone_naming_it():
+    good = json.loads(request_line("a", chat_body("x")))
+    line = check_line(4, json.dumps({**good, "extra_field": 1}).encode(), set())
+    assert line.error["code"] == "unknown_key" and line.key == line.custom_id == "a"
+    msg = line.error["message"]
+    assert msg.startswith("line 4: ") and '"extra_field"' in msg
+    assert all(f'"{k}"' in msg for k in ("custom_id", "method", "url", "body"))
+    many = check_line(5, json.dumps({**good, **{f"k{i}": i for i in range(7)}}).encode(), set())
+    assert '"k4"' in many.error["message"] and '"k5"' not in many.error["message"]
+    assert "and 2 more" in many.error["message"]
 
 
 def test_reader_bad_utf8_is_a_line_error():
@@ -345,12 +371,142 @@ def test_output_equal_to_input_and_bad_shard_are_refused(job):
         run_job(job(shard=(2, 2)), engine=FakeEngine())
 
 
-def test_several_hosts_need_all_three_flags(tmp_path):
+def test_a_second_run_on_the_same_output_is_refused_while_the_lock_is_held(job):
+    import fcntl
+
+    from jaxsample.batch.job import JobError, lock_path
+
+    cfg = job()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_job(cfg, engine=FakeEngine(fail_after=5))
+    before = {p: open(p, "rb").read() for p in (cfg.output, cfg.output + ".manifest.json")}
+    holder = os.open(lock_path(cfg.output), os.O_RDWR)  # as another running job holds it
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.pwrite(holder, b"4242 otherhost\n", 0)
+    try:
+        engine = FakeEngine()
+        with pytest.raises(JobError) as err:
+            run_job(cfg, engine=engine)
+        msg = str(err.value)
+        assert cfg.output in msg and lock_path(cfg.output) in msg
+        assert "pid 4242 on otherhost" in msg and "wait for it" in msg and "stop it" in msg
+        assert engine.results == 0
+        assert {p: open(p, "rb").read() for p in before} == before
+        assert not os.path.exists(cfg.output + ".summary.json")
+    finally:
+        os.close(holder)  # released: as when the other job exits (or is killed)
+    summary = run_job(cfg, engine=FakeEngine())
+    assert summary["complete"]
+    assert summary["this_run"]["skipped_done"] == before[cfg.output].count(b"\n") > 0
+
+
+def test_a_shard_has_its_own_lock(job):
+    import fcntl
+
+    from jaxsample.batch.job import JobError, lock_path
+
+    shard = job(shard=(1, 2))
+    holder = os.open(lock_path(shard_output(shard.output, 1, 2)), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        with pytest.raises(JobError, match="shard-00001-of-00002.lock"):
+            run_job(shard, engine=FakeEngine())
+        assert run_job(job(shard=(0, 2)), engine=FakeEngine())["complete"]
+    finally:
+        os.close(holder)
+
+
+def test_a_torn_tail_cut_on_resume_is_in_the_printed_summary(job):
+    from jaxsample.batch.summary import format_summary
+
+    cfg = job()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_job(cfg, engine=FakeEngine(fail_after=3))
+    with open(cfg.output, "ab") as f:
+        f.write(b'{"custom_id": "req-1", "resp')
+    text = format_summary(run_job(cfg, engine=FakeEngine()))
+    assert "28 bytes of a torn last line cut off" in text and "fsyncs" in text
+    assert "model load" in text
+
+
+def test_no_default_model_is_a_job_error(job, monkeypatch):
+    import jaxsample.model
+    from jaxsample.batch.job import JobError
+
+    def missing():
+        raise jaxsample.model.ModelNotFoundError("no default model; install it with: pip ...")
+
+    monkeypatch.setattr(jaxsample.model, "default_model_path", missing)
+    cfg = dataclasses.replace(job(), model=None)
+    with pytest.raises(JobError, match="install it with"):
+        run_job(cfg, engine=FakeEngine())
+    assert not os.path.exists(cfg.output)
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+def _command(tmp_path, *flags):
+    """Runs ``jaxsample batch`` in this process on a one-line input with a file that starts
+    as a GGUF file does; returns its exit status and the files it added to ``tmp_path``."""
+    from jaxsample.batch.command import run
     from jaxsample.cli import _parser
 
-    inp = _write(tmp_path / "in.jsonl", [])
-    args = _parser().parse_args(["batch", inp, "-o", str(tmp_path / "o"), "--num-processes", "2"])
-    from jaxsample.batch.command import run
+    inp = _write(tmp_path / "in.jsonl", [request_line("a", chat_body("x"))])
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    before = set(os.listdir(tmp_path))
+    argv = ["batch", inp, "--no-compile-cache", "--model", str(gguf), *flags]
+    status = run(_parser().parse_args(argv))
+    return status, sorted(set(os.listdir(tmp_path)) - before)
 
-    with pytest.raises(SystemExit, match="--coordinator-address, --process-id"):
-        run(args)
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no-dir", "no directory"),
+        ("output-dir", "is a directory"),
+        ("no-model", "No such file"),
+        ("not-gguf", "is not a GGUF file"),
+        ("process-id", "--process-id 5: must lie in [0, 2)"),
+        ("no-coordinator", "several hosts need --coordinator-address too"),
+    ],
+)
+def test_bad_paths_and_flags_exit_2_without_writing(tmp_path, capsys, case, message):
+    out = str(tmp_path / "out.jsonl")
+    flags = {
+        "no-dir": ["-o", str(tmp_path / "nonexistent" / "out.jsonl")],
+        "output-dir": ["-o", str(tmp_path)],
+        "no-model": ["-o", out, "--model", str(tmp_path / "nope.gguf")],
+        "not-gguf": ["-o", out, "--model", _write(tmp_path / "text.gguf", ["not a model"])],
+        "process-id": ["-o", out, "--num-processes", "2", "--process-id", "5"]
+        + ["--coordinator-address", "127.0.0.1:1"],
+        "no-coordinator": ["-o", out, "--num-processes", "2", "--process-id", "0"],
+    }[case]
+    status, left = _command(tmp_path, *flags)
+    assert status == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jaxsample batch: ") and message in err and "Traceback" not in err
+    assert left == []
+
+
+def test_job_seed_outside_int64_is_a_usage_error(capsys):
+    from jaxsample.cli import _parser
+
+    for seed in ("99999999999999999999999", str(-(2**63) - 1)):
+        with pytest.raises(SystemExit) as exit:
+            _parser().parse_args(["batch", "in.jsonl", "-o", "out.jsonl", "--job-seed", seed])
+        assert exit.value.code == 2
+        assert "[-2**63, 2**63 - 1]" in capsys.readouterr().err
+    args = _parser().parse_args(["batch", "i", "-o", "o", "--job-seed", str(2**63 - 1)])
+    assert args.job_seed == 2**63 - 1
+
+
+def test_distributed_flags_from_a_bad_environment_variable_are_a_usage_error(monkeypatch, capsys):
+    from jaxsample.cli import _parser
+
+    monkeypatch.setenv("JAXSAMPLE_PROCESS_ID", "-1")
+    with pytest.raises(SystemExit) as exit:
+        _parser().parse_args(["batch", "in.jsonl", "-o", "out.jsonl"])
+    assert exit.value.code == 2 and "--process-id" in capsys.readouterr().err
+    _parser().parse_args(["generate", "--prompt", "hi"])  # other commands do not read it

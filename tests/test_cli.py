@@ -85,3 +85,31 @@ def test_bad_request_is_an_error_object_not_a_traceback(tmp_path):
     err = json.loads(proc.stdout)["error"]
     assert err["param"] == "top_p" and "2" in err["message"]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args, stdin, says",
+    [
+        # nothing is dropped: with --request the body is the whole request
+        (["--request", "-", "--max-tokens", "3", "--n", "2"], "{}", "--max-tokens, --n given too"),
+        (["--request", "-", "--stop", "x", "--raw"], "{}", "--stop, --raw given too"),
+        (["--request", "-"], "{not json", "the request is not JSON"),
+        (["--request", "/nonexistent/body.json"], None, "cannot read the request"),
+        (["--prompt", "hi", "--logit-bias", "{bad"], None, "--logit-bias is not JSON"),
+        (["--prompt", "hi", "--model", "/nonexistent/m.gguf"], None, "no model file"),
+    ],
+)
+def test_bad_flags_and_files_exit_2_before_loading(monkeypatch, capsys, args, stdin, says):
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    assert cli.main(["generate", *args]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["generate --prompt hi", "batch in.jsonl -o out.jsonl"])
+def test_job_seed_out_of_range_is_a_flag_error(capsys, command):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*command.split(), "--job-seed", str(2**64)])
+    assert exit_.value.code == 2
+    assert "[-2**63, 2**63 - 1]" in capsys.readouterr().err

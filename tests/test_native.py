@@ -1,5 +1,5 @@
 """jaxsample's CPU kernels (jaxsample/native): top_k with the same bits as lax.top_k, block
-maxima in lax.top_k's order, logsumexp_top_k against float64 and lax.top_k; in use on CPU, and
+maxima in lax.top_k's order, log_total_top_k against float64 and lax.top_k; in use on CPU, and
 the JAX forms when they cannot be built."""
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ def test_the_sampler_uses_them_and_draws_the_same(monkeypatch):
     hist = sm.History.stack([sm.History.from_tokens([1, 2], [3], v)] * b)
     args = (logits, _rows(b, v), hist, None, jnp.int32(2))
     text = jax.jit(lambda *a: sm.sample_rows(*a)).lower(*args).compile().as_text()
-    for target in ("jaxsample_topk", "jaxsample_candidates", "jaxsample_logsumexp_top_k"):
+    for target in ("jaxsample_topk", "jaxsample_candidates", "jaxsample_log_total_top_k"):
         assert target in text
     assert 'custom_call_target="TopK"' not in text
     ours = jax.jit(lambda *a: sm.sample_rows(*a))(*args)
@@ -227,7 +227,7 @@ def test_unknown_setting_is_refused(monkeypatch):
     for call in (
         lambda: native.top_k(jnp.zeros(4), 2),
         lambda: native.block_max(jnp.zeros(4), 2),
-        lambda: native.logsumexp_top_k(jnp.zeros(4), 2),
+        lambda: native.log_total_top_k(jnp.zeros(4), 2),
         lambda: native.candidates(jnp.zeros(4), 2, 2, True, None),
         native.status,
     ):
@@ -256,12 +256,12 @@ def test_without_a_working_compiler_it_is_the_jax_forms(tmp_path, cxx):
             warnings.simplefilter("always")
             out = native.top_k(x, 3)
         print(native.status()["native"], [str(m.message) for m in w])
-        lse = native.logsumexp_top_k(x, 2)[0]
+        log_total = native.log_total_top_k(x, 2)[0]
         form = lambda x, t: ("the JAX form", t)
         print(
             jnp.array_equal(out[1], lax.top_k(x, 3)[1]).item()
             and native.block_max(x, 2).tolist() == [[3.0, 3.0, 0.0]]
-            and abs(float(lse[0]) - float(jax.nn.logsumexp(x))) < 1e-6
+            and abs(float(log_total[0]) - float(jax.nn.logsumexp(x - 3.0))) < 1e-6
             and native.candidates(x, 2, 2, True, form) == ("the JAX form", True)
         )
         """
@@ -320,16 +320,17 @@ def test_block_max_against_numpy(data):
     assert np.array_equal(got.view(np.int32), want.view(np.int32))
 
 
-def reference_lse(x: np.ndarray) -> np.ndarray:
-    """float64 log(sum(exp(x))) per row, NaN read as -inf and +inf as the largest float32."""
+def reference_log_total(x: np.ndarray) -> np.ndarray:
+    """float64 log(sum(exp(x - max x))) per row, NaN read as -inf and +inf as the largest
+    float32 (-inf for a row of -inf only)."""
     z = np.where(np.isnan(x), -np.inf, np.minimum(x, np.finfo(np.float32).max)).astype(np.float64)
     top = z.max(-1, keepdims=True)
     shift = np.where(top == -np.inf, 0.0, top)
     with np.errstate(divide="ignore"):
-        return (shift + np.log(np.exp(z - shift).sum(-1, keepdims=True)))[..., 0]
+        return np.log(np.exp(z - shift).sum(-1, keepdims=True))[..., 0]
 
 
-def assert_lse_close(got, want):
+def assert_within_2ulp(got, want):
     got, want = np.asarray(got, np.float64), np.asarray(want)
     assert np.array_equal(np.isneginf(got), np.isneginf(want)), (got, want)
     fin = np.isfinite(want)
@@ -343,19 +344,19 @@ def assert_lse_close(got, want):
 
 @settings(max_examples=150, deadline=None)
 @given(data=st.data())
-def test_logsumexp_top_k_against_float64_and_lax_top_k(data):
-    """lse within 2 ulp of float64; the top k with lax.top_k's bits over the sanitized row
+def test_log_total_top_k_against_float64_and_lax_top_k(data):
+    """log_total within 2 ulp of float64; the top k with lax.top_k's bits over the sanitized row
     (NaN -> -inf, +inf -> the largest float); rows of -inf only; any shape and k."""
     x, k = draw_rows(data, 300, few=[0.0, 1.0, 2.0, -np.inf], floats=st.floats(-100, 100, width=32))
-    lse, values, ids = jax.jit(lambda x: native.logsumexp_top_k(x, k))(jnp.asarray(x))
+    log_total, values, ids = jax.jit(lambda x: native.log_total_top_k(x, k))(jnp.asarray(x))
     clean = np.where(np.isnan(x), -np.inf, np.minimum(x, np.finfo(np.float32).max))
     assert same_bits((values, ids), lax.top_k(jnp.asarray(clean), k))
-    assert lse.shape == x.shape[:-1]
-    assert_lse_close(lse, reference_lse(x))
+    assert log_total.shape == x.shape[:-1]
+    assert_within_2ulp(log_total, reference_log_total(x))
 
 
 @pytest.mark.parametrize("n", [20, 5000, 49152, 128256])
-def test_logsumexp_top_k_large_rows_and_batch_invariance(n):
+def test_log_total_top_k_large_rows_and_batch_invariance(n):
     """Long rows (real-model sizes) within 2 ulp of float64; a row's bits are the same alone,
     in a batch of 7 and under vmap."""
     rng = np.random.default_rng(n)
@@ -364,15 +365,15 @@ def test_logsumexp_top_k_large_rows_and_batch_invariance(n):
     )
     x[5, ::3] = -np.inf
     x[6, 0] = np.nan
-    fn = jax.jit(lambda x: native.logsumexp_top_k(x, 20))
-    lse, values, ids = fn(jnp.asarray(x))
-    assert_lse_close(lse, reference_lse(x))
+    fn = jax.jit(lambda x: native.log_total_top_k(x, 20))
+    log_total, values, ids = fn(jnp.asarray(x))
+    assert_within_2ulp(log_total, reference_log_total(x))
     for i in (0, 3, 6):
         alone = fn(jnp.asarray(x[i : i + 1]))
-        for a, b in zip(alone, (lse, values, ids), strict=True):
+        for a, b in zip(alone, (log_total, values, ids), strict=True):
             assert np.array_equal(np.asarray(a)[0], np.asarray(b)[i])
-    mapped = jax.vmap(lambda r: native.logsumexp_top_k(r, 20))(jnp.asarray(x))
-    for a, b in zip(mapped, (lse, values, ids), strict=True):
+    mapped = jax.vmap(lambda r: native.log_total_top_k(r, 20))(jnp.asarray(x))
+    for a, b in zip(mapped, (log_total, values, ids), strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -381,10 +382,10 @@ def test_raw_log_probabilities_kernel_and_jax_form_agree():
     (``sampler._raw_xla``): the same ids and values, the normalizers within 2 ulp."""
     rng = np.random.default_rng(5)
     x = jnp.asarray((rng.standard_normal((16, 49152)) * 4).astype(np.float32))
-    ours = jax.jit(lambda x: native.logsumexp_top_k(x, 20))(x)
+    ours = jax.jit(lambda x: native.log_total_top_k(x, 20))(x)
     theirs = jax.jit(lambda x: sm._raw_xla(x, 20, True))(x)
     assert same_bits(ours[1:], theirs[1:])
-    assert_lse_close(ours[0], np.asarray(theirs[0], np.float64))
+    assert_within_2ulp(ours[0], np.asarray(theirs[0], np.float64))
 
 
 def reference_total(x: np.ndarray) -> np.ndarray:

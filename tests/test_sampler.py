@@ -405,6 +405,30 @@ def test_logprobs_raw_and_processed():
         np.testing.assert_allclose(out.top_logprobs[i], src[i, order], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kernels", ["auto", "xla"])
+def test_raw_logprobs_are_exact_at_any_logit_size(kernels, monkeypatch):
+    """Raw log probabilities are ``(x - max) - log(sum(exp(x - max)))``: within float32
+    rounding of float64's log_softmax at any size of the logits (``x - logsumexp(x)`` loses
+    the normalizer's digits once the max is large: at 1e7 float32's spacing is 1, and at
+    3e38 two tied tokens each got 0), with the CPU kernel and with the JAX form."""
+    monkeypatch.setattr(sm.native, "KERNELS", kernels)
+    vocab = 64
+    logits = np.full((7, vocab), -30.0, np.float32)
+    logits[:, :4] = 0.0  # four tied tokens on top
+    logits += np.array([0.0, 1e4, 1e6, 1e7, 1e30, 3e38, 0.0], np.float32)[:, None]
+    logits[6, 10:12] = np.inf  # read as the largest float: two tied tokens
+    rows = _rows([dict(logprobs=True, top_logprobs=5, seed=i) for i in range(7)])
+    run = jax.jit(lambda *a: sm.sample_rows(*a))  # traced afresh under this KERNELS
+    out = jax.device_get(run(jnp.asarray(logits), rows, _hist(7, vocab), None, jnp.int32(0)))
+    z = np.minimum(logits, np.finfo(np.float32).max).astype(np.float64)
+    z = z - z.max(-1, keepdims=True)
+    want = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    for i in range(7):
+        np.testing.assert_allclose(out.logprob[i], want[i, out.token[i]], atol=2e-6)
+        np.testing.assert_allclose(out.top_logprobs[i, :5], want[i, out.top_ids[i, :5]], atol=2e-6)
+        assert np.exp(want[i, np.asarray(out.top_ids[i, :5])]).sum() <= 1 + 1e-6
+
+
 def test_rows_without_logprobs_get_none_and_draw_the_same():
     # logprobs=False rows report NaN and no top entries; no row's token changes, and a batch
     # where no row asks skips the raw pass without changing any token either

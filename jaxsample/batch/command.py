@@ -4,7 +4,9 @@
     jaxsample batch-merge results.jsonl --shards 4
 
 Exit status: 0 when the output is complete (error records included: they are results),
-1 when the job is refused (manifest, journal) or left incomplete, 2 for bad flags.
+1 when the job is refused (manifest, journal, another run holding the output's lock) or left
+incomplete, 2 for bad flags or paths (nothing is written then), 130 after Ctrl-C (what was
+written is kept; the same command resumes).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import argparse
 import os
 import sys
 
+from jaxsample.cli import UsageError, add_engine_flags, positive_int
+
 _ENV = {
     "coordinator_address": "JAXSAMPLE_COORDINATOR_ADDRESS",
     "num_processes": "JAXSAMPLE_NUM_PROCESSES",
@@ -20,15 +24,18 @@ _ENV = {
 }
 
 
-def _positive(text: str) -> int:
+def _non_negative(text: str) -> int:
     value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: must be >= 1")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: must be >= 0")
     return value
 
 
 def add_parsers(sub) -> None:
-    """Adds ``batch`` and ``batch-merge`` to the ``jaxsample`` subparsers."""
+    """Adds ``batch`` and ``batch-merge`` to the ``jaxsample`` subparsers.
+
+    The distributed flags default to their environment variables as strings, so argparse
+    checks those with the flag's type too (a bad value is a usage error, exit status 2)."""
     b = sub.add_parser(
         "batch",
         help="run an OpenAI Batch JSONL file (resumable)",
@@ -38,29 +45,23 @@ def add_parsers(sub) -> None:
     )
     b.add_argument("input", help="the input JSONL file (OpenAI Batch request lines)")
     b.add_argument("--output", "-o", required=True, help="the output JSONL file")
-    b.add_argument("--model", default=None, help="a Llama GGUF file (default: SmolLM2-135M)")
-    b.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    b.add_argument("--slots", type=_positive, default=16, help="requests decoded at once")
+    add_engine_flags(b)  # --model, --dtype, --max-seq-len, --job-seed
+    b.add_argument("--slots", type=positive_int, default=16, help="requests decoded at once")
     b.add_argument(
-        "--max-seq-len",
-        type=_positive,
-        default=None,
-        help="tokens of prompt + output per request (default: the model's context, at most 2048)",
+        "--chunk-steps", type=positive_int, default=32, help="decode steps between host refills"
     )
     b.add_argument(
-        "--chunk-steps", type=_positive, default=32, help="decode steps between host refills"
+        "--devices", type=positive_int, default=None, help="local devices to use (default: all)"
     )
-    b.add_argument(
-        "--devices", type=_positive, default=None, help="local devices to use (default: all)"
-    )
-    b.add_argument("--job-seed", type=int, default=0, help="seeds requests without one")
     b.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="progress bar on stderr (default: only when stderr is a terminal)",
     )
-    b.add_argument("--sync-lines", type=_positive, default=256, help="fsync after this many lines")
+    b.add_argument(
+        "--sync-lines", type=positive_int, default=256, help="fsync after this many lines"
+    )
     b.add_argument("--sync-seconds", type=float, default=1.0, help="or after this many seconds")
     dist = b.add_argument_group(
         "several hosts (jax.distributed); each process writes OUTPUT.shard-K-of-N"
@@ -77,14 +78,14 @@ def add_parsers(sub) -> None:
     )
     dist.add_argument(
         "--num-processes",
-        type=_positive,
-        default=_env_int("num_processes"),
+        type=positive_int,
+        default=os.environ.get(_ENV["num_processes"]) or None,
         help="number of processes (env JAXSAMPLE_NUM_PROCESSES)",
     )
     dist.add_argument(
         "--process-id",
-        type=int,
-        default=_env_int("process_id"),
+        type=_non_negative,
+        default=os.environ.get(_ENV["process_id"]) or None,
         help="this process, 0..N-1 (env JAXSAMPLE_PROCESS_ID)",
     )
     dist.add_argument(
@@ -101,16 +102,35 @@ def add_parsers(sub) -> None:
         description="Join OUTPUT.shard-K-of-N (every shard complete) into OUTPUT.",
     )
     m.add_argument("output", help="the --output the batch job was given")
-    m.add_argument("--shards", type=_positive, required=True, help="N, the number of shards")
+    m.add_argument("--shards", type=positive_int, required=True, help="N, the number of shards")
 
 
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(_ENV[name])
-    return int(value) if value else None
+def _check_paths(args) -> None:
+    """Refuses (UsageError) an input, output or model path the job could not use, before
+    anything is written: the job would otherwise fail part way, after writing its manifest."""
+    if not os.path.isfile(args.input):
+        raise UsageError(f"no input file {args.input}")
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(folder):
+        raise UsageError(f"--output {args.output}: no directory {folder}")
+    if os.path.isdir(args.output):
+        raise UsageError(f"--output {args.output} is a directory; give a file path")
+    if args.model is not None:
+        try:
+            with open(args.model, "rb") as f:
+                magic = f.read(4)
+        except OSError as err:
+            raise UsageError(f"--model {args.model}: {err.strerror}") from err
+        if magic != b"GGUF":
+            raise UsageError(
+                f"--model {args.model} is not a GGUF file (it does not start with b'GGUF')"
+            )
 
 
 def _shard(args) -> tuple[int, int]:
-    """Initialises jax.distributed when asked; returns (process index, process count)."""
+    """Initialises jax.distributed when asked; returns (process index, process count).
+
+    The flags are checked first (UsageError), so a bad combination never reaches jax."""
     explicit = args.coordinator_address or args.num_processes or args.process_id is not None
     if not (args.distributed or explicit):
         return 0, 1
@@ -125,7 +145,10 @@ def _shard(args) -> tuple[int, int]:
             if value is None
         ]
         if missing:
-            raise SystemExit(f"jaxsample batch: several hosts need {', '.join(missing)} too")
+            raise UsageError(f"several hosts need {', '.join(missing)} too")
+    k, n = args.process_id, args.num_processes
+    if k is not None and n is not None and k >= n:
+        raise UsageError(f"--process-id {k}: must lie in [0, {n}) for --num-processes {n}")
     import jax
 
     # None for any of them: jax finds it itself (TPU pod slices, SLURM, ...)
@@ -153,13 +176,14 @@ def run(args) -> int:
 
     from jaxsample.batch.job import JobConfig, JobError, run_job
 
-    if not os.path.isfile(args.input):
-        print(f"jaxsample batch: no input file {args.input}", file=sys.stderr)
+    try:
+        if args.sync_seconds < 0:
+            raise UsageError("--sync-seconds must be >= 0")
+        _check_paths(args)
+        shard = _shard(args)
+    except UsageError as err:
+        print(f"jaxsample batch: {err}", file=sys.stderr)
         return 2
-    if args.sync_seconds < 0:
-        print("jaxsample batch: --sync-seconds must be >= 0", file=sys.stderr)
-        return 2
-    shard = _shard(args)
     if not args.no_compile_cache:
         from jaxsample.cli import _enable_compile_cache
 

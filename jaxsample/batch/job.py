@@ -6,14 +6,17 @@ Data flow (docs/batch.md)::
     process's share --skip what the journal lists as done--> Engine.stream_chat (lazy, results
     as they finish) --record--> Journal (one complete line each, grouped fsync)
 
-Everything before the engine is checked first (manifest, journal repair, counting), so a
-refused resume never loads the model, and a job that is already complete never loads it.
+Everything before the engine is checked first (lock, manifest, journal repair, counting), so
+a refused resume never loads the model, and a job that is already complete never loads it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import os
+import socket
 import sys
 import threading
 import time
@@ -83,13 +86,59 @@ def shard_output(output: str, index: int, count: int) -> str:
     return output if count == 1 else f"{output}.shard-{index:05d}-of-{count:05d}"
 
 
+def lock_path(output: str) -> str:
+    """The lock file of an output (or shard) file: ``OUTPUT.lock``."""
+    return output + ".lock"
+
+
+@contextlib.contextmanager
+def output_lock(output: str) -> Iterator[None]:
+    """Holds an exclusive ``flock`` on :func:`lock_path` ``(output)`` for the ``with`` block.
+
+    Two runs appending to one output would each write every record; the second run is
+    refused instead (JobError naming the holder, whose pid and host the lock file holds). The
+    kernel drops the lock when the holder exits in any way, ``kill -9`` included, so a
+    resume is never blocked by a dead run; the file itself stays. flock needs a local file
+    system: over NFS it may not exclude a run on another host.
+    """
+    path = lock_path(output)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise JobError(f"cannot open the lock file {path}: {err.strerror}") from err
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode("utf-8", "replace").split()
+            who = f" (pid {holder[0]} on {holder[1]})" if len(holder) == 2 else ""
+            raise JobError(
+                f"{output} is being written by another jaxsample batch{who}, which holds "
+                f"{path}: wait for it to finish or stop it, then run this command again"
+            ) from None
+        except OSError as err:
+            raise JobError(
+                f"cannot lock {path}: {err.strerror} (the output needs a file system with "
+                "flock, such as a local disk)"
+            ) from err
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
 def model_file(path: str | None) -> str:
-    """The model file a job uses: ``path``, or the default model's file."""
+    """The model file a job uses: ``path``, or the default model's file (JobError, with the
+    command that installs it, when there is no verified copy)."""
     if path is not None:
         return path
-    from jaxsample.model import default_model_path
+    from jaxsample.model import ModelNotFoundError, default_model_path
 
-    return str(default_model_path())
+    try:
+        return str(default_model_path())
+    except ModelNotFoundError as err:
+        raise JobError(str(err)) from err
 
 
 def load_engine(cfg: JobConfig):
@@ -164,7 +213,8 @@ def run_job(cfg: JobConfig, *, engine=None, engine_factory: Callable | None = No
 
     ``engine`` (anything with ``stream_chat``) or ``engine_factory()`` is used when given;
     otherwise :func:`load_engine` builds one, after every check has passed and only when
-    something is left to run.
+    something is left to run. The output's :func:`output_lock` is held from before the
+    manifest is checked until the summary is written.
     """
     k, n = cfg.shard
     if not 0 <= k < n:
@@ -172,6 +222,12 @@ def run_job(cfg: JobConfig, *, engine=None, engine_factory: Callable | None = No
     out = shard_output(cfg.output, k, n)
     if os.path.realpath(out) == os.path.realpath(cfg.input):
         raise JobError(f"--output {out} is the input file")
+    with output_lock(out):
+        return _run_locked(cfg, out, engine, engine_factory)
+
+
+def _run_locked(cfg: JobConfig, out: str, engine, engine_factory: Callable | None) -> dict:
+    k, n = cfg.shard
     model_path = model_file(cfg.model)
     clock = _Clock()
     t_start = time.perf_counter()

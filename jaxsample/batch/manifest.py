@@ -2,10 +2,10 @@
 the input file, the model file or the engine settings differ.
 
 ``OUTPUT.manifest.json`` holds the SHA-256 and size of the input and model files, the engine
-settings that can change a result (dtype, slots, max_seq_len, chunk_steps, devices, job
-seed) and the shard (process index and count). It is written (atomically) before the first
-output line; a later run with the same ``--output`` compares and refuses on any difference,
-naming each one.
+settings that can change a result (dtype, slots, max_seq_len, chunk_steps, job seed and the
+seed rule; not the device count, which does not change a result: docs/batch.md) and the
+shard (process index and count). It is written (atomically) before the first output line; a
+later run with the same ``--output`` compares and refuses on any difference, naming each one.
 
 Example::
 

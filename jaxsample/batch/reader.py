@@ -11,6 +11,8 @@ Line-level errors (the request never reaches the model; see docs/batch.md):
 - ``invalid_line``: the line is JSON but not an object;
 - ``missing_custom_id``: no ``custom_id``, or one that is not a non-empty string;
 - ``duplicate_custom_id``: a custom_id already used on an earlier line (the first one runs);
+- ``unknown_key``: a key other than ``custom_id``, ``method``, ``url`` and ``body`` (a
+  misspelt or misplaced field would otherwise be dropped without a word);
 - ``invalid_method`` / ``invalid_url``: not ``"POST"`` / not ``"/v1/chat/completions"``;
 - ``invalid_body``: ``body`` missing or not an object.
 
@@ -27,6 +29,8 @@ from collections.abc import Iterator
 from typing import Any
 
 CHAT_URL = "/v1/chat/completions"
+LINE_KEYS = ("custom_id", "method", "url", "body")  # the keys of an OpenAI Batch input line
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark some editors put at the start of a file
 
 
 def _refuse_constant(name: str) -> Any:
@@ -118,6 +122,19 @@ def check_line(number: int, raw: bytes, seen: set[str]) -> Line:
             "the first line with it runs, this one does not",
         )
     seen.add(cid)
+    unknown = [k for k in obj if k not in LINE_KEYS]
+    if unknown:
+        names = ", ".join(json.dumps(k)[:80] for k in unknown[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        return _line_error(
+            number,
+            "unknown_key",
+            f"unknown key{'s' if len(unknown) > 1 else ''} {names}{more}; a request line has "
+            f"only the keys {', '.join(json.dumps(k) for k in LINE_KEYS)} (put request "
+            "fields in 'body')",
+            cid,
+            cid,
+        )
     method = obj.get("method")
     if method != "POST":
         return _line_error(
@@ -152,11 +169,14 @@ def read_lines(path: str) -> Iterator[Line]:
     """Streams the input file as checked :class:`Line` objects, in file order.
 
     Reads one line at a time (binary, split on ``\\n``; a ``\\r\\n`` ending is accepted). A
-    final line without a newline counts; an empty file yields nothing.
+    UTF-8 byte order mark at the start of the file is skipped. A final line without a newline
+    counts; an empty file yields nothing.
     """
     seen: set[str] = set()
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
+            if number == 1:
+                raw = raw.removeprefix(BOM)
             yield check_line(number, raw.rstrip(b"\r\n"), seen)
 
 

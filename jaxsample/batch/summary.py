@@ -89,7 +89,22 @@ def read_summary(output: str) -> dict | None:
 
 
 def format_summary(s: dict) -> str:
-    """The one-paragraph summary printed on stderr."""
+    """The one-paragraph summary printed on stderr: what ``OUTPUT.summary.json`` holds, but
+    the job layer's seconds by part.
+
+    Example::
+
+        >>> s = {"output": "out.jsonl", "complete": True, "records": {"records": 3, "ok": 2,
+        ...     "refused": 1, "failed": 0, "prompt_tokens": 9, "completion_tokens": 6},
+        ...     "this_run": {"requests": 1, "seconds": 2.0, "requests_per_s": 0.5,
+        ...     "tokens_per_s": 1.5, "skipped_done": 2, "job_layer_share": 0.001,
+        ...     "load_seconds": 4.3, "fsyncs": 1, "repaired_bytes": 24}}
+        >>> print(format_summary(s))
+        jaxsample batch: out.jsonl: 3 records (2 ok, 1 refused, 0 failed lines) complete
+          tokens: 9 prompt, 6 completion
+          this run: 1 requests in 2.0 s (0.50 req/s, 1.5 tok/s), 2 already done, job layer 0.10%
+          model load 4.3 s, 1 fsyncs, 24 bytes of a torn last line cut off the output
+    """
     t = s["records"]
     lines = [
         f"jaxsample batch: {s['output']}: {t['records']} records "
@@ -103,6 +118,10 @@ def format_summary(s: dict) -> str:
             f"  this run: {run['requests']} requests in {run['seconds']:.1f} s "
             f"({run['requests_per_s']:.2f} req/s, {run['tokens_per_s']:.1f} tok/s), "
             f"{run['skipped_done']} already done, job layer {100 * run['job_layer_share']:.2f}%"
+        )
+        lines.append(
+            f"  model load {run['load_seconds']:.1f} s, {run['fsyncs']} fsyncs, "
+            f"{run['repaired_bytes']} bytes of a torn last line cut off the output"
         )
     return "\n".join(lines)
 

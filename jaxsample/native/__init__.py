@@ -9,11 +9,11 @@ backend it calls a kernel in this directory (``topk.cc``, ``rows.cc``) through X
   scripts/bench_topk.py).
 * :func:`block_max` is the maximum of each block of a row (XLA's CPU reduction runs on one
   core; the kernel is vectorized and shares the rows out).
-* :func:`logsumexp_top_k` is a row's ``log(sum(exp(x)))`` and its top k in one kernel (two
-  passes over the row, the second from cache), where XLA makes a max pass, an ``exp`` pass
-  that it writes out, a sum and two top-k stages. The caller gives the JAX form
-  (``otherwise``) used elsewhere; the kernel's ``lse`` is within about 1 ulp of the exact
-  value, not the same bits as a JAX form.
+* :func:`log_total_top_k` is a row's ``log(sum(exp(x - max x)))`` and its top k in one
+  kernel (two passes over the row, the second from cache), where XLA makes a max pass, an
+  ``exp`` pass that it writes out, a sum and two top-k stages. The caller gives the JAX form
+  (``otherwise``) used elsewhere; the kernel's ``log_total`` is within about 1 ulp of the
+  exact value, not the same bits as a JAX form.
 * :func:`candidates` is the sampler's first candidate selection: a row's block maxima, its
   top k and (optionally) ``sum(exp(x - max))`` in one call, where XLA makes a block-maximum
   pass, two top-k stages around a gather, and an ``exp`` pass with its fold. Its top k starts
@@ -84,7 +84,7 @@ _HEADERS = [_HERE / "common.h"]
 _TARGETS = {
     "jaxsample_topk": "JaxsampleTopK",
     "jaxsample_block_max": "JaxsampleBlockMax",
-    "jaxsample_logsumexp_top_k": "JaxsampleLogSumExpTopK",
+    "jaxsample_log_total_top_k": "JaxsampleLogTotalTopK",
     "jaxsample_candidates": "JaxsampleCandidates",
     "jaxsample_mass_threshold": "JaxsampleMassThreshold",
 }
@@ -391,37 +391,43 @@ def block_max(x: jax.Array, block: int) -> jax.Array:
     return _dispatch(kernel, xla, x)
 
 
-def _logsumexp_top_k_xla(x: jax.Array, k: int):
+def _log_total_top_k_xla(x: jax.Array, k: int):
     from jaxsample.transforms import sanitize  # transforms imports this module
 
     z = sanitize(x)
     values, ids = lax.top_k(z, k)
-    return jax.nn.logsumexp(z, axis=-1), values, ids
+    top = jnp.max(z, axis=-1, keepdims=True)
+    shift = jnp.where(top == -jnp.inf, 0.0, top)
+    return jnp.log(jnp.sum(jnp.exp(z - shift), axis=-1)), values, ids
 
 
-def logsumexp_top_k(x: jax.Array, k: int, otherwise=None):
-    """``(lse, values, ids)`` of each row of float32 logits: ``lse = log(sum(exp(x)))``
-    (``f32[...]``) and ``top_k(x, k)`` (``f32[..., k]``, ``i32[..., k]``), with NaN read as
-    -inf and +inf as the largest float32 (``transforms.sanitize``); a row of -inf only has
-    ``lse = -inf``. ``otherwise(x)``, which must return the same, is used where the kernel
-    is not (another backend, ``KERNELS = "xla"``, no compiler); by default a plain JAX form
-    (``jnp.sum``, whose bits may change with the batch on CPU).
+def log_total_top_k(x: jax.Array, k: int, otherwise=None):
+    """``(log_total, values, ids)`` of each row of float32 logits: ``log_total =
+    log(sum(exp(x - max x)))`` (``f32[...]``) and ``top_k(x, k)`` (``f32[..., k]``,
+    ``i32[..., k]``), with NaN read as -inf and +inf as the largest float32
+    (``transforms.sanitize``); a row of -inf only has ``log_total = -inf``. The row's
+    ``log_softmax`` is ``(x - values[..., :1]) - log_total``: exact to float32 whatever the
+    size of the max, where ``x - logsumexp(x)`` loses the normalizer's digits once the max
+    is large (at a max of 1e7, float32's spacing is 1). ``otherwise(x)``, which must return
+    the same, is used where the kernel is not (another backend, ``KERNELS = "xla"``, no
+    compiler); by default a plain JAX form (``jnp.sum``, whose bits may change with the
+    batch on CPU).
 
-    The kernel's ``lse`` is within about 1 ulp of the exact value (its ``exp`` is a
+    The kernel's ``log_total`` is within about 1 ulp of the exact value (its ``exp`` is a
     polynomial, the sum is in double precision in a fixed order per row), so it need not
     have the bits of ``otherwise``'s; its top k has ``lax.top_k``'s.
 
-    >>> lse, values, ids = logsumexp_top_k(jnp.log(jnp.array([1.0, 3.0])), 1)
-    >>> round(float(lse), 5), ids.tolist()
-    (1.38629, [1])
+    >>> log_total, values, ids = log_total_top_k(jnp.log(jnp.array([1.0, 3.0])), 1)
+    >>> round(float(log_total), 5), ids.tolist()  # log((1 + 3) / 3)
+    (0.28768, [1])
     """
     x = jnp.asarray(x)
     if otherwise is None:
-        otherwise = lambda x: _logsumexp_top_k_xla(x, k)  # noqa: E731
+        otherwise = lambda x: _log_total_top_k_xla(x, k)  # noqa: E731
     if not _rows_ok(x) or not 1 <= k <= x.shape[-1]:
         return otherwise(x)
     shapes = [((), jnp.float32), ((k,), jnp.float32), ((k,), jnp.int32)]
-    kernel = lambda x: _call("jaxsample_logsumexp_top_k", x, shapes)  # noqa: E731
+    kernel = lambda x: _call("jaxsample_log_total_top_k", x, shapes)  # noqa: E731
     return _dispatch(kernel, otherwise, x)
 
 
@@ -434,7 +440,7 @@ def candidates(x: jax.Array, k: int, block: int, total, otherwise):
     ``total`` is a bool or a scalar bool array (a ``lax.cond`` between the two forms).
     ``otherwise(x, total)``, which must return the same, is used where the kernel is not; its
     ``total`` need not have the kernel's bits (the kernel's is within about 1 ulp of the
-    exact sum, as :func:`logsumexp_top_k`'s). On CPU one pass over the row gives the block
+    exact sum, as :func:`log_total_top_k`'s). On CPU one pass over the row gives the block
     maxima (and the sum); a key that at least k block maxima reach bounds the k-th largest
     element from below, so the top k comes from the scan of the blocks that reach it.
 

@@ -4,15 +4,17 @@
 // axis; the last block may be shorter), in lax.top_k's order of values (common.h's order
 // key: +0.0 above -0.0, NaNs beyond the infinities, by their bits).
 //
-// JaxsampleLogSumExpTopK: for every row of float32 logits, lse = log(sum(exp(x))) and the k
-// largest values with their indices in lax.top_k's order (ties by the lower index). NaN
-// counts as -inf and +inf as the largest finite float, as transforms.sanitize does; a row
-// of -inf only has lse = -inf. Per row:
+// JaxsampleLogTotalTopK: for every row of float32 logits, log_total = log(sum(exp(x - max x)))
+// and the k largest values with their indices in lax.top_k's order (ties by the lower
+// index). NaN counts as -inf and +inf as the largest finite float, as transforms.sanitize
+// does; a row of -inf only has log_total = -inf. The raw log softmax is then
+// (x - max) - log_total, exact to float32 whatever the size of the max (max + log_total
+// rounded to float32 loses log_total's digits once |max| is large). Per row:
 //  1. one pass (vectorized, blocks of 64): the block maxima and sum(exp(x - max)) against
 //     the running maximum, each term rounded to float32 and added in double precision to
 //     one of 64 lanes, the lanes rescaled when the maximum rises (MaxAndSumExp). Every step
 //     depends on the row alone, so a row's bits do not depend on the batch;
-//     lse = max + log(sum), rounded once to float32;
+//     log_total = log(sum), rounded once to float32;
 //  2. the top k from the block maxima (common.h's TopKByBlocks; the row is in cache).
 // exp is a Cody-Waite range reduction and Cephes's polynomial (about 1 ulp); a term below
 // exp(-87) counts as 0 (together at most 1e-33 of the sum, which is at least 1).
@@ -47,7 +49,7 @@ namespace {
 using jaxsample::FromOrderKey;
 using jaxsample::OrderKey;
 
-// Elements per block of the logsumexp kernel's first pass, and lanes of its sum.
+// Elements per block of the log-total kernel's first pass, and lanes of its sum.
 constexpr int64_t kBlock = 64;
 constexpr float kFloatMax = std::numeric_limits<float>::max();
 
@@ -210,7 +212,7 @@ struct Scratch {
   jaxsample::BlockScratch top;
 };
 
-void LogSumExpTopKRow(const float* x, int64_t n, int64_t k, float* lse, float* values,
+void LogTotalTopKRow(const float* x, int64_t n, int64_t k, float* log_total, float* values,
                       int32_t* indices, Scratch& s) {
   s.block_max.resize((n + kBlock - 1) / kBlock);
   int32_t lo, hi;
@@ -222,25 +224,26 @@ void LogSumExpTopKRow(const float* x, int64_t n, int64_t k, float* lse, float* v
     x = s.clean.data();
     sum = MaxAndSumExp(x, n, s.block_max.data(), &lo, &hi, &top);
   }
-  *lse = static_cast<float>(static_cast<double>(top) + std::log(sum));
+  *log_total = static_cast<float>(std::log(sum));
   jaxsample::TopKByBlocks(x, n, k, s.block_max.data(), kBlock, s.top, values, indices);
 }
 
-ffi::Error LogSumExpTopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                             ffi::ResultBuffer<ffi::F32> lse, ffi::ResultBuffer<ffi::F32> values,
-                             ffi::ResultBuffer<ffi::S32> indices) {
+ffi::Error LogTotalTopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                            ffi::ResultBuffer<ffi::F32> log_total,
+                            ffi::ResultBuffer<ffi::F32> values,
+                            ffi::ResultBuffer<ffi::S32> indices) {
   const int64_t n = x.dimensions().size() > 0 ? x.dimensions().back() : 0;
   const int64_t k = values->dimensions().back();
-  const char* kernel = "jaxsample_logsumexp_top_k";
+  const char* kernel = "jaxsample_log_total_top_k";
   if (auto error = jaxsample::CheckRows(kernel, x.dimensions().size(), n, k)) {
     return *error;
   }
   const float* data = x.typed_data();
-  float* lse_data = lse->typed_data();
+  float* log_total_data = log_total->typed_data();
   float* value_data = values->typed_data();
   int32_t* index_data = indices->typed_data();
   jaxsample::ForEachRow<Scratch>(pool, x.element_count() / n, n, [=](int64_t row, Scratch& s) {
-    LogSumExpTopKRow(data + row * n, n, k, lse_data + row, value_data + row * k,
+    LogTotalTopKRow(data + row * n, n, k, log_total_data + row, value_data + row * k,
                      index_data + row * k, s);
   });
   return ffi::Error::Success();
@@ -598,7 +601,7 @@ void BlockMaxKeys(const float* x, int64_t n, int64_t block, int32_t* out) {
 
 }  // namespace jaxsample
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsampleLogSumExpTopK, LogSumExpTopKImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsampleLogTotalTopK, LogTotalTopKImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
