@@ -307,7 +307,12 @@ def _response_format(value: Any, stored_schema: Any = None) -> tuple[str, str | 
     )
 
 
-_TRANSFORM_ALLOWED = "a map of user transform names to maps of parameter names to numbers"
+#: The largest float32: a user transform's values are float32 array leaves.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+_TRANSFORM_ALLOWED = (
+    "a map of user transform names to maps of parameter names to numbers (finite in float32:"
+    " magnitude at most 3.4028235e+38)"
+)
 
 
 def _transform_params(value: Any) -> tuple:
@@ -329,7 +334,7 @@ def _transform_params(value: Any) -> tuple:
         for k, v in pairs:
             if not isinstance(k, str):
                 raise InvalidRequestError("transform_params", {name: {k: v}}, _TRANSFORM_ALLOWED)
-            _number("transform_params", v, -math.inf, math.inf, _TRANSFORM_ALLOWED)
+            _number("transform_params", v, -FLOAT32_MAX, FLOAT32_MAX, _TRANSFORM_ALLOWED)
     return tuple(sorted((n, tuple((k, float(v)) for k, v in p)) for n, p in out.items()))
 
 

@@ -26,6 +26,8 @@ the token id only, so every path draws the same token from the same distribution
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Iterable, Mapping
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -37,6 +39,7 @@ from jax import lax
 
 from jaxsample import native
 from jaxsample import transforms as tf
+from jaxsample.params import InvalidRequestError
 from jaxsample.rows import TOP_LOGPROBS_MAX, RowParams
 from jaxsample.transforms import _maybe
 
@@ -106,6 +109,12 @@ class History:
 
         ``prompt_ids``/``output_ids``: a Python list, a numpy array or a jax array of ints.
         """
+        if (
+            isinstance(vocab_size, (bool, np.bool_))
+            or not isinstance(vocab_size, (int, np.integer))
+            or vocab_size < 1
+        ):
+            raise InvalidRequestError("vocab_size", vocab_size, "an integer >= 1")
         prompt = _token_ids("prompt", prompt_ids, vocab_size)
         output = _token_ids("output", output_ids, vocab_size)
         counts = np.bincount(output, minlength=vocab_size).astype(np.int32)
@@ -690,10 +699,24 @@ def race_uniform(words: jax.Array, ids: jax.Array) -> jax.Array:
     return _hash_uniform(_race_hash(words, ids))
 
 
+#: What a key argument may be.
+KEY_ALLOWED = "one PRNG key (jax.random.key(seed)) or its uint32[2] data (jax.random.PRNGKey)"
+
+
 def _key_words(key: jax.Array) -> jax.Array:
+    """``u32[2]``: the race's words of one key. A threefry2x32 key (``jax.random.key``, the
+    default) gives its own two words; a key of another implementation (more words) gives two
+    words drawn from it (``jax.random.bits``), so every word of it counts. Anything but one
+    key (a batch of keys, a float, ``u32[3]``) is refused when traced, naming its shape."""
+    key = jnp.asarray(key)
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return jax.random.key_data(key).reshape(-1)[-2:]
-    return jnp.asarray(key, jnp.uint32).reshape(-1)[-2:]
+        if key.shape != ():
+            raise InvalidRequestError("key", f"<key array of shape {key.shape}>", KEY_ALLOWED)
+        data = jax.random.key_data(key)
+        return data if data.shape == (2,) else jax.random.bits(key, (2,), jnp.uint32)
+    if key.dtype != jnp.uint32 or key.shape != (2,):
+        raise InvalidRequestError("key", f"<{key.dtype} array of shape {key.shape}>", KEY_ALLOWED)
+    return key
 
 
 def _winner(score: jax.Array, ids: jax.Array) -> jax.Array:
@@ -835,25 +858,33 @@ def _pick(d: Distribution, tok_c, tok_2, tok_f) -> jax.Array:
 def log_prob(dist: Distribution, ids: jax.Array) -> jax.Array:
     """``f32[...]``: log probabilities of tokens ``ids`` (any shape) under ``dist``.
 
-    ``-inf`` for removed tokens; a greedy row gives 0 for its argmax; a row with no allowed
-    token gives ``-inf`` everywhere.
+    ``-inf`` for removed tokens and for ids outside ``[0, V)``; a greedy row gives 0 for its
+    argmax; a row with no allowed token gives ``-inf`` everywhere.
     """
-    values = dist.z[ids]
+    ids = jnp.asarray(ids)
+    vocab = dist.z.shape[-1]
+    inside = (ids >= 0) & (ids < vocab)
+    values = jnp.where(inside, dist.z[jnp.clip(ids, 0, vocab - 1)], -jnp.inf)
     w = jnp.exp(values - dist.shift)
     sampled = jnp.where(
         tf.kept(values, w, dist.z_min, dist.w_min), values - dist.shift - dist.log_mass, -jnp.inf
     )
     greedy = jnp.where(ids == dist.ids[0], 0.0, -jnp.inf)
-    return jnp.where(dist.ok, jnp.where(dist.greedy, greedy, sampled), -jnp.inf)
+    return jnp.where(dist.ok & inside, jnp.where(dist.greedy, greedy, sampled), -jnp.inf)
 
 
 def top_logprobs(dist: Distribution, n: int = TOP_LOGPROBS_MAX) -> tuple[jax.Array, jax.Array]:
     """``(i32[n], f32[n])``: the ``n`` (static) most likely tokens and their log probabilities.
 
     Descending, ties by lower id; past the kept set the log probability is ``-inf`` (those ids
-    are the next candidates, or -1 past the candidates).
+    are the next candidates). The distribution holds its ``num_candidates`` most likely
+    tokens in order (128 by default): past them the ids are -1 and the log probabilities
+    ``-inf``, whether or not those tokens are kept (a larger ``num_candidates`` holds more).
     """
-    k = min(n, dist.ids.shape[0])
+    held = dist.ids.shape[-1]
+    if not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"top_logprobs: n={n!r} must be an int >= 0 (static)")
+    k = min(n, held)
     ids = dist.ids[:k]
     lp = log_prob(dist, ids)
     return (
@@ -1409,14 +1440,69 @@ class SampleResult(NamedTuple):
     # None for every row when an explicit key= was given
 
 
+_LOGITS_SHAPE = "a [B, V] array with B >= 1 and V >= 1"
+_PARAMS_ALLOWED = (
+    "one SamplingParams or a list of B of them (SamplingParams.from_request(body) makes one"
+    " from a request dict)"
+)
+_STEP_ALLOWED = "an integer in [0, 2**31 - 1] (the output position)"
+
+
+def _host_logits(logits) -> jax.Array:
+    """The host wrappers' logits: a floating-point ``[B, V]`` array (any float dtype; lists
+    too), else :class:`InvalidRequestError` naming what it is."""
+    arr = logits if isinstance(logits, jax.Array) else np.asarray(logits)
+    if not jnp.issubdtype(arr.dtype, jnp.floating):
+        raise InvalidRequestError(
+            "logits", f"<{arr.dtype} array>", "a floating-point array (float32, bfloat16, ...)"
+        )
+    if arr.ndim != 2 or 0 in arr.shape:
+        raise InvalidRequestError("logits", f"<array of shape {tuple(arr.shape)}>", _LOGITS_SHAPE)
+    return jnp.asarray(arr)
+
+
+def _host_step(step) -> int:
+    """``step`` as an int in ``[0, 2**31 - 1]`` (int32 on the device); a bool, a float or a
+    string is refused, not converted."""
+    if isinstance(step, (bool, np.bool_)) or getattr(step, "dtype", None) == np.bool_:
+        raise InvalidRequestError("step", step, _STEP_ALLOWED, reason="a boolean")
+    try:
+        value = operator.index(step)
+    except TypeError:
+        raise InvalidRequestError("step", step, _STEP_ALLOWED, reason="not an integer") from None
+    if not 0 <= value <= np.iinfo(np.int32).max:
+        raise InvalidRequestError("step", value, _STEP_ALLOWED, reason="out of range")
+    return value
+
+
+def _host_key(key) -> jax.Array:
+    """One PRNG key, typed or as its ``u32[2]`` data; else :class:`InvalidRequestError`."""
+    if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape == ():
+            return key
+        shown = f"<key array of shape {key.shape}>"
+    else:
+        arr = np.asarray(key)
+        if arr.dtype == np.uint32 and arr.shape == (2,):
+            return jnp.asarray(arr)
+        shown = f"<{arr.dtype} array of shape {arr.shape}>" if arr.ndim else repr(key)
+    raise InvalidRequestError("key", shown, KEY_ALLOWED)
+
+
 def _host_inputs(logits, params, prompt_tokens, output_tokens, job_seed, key, transforms):
     from jaxsample.params import SamplingParams, derive_seed, pack_rows
 
-    logits = jnp.asarray(logits)
-    if logits.ndim != 2:
-        raise ValueError(f"logits must be [B, V], got shape {logits.shape}")
+    logits = _host_logits(logits)
     batch, vocab = logits.shape
-    plist = [params] * batch if isinstance(params, SamplingParams) else list(params)
+    if isinstance(params, SamplingParams):
+        plist = [params] * batch
+    elif isinstance(params, (str, bytes, Mapping)) or not isinstance(params, Iterable):
+        raise InvalidRequestError("params", params, _PARAMS_ALLOWED)
+    else:
+        plist = list(params)
+    for i, p in enumerate(plist):
+        if not isinstance(p, SamplingParams):
+            raise InvalidRequestError(f"params[{i}]", p, _PARAMS_ALLOWED)
     if len(plist) != batch:
         raise ValueError(f"{len(plist)} params for {batch} rows of logits")
     for name, lists in (("prompt_tokens", prompt_tokens), ("output_tokens", output_tokens)):
@@ -1499,9 +1585,11 @@ def sample(
     logits, rows, hist, seeds = _host_inputs(
         logits, params, prompt_tokens, output_tokens, job_seed, key, chain
     )
-    keys = None if key is None else _row_keys(key, logits.shape[0])
+    keys = None if key is None else _row_keys(_host_key(key), logits.shape[0])
     out = jax.device_get(
-        sample_batch(logits, rows, hist, None, jnp.int32(step), keys=keys, transforms=chain)
+        sample_batch(
+            logits, rows, hist, None, jnp.int32(_host_step(step)), keys=keys, transforms=chain
+        )
     )
     return SampleResult(
         tokens=out.token,

@@ -748,16 +748,30 @@ class UserTransform:
             )
         params = dict(self.params)
         ranges = dict(self.ranges)
+        big = float(np.finfo(np.float32).max)  # the values are float32 leaves
         for key, value in params.items():
-            if not isinstance(key, str) or not np.isfinite(float(value)):
-                raise ValueError(f"user transform {self.name!r}: bad parameter {key!r}={value!r}")
+            if not isinstance(key, str) or not abs(float(value)) <= big:
+                raise ValueError(
+                    f"user transform {self.name!r}: parameter {key!r} has default {value!r};"
+                    " a default is a number finite in float32"
+                )
         unknown = set(ranges) - set(params)
         if unknown:
             raise ValueError(f"user transform {self.name!r}: ranges for unknown {unknown}")
+        ranges = {k: (float(lo), float(hi)) for k, (lo, hi) in ranges.items()}
+        for key, (lo, hi) in ranges.items():
+            if not lo <= hi:  # NaN bounds fail too
+                raise ValueError(
+                    f"user transform {self.name!r}: range of {key!r} is ({lo}, {hi}); a range"
+                    " is (lo, hi) with lo <= hi"
+                )
+            if not lo <= float(params[key]) <= hi:
+                raise ValueError(
+                    f"user transform {self.name!r}: default {key!r}={params[key]!r} lies outside"
+                    f" its own range [{lo}, {hi}] (a request that sets nothing gets the default)"
+                )
         object.__setattr__(self, "params", tuple((k, float(v)) for k, v in params.items()))
-        object.__setattr__(
-            self, "ranges", tuple((k, (float(a), float(b))) for k, (a, b) in ranges.items())
-        )
+        object.__setattr__(self, "ranges", tuple(ranges.items()))
 
 
 def check_chain(chain) -> tuple:

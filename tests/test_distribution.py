@@ -455,9 +455,85 @@ def test_host_wrappers_take_a_key_or_a_job_seed():
 
 
 def test_bad_transform_params_are_refused():
+    for value in (float("nan"), 1e300, -1e39):  # the values are float32 leaves
+        with pytest.raises(InvalidRequestError) as info:
+            SamplingParams(transform_params={"x": {"a": value}})
+        assert info.value.field == "transform_params" and "float32" in str(info.value)
+    SamplingParams(transform_params={"x": {"a": 3e38}})
+
+
+_L = np.zeros((2, 5), np.float32)
+
+
+@pytest.mark.parametrize(
+    "field, call",
+    [
+        ("logits", lambda: sm.sample(np.zeros((1, 0), np.float32), SamplingParams())),
+        ("logits", lambda: sm.sample(np.zeros((0, 4), np.float32), [])),
+        ("logits", lambda: sm.sample(np.zeros(4, np.float32), SamplingParams())),
+        ("logits", lambda: sm.sample(np.zeros((1, 4), np.complex64), SamplingParams())),
+        ("logits", lambda: sm.sample(np.zeros((1, 4), np.int32), SamplingParams())),
+        ("logits", lambda: sm.processed_logprobs(np.zeros((1, 4), bool), SamplingParams())),
+        ("logits", lambda: sm.processed_logprobs(np.zeros((1, 0), np.float32), SamplingParams())),
+        ("step", lambda: sm.sample(_L, SamplingParams(), step=1.5)),
+        ("step", lambda: sm.sample(_L, SamplingParams(), step="3")),
+        ("step", lambda: sm.sample(_L, SamplingParams(), step=True)),
+        ("step", lambda: sm.sample(_L, SamplingParams(), step=-1)),
+        ("step", lambda: sm.sample(_L, SamplingParams(), step=2**31)),
+        ("key", lambda: sm.sample(_L, SamplingParams(), key=5)),
+        ("key", lambda: sm.sample(_L, SamplingParams(), key=np.zeros(3, np.uint32))),
+        ("key", lambda: sm.sample(_L, SamplingParams(), key=np.zeros(2, np.float32))),
+        ("key", lambda: sm.sample(_L, SamplingParams(), key=jax.random.split(jax.random.key(0)))),
+        ("params", lambda: sm.sample(_L, {"temperature": 0.5})),
+        ("params[1]", lambda: sm.sample(_L, [SamplingParams(), {"temperature": 0.5}])),
+        ("vocab_size", lambda: sm.History.from_tokens([], [], vocab_size=-1)),
+    ],
+)
+def test_host_wrappers_refuse_bad_input_naming_the_field(field, call):
+    """Bad input to the host wrappers is an InvalidRequestError naming the field, never an
+    error from inside JAX or numpy, and never converted (a float step is not truncated)."""
     with pytest.raises(InvalidRequestError) as info:
-        SamplingParams(transform_params={"x": {"a": float("nan")}})
-    assert info.value.field == "transform_params"
+        call()
+    assert info.value.field == field
+
+
+def test_host_wrappers_take_a_jax_integer_step():
+    res = sm.sample(_L, SamplingParams(seed=3), step=jnp.int32(4))
+    np.testing.assert_array_equal(res.tokens, sm.sample(_L, SamplingParams(seed=3), step=4).tokens)
+
+
+def test_every_word_of_a_key_counts():
+    """A threefry key's race words are its own data; a key with more words (rbg) gives two
+    words drawn from all of them, so keys that differ only in their first words differ."""
+    key = jax.random.key(5)
+    np.testing.assert_array_equal(sm._key_words(key), jax.random.key_data(key))
+    data = np.arange(4, dtype=np.uint32)
+    other = data.copy()
+    other[0] += 1
+    words = [sm._key_words(jax.random.wrap_key_data(d, impl="rbg")) for d in (data, other)]
+    assert not np.array_equal(words[0], words[1])
+    d = sm.distribution(jnp.zeros(8), sm._neutral_row(8), sm.History.from_tokens([], [], 8), None)
+    for bad in (jax.random.split(key, 3), jnp.float32(5.7), jnp.zeros(3, jnp.uint32)):
+        with pytest.raises(InvalidRequestError, match="key"):
+            sm.draw(d, bad)
+
+
+def test_log_prob_outside_the_vocabulary_and_top_logprobs_n():
+    vocab = 300
+    h = sm.History.from_tokens([], [], vocab)
+    d = sm.distribution(jnp.zeros(vocab), sm._neutral_row(vocab), h, None)
+    lp = np.asarray(sm.log_prob(d, jnp.array([-1, 10, 300, 10**6])))
+    assert lp[0] == lp[2] == lp[3] == -np.inf and np.isclose(lp[1], -np.log(vocab))
+    held = d.ids.shape[0]
+    ids, lps = sm.top_logprobs(d, held + 2)  # past the candidates: -1, said so in the doc
+    assert (np.asarray(ids)[:held] >= 0).all() and ids.tolist()[held:] == [-1, -1]
+    with pytest.raises(ValueError, match="n=-1"):
+        sm.top_logprobs(d, -1)
+    small = sm.distribution(
+        jnp.zeros(3), sm._neutral_row(3), sm.History.from_tokens([], [], 3), None
+    )
+    ids, lps = sm.top_logprobs(small, 5)  # past a vocabulary of 3: ids -1
+    assert ids.tolist()[3:] == [-1, -1] and np.isneginf(np.asarray(lps)[3:]).all()
 
 
 @pytest.mark.parametrize("race_blocks", [16, 0])

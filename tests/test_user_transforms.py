@@ -149,6 +149,21 @@ def test_user_values_never_recompile():
     assert len(traces) == 1 and len(kept) > 1
 
 
+@pytest.mark.parametrize(
+    "params, ranges, says",
+    [
+        ({"n": 2.0}, {"n": (0.0, 1.0)}, "outside its own range"),
+        ({"n": 0.5}, {"n": (1.0, 0.0)}, "lo <= hi"),
+        ({"n": 0.5}, {"n": (float("nan"), 1.0)}, "lo <= hi"),
+        ({"n": 1e300}, {}, "finite in float32"),
+        ({"n": float("inf")}, {}, "finite in float32"),
+    ],
+)
+def test_a_transform_with_bad_defaults_or_ranges_is_refused(params, ranges, says):
+    with pytest.raises(ValueError, match=says):
+        UserTransform("t", lambda z, p, h: z, params, ranges=ranges)
+
+
 def test_pack_rows_checks_user_values():
     chain = (SIGMA, EPS)
     ok = pack_rows(
