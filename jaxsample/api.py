@@ -128,6 +128,20 @@ def normalize_inputs(inputs: Any) -> list:
     return items
 
 
+def _check_utf8(field: str, text: str, shown: Any) -> None:
+    """Refuses text that cannot be encoded as UTF-8: a lone surrogate (``"\\ud800"``, which
+    JSON parsers accept) would otherwise fail inside the tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InvalidRequestError(
+            field,
+            shown,
+            "text encodable as UTF-8",
+            reason=f"a lone surrogate {text[err.start]!r} at character {err.start}",
+        ) from None
+
+
 def _content_text(content: Any) -> str:
     """A message's content as one string: a string, or text parts joined with newlines."""
     if isinstance(content, str):
@@ -187,7 +201,9 @@ def validate_messages(messages: Any) -> list[dict]:
             )
         if "content" not in m:
             raise InvalidRequestError("messages", m, _MESSAGES_ALLOWED, reason="no content")
-        out.append({"role": role, "content": _content_text(m["content"])})
+        text = _content_text(m["content"])
+        _check_utf8("messages", text, m)
+        out.append({"role": role, "content": text})
     return out
 
 
@@ -356,6 +372,7 @@ class Engine:
             raise item
         if isinstance(item, str):
             field, text = "prompt", item
+            _check_utf8(field, text, item)
         elif isinstance(item, (list, tuple)):
             field, text = "messages", self.render(item)
         else:

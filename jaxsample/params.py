@@ -259,6 +259,14 @@ def _json_schema_object(value: Any) -> str:
         )
     try:
         text = js.canonical(value["schema"])
+        text.encode("utf-8")  # a lone surrogate in a literal would fail in the compiler
+    except UnicodeEncodeError as err:
+        raise InvalidRequestError(
+            f"{field}.schema",
+            value["schema"],
+            "a JSON Schema object encodable as UTF-8",
+            reason=f"a lone surrogate {text[err.start]!r}",
+        ) from None
     except (TypeError, ValueError):
         raise InvalidRequestError(
             f"{field}.schema", value["schema"], "a JSON Schema object", reason="not JSON"

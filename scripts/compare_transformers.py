@@ -46,6 +46,15 @@ print(json.dumps(out))
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--out",
+        default=os.path.join(ROOT, "results", "compare_transformers.json"),
+        help="JSON path",
+    )
+    args = ap.parse_args()
     import jax.numpy as jnp
     from bench_decode import ensure_hf_venv
 
@@ -95,7 +104,7 @@ def main() -> None:
             f" (top 100: {r['max_abs_diff_top100']:.2e})\n  jaxsample    {r['top5_jaxsample']}"
             f"\n  transformers {r['top5_transformers']}"
         )
-    out = os.path.join(ROOT, "results", "compare_transformers.json")
+    out = args.out
     with open(out, "w") as f:
         json.dump({"jax": jax.__version__, "prompts": rows}, f, indent=1, ensure_ascii=False)
     print(f"wrote {out}")

@@ -59,6 +59,11 @@ def certified_share(logits: np.ndarray, temperatures, keys_per_row: int = 32) ->
 
 
 def main():
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="results/race_certification.json", help="JSON path")
+    args = ap.parse_args()
     rng = np.random.default_rng(0)
     real = load_real_logits()
     idx = np.random.default_rng(0).choice(real.shape[0], 32, replace=False)
@@ -71,7 +76,7 @@ def main():
     for name, (logits, temps) in cases.items():
         results[name] = certified_share(logits, temps)
         print(f"{name:34s} certified {results[name]:.4f}")
-    out = Path("results/race_certification.json")
+    out = Path(args.out)
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"race_blocks": sm.RACE_BLOCKS, "certified": results}, indent=1))
     print("wrote", out)

@@ -94,6 +94,8 @@ def test_a_model_file_without_a_template_refuses_messages_only(engine):
         ([{"role": "user", "content": "x", "name": "bob"}], "name"),
         ([{"role": "tool", "content": "x"}], "tool"),
         ([{"role": "user"}], "no content"),
+        ([{"role": "user", "content": "a\ud800b"}], "lone surrogate"),
+        ([{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}], "lone surrogate"),
         (["Hi"], "not an object"),
         ([], None),
     ],
@@ -106,6 +108,21 @@ def test_bad_messages_are_refused_naming_messages(engine, messages, reason):
         assert reason in str(err.value)
     res = engine.chat_completions([{"messages": messages}])
     assert res[0]["error"]["param"] == "messages"
+
+
+def test_a_lone_surrogate_fails_its_request_alone(engine):
+    """JSON parsers accept "\\ud800"; a prompt or schema holding one is refused naming the
+    field (it crashed the tokenizer, and so a whole batch job, at the same line on every
+    resume), and the other requests run."""
+    bad_prompt = {"prompt": "x\ud800", "max_tokens": 2}
+    schema = {"type": "object", "properties": {"a": {"enum": ["\ud800"]}}, "required": ["a"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    bad_schema = {"messages": HI, "max_tokens": 2, "response_format": fmt}
+    good = {"messages": HI, "max_tokens": 2, "seed": 1}
+    out = dict(engine.stream_chat(enumerate([bad_prompt, bad_schema, good])))
+    assert out[0]["error"]["param"] == "prompt" and "surrogate" in out[0]["error"]["message"]
+    assert out[1]["error"]["param"] == "response_format.json_schema.schema"
+    assert out[2]["choices"][0]["message"]["content"] is not None
 
 
 def test_text_parts_are_joined_with_newlines(engine):

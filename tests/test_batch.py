@@ -302,6 +302,27 @@ def test_resume_with_other_input_model_or_settings_is_refused(job, change, tmp_p
     assert open(shard_output(cfg.output, *cfg.shard), "rb").read() == before
 
 
+def test_a_run_that_wrote_nothing_does_not_tie_the_output(job):
+    """A run that failed before its first record (say, on a model file that would not load)
+    left a manifest and an empty output: a run with another model (or input, or settings)
+    replaces that manifest instead of refusing, since no record depends on it."""
+    cfg = job()
+
+    def broken_model():
+        raise RuntimeError("the model file would not load")
+
+    with pytest.raises(RuntimeError, match="would not load"):
+        run_job(cfg, engine_factory=broken_model)
+    assert os.path.getsize(cfg.output) == 0 and os.path.exists(cfg.output + ".manifest.json")
+    with open(cfg.model, "ab") as f:  # another model file
+        f.write(b"!")
+    summary = run_job(cfg, engine=FakeEngine())
+    assert summary["complete"]
+    assert json.loads(open(cfg.output + ".manifest.json").read())["model"]["size"] == (
+        os.path.getsize(cfg.model)
+    )
+
+
 def test_output_not_written_by_the_job_is_refused(job):
     cfg = job()
     with open(cfg.output, "w") as f:

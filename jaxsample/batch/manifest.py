@@ -99,9 +99,12 @@ class Manifest:
 
     def check_or_write(self, output: str) -> None:
         """Refuses (ManifestError) when ``output`` was started with anything else; writes the
-        manifest when the output is new."""
+        manifest when the output is new, or when it holds nothing yet (no byte written since
+        the manifest: a run that failed before its first record, say on a model file that
+        would not load, does not tie the output to that file)."""
         path = manifest_path(output)
-        if os.path.exists(path):
+        empty = not os.path.exists(output) or os.path.getsize(output) == 0
+        if os.path.exists(path) and not empty:
             try:
                 with open(path, encoding="utf-8") as f:
                     old = json.load(f)
