@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
 
     from jaxsample.api import Engine, error_response
-    from jaxsample.model import ModelNotFoundError
+    from jaxsample.model import ModelFileError, ModelNotFoundError
     from jaxsample.params import InvalidRequestError, SamplingParams
 
     try:  # refuse a bad body before loading anything
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
         engine = Engine.load(args.model, dtype=dtype, max_seq_len=args.max_seq_len)
-    except ModelNotFoundError as err:
+    except (ModelNotFoundError, ModelFileError) as err:
         print(f"jaxsample: {err}", file=sys.stderr)
         return 1
     response = engine.chat_completion(body, job_seed=args.job_seed)

@@ -113,3 +113,11 @@ def test_job_seed_out_of_range_is_a_flag_error(capsys, command):
         cli.main([*command.split(), "--job-seed", str(2**64)])
     assert exit_.value.code == 2
     assert "[-2**63, 2**63 - 1]" in capsys.readouterr().err
+
+
+def test_a_corrupt_model_file_is_one_line_not_a_traceback(tmp_path, capsys):
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(b"GGUF" + bytes(96))  # the magic, then a header cut short
+    assert cli.main(["generate", "--prompt", "hi", "--model", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("jaxsample: ") and str(bad) in err and "Traceback" not in err

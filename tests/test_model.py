@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -14,12 +16,16 @@ from tiny_gguf import write_tiny_gguf
 
 from jaxsample.model import (
     Llama,
+    LlamaConfig,
+    ModelFileError,
     ModelNotFoundError,
     default_model_path,
     load_model,
+    read_gguf,
     tiny_config,
 )
 from jaxsample.model import gguf_file as gguf_file_mod
+from jaxsample.model import loading as loading_mod
 
 
 def _jitted(model):
@@ -289,6 +295,183 @@ def test_bad_arguments_raise_clear_errors(tiny_random, tmp_path):
         load_model(tmp_path / "x.gguf", dtype=jnp.float16)
     with pytest.raises(ModelNotFoundError, match="not found"):
         load_model(tmp_path / "missing.gguf")
+
+
+# --------------------------------------------------------------------------- bad files
+def _cut_cases(data: bytes, data_start: int, tensor_bytes: int):
+    """name -> (file bytes, message pattern) for files that are not whole GGUF files."""
+    key_len = int.from_bytes(data[24:32], "little")  # first metadata key: length, text, type
+    bad_type = bytearray(data)
+    bad_type[32 + key_len : 36 + key_len] = (77).to_bytes(4, "little")
+    cut = data[: len(data) - 5000]
+    found = len(cut) - data_start
+    return {
+        "empty": (b"", "is empty"),
+        "100 bytes": (data[:100], "ends inside its header, at byte 100"),
+        "half the header": (data[: data_start // 2], "ends inside its header"),
+        "another format": (b"PK\x03\x04" + data[4:], "not a GGUF file"),
+        "corrupt value type": (bytes(bad_type), "unknown type 77"),
+        "tensor data cut": (
+            cut,
+            f"is truncated: expected {tensor_bytes} bytes of tensor data, found {found}",
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "empty",
+        "100 bytes",
+        "half the header",
+        "another format",
+        "corrupt value type",
+        "tensor data cut",
+    ],
+)
+def test_unreadable_gguf_file_raises_one_clear_error(tiny_file, tmp_path, case):
+    """A cut, empty or corrupt file fails in read_gguf (before any tensor is read) with a
+    ModelFileError, a ValueError of one line naming the file, not a numpy/struct/mmap
+    traceback from inside the gguf package."""
+    import gguf
+
+    reader = gguf.GGUFReader(tiny_file)
+    tensor_bytes = max(t.data_offset + t.n_bytes for t in reader.tensors) - reader.data_offset
+    data = open(tiny_file, "rb").read()
+    content, pattern = _cut_cases(data, reader.data_offset, tensor_bytes)[case]
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(content)
+    for load in (read_gguf, load_model):
+        with pytest.raises(ModelFileError, match=pattern) as e:
+            load(path)
+        assert isinstance(e.value, ValueError)
+        assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+# Metadata a Llama GGUF file may carry that the model would have ignored: each is refused,
+# naming the key and its value (literal substrings of the message).
+UNSUPPORTED_METADATA = [
+    (
+        {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0},
+        "llama.rope.scaling.type='linear' with llama.rope.scaling.factor=4.0 (RoPE scaling",
+    ),
+    (
+        {"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 2.0},
+        "llama.rope.scaling.type='yarn' with llama.rope.scaling.factor=2.0",
+    ),
+    ({"llama.rope.scale_linear": 2.0}, "llama.rope.scale_linear=2.0 (RoPE scaling"),
+    ({"llama.expert_count": 8, "llama.expert_used_count": 2}, "llama.expert_count=8 (mixture"),
+    ({"llama.attention.sliding_window": 256}, "llama.attention.sliding_window=256 (sliding"),
+    ({"llama.logit_scale": 0.5}, "llama.logit_scale=0.5 (scaled logits"),
+    ({"llama.attention.causal": False}, "llama.attention.causal=False"),
+    ({"llama.attention.value_length": 8}, "llama.attention.value_length=8 differs"),
+    ({"llama.rope.dimension_count": 8}, "llama.rope.dimension_count=8: partial RoPE"),
+    ({"llama.attention.head_count_kv": [2, 1]}, "head_count_kv differs between layers"),
+    ({"llama.some_future_key": 3}, "llama.some_future_key=3 (a key this loader does not"),
+    ({"split.count": 3}, "split.count=3"),
+    ({"general.architecture": "qwen2"}, "only 'llama'"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_meta(tiny_file):
+    return dict(read_gguf(tiny_file).metadata)
+
+
+@pytest.mark.parametrize(("extra", "pattern"), UNSUPPORTED_METADATA)
+def test_unsupported_llama_metadata_is_refused(tiny_meta, extra, pattern):
+    with pytest.raises(ModelFileError, match=re.escape(pattern)):
+        LlamaConfig.from_gguf_metadata({**tiny_meta, **extra}, tie_embeddings=True)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"llama.rope.scaling.type": "none", "llama.rope.scaling.factor": 4.0},
+        {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 1.0},
+        {"llama.rope.scaling.type": "yarn", "llama.rope.scaling.original_context_length": 512},
+        {"llama.expert_count": 0, "llama.expert_used_count": 0},
+        {"llama.attention.sliding_window": 0, "llama.attention.causal": True},
+        {"llama.attention.head_count_kv": [2, 2], "llama.attention.value_length": 16},
+    ],
+)
+def test_neutral_llama_metadata_is_accepted(tiny_meta, extra):
+    """The same keys at values that change nothing (llama.cpp reads them so) load as the
+    file without them."""
+    want = LlamaConfig.from_gguf_metadata(tiny_meta, tie_embeddings=True)
+    got = LlamaConfig.from_gguf_metadata({**tiny_meta, **extra}, tie_embeddings=True)
+    assert got == want
+
+
+def _no_weight_conversion(monkeypatch):
+    """Make converting any weight fail the test (the refusal must come first)."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a weight was converted before the file was refused")
+
+    monkeypatch.setattr(loading_mod, "weights_from_gguf", fail)
+    monkeypatch.setattr(gguf_file_mod.GGUFFile, "tensor", fail)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        (  # the QA file: RoPE scaling and experts, which loaded and ran without them
+            {
+                "metadata": {
+                    "llama.rope.scaling.type": "linear",
+                    "llama.rope.scaling.factor": 4.0,
+                    "llama.expert_count": 8,
+                }
+            },
+            "not supported: llama.rope.scaling.type='linear' with llama.rope.scaling.factor"
+            "=4.0 .*; llama.expert_count=8 \\(mixture of experts\\)",
+        ),
+        ({"pre": "llama-bpe"}, "tokenizer.ggml.pre='llama-bpe' is not supported"),
+        ({"tokenizer_model": "llama"}, "tokenizer.ggml.model='llama': only byte-level BPE"),
+        (
+            {"extra_tensors": {"rope_freqs.weight": np.ones(8)}},
+            "tensors the Llama model here does not use \\(rope_freqs.weight\\)",
+        ),
+        (
+            {"extra_tensors": {"blk.0.attn_q.bias": np.zeros(64)}},
+            "does not use \\(blk.0.attn_q.bias\\)",
+        ),
+    ],
+)
+def test_unsupported_file_is_refused_before_any_weight_is_converted(
+    tmp_path, monkeypatch, kwargs, pattern
+):
+    path = tmp_path / "unsupported.gguf"
+    write_tiny_gguf(path, **kwargs)
+    _no_weight_conversion(monkeypatch)
+    with pytest.raises(ModelFileError, match=pattern) as e:
+        load_model(path)
+    assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value)
+
+
+def test_tensor_table_is_checked_against_the_metadata(tiny_file, tiny_meta):
+    """A tensor missing or of another shape than the metadata implies is named (the file
+    is read, no tensor data is)."""
+    from jaxsample.model.llama import check_gguf_tensors
+
+    gf = read_gguf(tiny_file)
+    cfg = LlamaConfig.from_gguf_metadata(tiny_meta, tie_embeddings=True)
+    check_gguf_tensors(gf, cfg)
+    with pytest.raises(ModelFileError, match="lacks tensor blk.2.attn_norm.weight \\(and 8"):
+        check_gguf_tensors(gf, dataclasses.replace(cfg, n_layers=3))
+    with pytest.raises(ModelFileError, match="ffn_gate.weight has shape \\(96, 64\\), the"):
+        check_gguf_tensors(gf, dataclasses.replace(cfg, hidden_dim=100))
+
+
+def test_file_with_neutral_rope_scaling_loads(tmp_path):
+    """A scaling type with factor 1 is no scaling: the file loads, config as without it."""
+    path = tmp_path / "neutral.gguf"
+    write_tiny_gguf(
+        path, metadata={"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 1.0}
+    )
+    model, tok = load_model(path)
+    assert model.config.rope_theta == 10000.0 and tok.vocab_size == model.config.vocab_size
 
 
 # --------------------------------------------------------------------------- file lookup

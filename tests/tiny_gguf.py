@@ -42,8 +42,17 @@ def write_tiny_gguf(
     theta=10000.0,
     tied=True,
     quantize=True,
+    pre="smollm",
+    tokenizer_model="gpt2",
+    metadata=None,
+    extra_tensors=None,
 ):
-    """Write the file; returns the number of tokens (vocab size)."""
+    """Write the file; returns the number of tokens (vocab size).
+
+    ``metadata``: more keys, {key: value} (str, bool, int as uint32 or int32, float as
+    float32, or a list of ints as an int32 array); ``extra_tensors``: {name: float32 array}
+    appended after the model's tensors (files the loader must refuse).
+    """
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -61,14 +70,25 @@ def write_tiny_gguf(
     w.add_rope_dimension_count(d)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(V)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
+    w.add_tokenizer_model(tokenizer_model)
+    w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_chat_template(TEMPLATE)
+    for key, value in (metadata or {}).items():
+        if isinstance(value, str):
+            w.add_string(key, value)
+        elif isinstance(value, bool):
+            w.add_bool(key, value)
+        elif isinstance(value, int):
+            (w.add_uint32 if value >= 0 else w.add_int32)(key, value)
+        elif isinstance(value, float):
+            w.add_float32(key, value)
+        else:
+            w.add_array(key, list(value))
 
     def mat(rows, cols):
         return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
@@ -98,6 +118,8 @@ def write_tiny_gguf(
         add(p + "ffn_gate.weight", mat(hidden, dim))
         add(p + "ffn_up.weight", mat(hidden, dim))
         add(p + "ffn_down.weight", mat(dim, hidden))
+    for name, arr in (extra_tensors or {}).items():
+        add(name, np.asarray(arr, np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -175,6 +175,7 @@ def run(args) -> int:
         return 0
 
     from jaxsample.batch.job import JobConfig, JobError, run_job
+    from jaxsample.model import ModelFileError
 
     try:
         if args.sync_seconds < 0:
@@ -205,7 +206,7 @@ def run(args) -> int:
     )
     try:
         summary = run_job(cfg)
-    except (ManifestError, JournalError, JobError) as err:
+    except (ManifestError, JournalError, JobError, ModelFileError) as err:
         print(f"jaxsample batch: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

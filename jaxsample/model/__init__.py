@@ -10,6 +10,7 @@ Example::
 from jaxsample.model.config import LlamaConfig, tiny_config
 from jaxsample.model.gguf_file import (
     GGUFFile,
+    ModelFileError,
     ModelNotFoundError,
     default_model_path,
     read_gguf,
@@ -24,6 +25,7 @@ __all__ = [
     "KVCache",
     "Llama",
     "LlamaConfig",
+    "ModelFileError",
     "ModelNotFoundError",
     "Tokenizer",
     "default_model_path",

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from jaxsample.model.gguf_file import ModelFileError
+
 # Token-axis tile: XLA CPU's matmul gives a column the same bits whatever the number of
 # columns and whatever its place among them, as long as that number is an ODD multiple of 16
 # (measured: 16, 48, 80, 112, ... all agree with each other; 32, 64, 96, ... take another
@@ -83,43 +85,172 @@ class LlamaConfig:
 
     @classmethod
     def from_gguf_metadata(cls, meta: dict[str, Any], *, tie_embeddings: bool) -> LlamaConfig:
-        """Build from GGUF metadata keys ``llama.*`` and ``tokenizer.ggml.*``."""
+        """Build from GGUF metadata keys ``llama.*`` and ``tokenizer.ggml.*``.
+
+        Raises :class:`~jaxsample.model.gguf_file.ModelFileError` for a file this module
+        would not compute as written: another architecture, a missing or malformed
+        hyperparameter, or any key of :func:`unsupported_metadata` (RoPE scaling, mixture
+        of experts, sliding-window attention, ...). Silently running without such a
+        feature would give other logits than the model's.
+        """
         arch = meta.get("general.architecture", "llama")
         if arch != "llama":
-            raise ValueError(
+            raise ModelFileError(
                 f"general.architecture={arch!r}: only 'llama' GGUF files are supported"
             )
+        problems = unsupported_metadata(meta)
+        if problems:
+            raise ModelFileError("not supported: " + "; ".join(problems))
 
-        def get(key, default=None):
+        def get(key, default=None, *, cast=int):
             v = meta.get(f"llama.{key}", default)
             if v is None:
-                raise ValueError(f"GGUF metadata lacks llama.{key}")
-            return v
+                raise ModelFileError(f"GGUF metadata lacks llama.{key}")
+            if isinstance(v, (list, tuple)):  # llama.cpp allows per-layer values
+                if not v or any(x != v[0] for x in v):
+                    raise ModelFileError(
+                        f"llama.{key} differs between layers ({_short(v)}): not supported"
+                    )
+                v = v[0]
+            try:
+                out = cast(v)
+            except (TypeError, ValueError):
+                raise ModelFileError(f"llama.{key}={_short(v)} is not a number") from None
+            if cast is int and out < 1:
+                raise ModelFileError(f"llama.{key}={out} must be >= 1")
+            return out
 
-        dim = int(get("embedding_length"))
-        n_heads = int(get("attention.head_count"))
-        n_kv = int(get("attention.head_count_kv", n_heads))
-        head_dim = int(meta.get("llama.attention.key_length", dim // n_heads))
-        rope_dims = int(meta.get("llama.rope.dimension_count", head_dim))
+        dim = get("embedding_length")
+        n_heads = get("attention.head_count")
+        n_kv = get("attention.head_count_kv", n_heads)
+        head_dim = get("attention.key_length", dim // n_heads or None)
+        value_dim = get("attention.value_length", head_dim)
+        if value_dim != head_dim:
+            raise ModelFileError(
+                f"llama.attention.value_length={value_dim} differs from the key length "
+                f"{head_dim}: not supported"
+            )
+        rope_dims = get("rope.dimension_count", head_dim)
         if rope_dims != head_dim:
-            raise ValueError(f"partial RoPE (rope.dimension_count={rope_dims}) is not supported")
+            raise ModelFileError(
+                f"llama.rope.dimension_count={rope_dims}: partial RoPE (fewer rotated "
+                f"dimensions than the head size {head_dim}) is not supported"
+            )
         tokens = meta.get("tokenizer.ggml.tokens")
-        vocab = int(meta.get("llama.vocab_size", len(tokens) if tokens is not None else 0))
-        return cls(
-            vocab_size=vocab,
-            dim=dim,
-            n_layers=int(get("block_count")),
-            n_heads=n_heads,
-            n_kv_heads=n_kv,
-            head_dim=head_dim,
-            hidden_dim=int(get("feed_forward_length")),
-            rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
-            norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-            context_length=int(get("context_length", 2048)),
-            bos_id=int(meta.get("tokenizer.ggml.bos_token_id", 1)),
-            eos_id=int(meta.get("tokenizer.ggml.eos_token_id", 2)),
-            tie_embeddings=tie_embeddings,
-        )
+        vocab = get("vocab_size", len(tokens) if tokens else None)
+        try:
+            return cls(
+                vocab_size=vocab,
+                dim=dim,
+                n_layers=get("block_count"),
+                n_heads=n_heads,
+                n_kv_heads=n_kv,
+                head_dim=head_dim,
+                hidden_dim=get("feed_forward_length"),
+                rope_theta=get("rope.freq_base", 10000.0, cast=float),
+                norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5, cast=float),
+                context_length=get("context_length", 2048),
+                bos_id=int(meta.get("tokenizer.ggml.bos_token_id", 1)),
+                eos_id=int(meta.get("tokenizer.ggml.eos_token_id", 2)),
+                tie_embeddings=tie_embeddings,
+            )
+        except ModelFileError:
+            raise
+        except (TypeError, ValueError) as err:  # __post_init__: heads, odd head size
+            raise ModelFileError(str(err)) from None
+
+
+def _short(v: Any) -> str:
+    """``repr(v)``, cut to 60 characters (a metadata value may be a long list)."""
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+# llama.* keys the model reads (LlamaConfig fields, or checked against them).
+READ_KEYS = frozenset(
+    {
+        "vocab_size",
+        "context_length",
+        "embedding_length",
+        "block_count",
+        "feed_forward_length",
+        "attention.head_count",
+        "attention.head_count_kv",
+        "attention.key_length",
+        "attention.value_length",
+        "attention.layer_norm_rms_epsilon",
+        "rope.dimension_count",
+        "rope.freq_base",
+    }
+)
+
+# llama.* keys accepted at the values that change nothing (llama.cpp's defaults), with
+# what the feature is. Any other value is refused.
+NEUTRAL_KEYS = {
+    "expert_count": ((0,), "mixture of experts"),
+    "expert_used_count": ((0,), "mixture of experts"),
+    "attention.sliding_window": ((0,), "sliding-window attention"),
+    "attention.causal": ((True,), "non-causal attention"),
+    "attention.clamp_kqv": ((0,), "clamped Q/K/V"),
+    "attention.max_alibi_bias": ((0,), "ALiBi position bias"),
+    "attn_logit_softcapping": ((0,), "attention logit soft-capping"),
+    "final_logit_softcapping": ((0,), "final logit soft-capping"),
+    "logit_scale": ((1,), "scaled logits"),
+    "embedding_scale": ((1,), "a scaled embedding"),
+    "residual_scale": ((1,), "a scaled residual"),
+    "pooling_type": ((0,), "pooled (embedding-model) output"),
+    "rope.scaling.attn_factor": ((1,), "RoPE attention scaling"),
+}
+
+# llama.* keys with no effect on the computation here: what the RoPE scaling was trained
+# with (used only with scaling, refused below) and the tensor layout of an old converter
+# (its files hold the same Q/K row order).
+INERT_KEYS = frozenset(
+    {"rope.scaling.original_context_length", "rope.scaling.finetuned", "tensor_data_layout"}
+)
+
+
+# Read together by unsupported_metadata.
+_ROPE_SCALING_KEYS = frozenset({"rope.scaling.type", "rope.scaling.factor", "rope.scale_linear"})
+
+
+def unsupported_metadata(meta: dict[str, Any]) -> list[str]:
+    """Every metadata entry of a Llama GGUF file that asks for something this module does
+    not compute, as ``"key=value (what)"`` strings (empty: the file is supported).
+
+    - RoPE scaling: ``llama.rope.scaling.type`` other than ``"none"`` with a factor
+      (``llama.rope.scaling.factor``, or the older ``llama.rope.scale_linear``) other than
+      1; llama.cpp reads an absent or 0 factor as 1 and an absent type as linear.
+    - :data:`NEUTRAL_KEYS` (mixture of experts, sliding window, ALiBi, soft-capping,
+      logit/embedding/residual scales, ...) at any value but the neutral one.
+    - ``split.count`` > 1: a model split over several files.
+    - any other ``llama.*`` key: the loader does not know what it changes, so it refuses it
+      rather than ignore it (:data:`READ_KEYS` and :data:`INERT_KEYS` are the known ones).
+    """
+    out = []
+    stype = meta.get("llama.rope.scaling.type")
+    factor = meta.get("llama.rope.scaling.factor", meta.get("llama.rope.scale_linear"))
+    if stype != "none" and factor not in (None, 0, 1):
+        key = "llama.rope.scaling.factor"
+        if key not in meta:
+            key = "llama.rope.scale_linear"
+        what = f"llama.rope.scaling.type={stype!r} with " if stype is not None else ""
+        out.append(f"{what}{key}={factor!r} (RoPE scaling; only type 'none' or factor 1)")
+    for key, value in meta.items():
+        if key == "split.count" and isinstance(value, int) and value > 1:
+            out.append(f"split.count={value} (a model split over several files)")
+        if not key.startswith("llama."):
+            continue
+        k = key[len("llama.") :]
+        if k in READ_KEYS or k in INERT_KEYS or k in _ROPE_SCALING_KEYS:
+            continue
+        if k in NEUTRAL_KEYS:
+            neutral, what = NEUTRAL_KEYS[k]
+            if not (isinstance(value, (int, float)) and value in neutral):
+                out.append(f"{key}={_short(value)} ({what})")
+        else:
+            out.append(f"{key}={_short(value)} (a key this loader does not implement)")
+    return out
 
 
 def tiny_config(

@@ -19,8 +19,10 @@ import dataclasses
 import functools
 import hashlib
 import importlib.util
+import mmap
 import os
 import pathlib
+import struct
 import sys
 from typing import Any
 
@@ -36,6 +38,13 @@ CACHE_ENV = "JAXSAMPLE_MODEL_DIR"
 
 class ModelNotFoundError(FileNotFoundError):
     """The model file is missing or does not match its published checksum."""
+
+
+class ModelFileError(ValueError):
+    """The model file is there but cannot be used: it is not a readable GGUF file (empty,
+    corrupt, truncated), or it holds a model this package does not run (another
+    architecture, tokenizer or tensor layout, or a Llama variant such as RoPE scaling or
+    mixture of experts). The message names the file and says what is wrong, in one line."""
 
 
 def cache_dir() -> pathlib.Path:
@@ -127,7 +136,9 @@ class GGUFFile:
 
     ``tensor(name)`` returns a float32 numpy array in PyTorch layout ``[out, in]`` (GGUF
     stores ``ne0`` = in as the fastest axis), dequantized from any quantization the
-    ``gguf`` package knows (Q4_1, Q8_0, F16, ...).
+    ``gguf`` package knows (Q4_1, Q8_0, F16, ...); ``tensor_shape(name)`` is that shape
+    without reading the data. :func:`read_gguf` has checked that every tensor's bytes lie
+    inside the file.
     """
 
     path: str
@@ -138,19 +149,194 @@ class GGUFFile:
     def tensor_names(self) -> list[str]:
         return [t.name for t in self._reader.tensors]
 
+    @functools.cached_property
+    def _by_name(self) -> dict[str, Any]:
+        return {t.name: t for t in self._reader.tensors}
+
+    def _find(self, name: str):
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(f"tensor {name!r} not in {self.path}") from None
+
+    def tensor_shape(self, name: str) -> tuple[int, ...]:
+        """The ``[out, in]`` shape of tensor ``name`` (KeyError if absent); reads no data."""
+        return tuple(int(d) for d in reversed(self._find(name).shape))
+
+    def tensor_type(self, name: str):
+        """The ``gguf.GGMLQuantizationType`` of tensor ``name`` (KeyError if absent)."""
+        return self._find(name).tensor_type
+
     def tensor(self, name: str) -> np.ndarray:
         import gguf
 
-        for t in self._reader.tensors:
-            if t.name == name:
-                shape = tuple(int(d) for d in reversed(t.shape))
-                data = gguf.quants.dequantize(t.data, t.tensor_type)
-                return np.ascontiguousarray(data, dtype=np.float32).reshape(shape)
-        raise KeyError(f"tensor {name!r} not in {self.path}")
+        t = self._find(name)
+        shape = tuple(int(d) for d in reversed(t.shape))
+        try:
+            data = gguf.quants.dequantize(t.data, t.tensor_type)
+            return np.ascontiguousarray(data, dtype=np.float32).reshape(shape)
+        except NotImplementedError as err:
+            raise ModelFileError(
+                f"{self.path}: tensor {name} has type {t.tensor_type.name}, which the gguf "
+                "package cannot dequantize"
+            ) from err
+        except ValueError as err:  # a data size that does not fit the shape
+            raise ModelFileError(f"{self.path}: tensor {name} cannot be read: {err}") from err
+
+
+# GGUF metadata value types (gguf.GGUFValueType): the fixed-size ones and their sizes.
+_FIXED_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY, _UINT32 = 8, 9, 4
+
+
+class _HeaderEnds(Exception):
+    """The header runs past the end of the file."""
+
+
+class _HeaderScan:
+    """A bounds-checked walk over a GGUF header (metadata, then the tensor table).
+
+    ``gguf.GGUFReader`` reads a cut or corrupt file into numpy/struct errors (a slice too
+    short to view, an index out of bounds) or views past the end as shorter arrays; this
+    walk checks every read against the file size first, so the failure can be named.
+    Nothing is decoded but what the extent check needs: ``general.alignment`` and each
+    tensor's dims, type and offset.
+    """
+
+    def __init__(self, buf, order: str):
+        self.buf, self.end, self.off = buf, len(buf), 0
+        self.u32s = struct.Struct(order + "I").unpack_from
+        self.u64s = struct.Struct(order + "Q").unpack_from
+        self.order = order
+
+    def take(self, n: int) -> int:
+        start = self.off
+        if start + n > self.end:
+            raise _HeaderEnds
+        self.off = start + n
+        return start
+
+    def u32(self) -> int:
+        return self.u32s(self.buf, self.take(4))[0]
+
+    def u64(self) -> int:
+        return self.u64s(self.buf, self.take(8))[0]
+
+    def string(self) -> bytes:
+        n = self.u64()
+        start = self.take(n)
+        return bytes(self.buf[start : start + n])
+
+    def skip_value(self, vtype: int) -> None:
+        if vtype in _FIXED_SIZES:
+            self.take(_FIXED_SIZES[vtype])
+        elif vtype == _STRING:
+            self.take(self.u64())
+        elif vtype == _ARRAY:
+            item, count = self.u32(), self.u64()
+            if item in _FIXED_SIZES:
+                self.take(count * _FIXED_SIZES[item])
+            elif item == _STRING:  # inlined: token lists hold ~10^5 strings
+                off, end, u64s, buf = self.off, self.end, self.u64s, self.buf
+                for _ in range(count):
+                    if off + 8 > end:
+                        raise _HeaderEnds
+                    off += 8 + u64s(buf, off)[0]
+                if off > end:
+                    raise _HeaderEnds
+                self.off = off
+            else:
+                for _ in range(count):
+                    self.skip_value(item)
+        else:
+            raise ValueError(f"a metadata value of unknown type {vtype}")
+
+    def tensor_info(self) -> tuple[str, tuple[int, ...], int, int]:
+        """(name, dims, ggml type, offset in the data section) of the next table entry."""
+        name = self.string().decode("utf-8", "replace")
+        n_dims = self.u32()
+        start = self.take(8 * n_dims)
+        dims = struct.unpack_from(f"{self.order}{n_dims}Q", self.buf, start)
+        return name, dims, self.u32(), self.u64()
+
+
+def _check_extents(path: str) -> None:
+    """Raise :class:`ModelFileError` unless ``path`` is a whole GGUF file: the magic, a
+    known version, a header that ends inside the file and every tensor's bytes inside it
+    (the check ``gguf.GGUFReader`` does not make)."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    size = os.path.getsize(path)
+    if size == 0:
+        raise ModelFileError(f"{path} is empty (0 bytes), not a GGUF file")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if size < 8 or buf[:4] != b"GGUF":
+            raise ModelFileError(
+                f"{path} is not a GGUF file (it does not start with the bytes 'GGUF'; {size} bytes)"
+            )
+        version = struct.unpack_from("<I", buf, 4)[0]
+        order = "<"
+        if version & 0xFFFF == 0:  # written on a big-endian machine
+            order, version = ">", struct.unpack_from(">I", buf, 4)[0]
+        if version not in (2, 3):
+            raise ModelFileError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+        h = _HeaderScan(buf, order)
+        h.take(8)
+        alignment = 32
+        try:
+            n_tensors, n_kv = h.u64(), h.u64()
+            for _ in range(n_kv):
+                key = h.string()
+                vtype = h.u32()
+                if key == b"general.alignment" and vtype == _UINT32:
+                    alignment = h.u32()
+                else:
+                    h.skip_value(vtype)
+            infos = [h.tensor_info() for _ in range(n_tensors)]
+        except _HeaderEnds:
+            raise ModelFileError(
+                f"{path} is not a readable GGUF file: it ends inside its header, at byte "
+                f"{size} (truncated or corrupt)"
+            ) from None
+        except ValueError as err:
+            raise ModelFileError(
+                f"{path} is not a readable GGUF file: {err} at byte {h.off} (corrupt)"
+            ) from None
+    if alignment == 0 or alignment & (alignment - 1):
+        raise ModelFileError(f"{path}: general.alignment={alignment} is not a power of two")
+    data_start = -(-h.off // alignment) * alignment
+    need = 0
+    for name, dims, ggml_type, offset in infos:
+        try:
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+        except (ValueError, KeyError):
+            raise ModelFileError(
+                f"{path}: tensor {name} has unknown GGML type {ggml_type} (corrupt, or newer "
+                "than the installed gguf package)"
+            ) from None
+        n_elems = 1
+        for d in dims:
+            n_elems *= d
+        need = max(need, offset + n_elems * type_size // block)
+    found = max(0, size - data_start)
+    if need > found:
+        raise ModelFileError(
+            f"{path} is truncated: expected {need} bytes of tensor data, found {found}"
+        )
 
 
 def read_gguf(path: str | os.PathLike) -> GGUFFile:
     """Open a GGUF file (memory-mapped) and decode its metadata.
+
+    The file is checked first: the GGUF magic and version, a header that ends inside the
+    file and every tensor's bytes inside it, so a cut or corrupt file fails here and not
+    on some later tensor read.
+
+    Raises:
+      ModelNotFoundError: no file at ``path``.
+      ModelFileError: not a readable GGUF file (empty, another format, truncated,
+        corrupt); the message names the path and, for a cut file, the bytes of tensor
+        data expected and found.
 
     Example::
 
@@ -162,7 +348,17 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ModelNotFoundError(f"GGUF file not found: {path}")
-    reader = gguf.GGUFReader(path, "r")
+    try:
+        _check_extents(path)
+        reader = gguf.GGUFReader(path, "r")
+    except ModelFileError:
+        raise
+    except OSError as err:
+        raise ModelFileError(f"{path} cannot be read: {err.strerror or err}") from err
+    except Exception as err:  # whatever else the reader trips on in a corrupt file
+        raise ModelFileError(
+            f"{path} is not a readable GGUF file (corrupt): {type(err).__name__}: {err}"
+        ) from err
     meta: dict[str, Any] = {}
     for key, field in reader.fields.items():
         if key.startswith("GGUF."):

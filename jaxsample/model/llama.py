@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 from jaxsample.model.config import INVARIANT_TILE, LlamaConfig, invariant_width
+from jaxsample.model.gguf_file import ModelFileError
 
 
 class KVCache(NamedTuple):
@@ -416,14 +417,87 @@ def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, d // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
+def expected_tensors(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> ``[out, in]`` shape of every tensor a GGUF file of ``cfg`` holds (the
+    llama.cpp names; ``output.weight`` only when the embedding is not tied)."""
+    D, H, K, d, F, V = (
+        cfg.dim,
+        cfg.n_heads,
+        cfg.n_kv_heads,
+        cfg.head_dim,
+        cfg.hidden_dim,
+        cfg.vocab_size,
+    )
+    out = {"token_embd.weight": (V, D), "output_norm.weight": (D,)}
+    if not cfg.tie_embeddings:
+        out["output.weight"] = (V, D)
+    for i in range(cfg.n_layers):
+        p = f"blk.{i}."
+        out |= {
+            p + "attn_norm.weight": (D,),
+            p + "attn_q.weight": (H * d, D),
+            p + "attn_k.weight": (K * d, D),
+            p + "attn_v.weight": (K * d, D),
+            p + "attn_output.weight": (D, H * d),
+            p + "ffn_norm.weight": (D,),
+            p + "ffn_gate.weight": (F, D),
+            p + "ffn_up.weight": (F, D),
+            p + "ffn_down.weight": (D, F),
+        }
+    return out
+
+
+def check_gguf_tensors(gf, cfg: LlamaConfig) -> None:
+    """Check a GGUF file's tensor table against ``cfg`` without reading any tensor data.
+
+    Raises :class:`~jaxsample.model.gguf_file.ModelFileError` naming the file when a
+    tensor is missing, has another shape than the metadata implies, has a type the
+    ``gguf`` package cannot dequantize, or when the file holds a tensor the model would
+    not use: biases, ``rope_freqs.weight`` (Llama 3.1 RoPE frequency factors), experts...
+    A file whose extra tensors were ignored would run as another model (llama.cpp refuses
+    it too: "wrong number of tensors").
+    """
+    import gguf
+
+    want = expected_tensors(cfg)
+    names = gf.tensor_names
+    problems = []
+    extra = [n for n in names if n not in want]
+    if extra:
+        shown = ", ".join(extra[:4]) + (f" and {len(extra) - 4} more" if len(extra) > 4 else "")
+        problems.append(f"tensors the Llama model here does not use ({shown}): not supported")
+    have = set(names)
+    missing = [n for n in want if n not in have]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        problems.append(f"lacks tensor {missing[0]}{more}")
+    for name, shape in want.items():
+        if name in have and gf.tensor_shape(name) != shape:
+            problems.append(
+                f"tensor {name} has shape {gf.tensor_shape(name)}, the metadata implies {shape}"
+            )
+            break
+    for qtype in sorted({gf.tensor_type(n) for n in have}):
+        _, type_size = gguf.constants.GGML_QUANT_SIZES[qtype]
+        try:
+            gguf.quants.dequantize(np.zeros((1, type_size), np.uint8), qtype)
+        except NotImplementedError:
+            problems.append(
+                f"tensors of type {qtype.name}, which the gguf package cannot dequantize"
+            )
+    if problems:
+        raise ModelFileError(f"{gf.path}: " + "; ".join(problems))
+
+
 def weights_from_gguf(gf, cfg: LlamaConfig) -> dict:
     """Convert GGUF tensors (``token_embd``, ``blk.N.attn_q`` ...) to this module's layout.
 
     Returns float32 numpy arrays: embed [V, D], norm [D], optional output [V, D], and
     ``layers``: a list of dicts with attn_norm [D], wqkv [(H+2K)d, D] (Q/K rows un-permuted
     to rotate-half order), wo [D, H d], ffn_norm [D], w_gate_up [2F, D], w_down [D, F]
-    (all ``[out, in]``).
+    (all ``[out, in]``). The tensor table is checked first (:func:`check_gguf_tensors`).
     """
+    check_gguf_tensors(gf, cfg)
     H, K = cfg.n_heads, cfg.n_kv_heads
     out = {"embed": gf.tensor("token_embd.weight"), "norm": gf.tensor("output_norm.weight")}
     if not cfg.tie_embeddings:

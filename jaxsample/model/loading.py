@@ -8,8 +8,8 @@ import os
 import jax.numpy as jnp
 
 from jaxsample.model.config import LlamaConfig
-from jaxsample.model.gguf_file import default_model_path, read_gguf
-from jaxsample.model.llama import Llama, weights_from_gguf
+from jaxsample.model.gguf_file import ModelFileError, default_model_path, read_gguf
+from jaxsample.model.llama import Llama, check_gguf_tensors, weights_from_gguf
 from jaxsample.model.tokenizer import Tokenizer
 
 
@@ -31,6 +31,12 @@ def load_model(
     Returns:
       (model: Llama, tok: Tokenizer).
 
+    Raises:
+      ModelNotFoundError: no file at ``path`` (or no verified default file).
+      ModelFileError: the file is not a readable GGUF file, or holds a model this package
+        does not run (see docs/model.md, "Supported files"). Every check runs before the
+        first weight is converted.
+
     Example::
 
         model, tok = load_model()
@@ -40,13 +46,21 @@ def load_model(
     if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
         raise ValueError(f"dtype={dtype}: allowed float32 or bfloat16")
     gf = read_gguf(default_model_path() if path is None else path)
+    # Everything that can refuse the file runs before any weight is converted (seconds
+    # for a real file): the hyperparameters, the tensor table and the tokenizer.
     tied = "output.weight" not in gf.tensor_names
-    cfg = LlamaConfig.from_gguf_metadata(gf.metadata, tie_embeddings=tied)
+    try:
+        cfg = LlamaConfig.from_gguf_metadata(gf.metadata, tie_embeddings=tied)
+    except ModelFileError as err:
+        raise ModelFileError(f"{gf.path}: {err}") from None
     cfg = dataclasses.replace(
         cfg, attn_block=int(attn_block), batch_invariant=bool(batch_invariant)
     )
-    model = Llama(cfg, weights=weights_from_gguf(gf, cfg), dtype=dtype)
+    check_gguf_tensors(gf, cfg)
     tok = Tokenizer.from_gguf(gf)
     if tok.vocab_size != cfg.vocab_size:
-        raise ValueError(f"tokenizer has {tok.vocab_size} tokens, model {cfg.vocab_size}")
+        raise ModelFileError(
+            f"{gf.path}: the tokenizer has {tok.vocab_size} tokens, the model {cfg.vocab_size}"
+        )
+    model = Llama(cfg, weights=weights_from_gguf(gf, cfg), dtype=dtype)
     return model, tok

@@ -26,6 +26,7 @@ import functools
 import json
 
 from jaxsample.model.chat import ChatTemplateError, render_chat
+from jaxsample.model.gguf_file import ModelFileError
 
 # Pre-tokenizer types whose split is "each \p{N} alone, then GPT-2's regex".
 _DIGITS_THEN_GPT2 = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone"}
@@ -66,6 +67,8 @@ class Tokenizer:
       shown_bytes: list[bytes], the bytes that log probabilities report for each id: the
         ``token_bytes`` of a normal id, the UTF-8 of the token's own text for a special id
         (``b"<|im_end|>"``), as the OpenAI API and vLLM show special tokens.
+      missing_bytes: frozenset of the byte values (0..255) without a byte token: text
+        with such a byte loses it when encoded (SmolLM2 lacks 21, e.g. 0x04 for U+0004).
       chat_template: the jinja2 source stored in the file (or None).
     """
 
@@ -127,28 +130,50 @@ class Tokenizer:
             shown.append(tb[-1])
         self.token_bytes: list[bytes] = tb
         self.shown_bytes: list[bytes] = shown
+        self.missing_bytes = frozenset(b for b, c in bytes_to_unicode().items() if c not in vocab)
 
     @classmethod
     def from_gguf(cls, gf) -> Tokenizer:
-        """Build from a :class:`~jaxsample.model.gguf_file.GGUFFile`'s metadata."""
+        """Build from a :class:`~jaxsample.model.gguf_file.GGUFFile`'s metadata.
+
+        Raises :class:`~jaxsample.model.gguf_file.ModelFileError`, naming the file, when
+        the tokenizer is not byte-level BPE with a known pre-tokenizer, or its keys are
+        missing or inconsistent (a bos/eos id outside the vocabulary, a merge of unknown
+        tokens).
+        """
         m = gf.metadata
+        where = f"{gf.path}: " if getattr(gf, "path", None) else ""
         kind = m.get("tokenizer.ggml.model")
         if kind != "gpt2":
-            raise ValueError(
-                f"tokenizer.ggml.model={kind!r}: only byte-level BPE ('gpt2') is supported"
+            raise ModelFileError(
+                f"{where}tokenizer.ggml.model={kind!r}: only byte-level BPE ('gpt2') is supported"
             )
-        return cls(
-            list(m["tokenizer.ggml.tokens"]),
-            list(m["tokenizer.ggml.merges"]),
-            list(m.get("tokenizer.ggml.token_type") or []) or None,
-            pre=m.get("tokenizer.ggml.pre"),
-            bos_id=m.get("tokenizer.ggml.bos_token_id"),
-            eos_id=m.get("tokenizer.ggml.eos_token_id"),
-            chat_template=m.get("tokenizer.chat_template"),
-        )
+        tokens, merges = m.get("tokenizer.ggml.tokens"), m.get("tokenizer.ggml.merges")
+        if not tokens or merges is None:
+            raise ModelFileError(f"{where}the tokenizer lacks tokenizer.ggml.tokens or .merges")
+        for key in ("bos", "eos"):
+            i = m.get(f"tokenizer.ggml.{key}_token_id")
+            if i is not None and not (isinstance(i, int) and 0 <= i < len(tokens)):
+                raise ModelFileError(
+                    f"{where}tokenizer.ggml.{key}_token_id={i!r} is not an id of the "
+                    f"{len(tokens)} tokens"
+                )
+        try:
+            return cls(
+                list(tokens),
+                list(merges),
+                list(m.get("tokenizer.ggml.token_type") or []) or None,
+                pre=m.get("tokenizer.ggml.pre"),
+                bos_id=m.get("tokenizer.ggml.bos_token_id"),
+                eos_id=m.get("tokenizer.ggml.eos_token_id"),
+                chat_template=m.get("tokenizer.chat_template"),
+            )
+        except Exception as err:  # an unknown pre type; tokenizers' errors on bad merges
+            raise ModelFileError(f"{where}{err}") from err
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``; no BOS/EOS added; special-token strings map to their ids.
+        """Token ids of ``text``; no BOS/EOS added; special-token strings map to their ids,
+        wherever they are (in a rendered chat, inside message content too: docs/model.md).
 
         Example: ``tok.encode("<|im_start|>user")`` -> ``[1, 4093]``.
         """
@@ -162,7 +187,11 @@ class Tokenizer:
         """Text of ``ids`` (bytes joined, invalid UTF-8 replaced by U+FFFD).
 
         Special tokens appear as their text (``<|im_end|>``) unless ``skip_special_tokens``.
-        ``decode(encode(x)) == x`` for any str x.
+        ``decode(encode(x)) == x`` for every str x whose UTF-8 bytes all have a token, i.e.
+        none is in ``missing_bytes``: ``encode`` drops such a byte (no unknown token, as in
+        HF tokenizers), so with SmolLM2's vocabulary ``decode(encode("a\x04b")) == "ab"``.
+        (A str that is not valid UTF-8, a lone surrogate such as ``"\ud800"``, cannot be
+        encoded at all.)
         """
         return self._tk.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
