@@ -20,7 +20,6 @@ Decisions (see docs/api.md):
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import math
@@ -402,6 +401,7 @@ class Engine:
             context_length=self.context_length,
             prompt_length=len(ids),
             limit=limit,
+            prompt_field="prompt" if isinstance(item, str) else "messages",
         )
         return ids, max_tokens
 
@@ -411,7 +411,18 @@ class Engine:
         from jaxsample.engine import SlotRequest
 
         ids, max_tokens = self.prepare(item, p)
-        seed = p.seed if p.seed is not None else derive_seed(job_seed, key)
+        if p.seed is not None:
+            seed = p.seed
+        else:  # a request without a seed takes one from its key: a key that cannot give one
+            try:  # is the request's fault, on its seed
+                seed = derive_seed(job_seed, key)
+            except InvalidRequestError as err:
+                raise InvalidRequestError(
+                    "seed",
+                    None,
+                    f"a seed, or a request key to derive one from ({err.allowed})",
+                    reason=f"the key is {key!r}",
+                ) from None
         return SlotRequest(
             key=(key, ids, p, seed),
             prompt=ids,
@@ -456,9 +467,11 @@ class Engine:
         memory. A request without a seed gets ``derive_seed(job_seed, key)`` (``key`` an int
         or a str, e.g. a batch job's custom_id), reported in ``Completion.seed``. A bad item
         comes back as a Completion whose ``error`` is its :class:`InvalidRequestError`
-        (``finish_reason == "error"``); the others run.
+        (``finish_reason == "error"``) as soon as the engine pulls it; the others run. Left
+        early (closed, or ``items`` raises), the requests still running are dropped and the
+        engine's slots and schema pool freed (:meth:`jaxsample.engine.SlotEngine.run`).
         """
-        errors: collections.deque = collections.deque()
+        from jaxsample.engine import PassThrough
 
         def requests():
             for key, item, p in items:
@@ -466,11 +479,13 @@ class Engine:
                     yield self._request(key, item, p, job_seed)
                 except InvalidRequestError as err:
                     err.index = key
-                    errors.append((key, _refused(err)))
+                    # answered as soon as the engine pulls it: refusals never pile up
+                    yield PassThrough((key, _refused(err)))
 
         for res in self.slot_engine().run(requests()):
-            while errors:
-                yield errors.popleft()
+            if isinstance(res, PassThrough):
+                yield res.value
+                continue
             key, ids, p, seed = res.key
             if res.error is not None:  # the schema pool had no room for it
                 err = InvalidRequestError(
@@ -483,8 +498,6 @@ class Engine:
                 yield key, _refused(err, seed)
                 continue
             yield key, self._completion(_as_batch(res), 0, ids, p, seed)
-        while errors:
-            yield errors.popleft()
 
     def generate(
         self,

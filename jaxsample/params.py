@@ -637,6 +637,7 @@ def check_for_model(
     context_length: int,
     prompt_length: int,
     limit: str | None = None,
+    prompt_field: str = "messages",
 ) -> int:
     """Checks what needs the model and returns the resolved ``max_tokens``.
 
@@ -645,7 +646,8 @@ def check_for_model(
     context_length - prompt_length`` (field ``max_tokens``). Without ``max_tokens`` the
     result is ``context_length - prompt_length``. ``limit`` names where ``context_length``
     comes from in the messages (default: the context length), for an engine whose
-    ``max_seq_len`` is below the model's context.
+    ``max_seq_len`` is below the model's context; ``prompt_field`` is the field a prompt
+    that does not fit is blamed on (``"prompt"`` for raw text).
 
     Example::
 
@@ -656,7 +658,7 @@ def check_for_model(
     limit = limit or f"the context length ({context_length} tokens)"
     if prompt_length >= context_length:
         raise InvalidRequestError(
-            "messages", f"<prompt of {prompt_length} tokens>", f"a prompt shorter than {limit}"
+            prompt_field, f"<prompt of {prompt_length} tokens>", f"a prompt shorter than {limit}"
         )
     room = context_length - prompt_length
     if params.max_tokens is None:

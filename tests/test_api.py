@@ -11,11 +11,13 @@ from __future__ import annotations
 import itertools
 import json
 
+import numpy as np
 import pytest
 
 import jaxsample
 from jaxsample import InvalidRequestError, SamplingParams, derive_seed
 from jaxsample.api import Engine, choice_seed, normalize_inputs, validate_messages
+from jaxsample.decode import RUNNING
 from tests.small_engine import ALTERNATE_CHECK, HI, SYSTEM, nan_engine, small_engine, with_template
 
 P = SamplingParams(temperature=1.0, seed=4, max_tokens=6)
@@ -123,6 +125,61 @@ def test_a_lone_surrogate_fails_its_request_alone(engine):
     assert out[0]["error"]["param"] == "prompt" and "surrogate" in out[0]["error"]["message"]
     assert out[1]["error"]["param"] == "response_format.json_schema.schema"
     assert out[2]["choices"][0]["message"]["content"] is not None
+
+
+def test_refusals_come_back_as_pulled_and_never_pile_up(engine):
+    """A refused item is answered as soon as the engine pulls it: 1000 bad items ahead of a
+    good one are not all read (and buffered) before the first answer."""
+    pulled = 0
+
+    def items():
+        nonlocal pulled
+        for i in range(1000):
+            pulled += 1
+            yield i, "", P  # an empty prompt: refused
+        yield "good", "Hi", P
+
+    stream = engine.stream(items())
+    key, first = next(stream)
+    assert key == 0 and first.error is not None and pulled <= 2
+    rest = dict(stream)
+    assert len(rest) == 1000 and rest["good"].error is None
+
+
+def test_leaving_a_stream_early_frees_its_slots_and_schemas(engine):
+    """Closing a stream while schema rows still run releases their pool handles and empties
+    their slots, so a later schema request alone fits and no slot keeps running."""
+
+    def fmt(n):
+        sch = {
+            "type": "object",
+            "properties": {"a": {"type": "string", "pattern": f"^[a-z ]{{5,{n}}}$"}},
+        }
+        sch["required"] = ["a"]
+        return {"type": "json_schema", "json_schema": {"name": "s", "schema": sch}}
+
+    items = [("plain", "Hi", SamplingParams(seed=0, max_tokens=1))] + [
+        (n, "Hi", SamplingParams(seed=n, max_tokens=60, response_format=fmt(n))) for n in (25, 26)
+    ]
+    stream = engine.stream(items)
+    next(stream)
+    stream.close()
+    se = engine.slot_engine()
+    assert all(h.refs == 0 for h in se.schema_pool.handles.values())
+    assert (np.asarray(se._slots.finish) != RUNNING).all()
+    [c] = engine.generate("Hi", SamplingParams(seed=3, max_tokens=30, response_format=fmt(27)))
+    assert c.error is None
+
+
+def test_errors_name_the_field_at_fault(engine):
+    """A raw prompt too long for the context is the prompt's fault; a request without a seed
+    whose key cannot give one is its seed's (as in stream_chat)."""
+    [c] = engine.generate("hi " * 300, P)
+    assert c.error.field == "prompt"
+    [c] = engine.generate([HI], P)
+    assert c.error is None
+    _, c = next(engine.stream([((1, 2), "Hi", SamplingParams(max_tokens=2))]))
+    assert c.error.field == "seed" and "(1, 2)" in str(c.error)
 
 
 def test_text_parts_are_joined_with_newlines(engine):

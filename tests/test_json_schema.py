@@ -730,3 +730,24 @@ def test_hostname_tokens_entering_and_crossing_count():
     assert not ok(s, b"x@gmail") and ok(s, b"@")
     s = walk(email, [b'"', b"x@gmail"] + [b"b"] * 57)  # domain label 62: "com" too long
     assert not ok(s, b'com"') and ok(s, b"b") and ok(s, b'"')
+
+
+def test_properties_are_generated_in_the_declared_order(vocab):
+    """SamplingParams keeps the schema's key order (its text was sorted: every object came
+    out in alphabetical order), and the compiled schema writes the properties in it."""
+    from jaxsample.params import SamplingParams
+
+    tb, eos, specials = vocab
+    props = {"b": {"type": "integer"}, "a": {"type": "integer"}}
+    sch = {"type": "object", "properties": props, "required": ["b", "a"]}
+    sch["additionalProperties"] = False
+    rf = {"type": "json_schema", "json_schema": {"name": "x", "schema": sch, "strict": True}}
+    stored = json.loads(SamplingParams(response_format=rf).json_schema)["schema"]
+    assert list(stored["properties"]) == ["b", "a"]
+    sp = js.SchemaPool(tb, eos_id=eos, special_ids=specials, size="small")
+    h = sp.add(js.compile_schema(stored, tb, eos_id=eos, special_ids=specials))
+    _walk_text(sp, h, tb, b'{"b":1,"a":2}')  # the declared order is allowed
+    s = js.init_state(h.start)
+    for ch in b'{"a':
+        s = _advance(sp.pool, s, jnp.int32(_single(tb, bytes([ch]))))
+    assert int(s.q) == js.DEAD  # "a" first is not

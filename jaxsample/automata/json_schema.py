@@ -1631,13 +1631,16 @@ class CompiledSchema:
 
 
 def canonical(schema: Any) -> str:
-    """The schema as canonical JSON text (sorted keys): the cache key and the hashable form
-    stored in SamplingParams.
+    """The schema as compact JSON text, keys in the order given: the cache key and the
+    hashable form stored in SamplingParams. Not sorted: ``properties`` are generated in the
+    order the schema declares them (as OpenAI's structured outputs do; a field such as
+    ``reasoning`` declared before ``answer`` comes first), so two schemas that differ only in
+    that order are different schemas.
 
-    >>> canonical({"type": "object", "properties": {}})
-    '{"properties":{},"type":"object"}'
+    >>> canonical({"type": "object", "properties": {"b": {}, "a": {}}})
+    '{"type":"object","properties":{"b":{},"a":{}}}'
     """
-    return json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
 
 
 _SCHEMAS: dict = {}

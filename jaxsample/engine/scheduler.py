@@ -74,6 +74,14 @@ class SlotRequest(NamedTuple):
     schema: Any = None  # a json_schema.CompiledSchema, or None
 
 
+class PassThrough(NamedTuple):
+    """An item of :meth:`SlotEngine.run`'s input that is not decoded: ``run`` yields it back
+    as soon as it pulls it, in input order with the results (how a refused request's answer
+    comes back promptly, without buffering the refusals)."""
+
+    value: Any
+
+
 class SlotResult(NamedTuple):
     """One finished request (host numpy arrays; ``n`` tokens)."""
 
@@ -251,25 +259,52 @@ class SlotEngine:
             pass
         self.stats = stats
 
-    def run(self, requests: Iterable[SlotRequest]) -> Iterator[SlotResult]:
-        """Decodes every request; yields each :class:`SlotResult` as its request finishes."""
+    def run(self, requests: Iterable[SlotRequest | PassThrough]) -> Iterator[SlotResult]:
+        """Decodes every request; yields each :class:`SlotResult` as its request finishes,
+        and each :class:`PassThrough` item as it is pulled.
+
+        Left early (the caller stops reading, or ``requests`` raises), the requests still
+        running are dropped: their slots are marked empty on the device and their schemas
+        released from the pool, so the next run starts clean."""
+        owners: list[_Running | None] = [None] * self.n_slots
+        try:
+            yield from self._run(iter(requests), owners)
+        finally:
+            self._drop(owners)
+
+    def _drop(self, owners: list) -> None:
+        """Frees the slots of requests a run left unfinished (pool handles, device rows)."""
+        left = [s for s, owner in enumerate(owners) if owner is not None]
+        for s in left:
+            if owners[s].schema is not None:
+                self.schema_pool.release(owners[s].schema)
+            owners[s] = None
+        if left and self._slots is not None:
+            finish = self._slots.finish
+            cleared = finish.at[jnp.asarray(left)].set(EMPTY)
+            self._slots = self._slots.replace(finish=jax.device_put(cleared, finish.sharding))
+
+    def _run(self, it: Iterator, owners: list) -> Iterator[SlotResult]:
         stats = self.stats
         start = time.perf_counter()
-        it = iter(requests)
         waiting: SlotRequest | None = None  # pulled from the iterator, not yet placed
         exhausted = False
-        owners: list[_Running | None] = [None] * self.n_slots
         free = list(range(self.n_slots))
 
         def pull():
+            """The next request into ``waiting``; pass-through items are yielded back."""
             nonlocal waiting, exhausted
-            if waiting is None and not exhausted:
-                waiting = next(it, None)
-                exhausted = waiting is None
+            while waiting is None and not exhausted:
+                item = next(it, None)
+                if isinstance(item, PassThrough):
+                    yield item
+                    continue
+                waiting = item
+                exhausted = item is None
 
         while True:
             t0 = time.perf_counter()
-            pull()
+            yield from pull()
             added = False
             # refill once at least r slots are free (r = S: only an empty engine is refilled,
             # which is a static batch); the fill ends when the slots or the requests run out
@@ -282,15 +317,15 @@ class SlotEngine:
                         break
                     failed = _Running(waiting).result(EMPTY)._replace(error=err)
                     waiting = None
-                    pull()
                     yield failed  # it cannot fit even alone: it fails alone
+                    yield from pull()
                     continue
                 added |= handle is not None
                 slot = free.pop(0)
                 self._place(slot, waiting, handle)
                 owners[slot] = _Running(waiting, handle)
                 waiting = None
-                pull()
+                yield from pull()
             if added:
                 self._refresh_shared()
             if filling and self._slots is not None:
