@@ -127,6 +127,16 @@ def normalize_inputs(inputs: Any) -> list:
     return items
 
 
+class _RenderedChat(str):
+    """A chat already rendered with the template (``stream_chat`` renders each body once):
+    a prompt that does not fit is the fault of its ``messages``, not of a ``prompt``."""
+
+
+def _prompt_field(item: Any) -> str:
+    """The request field a prompt's faults are named on: ``prompt`` for raw text."""
+    return "prompt" if isinstance(item, str) and not isinstance(item, _RenderedChat) else "messages"
+
+
 def _check_utf8(field: str, text: str, shown: Any) -> None:
     """Refuses text that cannot be encoded as UTF-8: a lone surrogate (``"\\ud800"``, which
     JSON parsers accept) would otherwise fail inside the tokenizer."""
@@ -370,7 +380,7 @@ class Engine:
         if isinstance(item, InvalidRequestError):
             raise item
         if isinstance(item, str):
-            field, text = "prompt", item
+            field, text = _prompt_field(item), item
             _check_utf8(field, text, item)
         elif isinstance(item, (list, tuple)):
             field, text = "messages", self.render(item)
@@ -401,7 +411,7 @@ class Engine:
             context_length=self.context_length,
             prompt_length=len(ids),
             limit=limit,
-            prompt_field="prompt" if isinstance(item, str) else "messages",
+            prompt_field=_prompt_field(item),
         )
         return ids, max_tokens
 
@@ -641,7 +651,7 @@ class Engine:
                 "prompt", prompt, "either messages or prompt, not both", reason="both given"
             )
         if messages is not None:
-            text = self.render(messages)
+            text = _RenderedChat(self.render(messages))
         elif prompt is not None:
             if not isinstance(prompt, str):
                 raise InvalidRequestError("prompt", prompt, "a string (raw text)")

@@ -176,6 +176,10 @@ def test_errors_name_the_field_at_fault(engine):
     whose key cannot give one is its seed's (as in stream_chat)."""
     [c] = engine.generate("hi " * 300, P)
     assert c.error.field == "prompt"
+    long_chat = [{"role": "user", "content": "hi " * 300}]
+    bodies = [{"prompt": "hi " * 300, "max_tokens": 2}, {"messages": long_chat, "max_tokens": 2}]
+    out = engine.chat_completions(bodies)
+    assert [r["error"]["param"] for r in out] == ["prompt", "messages"]
     [c] = engine.generate([HI], P)
     assert c.error is None
     _, c = next(engine.stream([((1, 2), "Hi", SamplingParams(max_tokens=2))]))

@@ -5,7 +5,8 @@ the input file, the model file or the engine settings differ.
 settings that can change a result (dtype, slots, max_seq_len, chunk_steps, job seed and the
 seed rule; not the device count, which does not change a result: docs/batch.md) and the
 shard (process index and count). It is written (atomically) before the first output line; a
-later run with the same ``--output`` compares and refuses on any difference, naming each one.
+later run with the same ``--output`` compares and refuses on any difference, naming each one
+(while the output is still empty, it replaces the manifest instead).
 
 Example::
 
@@ -14,6 +15,7 @@ Example::
     >>> inp = os.path.join(d, "in.jsonl"); _ = open(inp, "w").write("{}\\n")
     >>> m = Manifest.build(inp, inp, {"slots": 8}, shard=(0, 1))
     >>> m.check_or_write(out)
+    >>> _ = open(out, "w").write("{}\\n")  # a first record: the output now depends on it
     >>> try:
     ...     Manifest.build(inp, inp, {"slots": 16}, shard=(0, 1)).check_or_write(out)
     ... except ManifestError as err:
