@@ -90,7 +90,7 @@ class Completion:
     logprobs: list[dict] | None = None  # OpenAI logprobs.content entries, when asked
     prompt_tokens: int = 0
     seed: int | None = None
-    error: InvalidRequestError | None = None
+    error: InvalidRequestError | RequestFailed | None = None
     native_finish_reason: str | None = None
 
     @property
@@ -98,7 +98,20 @@ class Completion:
         return len(self.token_ids)
 
 
-def _refused(err: InvalidRequestError, seed: int | None = None) -> Completion:
+class RequestFailed(RuntimeError):
+    """A request that failed while it was prepared for an unexpected reason (an exception
+    other than :class:`InvalidRequestError`: a bug, or an input nothing checks yet). It fails
+    alone, as an OpenAI ``server_error``: one such line never stops a batch job, which would
+    otherwise stop at the same line on every resume."""
+
+    field = None  # no request field is at fault
+
+    def __init__(self, cause: BaseException):
+        super().__init__(f"the request could not be prepared: {type(cause).__name__}: {cause}")
+        self.index = None
+
+
+def _refused(err: InvalidRequestError | RequestFailed, seed: int | None = None) -> Completion:
     return Completion(finish_reason="error", native_finish_reason="error", error=err, seed=seed)
 
 
@@ -377,7 +390,7 @@ class Engine:
         """The prompt token ids of one input: a prompt string (tokenised as is) or a list of
         chat messages (rendered with the chat template first). An input that is an
         :class:`InvalidRequestError` (a request refused before it got here) raises it."""
-        if isinstance(item, InvalidRequestError):
+        if isinstance(item, (InvalidRequestError, RequestFailed)):
             raise item
         if isinstance(item, str):
             field, text = _prompt_field(item), item
@@ -487,10 +500,12 @@ class Engine:
             for key, item, p in items:
                 try:
                     yield self._request(key, item, p, job_seed)
-                except InvalidRequestError as err:
+                except (InvalidRequestError, RequestFailed) as err:
                     err.index = key
                     # answered as soon as the engine pulls it: refusals never pile up
                     yield PassThrough((key, _refused(err)))
+                except Exception as err:  # unexpected: this request fails alone
+                    yield PassThrough((key, _refused(RequestFailed(err))))
 
         for res in self.slot_engine().run(requests()):
             if isinstance(res, PassThrough):
@@ -684,8 +699,10 @@ class Engine:
             for serial, (key, body) in enumerate(bodies):
                 try:
                     text, p, n = self._chat_request(body, key, job_seed)
-                except InvalidRequestError as err:
-                    # refused: one item that the engine answers with this error, in order
+                except Exception as err:  # refused, or failed unexpectedly (RequestFailed)
+                    # one item that the engine answers with this error, in order
+                    if not isinstance(err, InvalidRequestError):
+                        err = RequestFailed(err)
                     pending[serial] = {"key": key, "n": 1, "p": None, "done": {}}
                     yield (serial, 0), err, SamplingParams(seed=0)
                     continue
@@ -768,12 +785,13 @@ def _as_batch(res) -> _decode.DecodeOutput:
     )
 
 
-def error_response(err: InvalidRequestError) -> dict:
-    """The OpenAI error object for a refused request."""
+def error_response(err: InvalidRequestError | RequestFailed) -> dict:
+    """The OpenAI error object for a refused request (``server_error`` for a
+    :class:`RequestFailed`)."""
     return {
         "error": {
             "message": str(err),
-            "type": "invalid_request_error",
+            "type": "server_error" if isinstance(err, RequestFailed) else "invalid_request_error",
             "param": err.field,
             "code": None,
         }

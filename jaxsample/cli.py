@@ -214,9 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jaxsample: {err}", file=sys.stderr)
         return 1
     response = engine.chat_completion(body, job_seed=args.job_seed)
-    if "error" in response:
+    if "error" in response:  # 2: the request's fault; 1: it failed unexpectedly
         print(_dumps(response), file=sys.stdout if args.request else sys.stderr)
-        return 2
+        return 1 if response["error"]["type"] == "server_error" else 2
     if args.request or args.json:
         print(_dumps(response))
     else:  # the text of each choice (--n), separated by a blank line

@@ -16,7 +16,7 @@ import pytest
 
 import jaxsample
 from jaxsample import InvalidRequestError, SamplingParams, derive_seed
-from jaxsample.api import Engine, choice_seed, normalize_inputs, validate_messages
+from jaxsample.api import Engine, RequestFailed, choice_seed, normalize_inputs, validate_messages
 from jaxsample.decode import RUNNING
 from tests.small_engine import ALTERNATE_CHECK, HI, SYSTEM, nan_engine, small_engine, with_template
 
@@ -184,6 +184,27 @@ def test_errors_name_the_field_at_fault(engine):
     assert c.error is None
     _, c = next(engine.stream([((1, 2), "Hi", SamplingParams(max_tokens=2))]))
     assert c.error.field == "seed" and "(1, 2)" in str(c.error)
+
+
+def test_an_unexpected_failure_fails_its_request_alone(engine, monkeypatch):
+    """An exception other than InvalidRequestError while one request is prepared (here the
+    tokenizer raising on one text) fails that request alone, as a server_error; the others
+    run (a batch job would otherwise stop at that line on every resume)."""
+    encode = engine.tokenizer.encode
+
+    def flaky(text, *args, **kwargs):
+        if "poison" in text:
+            raise RuntimeError("the tokenizer broke")
+        return encode(text, *args, **kwargs)
+
+    monkeypatch.setattr(engine.tokenizer, "encode", flaky)
+    bodies = [{"prompt": "poison", "max_tokens": 2}, {"messages": HI, "max_tokens": 2, "seed": 1}]
+    out = engine.chat_completions(bodies)
+    assert out[0]["error"]["type"] == "server_error" and out[0]["error"]["param"] is None
+    assert "the tokenizer broke" in out[0]["error"]["message"] and "choices" in out[1]
+    bad, good = engine.generate(["poison", "Hi"], P)
+    assert isinstance(bad.error, RequestFailed) and bad.finish_reason == "error"
+    assert good.error is None and good.token_ids
 
 
 def test_text_parts_are_joined_with_newlines(engine):

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jaxsample.batch import JobConfig, Journal, JournalError, ManifestError, run_job
-from jaxsample.batch.job import shard_output
+from jaxsample.batch.job import response_record, shard_output
 from jaxsample.batch.merge import MergeError, merge_shards
 from jaxsample.batch.reader import check_line, read_lines, shard_of
 
@@ -300,6 +300,14 @@ def test_resume_with_other_input_model_or_settings_is_refused(job, change, tmp_p
         err.value
     ) or change == "shard"
     assert open(shard_output(cfg.output, *cfg.shard), "rb").read() == before
+
+
+def test_a_request_that_failed_unexpectedly_is_status_500():
+    def body(kind):
+        return {"error": {"message": "x", "type": kind, "param": None, "code": None}}
+
+    assert response_record("a", body("server_error"))["response"]["status_code"] == 500
+    assert response_record("b", body("invalid_request_error"))["response"]["status_code"] == 400
 
 
 def test_a_run_that_wrote_nothing_does_not_tie_the_output(job):

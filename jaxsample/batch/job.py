@@ -172,8 +172,11 @@ def _new_id(prefix: str) -> str:
 
 def response_record(custom_id: str, result: dict) -> dict:
     """The output line of a request that reached the engine: status 200 with the
-    chat.completion, or 400 with the OpenAI error object it returned."""
-    status = 400 if "error" in result else 200
+    chat.completion, or the OpenAI error object it returned with status 400 (500 for a
+    ``server_error``: the request failed unexpectedly while it was prepared)."""
+    status = 200
+    if "error" in result:
+        status = 500 if result["error"].get("type") == "server_error" else 400
     return {
         "id": _new_id("batch_req_"),
         "custom_id": custom_id,
