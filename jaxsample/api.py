@@ -111,6 +111,12 @@ class RequestFailed(RuntimeError):
         self.index = None
 
 
+def _request_error(err: Exception) -> InvalidRequestError | RequestFailed:
+    """What a request's exception is to its caller: a refusal as it is, anything else a
+    :class:`RequestFailed` (that request fails alone)."""
+    return err if isinstance(err, (InvalidRequestError, RequestFailed)) else RequestFailed(err)
+
+
 def _refused(err: InvalidRequestError | RequestFailed, seed: int | None = None) -> Completion:
     return Completion(finish_reason="error", native_finish_reason="error", error=err, seed=seed)
 
@@ -389,8 +395,8 @@ class Engine:
     def encode_input(self, item) -> list[int]:
         """The prompt token ids of one input: a prompt string (tokenised as is) or a list of
         chat messages (rendered with the chat template first). An input that is an
-        :class:`InvalidRequestError` (a request refused before it got here) raises it."""
-        if isinstance(item, (InvalidRequestError, RequestFailed)):
+        exception (a request that failed before it got here) raises it."""
+        if isinstance(item, Exception):
             raise item
         if isinstance(item, str):
             field, text = _prompt_field(item), item
@@ -411,19 +417,12 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params", params, "a SamplingParams")
         ids = self.encode_input(item)
-        model_context = self.model.config.context_length
-        limit = None
-        if self.context_length < model_context:
-            limit = (
-                f"the engine's max_seq_len ({self.context_length} tokens; the model's context is"
-                f" {model_context}: Engine.load(max_seq_len=...) or --max-seq-len raises it)"
-            )
         max_tokens = check_for_model(
             params,
             vocab_size=self.vocab_size,
             context_length=self.context_length,
             prompt_length=len(ids),
-            limit=limit,
+            model_context=self.model.config.context_length,
             prompt_field=_prompt_field(item),
         )
         return ids, max_tokens
@@ -500,12 +499,11 @@ class Engine:
             for key, item, p in items:
                 try:
                     yield self._request(key, item, p, job_seed)
-                except (InvalidRequestError, RequestFailed) as err:
+                except Exception as err:  # a refusal, or unexpected: it fails alone
+                    err = _request_error(err)
                     err.index = key
                     # answered as soon as the engine pulls it: refusals never pile up
                     yield PassThrough((key, _refused(err)))
-                except Exception as err:  # unexpected: this request fails alone
-                    yield PassThrough((key, _refused(RequestFailed(err))))
 
         for res in self.slot_engine().run(requests()):
             if isinstance(res, PassThrough):
@@ -699,10 +697,9 @@ class Engine:
             for serial, (key, body) in enumerate(bodies):
                 try:
                     text, p, n = self._chat_request(body, key, job_seed)
-                except Exception as err:  # refused, or failed unexpectedly (RequestFailed)
-                    # one item that the engine answers with this error, in order
-                    if not isinstance(err, InvalidRequestError):
-                        err = RequestFailed(err)
+                except Exception as err:  # refused, or failed unexpectedly
+                    # one item that the engine answers with this error (stream makes it a
+                    # refusal or a RequestFailed), in order
                     pending[serial] = {"key": key, "n": 1, "p": None, "done": {}}
                     yield (serial, 0), err, SamplingParams(seed=0)
                     continue

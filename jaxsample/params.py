@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsample.rows import TOP_LOGPROBS_MAX, RowParams
+from jaxsample.transforms import FLOAT32_MAX, GREEDY_TEMPERATURE, check_chain
 
 #: The device capacity of logit_bias per row (``NB`` in docs/DESIGN.md). Every row is padded
 #: to exactly this many entries, so the number of biased tokens never changes a shape.
@@ -315,8 +316,6 @@ def _response_format(value: Any, stored_schema: Any = None) -> tuple[str, str | 
     )
 
 
-#: The largest float32: a user transform's values are float32 array leaves.
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 _TRANSFORM_ALLOWED = (
     "a map of user transform names to maps of parameter names to numbers (finite in float32:"
     " magnitude at most 3.4028235e+38)"
@@ -636,7 +635,7 @@ def check_for_model(
     vocab_size: int,
     context_length: int,
     prompt_length: int,
-    limit: str | None = None,
+    model_context: int | None = None,
     prompt_field: str = "messages",
 ) -> int:
     """Checks what needs the model and returns the resolved ``max_tokens``.
@@ -644,10 +643,10 @@ def check_for_model(
     Refuses a logit_bias token id ``>= vocab_size`` (field ``logit_bias``), a prompt of
     ``>= context_length`` tokens (field ``messages``), and ``max_tokens >
     context_length - prompt_length`` (field ``max_tokens``). Without ``max_tokens`` the
-    result is ``context_length - prompt_length``. ``limit`` names where ``context_length``
-    comes from in the messages (default: the context length), for an engine whose
-    ``max_seq_len`` is below the model's context; ``prompt_field`` is the field a prompt
-    that does not fit is blamed on (``"prompt"`` for raw text).
+    result is ``context_length - prompt_length``. ``model_context``: the model's own context,
+    when ``context_length`` is an engine's smaller ``max_seq_len`` (the messages then name
+    that limit and how to raise it); ``prompt_field`` is the field a prompt that does not fit
+    is blamed on (``"prompt"`` for raw text).
 
     Example::
 
@@ -655,7 +654,12 @@ def check_for_model(
         42
     """
     _check_bias_ids(params, vocab_size)
-    limit = limit or f"the context length ({context_length} tokens)"
+    limit = f"the context length ({context_length} tokens)"
+    if model_context is not None and context_length < model_context:
+        limit = (
+            f"the engine's max_seq_len ({context_length} tokens; the model's context is"
+            f" {model_context}: Engine.load(max_seq_len=...) or --max-seq-len raises it)"
+        )
     if prompt_length >= context_length:
         raise InvalidRequestError(
             prompt_field, f"<prompt of {prompt_length} tokens>", f"a prompt shorter than {limit}"
@@ -793,8 +797,6 @@ def pack_rows(
 
     def column(name, dtype):
         return np.array([getattr(p, name) for p in params_list], dtype=dtype).reshape(b)
-
-    from jaxsample.transforms import GREEDY_TEMPERATURE, check_chain
 
     user = _user_values(params_list, check_chain(transforms))
     temps = [0.0 if p.temperature < GREEDY_TEMPERATURE else p.temperature for p in params_list]

@@ -26,7 +26,6 @@ the token id only, so every path draws the same token from the same distribution
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterable, Mapping
 from functools import partial
 from typing import Any, NamedTuple
@@ -39,7 +38,7 @@ from jax import lax
 
 from jaxsample import native
 from jaxsample import transforms as tf
-from jaxsample.params import InvalidRequestError
+from jaxsample.params import InvalidRequestError, _integer
 from jaxsample.rows import TOP_LOGPROBS_MAX, RowParams
 from jaxsample.transforms import _maybe
 
@@ -109,12 +108,7 @@ class History:
 
         ``prompt_ids``/``output_ids``: a Python list, a numpy array or a jax array of ints.
         """
-        if (
-            isinstance(vocab_size, (bool, np.bool_))
-            or not isinstance(vocab_size, (int, np.integer))
-            or vocab_size < 1
-        ):
-            raise InvalidRequestError("vocab_size", vocab_size, "an integer >= 1")
+        _integer("vocab_size", vocab_size, 1, None, "an integer >= 1")
         prompt = _token_ids("prompt", prompt_ids, vocab_size)
         output = _token_ids("output", output_ids, vocab_size)
         counts = np.bincount(output, minlength=vocab_size).astype(np.int32)
@@ -703,20 +697,30 @@ def race_uniform(words: jax.Array, ids: jax.Array) -> jax.Array:
 KEY_ALLOWED = "one PRNG key (jax.random.key(seed)) or its uint32[2] data (jax.random.PRNGKey)"
 
 
-def _key_words(key: jax.Array) -> jax.Array:
-    """``u32[2]``: the race's words of one key. A threefry2x32 key (``jax.random.key``, the
-    default) gives its own two words; a key of another implementation (more words) gives two
-    words drawn from it (``jax.random.bits``), so every word of it counts. Anything but one
-    key (a batch of keys, a float, ``u32[3]``) is refused when traced, naming its shape."""
-    key = jnp.asarray(key)
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        if key.shape != ():
-            raise InvalidRequestError("key", f"<key array of shape {key.shape}>", KEY_ALLOWED)
-        data = jax.random.key_data(key)
-        return data if data.shape == (2,) else jax.random.bits(key, (2,), jnp.uint32)
-    if key.dtype != jnp.uint32 or key.shape != (2,):
+def _one_key(key) -> jax.Array:
+    """``key`` as an array if it is one PRNG key (typed, any implementation) or its ``u32[2]``
+    data, else :class:`InvalidRequestError` naming what it is (a batch of keys, a float,
+    ``u32[3]``...). Shapes and dtypes are static: checked on the host and when traced."""
+    try:
+        key = jnp.asarray(key)
+    except TypeError:
+        raise InvalidRequestError("key", key, KEY_ALLOWED) from None
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    if key.shape != (() if typed else (2,)) or not (typed or key.dtype == jnp.uint32):
         raise InvalidRequestError("key", f"<{key.dtype} array of shape {key.shape}>", KEY_ALLOWED)
     return key
+
+
+def _key_words(key: jax.Array) -> jax.Array:
+    """``u32[2]``: the race's words of one key (:func:`_one_key`). A threefry2x32 key
+    (``jax.random.key``, the default) gives its own two words; a key of another
+    implementation (more words) gives two words drawn from it (``jax.random.bits``), so
+    every word of it counts."""
+    key = _one_key(key)
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key
+    data = jax.random.key_data(key)
+    return data if data.shape == (2,) else jax.random.bits(key, (2,), jnp.uint32)
 
 
 def _winner(score: jax.Array, ids: jax.Array) -> jax.Array:
@@ -1463,30 +1467,11 @@ def _host_logits(logits) -> jax.Array:
 
 def _host_step(step) -> int:
     """``step`` as an int in ``[0, 2**31 - 1]`` (int32 on the device); a bool, a float or a
-    string is refused, not converted."""
-    if isinstance(step, (bool, np.bool_)) or getattr(step, "dtype", None) == np.bool_:
-        raise InvalidRequestError("step", step, _STEP_ALLOWED, reason="a boolean")
-    try:
-        value = operator.index(step)
-    except TypeError:
-        raise InvalidRequestError("step", step, _STEP_ALLOWED, reason="not an integer") from None
-    if not 0 <= value <= np.iinfo(np.int32).max:
-        raise InvalidRequestError("step", value, _STEP_ALLOWED, reason="out of range")
-    return value
-
-
-def _host_key(key) -> jax.Array:
-    """One PRNG key, typed or as its ``u32[2]`` data; else :class:`InvalidRequestError`."""
-    if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        if key.shape == ():
-            return key
-        shown = f"<key array of shape {key.shape}>"
-    else:
-        arr = np.asarray(key)
-        if arr.dtype == np.uint32 and arr.shape == (2,):
-            return jnp.asarray(arr)
-        shown = f"<{arr.dtype} array of shape {arr.shape}>" if arr.ndim else repr(key)
-    raise InvalidRequestError("key", shown, KEY_ALLOWED)
+    string is refused, not converted (a 0-d integer array is an int)."""
+    if isinstance(step, (np.ndarray, jax.Array)) and step.shape == ():
+        if jnp.issubdtype(step.dtype, jnp.integer):
+            step = int(step)
+    return _integer("step", step, 0, np.iinfo(np.int32).max, _STEP_ALLOWED)
 
 
 def _host_inputs(logits, params, prompt_tokens, output_tokens, job_seed, key, transforms):
@@ -1585,7 +1570,7 @@ def sample(
     logits, rows, hist, seeds = _host_inputs(
         logits, params, prompt_tokens, output_tokens, job_seed, key, chain
     )
-    keys = None if key is None else _row_keys(_host_key(key), logits.shape[0])
+    keys = None if key is None else _row_keys(_one_key(key), logits.shape[0])
     out = jax.device_get(
         sample_batch(
             logits, rows, hist, None, jnp.int32(_host_step(step)), keys=keys, transforms=chain

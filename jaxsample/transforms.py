@@ -748,9 +748,8 @@ class UserTransform:
             )
         params = dict(self.params)
         ranges = dict(self.ranges)
-        big = float(np.finfo(np.float32).max)  # the values are float32 leaves
-        for key, value in params.items():
-            if not isinstance(key, str) or not abs(float(value)) <= big:
+        for key, value in params.items():  # the values are float32 leaves
+            if not isinstance(key, str) or not abs(float(value)) <= FLOAT32_MAX:
                 raise ValueError(
                     f"user transform {self.name!r}: parameter {key!r} has default {value!r};"
                     " a default is a number finite in float32"

@@ -475,15 +475,26 @@ def test_no_default_model_is_a_job_error(job, monkeypatch):
 # ---------------------------------------------------------------------------- the command
 
 
+def _cut_gguf(path) -> str:
+    """A tiny GGUF file without its last 1000 bytes of tensor data."""
+    from tiny_gguf import write_tiny_gguf
+
+    write_tiny_gguf(path)
+    os.truncate(path, os.path.getsize(path) - 1000)
+    return str(path)
+
+
 def _command(tmp_path, *flags):
-    """Runs ``jaxsample batch`` in this process on a one-line input with a file that starts
-    as a GGUF file does; returns its exit status and the files it added to ``tmp_path``."""
+    """Runs ``jaxsample batch`` in this process on a one-line input with a whole (tiny) GGUF
+    file; returns its exit status and the files it added to ``tmp_path``."""
+    from tiny_gguf import write_tiny_gguf
+
     from jaxsample.batch.command import run
     from jaxsample.cli import _parser
 
     inp = _write(tmp_path / "in.jsonl", [request_line("a", chat_body("x"))])
     gguf = tmp_path / "m.gguf"
-    gguf.write_bytes(b"GGUF" + bytes(60))
+    write_tiny_gguf(gguf)
     before = set(os.listdir(tmp_path))
     argv = ["batch", inp, "--no-compile-cache", "--model", str(gguf), *flags]
     status = run(_parser().parse_args(argv))
@@ -497,6 +508,7 @@ def _command(tmp_path, *flags):
         ("output-dir", "is a directory"),
         ("no-model", "No such file"),
         ("not-gguf", "is not a GGUF file"),
+        ("cut-gguf", "is truncated: expected"),
         ("process-id", "--process-id 5: must lie in [0, 2)"),
         ("no-coordinator", "several hosts need --coordinator-address too"),
     ],
@@ -508,6 +520,7 @@ def test_bad_paths_and_flags_exit_2_without_writing(tmp_path, capsys, case, mess
         "output-dir": ["-o", str(tmp_path)],
         "no-model": ["-o", out, "--model", str(tmp_path / "nope.gguf")],
         "not-gguf": ["-o", out, "--model", _write(tmp_path / "text.gguf", ["not a model"])],
+        "cut-gguf": ["-o", out, "--model", _cut_gguf(tmp_path / "cut.gguf")],
         "process-id": ["-o", out, "--num-processes", "2", "--process-id", "5"]
         + ["--coordinator-address", "127.0.0.1:1"],
         "no-coordinator": ["-o", out, "--num-processes", "2", "--process-id", "0"],

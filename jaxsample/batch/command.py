@@ -116,15 +116,14 @@ def _check_paths(args) -> None:
     if os.path.isdir(args.output):
         raise UsageError(f"--output {args.output} is a directory; give a file path")
     if args.model is not None:
+        from jaxsample.model import ModelFileError, check_gguf_file
+
+        if not os.path.isfile(args.model):
+            raise UsageError(f"--model {args.model}: No such file")
         try:
-            with open(args.model, "rb") as f:
-                magic = f.read(4)
-        except OSError as err:
-            raise UsageError(f"--model {args.model}: {err.strerror}") from err
-        if magic != b"GGUF":
-            raise UsageError(
-                f"--model {args.model} is not a GGUF file (it does not start with b'GGUF')"
-            )
+            check_gguf_file(args.model)  # the header and tensor extents, not the weights
+        except ModelFileError as err:
+            raise UsageError(str(err)) from None
 
 
 def _shard(args) -> tuple[int, int]:
