@@ -34,6 +34,7 @@ from jaxsample.sampler import sample_row as sample_row
 from jaxsample.sampler import sample_rows as sample_rows
 from jaxsample.sampler import top_logprobs as top_logprobs
 from jaxsample.transforms import POSITIONS as TRANSFORM_POSITIONS
+from jaxsample.transforms import TransformError as TransformError
 from jaxsample.transforms import UserTransform as UserTransform
 
 __all__ = [
@@ -68,6 +69,7 @@ __all__ = [
     "log_prob",
     "top_logprobs",
     "UserTransform",
+    "TransformError",
     "TRANSFORM_POSITIONS",
     "transforms",
     "automata",

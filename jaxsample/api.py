@@ -35,8 +35,12 @@ from jaxsample import decode as _decode
 from jaxsample.automata import json_mode, stop
 from jaxsample.model.chat import ChatTemplateError
 from jaxsample.params import (
+    INT64_MAX,
+    INT64_MIN,
     InvalidRequestError,
     SamplingParams,
+    _integer,
+    check_chain_outputs,
     check_for_model,
     derive_seed,
     pack_rows,
@@ -134,11 +138,12 @@ def normalize_inputs(inputs: Any) -> list:
     """
     if isinstance(inputs, str):
         return [inputs]
-    if isinstance(inputs, Mapping) or not isinstance(inputs, Iterable):
+    if isinstance(inputs, (Mapping, bytes, bytearray)) or not isinstance(inputs, Iterable):
         raise InvalidRequestError(
             "inputs",
             inputs,
             "a prompt string, a list of messages, or a list of prompts and message lists",
+            reason="bytes: decode them to a str first" if isinstance(inputs, bytes) else None,
         )
     items = list(inputs)
     if any(isinstance(x, Mapping) for x in items):  # messages: one conversation
@@ -248,6 +253,12 @@ def choice_seed(seed: int, index: int) -> int:
     return seed if index == 0 else derive_seed(seed, index)
 
 
+def _check_job_seed(job_seed: Any) -> int:
+    """A call's ``job_seed``: a signed 64-bit integer, refused (naming ``job_seed``) before
+    any request, not blamed on each request's ``seed``."""
+    return _integer("job_seed", job_seed, INT64_MIN, INT64_MAX, "an integer in [-2**63, 2**63 - 1]")
+
+
 def _logprob(x) -> float:
     x = float(x)
     return x if math.isfinite(x) else NO_PROBABILITY
@@ -277,13 +288,13 @@ class Engine:
         devices=None,
         transforms=(),
     ):
-        from jaxsample.transforms import check_chain
-
         self.model = model
         self.tokenizer = tokenizer
         self.model_name = model_name
-        #: the user transform chain run in the loop (docs/sampler.md)
-        self.transforms = check_chain(transforms)
+        #: the user transform chain run in the loop (docs/sampler.md); each transform is
+        #: traced on an abstract row here, so a bad one fails now, naming it
+        #: (:class:`jaxsample.TransformError`), not inside the compiled loop
+        self.transforms = check_chain_outputs(transforms, model.config.vocab_size)
         #: the slot engine's settings (see :class:`jaxsample.engine.SlotEngine`)
         self.engine_options = {
             "slots": slots,
@@ -495,8 +506,17 @@ class Engine:
         """
         from jaxsample.engine import PassThrough
 
+        job_seed = _check_job_seed(job_seed)
+
         def requests():
-            for key, item, p in items:
+            for n, entry in enumerate(items):
+                try:
+                    key, item, p = entry
+                except (TypeError, ValueError):  # the call's mistake, not one request's
+                    raise ValueError(
+                        "stream items are (key, input, SamplingParams) tuples;"
+                        f" item {n} is {entry!r:.100}"
+                    ) from None
                 try:
                     yield self._request(key, item, p, job_seed)
                 except Exception as err:  # a refusal, or unexpected: it fails alone
@@ -543,10 +563,21 @@ class Engine:
             returning it in ``Completion.error``.
         """
         inputs = normalize_inputs(inputs)
+        job_seed = _check_job_seed(job_seed)
         if params is None:
             params = SamplingParams()
         if isinstance(params, SamplingParams):
             params = [params] * len(inputs)
+        if isinstance(params, (Mapping, str, bytes)) or not isinstance(params, Iterable):
+            raise InvalidRequestError(
+                "params",
+                params,
+                "one SamplingParams for all inputs or a list of one per input",
+                reason="a dict is not a SamplingParams: SamplingParams(**d), or "
+                "SamplingParams.from_request(body) for a request body"
+                if isinstance(params, Mapping)
+                else type(params).__name__,
+            )
         params = list(params)
         if len(params) != len(inputs):
             raise InvalidRequestError(
@@ -691,6 +722,7 @@ class Engine:
         ``i`` runs with :func:`choice_seed` ``(seed, i)``. Bodies are pulled as the engine
         takes requests, so an endless iterator runs in flat memory.
         """
+        job_seed = _check_job_seed(job_seed)
         pending: dict[int, dict] = {}
 
         def items():

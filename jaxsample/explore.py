@@ -17,15 +17,17 @@ These are host conveniences over the public pieces (``Engine``, the model's ``pr
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxsample.api import normalize_inputs
 from jaxsample.automata import json_mode
 from jaxsample.decode import bucket
+from jaxsample.params import _integer
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -35,15 +37,43 @@ def _prefill_logits(graphdef, state, tokens, lengths):
     return model.prefill(tokens, lengths, cache)[0]
 
 
+def _is_ids(item) -> bool:
+    """A sequence of token ids: a list or tuple of ints, or a 1-d integer numpy/jax array."""
+    if isinstance(item, (np.ndarray, jax.Array)):
+        return item.ndim == 1 and jnp.issubdtype(item.dtype, jnp.integer)
+    return (
+        isinstance(item, (list, tuple))
+        and bool(item)
+        and all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in item)
+    )
+
+
+def _inputs(inputs) -> list:
+    """The inputs of a call, by the rule of :meth:`jaxsample.Engine.generate`
+    (:func:`jaxsample.api.normalize_inputs`: a string is one prompt, a list of message dicts
+    one conversation), and a sequence of token ids (or a 1-d integer array) is one input; a
+    2-d integer array is a batch of rows."""
+    if _is_ids(inputs):
+        return [inputs]
+    if isinstance(inputs, (np.ndarray, jax.Array)) and inputs.ndim == 2:
+        return list(np.asarray(inputs))
+    return normalize_inputs(inputs)
+
+
 def _input_ids(engine, item) -> list[int]:
-    if isinstance(item, (list, tuple, np.ndarray)) and all(
-        isinstance(t, (int, np.integer)) for t in item
+    if isinstance(item, str) or (
+        isinstance(item, (list, tuple)) and any(isinstance(m, Mapping) for m in item)
     ):
-        ids = [int(t) for t in item]
-        if not ids or min(ids) < 0 or max(ids) >= engine.vocab_size:
-            raise ValueError(f"token ids must be a non-empty list in [0, {engine.vocab_size})")
-        return ids
-    return engine.encode_input(item)
+        return engine.encode_input(item)  # a prompt or a conversation (InvalidRequestError)
+    ids = [int(t) for t in np.asarray(item)] if _is_ids(item) else []
+    if not ids:
+        raise ValueError(
+            "an input is a prompt string, a list of chat messages or a non-empty list of token"
+            f" ids (ints, not bools), got {item!r:.80}"
+        )
+    if min(ids) < 0 or max(ids) >= engine.vocab_size:
+        raise ValueError(f"token ids must be in [0, {engine.vocab_size}), got {item!r:.80}")
+    return ids
 
 
 def next_token_logits(engine, inputs: Sequence) -> np.ndarray:
@@ -51,7 +81,10 @@ def next_token_logits(engine, inputs: Sequence) -> np.ndarray:
 
     Each input is a prompt string (used as is, no chat template), a list of chat messages
     (rendered with the chat template and the assistant turn opened, exactly as
-    :meth:`~jaxsample.Engine.generate` renders it) or a list of token ids (used as is). To
+    :meth:`~jaxsample.Engine.generate` renders it) or a list of token ids (used as is).
+    ``inputs`` follows ``generate``'s rule: a string is ONE prompt, a message list ONE
+    conversation, a list (or 1-d integer array) of token ids ONE input, a 2-d integer array
+    a batch of rows, any other list a batch. To
     look at a later step of an answer, pass the prompt's ids plus the answer's ids so far
     (or the rendered prompt plus the answer as a string, which is tokenised anew). Inputs
     are right-padded to a power-of-two length so that similar ones reuse one compiled
@@ -64,9 +97,13 @@ def next_token_logits(engine, inputs: Sequence) -> np.ndarray:
         logits = next_token_logits(engine, [msgs])          # [1, 49152]
         lp = processed_logprobs(logits, SamplingParams(top_p=0.9))
     """
-    ids = [_input_ids(engine, item) for item in inputs]
+    ids = [_input_ids(engine, item) for item in _inputs(inputs)]
     if not ids:
         raise ValueError("next_token_logits needs at least one input")
+    context = engine.model.config.context_length
+    longest = max(len(t) for t in ids)
+    if longest > context:
+        raise ValueError(f"an input of {longest} tokens is longer than the context ({context})")
     lengths = np.array([len(t) for t in ids], np.int32)
     tokens = np.zeros((len(ids), bucket(int(lengths.max()))), np.int32)
     for b, t in enumerate(ids):
@@ -79,7 +116,11 @@ def next_token_logits(engine, inputs: Sequence) -> np.ndarray:
 def token_texts(tokenizer, ids) -> list[str]:
     """The text of each token id (invalid UTF-8 pieces shown with U+FFFD, ``-1`` as '')."""
     tb = tokenizer.token_bytes
-    return [tb[int(i)].decode("utf-8", errors="replace") if int(i) >= 0 else "" for i in ids]
+    ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+    bad = [i for i in ids if not -1 <= i < len(tb)]
+    if bad:
+        raise ValueError(f"token ids must be in [0, {len(tb)}) or -1 (padding), got {bad[:5]}")
+    return [tb[i].decode("utf-8", errors="replace") if i >= 0 else "" for i in ids]
 
 
 @jax.jit
@@ -102,7 +143,19 @@ def json_allowed_masks(engine, token_ids, max_tokens: int) -> np.ndarray:
     the decode loop (``max_tokens - i`` tokens left at step ``i``). Row ``i`` is the mask the
     loop applied when it drew ``token_ids[i]``, so ``masks[i, token_ids[i]]`` is True.
     """
-    tokens = jnp.asarray(np.asarray(token_ids, np.int32).reshape(-1))
+    ids = np.asarray(token_ids).reshape(-1)
+    if ids.size and not (jnp.issubdtype(ids.dtype, jnp.integer) and ids.dtype != np.bool_):
+        raise ValueError(f"token_ids must be ints, got {ids.dtype}")
+    if ids.size and (ids.min() < 0 or ids.max() >= engine.vocab_size):
+        raise ValueError(f"token_ids must be in [0, {engine.vocab_size})")
+    max_tokens = _integer(
+        "max_tokens",
+        max_tokens,
+        max(1, ids.size),
+        2**31 - 1,
+        "an integer >= the number of tokens (the budget the answer was generated with)",
+    )
+    tokens = jnp.asarray(ids.astype(np.int32))
     masks = _json_replay(engine.grammar(), tokens, jnp.int32(max_tokens))
     return np.asarray(masks)
 

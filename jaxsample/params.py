@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -28,7 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsample.rows import TOP_LOGPROBS_MAX, RowParams
-from jaxsample.transforms import FLOAT32_MAX, GREEDY_TEMPERATURE, check_chain
+from jaxsample.transforms import (
+    FLOAT32_MAX,
+    GREEDY_TEMPERATURE,
+    TransformError,
+    check_chain,
+    check_user_output,
+)
 
 #: The device capacity of logit_bias per row (``NB`` in docs/DESIGN.md). Every row is padded
 #: to exactly this many entries, so the number of biased tokens never changes a shape.
@@ -53,7 +60,13 @@ _REPR_LIMIT = 200
 
 
 def _short_repr(value: Any) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int of more digits than Python converts (4300), or one inside
+        if _is_int(value):
+            sign = "negative " if value < 0 else ""
+            return f"<{sign}int of {int(value).bit_length()} bits>"
+        return f"<{type(value).__name__} holding an int too large to show>"
     if len(text) > _REPR_LIMIT:
         text = text[: _REPR_LIMIT - 3] + "..."
     return text
@@ -113,13 +126,22 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not _is_bool(value)
 
 
+def _type_reason(value: Any, convert: str) -> str:
+    """Why a value of the wrong type is refused: its type, and for an array (a 0-d numpy or
+    JAX array from a sweep, ``jnp.linspace(...)[i]``) how to pass it."""
+    name = type(value).__name__
+    if isinstance(value, (np.ndarray, jax.Array)):
+        return f"{name} of shape {tuple(value.shape)}, not a Python number: pass {convert}(x)"
+    return name
+
+
 def _number(field: str, value: Any, lo: float, hi: float, allowed: str | None = None) -> float:
     """Checks a float field: a finite int or float (not a bool) in [lo, hi]; returns a float."""
     allowed = allowed or f"a number in [{lo!r}, {hi!r}]"
     if _is_bool(value):
         raise InvalidRequestError(field, value, allowed, reason="a boolean is not a number")
     if not _is_number(value):
-        raise InvalidRequestError(field, value, allowed, reason=f"{type(value).__name__}")
+        raise InvalidRequestError(field, value, allowed, reason=_type_reason(value, "float"))
     if isinstance(value, (float, np.floating)) and not math.isfinite(value):
         raise InvalidRequestError(field, value, allowed, reason="not finite")
     if not lo <= value <= hi:  # compared before float(): a huge int never overflows
@@ -132,7 +154,7 @@ def _integer(field: str, value: Any, lo: int | None, hi: int | None, allowed: st
     if _is_bool(value):
         raise InvalidRequestError(field, value, allowed, reason="a boolean is not an integer")
     if not _is_int(value):
-        raise InvalidRequestError(field, value, allowed, reason=f"{type(value).__name__}")
+        raise InvalidRequestError(field, value, allowed, reason=_type_reason(value, "int"))
     value = int(value)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise InvalidRequestError(field, value, allowed, reason="out of range")
@@ -148,7 +170,10 @@ def _bias_key(key: Any) -> int:
     if _is_int(key) and key >= 0:
         return int(key)
     if isinstance(key, str) and _DECIMAL.fullmatch(key):
-        return int(key)
+        try:
+            return int(key)
+        except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits())
+            pass
     raise InvalidRequestError(
         "logit_bias", key, _BIAS_ALLOWED, reason=f"key {_short_repr(key)} is not a token id"
     )
@@ -324,25 +349,47 @@ _TRANSFORM_ALLOWED = (
 
 def _transform_params(value: Any) -> tuple:
     """``{name: {param: number}}`` as a sorted, hashable tuple (values checked per chain in
-    :func:`pack_rows`, which knows the transforms)."""
+    :func:`pack_rows`, which knows the transforms). A name or a parameter given twice (in the
+    pairs form) is refused, never resolved silently."""
     if value is None:
         return ()
     items = value.items() if isinstance(value, Mapping) else value
+    out: dict[Any, dict[Any, Any]] = {}
     try:
-        out = {}
         for name, params in items:
-            pairs = params.items() if isinstance(params, Mapping) else params
-            out[name] = tuple(sorted((k, v) for k, v in pairs))
-    except (TypeError, ValueError):
+            if name in out:
+                raise InvalidRequestError(
+                    "transform_params", name, _TRANSFORM_ALLOWED, reason="transform given twice"
+                )
+            out[name] = {}
+            for k, v in params.items() if isinstance(params, Mapping) else params:
+                if k in out[name]:
+                    raise InvalidRequestError(
+                        "transform_params",
+                        {name: {k: v}},
+                        _TRANSFORM_ALLOWED,
+                        reason="parameter given twice",
+                    )
+                out[name][k] = v
+    except (TypeError, ValueError) as err:
+        if isinstance(err, InvalidRequestError):
+            raise
         raise InvalidRequestError("transform_params", value, _TRANSFORM_ALLOWED) from None
     for name, pairs in out.items():
         if not isinstance(name, str):
             raise InvalidRequestError("transform_params", name, _TRANSFORM_ALLOWED)
-        for k, v in pairs:
+        for k, v in pairs.items():
             if not isinstance(k, str):
                 raise InvalidRequestError("transform_params", {name: {k: v}}, _TRANSFORM_ALLOWED)
-            _number("transform_params", v, -FLOAT32_MAX, FLOAT32_MAX, _TRANSFORM_ALLOWED)
-    return tuple(sorted((n, tuple((k, float(v)) for k, v in p)) for n, p in out.items()))
+            try:
+                _number("transform_params", v, -FLOAT32_MAX, FLOAT32_MAX, _TRANSFORM_ALLOWED)
+            except InvalidRequestError as err:  # name the entry, not the bare value
+                raise InvalidRequestError(
+                    "transform_params", {name: {k: v}}, _TRANSFORM_ALLOWED, reason=err.reason
+                ) from None
+    return tuple(
+        sorted((n, tuple(sorted((k, float(v)) for k, v in p.items()))) for n, p in out.items())
+    )
 
 
 def _user_values(params_list, chain) -> tuple:
@@ -388,6 +435,66 @@ def _user_values(params_list, chain) -> tuple:
             columns[k] = np.array(col, np.float32).reshape(len(params_list))
         values.append(columns)
     return tuple(values)
+
+
+@functools.lru_cache(maxsize=256)
+def _check_output(t, vocab_size: int) -> None:
+    """Traces one user transform on an abstract row (``jax.eval_shape``: nothing runs) and
+    refuses, naming it, a transform that fails to trace or whose output is not ``f32[V]``-like
+    (a floating-point array of the row's shape): a scalar or ``[1]`` would broadcast to every
+    token and an integer or boolean array be read as logits, silently."""
+    from jaxsample.sampler import History
+
+    z = jax.ShapeDtypeStruct((vocab_size,), jnp.float32)
+    params = {k: jax.ShapeDtypeStruct((), jnp.float32) for k, _ in t.params}
+    hist = History(
+        counts=jax.ShapeDtypeStruct((vocab_size,), jnp.int32),
+        in_prompt=jax.ShapeDtypeStruct((vocab_size,), jnp.bool_),
+    )
+    what = f"user transform {t.name!r} (fn(z, params, hist) with z: f32[{vocab_size}])"
+    try:
+        out = jax.eval_shape(t.fn, z, params, hist)
+    except Exception as err:
+        raise TransformError(
+            f"{what} failed when traced on one row, params {sorted(params)}: "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    check_user_output(t, out, vocab_size)
+
+
+def check_chain_outputs(chain, vocab_size: int) -> tuple:
+    """Checks a user transform chain against a vocabulary size and returns it as a tuple.
+
+    Each transform is traced on an abstract row (``jax.eval_shape``, cached per transform and
+    vocabulary size: nothing runs on a device); one that fails to trace, or returns anything
+    but a floating-point array of shape ``(vocab_size,)``, raises :class:`TransformError`
+    naming it.
+
+    Example::
+
+        >>> from jaxsample import UserTransform
+        >>> ok = UserTransform("half", lambda z, p, hist: z * 0.5)
+        >>> bad = UserTransform("argmax", lambda z, p, hist: jnp.argmax(z))
+        >>> len(check_chain_outputs((ok,), vocab_size=7))
+        1
+        >>> try:
+        ...     check_chain_outputs((ok, bad), vocab_size=7)
+        ... except TransformError as err:
+        ...     print(str(err).split(";")[0])
+        user transform 'argmax' returned int32[]
+    """
+    chain = check_chain(chain)
+    for t in chain:
+        try:
+            hash(t)
+        except TypeError as err:
+            raise TransformError(
+                f"user transform {t.name!r} is not hashable ({err}): a chain is a static"
+                " argument of the compiled sampler; pass per-row values as params, not as"
+                " arrays held by fn"
+            ) from None
+        _check_output(t, vocab_size)
+    return chain
 
 
 # ----------------------------------------------------------------------------- SamplingParams
@@ -574,6 +681,11 @@ class SamplingParams:
         if "logit_bias" in kwargs and not isinstance(kwargs["logit_bias"], Mapping):
             raise InvalidRequestError(
                 "logit_bias", kwargs["logit_bias"], _BIAS_ALLOWED, reason="not an object"
+            )
+        tp = kwargs.get("transform_params")
+        if tp is not None and not isinstance(tp, Mapping):
+            raise InvalidRequestError(
+                "transform_params", tp, _TRANSFORM_ALLOWED, reason="not an object"
             )
         return cls(**kwargs)
 
@@ -782,6 +894,15 @@ def pack_rows(
         >>> rows.top_k, rows.bias_ids.shape
         (array([0, 5], dtype=int32), (2, 1024))
     """
+    if isinstance(params_list, SamplingParams):
+        raise InvalidRequestError(
+            "params", params_list, "a list of SamplingParams (one per row)", reason="not a list"
+        )
+    params_list = list(params_list)
+    for i, p in enumerate(params_list):
+        if not isinstance(p, SamplingParams):
+            raise InvalidRequestError("params", p, "a SamplingParams", index=i)
+    vocab_size = _integer("vocab_size", vocab_size, 1, 2**31 - 1, "an integer in [1, 2**31 - 1]")
     if len(seeds) != len(params_list):
         raise ValueError(f"{len(params_list)} params but {len(seeds)} seeds")
     b = len(params_list)
@@ -798,7 +919,7 @@ def pack_rows(
     def column(name, dtype):
         return np.array([getattr(p, name) for p in params_list], dtype=dtype).reshape(b)
 
-    user = _user_values(params_list, check_chain(transforms))
+    user = _user_values(params_list, check_chain_outputs(transforms, vocab_size))
     temps = [0.0 if p.temperature < GREEDY_TEMPERATURE else p.temperature for p in params_list]
     return RowParams(
         temperature=np.array(temps, np.float32).reshape(b),

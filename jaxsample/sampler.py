@@ -638,6 +638,7 @@ def distribution(
         >>> np.round(np.exp(log_prob(d, jnp.arange(3))), 3).tolist()
         [0.625, 0.375, 0.0]
     """
+    _check_shapes(logits, hist, allowed, batched=False)
     plan = Plan.everything() if plan is None else plan
     chain = tf.check_chain(transforms)
     f = _front(logits, row, hist, allowed, plan, num_candidates, chain)
@@ -711,16 +712,23 @@ def _one_key(key) -> jax.Array:
     return key
 
 
+#: The race's words for a key whose words are both zero (``jax.random.key(0)``,
+#: ``PRNGKey(0)``): the hash's mixer fixes 0, so with zero words token 0 would get the
+#: smallest uniform of all (about 1e-10) and win every draw it is kept in. Any other words
+#: serve; these are the golden ratio's and sqrt(2)'s first 32 fraction bits.
+ZERO_KEY_WORDS = (0x9E3779B9, 0x6A09E667)
+
+
 def _key_words(key: jax.Array) -> jax.Array:
     """``u32[2]``: the race's words of one key (:func:`_one_key`). A threefry2x32 key
     (``jax.random.key``, the default) gives its own two words; a key of another
     implementation (more words) gives two words drawn from it (``jax.random.bits``), so
-    every word of it counts."""
+    every word of it counts. Two zero words become :data:`ZERO_KEY_WORDS`."""
     key = _one_key(key)
-    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return key
-    data = jax.random.key_data(key)
-    return data if data.shape == (2,) else jax.random.bits(key, (2,), jnp.uint32)
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        data = jax.random.key_data(key)
+        key = data if data.shape == (2,) else jax.random.bits(key, (2,), jnp.uint32)
+    return jnp.where(jnp.all(key == 0), jnp.array(ZERO_KEY_WORDS, jnp.uint32), key)
 
 
 def _winner(score: jax.Array, ids: jax.Array) -> jax.Array:
@@ -897,10 +905,25 @@ def top_logprobs(dist: Distribution, n: int = TOP_LOGPROBS_MAX) -> tuple[jax.Arr
     )
 
 
+_POSITION_ALLOWED = "an integer (the output position): a Python int or an integer array"
+
+
+def _position(position) -> jax.Array:
+    """``position`` as an integer array; a float, a bool or a string is refused (checked
+    when traced: dtypes are static), not truncated."""
+    try:
+        arr = jnp.asarray(position)
+    except TypeError:
+        raise InvalidRequestError("position", position, _POSITION_ALLOWED) from None
+    if not jnp.issubdtype(arr.dtype, jnp.integer):
+        raise InvalidRequestError("position", f"<{arr.dtype} array>", _POSITION_ALLOWED)
+    return arr
+
+
 def row_key(row: RowParams, position) -> jax.Array:
     """The row's key at output position ``i``: ``fold_in(key(seed), i)``."""
     key = jax.random.wrap_key_data(row.seed_words.astype(jnp.uint32), impl="threefry2x32")
-    return jax.random.fold_in(key, position)
+    return jax.random.fold_in(key, _position(position))
 
 
 def _neutral_row(vocab: int) -> RowParams:
@@ -1106,6 +1129,32 @@ def processed_logprobs_row(
 # --------------------------------------------------------------------------------------------
 
 
+def _check_shapes(logits, hist: History, allowed, *, batched: bool) -> None:
+    """Static shape checks of the sampler's arrays (``[V]`` per row; ``batched``: ``[B, V]``),
+    each refusal an :class:`InvalidRequestError` naming the argument, not an error from
+    inside JAX."""
+    want = "[B, V]" if batched else "[V] (one row; the batched functions take [B, V])"
+    ndim = 2 if batched else 1
+    shape = tuple(jnp.shape(logits))
+    if len(shape) != ndim or 0 in shape:
+        raise InvalidRequestError(
+            "logits", f"<array of shape {shape}>", f"an array of shape {want}"
+        )
+    for name, arr in (("hist.counts", hist.counts), ("hist.in_prompt", hist.in_prompt)):
+        if tuple(jnp.shape(arr)) != shape:
+            raise InvalidRequestError(
+                name,
+                f"<array of shape {tuple(jnp.shape(arr))}>",
+                f"the logits' shape {shape} (History.from_tokens(..., vocab_size=V))",
+            )
+    if allowed is not None and tuple(jnp.shape(allowed)) != shape:
+        raise InvalidRequestError(
+            "allowed",
+            f"<array of shape {tuple(jnp.shape(allowed))}>",
+            f"None or a bool array of the logits' shape {shape}",
+        )
+
+
 def _rows_axes(allowed):
     return None if allowed is None else 0
 
@@ -1138,6 +1187,7 @@ def distributions(
     its result instead: under ``"one"`` it runs inside the last branch, which is how
     :func:`sample_rows` puts its reports there.
     """
+    _check_shapes(logits, hist, allowed, batched=True)
     words = None if keys is None else jax.vmap(_key_words)(keys)
     chain = tf.check_chain(transforms)
     vocab = logits.shape[-1]
@@ -1213,7 +1263,11 @@ def _rest_one(
     every row and (a branch inside it) the full-vocabulary searches on every row when
     some row still needs one. The branch comes last, with ``then`` (the caller's remaining
     work, such as the reports) inside it, so the host, which reads its predicate, waits
-    only when the device has nothing left to do. A row the candidates leave unresolved
+    only when the device has nothing left to do. With ``then``, that branch is one
+    ``lax.switch`` whose other sides are the common stages for each static value of the
+    plan's ``raw`` and ``mass`` (what :func:`sample_rows`'s reports branch on), so the common
+    path has one batch-level branch: one point where the host waits, and no values copied
+    into a branch's outputs. A row the candidates leave unresolved
     only because nothing cut its kept set (plain sampling, min_p) needs no search: its
     thresholds are known (:func:`_known_thresholds`). The kept mass of the rows on the full
     vocabulary is computed here when ``plan.mass`` is a Python True, else left NaN for
@@ -1227,7 +1281,7 @@ def _rest_one(
     need2 = jax.vmap(_tier2_needed)(f, rows)
     plan = plan.replace(tier2=jnp.any(need2) & tier2_on, full=jnp.any(f.need_full))
 
-    def stages(rare: bool):
+    def stages(rare: bool, plan: Plan = plan):
         stage = jax.vmap(lambda f, r: _tier2_stage(f, r, rare and tier2_on, second_tier))
         g = jax.vmap(_tier2_apply)(f, rows, *stage(f, rows))
         if rare:
@@ -1257,11 +1311,22 @@ def _rest_one(
             return then(dist, plan, tokens)
         return dist if tokens is None else (dist, tokens)
 
-    common = stages(False)
-    out = lax.cond(jnp.any(need2), lambda: stages(True), lambda: common)
-    if then is not None:
-        return out
-    return (out, plan) if words is None else (out[0], plan, out[1])
+    if then is None:
+        out = lax.cond(jnp.any(need2), lambda: stages(True), lambda: stages(False))
+        return (out, plan) if words is None else (out[0], plan, out[1])
+    # one switch: the common stages for each static (raw, mass) the plan may hold, then the
+    # rare stages (which branch on the plan's own values inside)
+    raws = [plan.raw] if isinstance(plan.raw, int) else [0, 1, 2]
+    masses = [plan.mass] if isinstance(plan.mass, bool) else [False, True]
+    common = [plan.replace(raw=r, mass=m) for r in raws for m in masses]
+    index = jnp.int32(0)
+    if len(raws) > 1:
+        index = index + jnp.asarray(plan.raw, jnp.int32) * len(masses)
+    if len(masses) > 1:
+        index = index + jnp.asarray(plan.mass, jnp.int32)
+    index = jnp.where(jnp.any(need2), len(common), index)
+    branches = [partial(stages, False, p) for p in common] + [partial(stages, True)]
+    return lax.switch(index, branches)
 
 
 def _with_kept_mass(dist: Distribution, mass) -> Distribution:
@@ -1369,19 +1434,24 @@ def sample_rows(
     same numbers as a plain ``jax.vmap(sample_row)``. ``keys`` (``[B]`` PRNG keys) replaces
     the per-row ``fold_in(key(seed), position)``.
     """
+    _check_shapes(logits, hist, allowed, batched=True)
     batch = logits.shape[0]
     if keys is None:
-        position = jnp.broadcast_to(jnp.asarray(position, jnp.int32), (batch,))
+        position = jnp.broadcast_to(_position(position).astype(jnp.int32), (batch,))
         keys = jax.vmap(row_key)(rows, position)
     one = _branches() == "one"
     # the raw log probabilities depend on the logits and the parameters alone: computed once,
-    # outside every branch of the plan (under "one", not again in its last branch)
-    raw_stats = _raw_batch(logits, _raw_needed(rows), exact_only=one)
+    # outside every branch of the plan; under "one", in each side of its last switch, with
+    # the plan's raw and mass static on the common sides (see _rest_one)
+    raw_stats = None if one else _raw_batch(logits, _raw_needed(rows))
 
     def report(dist, plan, token):
-        if one and plan.mass is not True:
-            dist = _with_kept_mass(dist, plan.mass)
-        return jax.vmap(_report)(logits, rows, dist, token, raw_stats)
+        stats = raw_stats
+        if one:
+            stats = _raw_batch(logits, plan.raw, exact_only=True)
+            if plan.mass is not True:
+                dist = _with_kept_mass(dist, plan.mass)
+        return jax.vmap(_report)(logits, rows, dist, token, stats)
 
     return distributions(
         logits,
@@ -1489,10 +1559,18 @@ def _host_inputs(logits, params, prompt_tokens, output_tokens, job_seed, key, tr
         if not isinstance(p, SamplingParams):
             raise InvalidRequestError(f"params[{i}]", p, _PARAMS_ALLOWED)
     if len(plist) != batch:
-        raise ValueError(f"{len(plist)} params for {batch} rows of logits")
+        raise InvalidRequestError(
+            "params",
+            f"<{len(plist)} SamplingParams>",
+            f"one SamplingParams, or a list of {batch}: one per row of the logits",
+        )
     for name, lists in (("prompt_tokens", prompt_tokens), ("output_tokens", output_tokens)):
         if lists is not None and len(lists) != batch:
-            raise ValueError(f"{name} must hold {batch} lists, got {len(lists)}")
+            raise InvalidRequestError(
+                name,
+                f"<{len(lists)} entries>",
+                f"one token list per row of the logits ({batch}), e.g. [[1, 2]] for one row",
+            )
     if key is not None:
         if job_seed is not None:
             raise ValueError("give key= or job_seed=, not both")

@@ -701,6 +701,62 @@ def min_p_full(s: FullRow, m: jax.Array) -> FullRow:
 POSITIONS = ("before_bias", "before_penalties", "before_temperature", "before_filters")
 
 
+class TransformError(ValueError):
+    """A user transform that cannot run in the sampler: it fails when traced on one row, or
+    returns something other than the row's logits (a floating-point ``[V]`` array). A
+    programming error of the chain, not of a request: raised by :func:`jaxsample.pack_rows`
+    (so also by :func:`jaxsample.sample` and :func:`jaxsample.processed_logprobs`), when an
+    :class:`jaxsample.Engine` is built, and when the sampler is traced with the chain."""
+
+
+def check_user_output(t: UserTransform, out: Any, vocab_size: int) -> None:
+    """Raises :class:`TransformError`, naming ``t``, unless its output ``out`` (an array, a
+    tracer or a ``jax.ShapeDtypeStruct``) is a floating-point array of shape
+    ``(vocab_size,)``: a scalar or ``[1]`` would broadcast to every token, and an integer or
+    boolean array be read as logits, silently."""
+    shape, dtype = getattr(out, "shape", None), getattr(out, "dtype", None)
+    if shape is None or dtype is None:
+        got = type(out).__name__
+    elif tuple(shape) != (vocab_size,) or not jnp.issubdtype(dtype, jnp.floating):
+        got = f"{dtype}{list(shape)}"
+    else:
+        return
+    raise TransformError(
+        f"user transform {t.name!r} returned {got}; it must return the row's logits: a"
+        f" floating-point array of shape ({vocab_size},), -inf for removed tokens"
+    )
+
+
+def _number_default(name: str, key: Any, value: Any) -> float:
+    """A transform parameter's default (or a range bound): a real number, not a bool or a
+    string that ``float()`` would read."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, float, np.integer, np.floating)
+    ):
+        raise ValueError(
+            f"user transform {name!r}: parameter {key!r} has {value!r}; defaults and range"
+            " bounds are numbers (int or float), not bools or strings"
+        )
+    return float(value)
+
+
+def _pairs(name: str, what: str, value: Any) -> dict:
+    """A transform's ``params`` or ``ranges`` (a mapping, or ``(key, value)`` pairs) as a
+    dict, else a ValueError that says what it must be."""
+    try:
+        pairs = value.items() if hasattr(value, "items") else value
+        out = {}
+        for pair in pairs:
+            key, val = pair
+            out[key] = val
+        return out
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"user transform {name!r}: {what} must be a dict (or (name, value) pairs),"
+            f" got {value!r}"
+        ) from None
+
+
 @dataclasses.dataclass(frozen=True)
 class UserTransform:
     """A per-row transform written by a user, run inside the sampler (and the decode loop).
@@ -746,10 +802,11 @@ class UserTransform:
                 f"user transform {self.name!r}: position {self.position!r} is not one of "
                 f"{POSITIONS}"
             )
-        params = dict(self.params)
-        ranges = dict(self.ranges)
+        params = _pairs(self.name, "params", self.params)
+        ranges = _pairs(self.name, "ranges", self.ranges)
         for key, value in params.items():  # the values are float32 leaves
-            if not isinstance(key, str) or not abs(float(value)) <= FLOAT32_MAX:
+            value = _number_default(self.name, key, value)
+            if not isinstance(key, str) or not abs(value) <= FLOAT32_MAX:
                 raise ValueError(
                     f"user transform {self.name!r}: parameter {key!r} has default {value!r};"
                     " a default is a number finite in float32"
@@ -757,7 +814,16 @@ class UserTransform:
         unknown = set(ranges) - set(params)
         if unknown:
             raise ValueError(f"user transform {self.name!r}: ranges for unknown {unknown}")
-        ranges = {k: (float(lo), float(hi)) for k, (lo, hi) in ranges.items()}
+        for key, bounds in ranges.items():
+            if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
+                raise ValueError(
+                    f"user transform {self.name!r}: range of {key!r} is {bounds!r}; a range"
+                    " is (lo, hi) with lo <= hi"
+                )
+        ranges = {
+            k: (_number_default(self.name, k, lo), _number_default(self.name, k, hi))
+            for k, (lo, hi) in ranges.items()
+        }
         for key, (lo, hi) in ranges.items():
             if not lo <= hi:  # NaN bounds fail too
                 raise ValueError(
@@ -774,8 +840,16 @@ class UserTransform:
 
 
 def check_chain(chain) -> tuple:
-    """Returns the chain as a tuple of :class:`UserTransform` with distinct names."""
-    chain = tuple(chain or ())
+    """Returns the chain as a tuple of :class:`UserTransform` with distinct names (one
+    transform alone is a chain of one)."""
+    if isinstance(chain, UserTransform):
+        chain = (chain,)
+    try:
+        chain = tuple(chain or ())
+    except TypeError:
+        raise ValueError(
+            f"a transform chain is a tuple of UserTransform objects, got {chain!r}"
+        ) from None
     for t in chain:
         if not isinstance(t, UserTransform):
             raise ValueError(f"a transform chain holds UserTransform objects, got {t!r}")
@@ -786,6 +860,9 @@ def check_chain(chain) -> tuple:
 
 
 def apply_user(t: UserTransform, z: jax.Array, params, hist) -> jax.Array:
-    """Runs one user transform on a row: removed stays removed, NaN -> -inf, clipped."""
-    new = _plus_zero(sanitize(t.fn(z, params, hist)))
+    """Runs one user transform on a row: removed stays removed, NaN -> -inf, clipped. An
+    output that is not the row's logits raises :class:`TransformError` when traced."""
+    out = t.fn(z, params, hist)
+    check_user_output(t, out, z.shape[-1])
+    new = _plus_zero(sanitize(out))
     return jnp.where(z == -jnp.inf, -jnp.inf, new)

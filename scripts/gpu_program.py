@@ -120,11 +120,15 @@ def _branches(line: str) -> list[str]:
 
 
 def _stage(line: str, sides: list, second_tier: int, mode: str, last: bool) -> str:
-    """Which batch-level branch a top-level ``conditional`` is: the raw log probabilities'
-    switch (three sides); under ``one``, the rare stages (the ``last`` conditional, named
-    for the second tier, which they start with: taken with it) or the kept mass; under
+    """Which batch-level branch a top-level ``conditional`` is: under ``one``, its single
+    switch (``final``: a common side per raw log probabilities' and kept mass's need, the
+    rare stages last); the raw log probabilities' switch (three sides); under ``one`` before
+    session 14, the rare stages (the ``last`` conditional, named for the second tier, which
+    they start with: taken with it) or the kept mass; under
     ``few``, the full vocabulary (a loop inside), the second tier (its ``[B, second_tier]``
     candidates), else the exact race."""
+    if mode == "one" and len(sides) > 3:
+        return "final"
     if len(sides) == 3:
         return "raw"
     if mode == "one":
@@ -162,6 +166,9 @@ def cost(
             out["branches"].append((stage, [s["common"] for s in sides]))
             if stage is None:
                 pick = min(sides, key=lambda s: s["common"]["kernels"])
+            elif stage == "final":  # the common sides: (raw, mass) in order, then rare
+                rare = len(sides) - 1
+                pick = sides[rare if taken["tier2"] else 2 * taken["raw"] + int(taken["mass"])]
             else:
                 pick = sides[int(taken[stage])]
             common["conditionals"] += 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -56,6 +57,39 @@ def test_a_list_of_either_is_a_batch(engine):
     with pytest.raises(InvalidRequestError) as err:
         normalize_inputs(5)
     assert err.value.field == "inputs"
+
+
+def test_call_arguments_are_refused_once_naming_them(engine):
+    """A bad argument of the call itself (params not a SamplingParams, job_seed not an
+    int64, inputs as bytes) raises once, naming it, before any request: not one error per
+    request blamed on a field the caller never set (a dict was iterated as its keys, a bad
+    job_seed reported as each request's 'seed', bytes as one request per byte)."""
+
+    def refused(call, field, says):
+        with pytest.raises(InvalidRequestError) as err:
+            call()
+        assert err.value.field == field and says in str(err.value), str(err.value)
+
+    for params in ({"temperature": 0.5}, {"temperature": 0.5, "seed": 1}):
+        refused(lambda p=params: engine.generate("Hi", p), "params", "SamplingParams(**d)")
+    refused(lambda: engine.generate("Hi", "greedy"), "params", "str")
+    for js in (1.5, 2**64, None, True, "0"):
+        for call in (
+            lambda j=js: engine.generate(["Hi", "Yo"], P, job_seed=j),
+            lambda j=js: jaxsample.generate("Hi", P, engine=engine, job_seed=j),
+            lambda j=js: list(engine.stream([(0, "Hi", P)], job_seed=j)),
+            lambda j=js: list(engine.stream_chat([(0, {"messages": HI})], job_seed=j)),
+        ):
+            refused(call, "job_seed", repr(js))
+    for data in (b"Hi", bytearray(b"Hi")):
+        refused(lambda d=data: engine.generate(d, P), "inputs", "Hi")
+    # a stream item that is not (key, input, params) stops the stream with what it is
+    with pytest.raises(ValueError, match=r"\(key, input, SamplingParams\) tuples; item 1 is"):
+        list(engine.stream([(0, "Hi", SamplingParams(max_tokens=1)), ("Hi", P)]))
+    # the limits themselves are fine
+    for job_seed in (-(2**63), 2**63 - 1, np.int64(3)):
+        [c] = engine.generate("Hi", SamplingParams(max_tokens=1), job_seed=job_seed)
+        assert c.error is None and c.seed == derive_seed(int(job_seed), 0)
 
 
 # ---- per-request failures --------------------------------------------------------------
@@ -379,3 +413,39 @@ def test_any_template_failure_is_a_messages_error(engine, template):
     with pytest.raises(InvalidRequestError) as again:  # a refused input re-raises itself
         engine.encode_input(err.value)
     assert again.value is err.value
+
+
+# ---- jaxsample.explore: the notebooks' helpers take inputs by generate's rule -------------
+
+
+def test_explore_inputs_follow_the_generate_rule(engine):
+    """A string is ONE prompt (not one input per character), a message list ONE
+    conversation, a list or 1-d array of token ids ONE input, a 2-d id array a batch; ids
+    that are bools, out of the vocabulary or past the context are refused, never read."""
+    from jaxsample.explore import json_allowed_masks, next_token_logits, token_texts
+
+    ids = engine.encode_input("Hello")
+    want = next_token_logits(engine, [ids, engine.encode_input(HI)])
+    assert want.shape == (2, engine.vocab_size)
+    same = [
+        ("Hello", want[:1]),
+        (HI, want[1:]),
+        (ids, want[:1]),
+        (np.asarray(ids), want[:1]),
+        (jnp.asarray([ids, ids]), want[[0, 0]]),
+        ([jnp.asarray(ids), HI], want),
+    ]
+    for inputs, expected in same:
+        got = next_token_logits(engine, inputs)
+        assert got.shape == expected.shape, inputs
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    too_long = [1] * (engine.model.config.context_length + 1)
+    for bad in ([[True, False]], [[engine.vocab_size]], [[-1]], [[]], [[1.0, 2.0]], [too_long]):
+        with pytest.raises(ValueError):
+            next_token_logits(engine, bad)
+    for token_ids, max_tokens in (([engine.vocab_size], 4), ([-1], 4), ([1], 2.5), ([1, 2], 1)):
+        with pytest.raises(ValueError):
+            json_allowed_masks(engine, token_ids, max_tokens)
+    assert token_texts(engine.tokenizer, [-1]) == [""]
+    with pytest.raises(ValueError):
+        token_texts(engine.tokenizer, [engine.vocab_size])

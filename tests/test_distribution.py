@@ -320,10 +320,10 @@ def test_few_branches_give_the_same_numbers(nc, tier, monkeypatch):
         _tree_equal(outs[mode]["processed"], outs["many"]["processed"])
     _assert_paths(logits, rows, hist, nc, tier)
     # few: the second tier, the full vocabulary, the exact race, raw log probabilities;
-    # one: raw log probabilities, the kept mass (only a row that reports processed ones
-    # needs it), the rare stages (last)
+    # one: a single switch (the common stages for each raw / kept-mass need, or the rare
+    # stages), last
     branches = {mode: outs[mode]["branches"] for mode in outs}
-    assert branches["one"] == 3 < branches["few"] <= 4 < branches["many"]
+    assert branches["one"] == 1 < branches["few"] <= 4 < branches["many"]
     monkeypatch.setattr(sm, "BRANCHES", "fewer")
     with pytest.raises(ValueError, match="BRANCHES"):
         sm._branches()
@@ -346,6 +346,49 @@ def test_one_branch_with_hard_masks(monkeypatch):
     _tree_equal(outs["one"]["processed"], outs["many"]["processed"])
     tokens = np.asarray(outs["one"]["sample"].token)
     assert tokens[3] == -1 and tokens[5] == 7 and (tokens >= 0).sum() == len(tokens) - 1
+
+
+#: The reports a batch may ask for, as the plan's (raw, kept mass) needs: none; raw log
+#: probabilities; also their top ones; processed ones (the kept mass); both kinds.
+REPORTS = {
+    "none": [{"logprobs": False}],
+    "raw": [{}],
+    "raw_top": [{"top_logprobs": 4}],
+    "processed": [{"processed_logprobs": True, "top_logprobs": 3}],
+    "both": [{"top_logprobs": 20}, {"processed_logprobs": True}],
+}
+
+
+@pytest.mark.parametrize("report", list(REPORTS))
+def test_one_common_side_for_each_report_gives_the_same_numbers(report, monkeypatch):
+    """Under ``BRANCHES = "one"`` the common path is the side of one switch that matches the
+    batch's reports (raw log probabilities, their top ones, the kept mass): on a batch no row
+    of which retries on the second tier, each gives every output of ``"many"`` bit for bit."""
+    sets = [  # resolved by the candidates, or by nothing cutting the kept set
+        {"seed": 1, "top_k": 5},
+        {"seed": 2, "temperature": 0.0},
+        {"seed": 3, "repetition_penalty": 1.3, "logit_bias": {4: 3.0}},
+        {"seed": 4},  # no filter: the full vocabulary's race, no search
+        {"seed": 5, "top_k": 12, "temperature": 0.7},
+    ]
+    reports = REPORTS[report]
+    params = [{**p, **reports[i % len(reports)]} for i, p in enumerate(sets * 2)]
+    rng = np.random.default_rng(3)
+    logits = jnp.asarray(rng.standard_normal((len(params), 500)).astype(np.float32) * 3)
+    rows, hist = _rows(params), _hist(len(params), 500, prompt=[1], output=[4, 4])
+    _, plan = sm.distributions(logits, rows, hist, None, num_candidates=16, second_tier=64)
+    assert not plan.tier2  # the common side
+    outs = {}
+    for mode in ("many", "one"):
+        monkeypatch.setattr(sm, "BRANCHES", mode)
+
+        def fn(lg, r, h):  # a new function per mode: traced afresh
+            return sm.sample_rows(lg, r, h, None, 4, num_candidates=16, second_tier=64)
+
+        outs[mode] = jax.jit(fn)(logits, rows, hist)
+    _tree_equal(outs["one"], outs["many"])
+    lp = np.asarray(outs["one"].logprob)
+    assert np.isnan(lp).all() if report == "none" else np.isfinite(lp).all()
 
 
 @pytest.mark.parametrize("mode", ["few", "one"])
@@ -487,6 +530,9 @@ _L = np.zeros((2, 5), np.float32)
         ("params", lambda: sm.sample(_L, {"temperature": 0.5})),
         ("params[1]", lambda: sm.sample(_L, [SamplingParams(), {"temperature": 0.5}])),
         ("vocab_size", lambda: sm.History.from_tokens([], [], vocab_size=-1)),
+        ("params", lambda: sm.sample(_L, [SamplingParams()] * (_L.shape[0] + 1))),
+        ("prompt_tokens", lambda: sm.sample(_L, SamplingParams(), prompt_tokens=[[1]] * 9)),
+        ("output_tokens", lambda: sm.sample(_L[:1], SamplingParams(), output_tokens=[1, 2])),
     ],
 )
 def test_host_wrappers_refuse_bad_input_naming_the_field(field, call):
@@ -516,6 +562,55 @@ def test_every_word_of_a_key_counts():
     for bad in (jax.random.split(key, 3), jnp.float32(5.7), jnp.zeros(3, jnp.uint32)):
         with pytest.raises(InvalidRequestError, match="key"):
             sm.draw(d, bad)
+
+
+def test_a_key_of_zero_words_is_not_degenerate():
+    """``jax.random.key(0)`` and ``PRNGKey(0)`` have two zero words, which the race's mixer
+    maps to a hash of 0 for token 0 (it would win every draw it is kept in, however
+    unlikely): such a key races with :data:`sampler.ZERO_KEY_WORDS` instead, and token 0's
+    frequency over many distributions is its probability's, not 1."""
+    vocab = 64
+    h = sm.History.from_tokens([], [], vocab)
+    rng = np.random.default_rng(0)
+    dist = jax.jit(sm.distribution)
+    zeros = (jax.random.key(0), jax.random.PRNGKey(0), np.zeros(2, np.uint32))
+    wins = np.zeros(len(zeros), int)
+    for _ in range(40):  # token 0 at probability about 1e-5, every draw
+        logits = jnp.asarray(rng.standard_normal(vocab).astype(np.float32)).at[0].set(-12.0)
+        d = dist(logits, sm._neutral_row(vocab), h, None)
+        assert float(jnp.exp(sm.log_prob(d, 0))) < 1e-4
+        wins += [int(sm.draw(d, k)) == 0 for k in zeros]
+    assert wins.tolist() == [0, 0, 0]
+    words = sm._key_words(jax.random.key(0))
+    np.testing.assert_array_equal(words, np.array(sm.ZERO_KEY_WORDS, np.uint32))
+    np.testing.assert_array_equal(sm._key_words(jax.random.key(7)), [0, 7])  # others: own words
+
+
+def test_per_row_functions_refuse_wrong_shapes_and_a_float_position():
+    """The per-row and batched functions check their arrays' shapes and the position's dtype
+    when traced: an InvalidRequestError naming the argument, not an error from inside JAX,
+    and a float position is refused, not truncated."""
+    vocab = 10
+    row, h = sm._neutral_row(vocab), sm.History.from_tokens([], [], vocab)
+    x = jnp.zeros(vocab)
+    rows = jax.tree.map(lambda a: a[None], row)
+    hs = sm.History.stack([h])
+    cases = [
+        ("logits", lambda: sm.distribution(x[None], row, h, None)),
+        ("allowed", lambda: sm.distribution(x, row, h, jnp.ones(vocab + 1, bool))),
+        ("hist.counts", lambda: sm.distribution(x, row, sm.History.from_tokens([], [], 12), None)),
+        ("logits", lambda: sm.sample_rows(x, rows, hs, None, 0)),
+        ("allowed", lambda: sm.sample_rows(x[None], rows, hs, jnp.ones(vocab, bool), 0)),
+        ("position", lambda: sm.sample_row(x, row, h, None, 1.5)),
+        ("position", lambda: sm.sample_rows(x[None], rows, hs, None, 1.5)),
+        ("position", lambda: jax.jit(sm.sample_batch)(x[None], rows, hs, None, jnp.float32(2))),
+    ]
+    for field, call in cases:
+        with pytest.raises(InvalidRequestError) as info:
+            call()
+        assert info.value.field == field
+    out = sm.sample_rows(x[None], rows, hs, None, np.int64(3))  # any integer dtype
+    assert int(out.token[0]) in range(vocab)
 
 
 def test_log_prob_outside_the_vocabulary_and_top_logprobs_n():

@@ -125,12 +125,40 @@ INVALID = [
     ({"response_format": {"type": "json_object"}, "stop": ["{"]}, "stop", "'{'"),
     ({"n": True}, "n", "True"),
     ({"n": 1.0}, "n", "1.0"),
+    # more digits than int() converts or repr() shows (Python's limit is 4300): refused,
+    # named, not a ValueError from the message itself
+    ({"logit_bias": {"9" * 5000: 1}}, "logit_bias", "'9999"),
+    ({"temperature": 10**5000}, "temperature", "<int of 16610 bits>"),
+    ({"top_k": -(10**5000)}, "top_k", "<negative int of 16610 bits>"),
+    ({"seed": 10**5000}, "seed", "<int of 16610 bits>"),
+    # arrays (a sweep over jnp.linspace) are refused saying how to pass them, not converted
+    (
+        {"temperature": jnp.float32(0.5)},
+        "temperature",
+        "of shape (), not a Python number: pass float(x)",
+    ),
+    ({"top_p": np.array(0.5)}, "top_p", "of shape (), not a Python number: pass float(x)"),
+    ({"top_k": jnp.int32(5)}, "top_k", "of shape (), not a Python number: pass int(x)"),
+    ({"min_p": np.array([0.1])}, "min_p", "of shape (1,)"),
+    ({"logit_bias": {"5": 10**5000}}, "logit_bias", "<dict holding an int too large to show>"),
+    ({"transform_params": {"t": {"x": NAN}}}, "transform_params", "{'t': {'x': nan}}"),
+    ({"transform_params": {"t": {"x": True}}}, "transform_params", "{'t': {'x': True}}"),
+    ({"transform_params": {"t": {"x": "1"}}}, "transform_params", "{'t': {'x': '1'}}"),
+    ({"transform_params": {"t": 1}}, "transform_params", "{'t': 1}"),
+    ({"transform_params": [["t", {"x": 1}]]}, "transform_params", "[['t', {'x': 1}]]"),
 ]
 
 
 def _ids(case):
     extra = case[0]
-    return ",".join(f"{k}={str(v)[:20]}" for k, v in extra.items())
+
+    def show(v):
+        try:
+            return str(v)[:20]
+        except ValueError:  # an int too large for str()
+            return "<huge>"
+
+    return ",".join(f"{k}={show(v)}" for k, v in extra.items())
 
 
 def test_battery_is_large():
@@ -181,6 +209,24 @@ def test_constructor_refuses_like_from_request():
     assert info.value.field == "top_k"
     with pytest.raises(InvalidRequestError):
         dataclasses.replace(SamplingParams(), temperature=3.0)
+
+
+def test_transform_params_given_twice_are_refused_not_resolved():
+    """The pairs form (the stored form, also taken by the constructor) can name a transform
+    or a parameter twice: refused, naming it, never the last one silently."""
+    cases = [
+        ([("t", {"x": 1.0}), ("t", {"x": 2.0})], "'t'", "transform given twice"),
+        ([("t", [("x", 1.0), ("x", 2.0)])], "{'t': {'x': 2.0}}", "parameter given twice"),
+    ]
+    for value, shown, reason in cases:
+        with pytest.raises(InvalidRequestError) as info:
+            SamplingParams(transform_params=value)
+        assert info.value.field == "transform_params"
+        assert shown in str(info.value) and reason in str(info.value)
+    # the stored form round-trips (dataclasses.replace validates it again)
+    p = SamplingParams(transform_params={"t": {"y": 2, "x": 1.5}, "a": {}})
+    assert p.transform_params == (("a", ()), ("t", (("x", 1.5), ("y", 2.0))))
+    assert dataclasses.replace(p, top_p=0.5).transform_params == p.transform_params
 
 
 # ----------------------------------------------------------------------------- valid requests
@@ -547,6 +593,25 @@ def test_pack_rows_errors():
         )
     assert info.value.field == "logit_bias" and info.value.index == 1
     assert "(request 1)" in str(info.value)
+
+
+def test_pack_rows_refuses_what_is_not_params_or_a_vocabulary():
+    """Not an AttributeError deep inside, nor a vocabulary of 0 or 10.0 tokens packed."""
+    cases = [
+        (dict(params_list=[SamplingParams(), {"temperature": 1}]), "params", 1),
+        (dict(params_list=SamplingParams()), "params", None),
+        (dict(vocab_size=0), "vocab_size", None),
+        (dict(vocab_size=10.0), "vocab_size", None),
+        (dict(vocab_size=True), "vocab_size", None),
+        (dict(vocab_size=2**31), "vocab_size", None),
+    ]
+    for kwargs, field, index in cases:
+        args = {"params_list": [SamplingParams()] * 2, "vocab_size": 10, "seeds": [0, 1], **kwargs}
+        with pytest.raises(InvalidRequestError) as info:
+            pack_rows(**args)
+        assert info.value.field == field and info.value.index == index, kwargs
+    rows = pack_rows((SamplingParams(top_k=3),), vocab_size=2, seeds=[0])  # any sequence
+    assert rows.top_k.tolist() == [2]
 
 
 def test_pack_rows_empty_batch():

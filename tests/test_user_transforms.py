@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jaxsample import InvalidRequestError, SamplingParams, pack_rows
 from jaxsample import sampler as sm
@@ -157,11 +159,44 @@ def test_user_values_never_recompile():
         ({"n": 0.5}, {"n": (float("nan"), 1.0)}, "lo <= hi"),
         ({"n": 1e300}, {}, "finite in float32"),
         ({"n": float("inf")}, {}, "finite in float32"),
+        ({"n": "1.0"}, {}, "not bools or strings"),
+        ({"n": True}, {}, "not bools or strings"),
+        ({"n": 0.5}, {"n": (0.0, "1")}, "not bools or strings"),
+        (["n"], {}, "params must be a dict"),
+        ({"n": 0.5}, {"n": (0.0, 0.5, 1.0)}, "a range is \\(lo, hi\\)"),
+        ({"n": 0.5}, 3, "ranges must be a dict"),
     ],
 )
 def test_a_transform_with_bad_defaults_or_ranges_is_refused(params, ranges, says):
     with pytest.raises(ValueError, match=says):
         UserTransform("t", lambda z, p, h: z, params, ranges=ranges)
+
+
+def test_one_transform_alone_is_a_chain_of_one():
+    from jaxsample.transforms import check_chain
+
+    assert check_chain(EPS) == (EPS,)
+    logits = np.random.default_rng(2).standard_normal((2, 30)).astype(np.float32)
+    p = SamplingParams(transform_params={"epsilon": {"eps": 0.05}})
+    np.testing.assert_array_equal(
+        sm.processed_logprobs(logits, p, transforms=EPS),
+        sm.processed_logprobs(logits, p, transforms=(EPS,)),
+    )
+    with pytest.raises(ValueError, match="tuple of UserTransform"):
+        check_chain(5)
+
+
+def test_a_bad_output_is_refused_where_the_sampler_is_traced():
+    """Rows built without pack_rows (so never checked on the host) still cannot feed the
+    sampler a transform whose output is not the row's logits: it fails when traced."""
+    from jaxsample import TransformError
+
+    bad = UserTransform("scalar", lambda z, p, h: jnp.max(z))
+    vocab = 12
+    row = sm._neutral_row(vocab).replace(user=({},))
+    h = sm.History.from_tokens([], [], vocab)
+    with pytest.raises(TransformError, match="user transform 'scalar' returned float32\\[\\]"):
+        sm.distribution(jnp.zeros(vocab), row, h, None, transforms=(bad,))
 
 
 def test_pack_rows_checks_user_values():
@@ -192,6 +227,101 @@ def test_pack_rows_checks_user_values():
         UserTransform("x", _identity, {"one": 1.0}, position="after_draw")
     with pytest.raises(ValueError):
         sm.sample(np.zeros((1, 4)), SamplingParams(), transforms=(EPS, EPS))
+
+
+# ------------------------------------------------------------------ a transform that cannot work
+
+
+class _Unhashable:
+    """A callable that cannot be a static argument (defines __eq__ without __hash__)."""
+
+    def __eq__(self, other):
+        return self is other
+
+    def __call__(self, z, p, hist):
+        return z
+
+
+#: (fn, a text the error must contain): each output would broadcast, be read as logits, or
+#: crash deep inside the sampler's trace
+BAD_TRANSFORMS = [
+    (lambda z, p, h: jnp.max(z), "returned float32[]"),  # broadcast to every token
+    (lambda z, p, h: z[:1], "returned float32[1]"),  # broadcast too
+    (lambda z, p, h: jnp.concatenate([z, z[:1]]), "returned float32[51]"),
+    (lambda z, p, h: z[:, None], "returned float32[50, 1]"),
+    (lambda z, p, h: jnp.argsort(z), "returned int32[50]"),  # ranks read as logits
+    (lambda z, p, h: z > 0, "returned bool[50]"),
+    (lambda z, p, h: z + 0j, "returned complex64[50]"),
+    (lambda z, p, h: (z, z), "returned tuple"),
+    (lambda z, p, h: None, "returned NoneType"),
+    (lambda z, p, h: z * p["missing"], "KeyError: 'missing'"),
+    (lambda z, p, h: z if p["a"] > 0 else -z, "TracerBoolConversionError"),
+    (_Unhashable(), "not hashable"),
+]
+
+
+@pytest.mark.parametrize("fn, says", BAD_TRANSFORMS, ids=[s for _, s in BAD_TRANSFORMS])
+def test_a_transform_that_cannot_work_is_refused_naming_it(fn, says):
+    from types import SimpleNamespace
+
+    from jaxsample.api import Engine
+    from jaxsample.params import TransformError
+
+    chain = (EPS, UserTransform("bad", fn, {"a": 1.0}))
+    logits = np.random.default_rng(0).standard_normal((3, 50)).astype(np.float32)
+    calls = [
+        lambda: sm.sample(logits, SamplingParams(seed=1), transforms=chain),
+        lambda: sm.processed_logprobs(logits, SamplingParams(), transforms=chain),
+        lambda: pack_rows([SamplingParams()], vocab_size=50, seeds=[0], transforms=chain),
+        # the engine refuses it when built, before any compile (a stand-in model: only its
+        # config is read)
+        lambda: Engine(
+            SimpleNamespace(config=SimpleNamespace(vocab_size=50, context_length=64)),
+            None,
+            transforms=chain,
+        ),
+    ]
+    for call in calls:
+        with pytest.raises(TransformError, match="user transform 'bad'") as info:
+            call()
+        assert says in str(info.value)
+        assert isinstance(info.value, ValueError)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    vocab=st.integers(1, 300),
+    shape=st.sampled_from(["V", "()", "1", "V+1", "V,1", "1,V", "2,V"]),
+    dtype=st.sampled_from(["float32", "float16", "bfloat16", "int32", "bool", "uint8"]),
+)
+def test_only_a_float_array_of_the_row_shape_passes_the_check(vocab, shape, dtype):
+    """pack_rows accepts a transform iff it returns a floating-point array of shape (V,)."""
+    from jaxsample.params import TransformError
+
+    dims = {"V": (vocab,), "()": (), "1": (1,), "V+1": (vocab + 1,), "V,1": (vocab, 1)}
+    dims.update({"1,V": (1, vocab), "2,V": (2, vocab)})
+    want = dims[shape]
+
+    def fn(z, p, hist):
+        return jnp.zeros(want, jnp.dtype(dtype))
+
+    chain = (UserTransform("t", fn),)
+    ok = want == (vocab,) and jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    if ok:
+        pack_rows([SamplingParams()], vocab_size=vocab, seeds=[0], transforms=chain)
+    else:
+        with pytest.raises(TransformError, match=f"returned {jnp.dtype(dtype)}"):
+            pack_rows([SamplingParams()], vocab_size=vocab, seeds=[0], transforms=chain)
+
+
+def test_a_float_transform_of_any_width_is_accepted():
+    """bfloat16, float16 and float64 outputs are logits too (computed in float32 after)."""
+    logits = np.random.default_rng(1).standard_normal((2, 40)).astype(np.float32)
+    want = sm.processed_logprobs(logits, SamplingParams())
+    for dtype in (jnp.float16, jnp.bfloat16, jnp.float32):
+        chain = (UserTransform("cast", lambda z, p, h, d=dtype: z.astype(d)),)
+        got = sm.processed_logprobs(logits, SamplingParams(), transforms=chain)
+        np.testing.assert_allclose(got, want, atol=0.05)
 
 
 # ------------------------------------------------------------------ inside the decode loop
