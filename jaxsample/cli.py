@@ -175,8 +175,16 @@ def _read_request(args) -> dict:
 
 
 def _dumps(obj) -> str:
-    """Strict JSON: NaN and infinity are refused (``allow_nan=False``), never written."""
-    return json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False)
+    """Strict JSON: NaN and infinity are refused (``allow_nan=False``), never written. Text
+    stays as it is unless it holds a lone surrogate (a request may escape one, ``"\\ud800"``,
+    and a refusal names the field it came in), which has no UTF-8 form: then ``\\u``
+    escapes."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(obj, indent=2, ensure_ascii=True, allow_nan=False)
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,6 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelNotFoundError, ModelFileError) as err:
         print(f"jaxsample: {err}", file=sys.stderr)
         return 1
+    try:
+        engine.slot_engine()  # checks --max-seq-len against the model's context
+    except InvalidRequestError as err:
+        print(
+            f"jaxsample: --max-seq-len {args.max_seq_len}: must be {err.allowed}", file=sys.stderr
+        )
+        return 2
     response = engine.chat_completion(body, job_seed=args.job_seed)
     if "error" in response:  # 2: the request's fault; 1: it failed unexpectedly
         print(_dumps(response), file=sys.stdout if args.request else sys.stderr)

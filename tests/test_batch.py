@@ -118,6 +118,48 @@ def test_reader_bad_utf8_is_a_line_error():
     assert line.error["code"] == "invalid_json" and line.key == 3
 
 
+def test_a_lone_surrogate_custom_id_fails_its_line_alone(tmp_path):
+    """JSON lets a string hold an unpaired surrogate escape; such a custom_id has no UTF-8
+    form (it can be neither hashed for its shard nor written back), so its line is a
+    missing_custom_id error keyed by its line number, and the rest of the job runs."""
+    bad = request_line("q\ud800", chat_body("x"))  # json.dumps writes the escape
+    assert '"q\\ud800"' in bad and json.loads(bad)["custom_id"] == "q\ud800"
+    line = check_line(2, bad.encode(), set())
+    assert line.error["code"] == "missing_custom_id" and line.key == 2 and line.custom_id is None
+    assert "\\ud800" in line.error["message"]
+    lines = [request_line("a", chat_body("x")), bad, request_line("b", chat_body("y"))]
+    inp = _write(tmp_path / "in.jsonl", lines)
+    (tmp_path / "m.gguf").write_bytes(b"fake model")
+    for shards in (1, 2):
+        for k in range(shards):
+            cfg = JobConfig(inp, str(tmp_path / f"out{shards}.jsonl"), str(tmp_path / "m.gguf"))
+            cfg = dataclasses.replace(cfg, shard=(k, shards), progress=False)
+            assert run_job(cfg, engine=FakeEngine())["complete"]
+        if shards > 1:
+            merge_shards(cfg.output, shards)
+        recs = canonical(cfg.output)
+        assert set(recs) == {"a", "b", 2}
+        assert json.loads(recs[2])["error"]["code"] == "missing_custom_id"
+
+
+def test_a_refusal_naming_a_lone_surrogate_is_written_as_that_refusal(tmp_path):
+    """A body field named with a lone surrogate escape is refused (400) naming it; the record
+    holds the name, so it is written with \\u escapes, not turned into a server error."""
+    bad = json.dumps(
+        {**json.loads(request_line("s", chat_body("x"))), "body": {**chat_body("x"), "\ud800": 1}}
+    )
+    lines = [request_line("a", chat_body("x")), bad]
+    inp = _write(tmp_path / "in.jsonl", lines)
+    (tmp_path / "m.gguf").write_bytes(b"fake model")
+    cfg = JobConfig(inp, str(tmp_path / "out.jsonl"), str(tmp_path / "m.gguf"), progress=False)
+    summary = run_job(cfg, engine=FakeEngine())
+    assert summary["complete"] and summary["records"]["refused"] == 1
+    record = json.loads(canonical(cfg.output)["s"])
+    assert record["response"]["status_code"] == 400
+    assert record["response"]["body"]["error"]["param"] == "\ud800"
+    assert Journal.open(cfg.output).done == {"a", "s"}  # reads back as written
+
+
 def test_shard_of_is_stable_and_balanced():
     keys = [f"id-{i}" for i in range(4000)]
     counts = [0] * 4
@@ -308,6 +350,36 @@ def test_a_request_that_failed_unexpectedly_is_status_500():
 
     assert response_record("a", body("server_error"))["response"]["status_code"] == 500
     assert response_record("b", body("invalid_request_error"))["response"]["status_code"] == 400
+
+
+def test_server_errors_are_counted_apart_from_refusals(tmp_path, capsys):
+    """A 500 (the request failed unexpectedly while it was prepared) is not the request's
+    fault: the summary counts it apart from the 400 refusals, in the file and on stderr."""
+    from jaxsample.batch.job import print_summary
+
+    class Failing(FakeEngine):
+        def answer(self, key, body, job_seed):
+            if key == "boom":
+                return {"error": {"message": "x", "type": "server_error", "param": None}}
+            return super().answer(key, body, job_seed)
+
+    lines = [
+        request_line("ok", chat_body("x")),
+        request_line("boom", chat_body("x")),
+        request_line("bad", chat_body("x", temperature=-1)),
+        "{bad json",
+    ]
+    inp = _write(tmp_path / "in.jsonl", lines)
+    (tmp_path / "m.gguf").write_bytes(b"fake model")
+    cfg = JobConfig(inp, str(tmp_path / "out.jsonl"), str(tmp_path / "m.gguf"), progress=False)
+    summary = run_job(cfg, engine=Failing())
+    t = summary["records"]
+    assert (t["ok"], t["refused"], t["server_errors"], t["failed"]) == (1, 1, 1, 1)
+    assert t["records"] == t["ok"] + t["errors"] == 4
+    print_summary(summary)
+    assert "(1 ok, 1 refused, 1 server errors, 1 failed lines)" in capsys.readouterr().err
+    resumed = run_job(cfg, engine=Failing())  # counted again from the output on resume
+    assert resumed["records"] == t
 
 
 def test_a_run_that_wrote_nothing_does_not_tie_the_output(job):
@@ -511,6 +583,7 @@ def _command(tmp_path, *flags):
         ("cut-gguf", "is truncated: expected"),
         ("process-id", "--process-id 5: must lie in [0, 2)"),
         ("no-coordinator", "several hosts need --coordinator-address too"),
+        ("max-seq-len", "--max-seq-len 100000000: must lie in [1, 512], the context length"),
     ],
 )
 def test_bad_paths_and_flags_exit_2_without_writing(tmp_path, capsys, case, message):
@@ -524,12 +597,30 @@ def test_bad_paths_and_flags_exit_2_without_writing(tmp_path, capsys, case, mess
         "process-id": ["-o", out, "--num-processes", "2", "--process-id", "5"]
         + ["--coordinator-address", "127.0.0.1:1"],
         "no-coordinator": ["-o", out, "--num-processes", "2", "--process-id", "0"],
+        "max-seq-len": ["-o", out, "--max-seq-len", "100000000"],  # the file's context: 512
     }[case]
     status, left = _command(tmp_path, *flags)
     assert status == 2
     err = capsys.readouterr().err
     assert err.startswith("jaxsample batch: ") and message in err and "Traceback" not in err
     assert left == []
+
+
+def test_a_max_seq_len_beyond_the_context_is_a_job_error(job):
+    """Through the job's API (no command line checks): refused with the range, before any
+    record is written, instead of allocating every slot's KV cache for it."""
+    from tiny_gguf import write_tiny_gguf
+
+    from jaxsample.batch.job import JobError
+
+    cfg = job()
+    write_tiny_gguf(cfg.model)  # context length 512
+    cfg = dataclasses.replace(cfg, max_seq_len=10**8, slots=2)
+    with pytest.raises(
+        JobError, match=r"--max-seq-len 100000000: must be an integer in \[1, 512\]"
+    ):
+        run_job(cfg)
+    assert os.path.getsize(cfg.output) == 0
 
 
 def test_job_seed_outside_int64_is_a_usage_error(capsys):

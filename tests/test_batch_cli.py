@@ -132,6 +132,32 @@ def test_resume_with_another_model_file_is_refused(setup):
     assert out.read_bytes() == before
 
 
+def test_resume_with_the_model_file_moved_answers_as_before(setup):
+    """The manifest compares the model's hash, not its path (files move, say to another
+    disk after a preemption): a resume with the same model under another name writes
+    records equal to an uninterrupted run's, the response's ``model`` included."""
+    out = setup["dir"] / "moved.jsonl"
+    ref_lines = setup["ref"].read_bytes().splitlines(keepends=True)
+    out.write_bytes(b"".join(ref_lines[:5]))  # a run that stopped after 5 records
+    with open(str(setup["ref"]) + ".manifest.json", "rb") as src:
+        (setup["dir"] / "moved.jsonl.manifest.json").write_bytes(src.read())
+    moved = setup["dir"] / "elsewhere"
+    moved.mkdir()
+    renamed = moved / "renamed-copy.gguf"
+    renamed.write_bytes(setup["model"].read_bytes())
+    proc = _batch(setup["env"], setup["input"], out, renamed)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    recs = canonical(out)
+    assert recs == canonical(setup["ref"])
+    models = {
+        json.loads(r)["response"]["body"].get("model")
+        for r in recs.values()
+        if '"status_code": 200' in r
+    }
+    assert models == {setup["model"].name}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -121,3 +121,30 @@ def test_a_corrupt_model_file_is_one_line_not_a_traceback(tmp_path, capsys):
     assert cli.main(["generate", "--prompt", "hi", "--model", str(bad)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("jaxsample: ") and str(bad) in err and "Traceback" not in err
+
+
+def test_a_max_seq_len_beyond_the_model_context_is_a_flag_error(tmp_path, capsys):
+    """Not an out-of-memory deep inside XLA (the KV cache of every slot at that length)."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from tiny_gguf import write_tiny_gguf
+
+    model = tmp_path / "tiny.gguf"
+    write_tiny_gguf(model)  # context length 512
+    argv = ["generate", "--prompt", "hi", "--model", str(model), "--no-compile-cache"]
+    assert cli.main([*argv, "--max-seq-len", "100000000"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jaxsample: --max-seq-len 100000000: must be an integer in [1, 512]")
+    assert "Traceback" not in err
+
+
+def test_a_lone_surrogate_field_name_is_refused_as_json_not_a_traceback(monkeypatch, capsys):
+    """JSON lets a request escape a lone surrogate (here as a field name); the refusal names
+    that field, and the error object is printed with \\u escapes (valid JSON), since the
+    name has no UTF-8 form."""
+    body = '{"messages": [{"role": "user", "content": "hi"}], "\\ud800": 1}'
+    monkeypatch.setattr(sys, "stdin", io.StringIO(body))
+    assert cli.main(["generate", "--request", "-", "--no-compile-cache"]) == 2
+    out = capsys.readouterr().out
+    err = json.loads(out)["error"]
+    assert err["param"] == "\ud800" and err["type"] == "invalid_request_error"
+    assert "\\ud800" in out

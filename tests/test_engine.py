@@ -23,7 +23,7 @@ from small_engine import real_tokenizer, small_model
 from jaxsample import SamplingParams, pack_rows
 from jaxsample.api import Engine
 from jaxsample.decode import decode
-from jaxsample.engine import compile_count
+from jaxsample.engine import SlotEngine, compile_count
 
 PROMPTS = [
     "Once upon a time",
@@ -143,6 +143,93 @@ def test_no_compiles_after_warmup(model, tok):
     assert compile_count() == before
 
 
+def test_admitting_a_request_runs_no_eager_jax_operation(model, tok):
+    """A request's values (prompt, RowParams, budget, ...) go to the one compiled
+    prefill-and-insert call as host arrays: an eager jnp.asarray per value cost about as much
+    host time as the prefill itself for a short prompt on a small model, twice a short
+    request's whole host time in a job of thousands."""
+    import cProfile
+    import pstats
+
+    for stops in ((), ("ab",)):
+        engine = Engine(model, tok, slots=4, chunk_steps=4)
+        slot_engine = engine.slot_engine()
+        req = engine._request("k", "Hello", SamplingParams(seed=1, max_tokens=2, stop=stops), 0)
+        for _ in slot_engine.run([req]):  # compiled, and the slot state exists
+            pass
+        profile = cProfile.Profile()
+        profile.enable()
+        slot_engine._place(1, req)
+        profile.disable()
+        eager = [
+            f"{path}:{name}"
+            for path, _, name in pstats.Stats(profile).stats
+            if "jax/_src/numpy" in path or name == "apply_primitive"
+        ]
+        if stops:  # the stop tables of a request with stop strings are built for it
+            assert eager, "the check sees eager operations where there are some"
+        else:
+            assert not eager, eager
+
+
+def test_shared_tables_are_placed_on_the_devices_once(model, tok):
+    """Admitting a schema request refreshes the shared tables; only the pool tables the new
+    schema changed are placed again, never the JSON grammar and token bytes (a copy of every
+    table to every device per admission), and the answers still validate."""
+    jsonschema = pytest.importorskip("jsonschema")
+    engine = Engine(model, tok, slots=4, chunk_steps=4)
+    slot_engine = engine.slot_engine()
+
+    def leaves():
+        return jax.tree.leaves(slot_engine._shared)
+
+    before = leaves()
+    slot_engine._refresh_shared()  # nothing changed: every device array is the same one
+    assert all(a is b for a, b in zip(before, leaves(), strict=True))
+    got = run(
+        engine, [(i, "JSON", _schema_params(SCHEMAS[i], seed=i, max_tokens=40)) for i in (0, 1)]
+    )
+    for i in (0, 1):
+        jsonschema.validate(json.loads(got[i].text), SCHEMAS[i])
+    after = leaves()
+    kept = {id(a) for a in before} & {id(a) for a in after}
+    unchanged = jax.tree.leaves((slot_engine._shared.grammar, slot_engine._shared.token_bytes))
+    assert {id(a) for a in unchanged} <= kept
+    assert len(kept) < len(after)  # the pool tables the schemas were written into are new
+
+
+def test_host_work_per_chunk_does_not_grow_with_the_output(model, tok):
+    """The host loop's bookkeeping per chunk is constant: it once summed the lengths of every
+    part a request had received, at every chunk (quadratic in the output length; a fifth of
+    the wall time at chunk_steps=1 and 480 tokens on the tiny model). Counted, not timed:
+    the len() calls per chunk for outputs of 8 and of 48 tokens."""
+    import cProfile
+    import pstats
+
+    engine = Engine(model, tok, slots=4, chunk_steps=1)
+    run(engine, [(0, "go", SamplingParams(seed=0, max_tokens=2))])  # compiled before counting
+    per_chunk = []
+    for n in (8, 48):
+        items = [
+            (i, "go", SamplingParams(seed=i, max_tokens=n, logit_bias={"2": -100}))
+            for i in range(4)
+        ]
+        stats = engine.slot_engine().stats
+        chunks = stats.chunks
+        profile = cProfile.Profile()
+        profile.enable()
+        got = run(engine, items)
+        profile.disable()
+        assert all(c.completion_tokens == n for c in got.values())
+        lens = sum(
+            v[1]
+            for k, v in pstats.Stats(profile).stats.items()
+            if k[2] == "<built-in method builtins.len>"
+        )
+        per_chunk.append(lens / (stats.chunks - chunks))
+    assert per_chunk[1] < 1.5 * per_chunk[0], per_chunk
+
+
 def test_requests_are_pulled_lazily(model, tok):
     """An endless input: the engine holds at most the slots plus one waiting request."""
     engine = Engine(model, tok, slots=4, chunk_steps=4)
@@ -188,6 +275,23 @@ def test_bad_requests_come_back_alone(model, tok):
     assert got[2].error.field == "messages"
     assert got[0].error is None and got[3].error is None
     assert got[0].completion_tokens == 3
+
+
+def test_a_max_seq_len_beyond_the_model_context_is_refused(model, tok):
+    """Positions past the model's context can never be used, yet every slot's KV cache
+    would hold them (10**8 ran out of memory deep inside XLA): refused, naming the range."""
+    from jaxsample import InvalidRequestError
+
+    context = model.config.context_length
+    for bad in (context + 1, 10**8, 0):
+        with pytest.raises(InvalidRequestError) as info:
+            SlotEngine(model, grammar=None, token_bytes=None, slots=2, max_seq_len=bad)
+        assert info.value.field == "max_seq_len" and f"[1, {context}]" in str(info.value)
+    engine = Engine(model, tok, slots=2, max_seq_len=10**8)
+    with pytest.raises(InvalidRequestError, match="max_seq_len"):
+        engine.generate("hi", SamplingParams(max_tokens=2))
+    ok = Engine(model, tok, slots=2, max_seq_len=context).slot_engine()
+    assert ok.max_seq_len == context
 
 
 def test_memory_per_slot_is_reported(model, tok):

@@ -124,6 +124,26 @@ def _check_paths(args) -> None:
             check_gguf_file(args.model)  # the header and tensor extents, not the weights
         except ModelFileError as err:
             raise UsageError(str(err)) from None
+        if args.max_seq_len is not None:
+            _check_max_seq_len(args.max_seq_len, args.model)
+
+
+def _check_max_seq_len(value: int, model: str) -> None:
+    """Refuses a ``--max-seq-len`` above the model's context: no request can use those
+    positions, yet every slot's KV cache would hold them (a large value ran out of memory
+    deep inside XLA). Reads the file's metadata, not its weights."""
+    from jaxsample.model import ModelFileError, read_gguf
+    from jaxsample.model.config import LlamaConfig
+
+    try:
+        meta = read_gguf(model).metadata
+        context = LlamaConfig.from_gguf_metadata(meta, tie_embeddings=True).context_length
+    except ModelFileError as err:
+        raise UsageError(f"--model {model}: {err}") from None
+    if value > context:
+        raise UsageError(
+            f"--max-seq-len {value}: must lie in [1, {context}], the context length of {model}"
+        )
 
 
 def _shard(args) -> tuple[int, int]:

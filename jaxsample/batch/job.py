@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import json
 import os
 import socket
 import sys
@@ -24,7 +25,7 @@ import uuid
 from collections.abc import Callable, Iterator
 
 from jaxsample.batch.journal import Journal
-from jaxsample.batch.manifest import Manifest
+from jaxsample.batch.manifest import Manifest, manifest_path
 from jaxsample.batch.reader import Line, read_lines, shard_of
 from jaxsample.batch.summary import (
     Progress,
@@ -141,9 +142,10 @@ def model_file(path: str | None) -> str:
         raise JobError(str(err)) from err
 
 
-def load_engine(cfg: JobConfig):
+def load_engine(cfg: JobConfig, *, model_name: str | None = None):
     """The Engine for a job's settings: the slot engine over ``cfg.devices`` local devices
-    (default: all of this process's devices), batch-invariant."""
+    (default: all of this process's devices), batch-invariant. ``model_name``: the name the
+    responses give as ``model`` (default: the model file's name)."""
     import jax
     import jax.numpy as jnp
 
@@ -155,7 +157,7 @@ def load_engine(cfg: JobConfig):
         raise JobError(f"--devices {n}: this process has {len(local)} devices")
     if cfg.slots % n:
         raise JobError(f"--slots {cfg.slots} must be a multiple of the {n} devices used")
-    return Engine.load(
+    engine = Engine.load(
         cfg.model,
         dtype=jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32,
         batch_invariant=True,
@@ -164,6 +166,31 @@ def load_engine(cfg: JobConfig):
         max_seq_len=cfg.max_seq_len,
         devices=local[:n],
     )
+    if model_name is not None:
+        engine.model_name = model_name
+    from jaxsample.params import InvalidRequestError
+
+    try:
+        engine.slot_engine()  # checks max_seq_len against the model's context
+    except InvalidRequestError as err:
+        raise JobError(f"--max-seq-len {cfg.max_seq_len}: must be {err.allowed}") from None
+    return engine
+
+
+def recorded_model_name(cfg: JobConfig, out: str) -> str | None:
+    """The ``model`` a job's responses carry: the name of the model file the job was
+    started with, as its manifest records it (None for the default model, which has a
+    fixed name). A resume after the file was moved or renamed (paths are not compared, the
+    hash is) keeps answering with the first run's name, so its records equal an
+    uninterrupted run's."""
+    if cfg.model is None:
+        return None
+    try:
+        with open(manifest_path(out), encoding="utf-8") as f:
+            recorded = json.load(f)["paths"]["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = cfg.model
+    return os.path.basename(str(recorded))
 
 
 def _new_id(prefix: str) -> str:
@@ -253,7 +280,8 @@ def _run_locked(cfg: JobConfig, out: str, engine, engine_factory: Callable | Non
         if todo:
             t0 = time.perf_counter()
             if engine is None:
-                engine = engine_factory() if engine_factory else load_engine(cfg)
+                name = recorded_model_name(cfg, out)
+                engine = engine_factory() if engine_factory else load_engine(cfg, model_name=name)
             load_s = time.perf_counter() - t0
             t_run = time.perf_counter()
             _run(cfg, engine, journal, clock, run, progress)

@@ -59,9 +59,21 @@ def record_key(record) -> str | int | None:
 
 
 def encode_record(record: dict) -> bytes:
-    """One output line: compact strict JSON (no NaN/Infinity; raises ValueError) plus ``\\n``."""
+    """One output line: compact strict JSON (no NaN/Infinity; raises ValueError) plus ``\\n``.
+
+    Text is written as UTF-8, except in a record that holds a lone surrogate (JSON input may
+    escape one, ``"\\ud800"``, and a refusal names the field or value it came in): such a
+    record is written with ``\\u`` escapes, still valid JSON that reads back the same.
+
+    >>> encode_record({"custom_id": "é", "x": "\\ud800"})
+    b'{"custom_id":"\\\\u00e9","x":"\\\\ud800"}\\n'
+    """
     text = json.dumps(record, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    return (text + "\n").encode("utf-8")
+    try:
+        return (text + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(record, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+        return (text + "\n").encode("ascii")
 
 
 def _fsync_dir(path: str) -> None:

@@ -9,7 +9,8 @@ Line-level errors (the request never reaches the model; see docs/batch.md):
 
 - ``invalid_json``: the line is not UTF-8 JSON (an empty line included);
 - ``invalid_line``: the line is JSON but not an object;
-- ``missing_custom_id``: no ``custom_id``, or one that is not a non-empty string;
+- ``missing_custom_id``: no ``custom_id``, or one that is not a non-empty string of Unicode
+  text (JSON lets a string hold a lone surrogate escape such as ``"\\ud800"``);
 - ``duplicate_custom_id``: a custom_id already used on an earlier line (the first one runs);
 - ``unknown_key``: a key other than ``custom_id``, ``method``, ``url`` and ``body`` (a
   misspelt or misplaced field would otherwise be dropped without a word);
@@ -79,6 +80,17 @@ def shard_of(key: str | int, count: int) -> int:
     return int.from_bytes(digest[:8], "big") % count
 
 
+def _is_text(s: str) -> bool:
+    """Whether ``s`` is Unicode text: JSON lets a string hold a lone surrogate escape
+    (``"\\ud800"``), which has no UTF-8 form, so it could be neither hashed for its shard nor
+    written back in the output record."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _line_error(number: int, code: str, message: str, custom_id=None, key=None) -> Line:
     err = {"code": code, "message": f"line {number}: {message}", "line": number}
     return Line(number, number if key is None else key, custom_id, error=err)
@@ -108,11 +120,12 @@ def check_line(number: int, raw: bytes, seen: set[str]) -> Line:
             number, "invalid_line", f"a JSON {type(obj).__name__}, expected a JSON object"
         )
     cid = obj.get("custom_id")
-    if not isinstance(cid, str) or not cid:
+    if not isinstance(cid, str) or not cid or not _is_text(cid):
         return _line_error(
             number,
             "missing_custom_id",
-            f"'custom_id' = {json.dumps(cid)[:80]}; expected a non-empty string",
+            f"'custom_id' = {json.dumps(cid)[:80]}; expected a non-empty string of Unicode "
+            "text (a \\ud800-\\udfff escape must be half of a surrogate pair)",
         )
     if cid in seen:
         return _line_error(

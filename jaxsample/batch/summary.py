@@ -16,8 +16,9 @@ import sys
 @dataclasses.dataclass
 class Tally:
     """Counts of output records: ``ok`` (status 200), ``refused`` (a 400 response: the
-    request was checked and refused), ``failed`` (a line-level error: no response), and the
-    tokens of the ok ones.
+    request was checked and refused), ``server_errors`` (a 500 response: the request failed
+    unexpectedly while it was prepared; not the request's fault, unlike a refusal),
+    ``failed`` (a line-level error: no response), and the tokens of the ok ones.
 
     Example::
 
@@ -25,31 +26,39 @@ class Tally:
         >>> t.add({"response": {"status_code": 200, "body": {"usage": {
         ...     "prompt_tokens": 5, "completion_tokens": 3}}}, "error": None})
         >>> t.add({"response": None, "error": {"code": "invalid_json", "line": 2}})
-        >>> t.ok, t.failed, t.prompt_tokens + t.completion_tokens, t.records
-        (1, 1, 8, 2)
+        >>> t.add({"response": {"status_code": 500, "body": {"error": {}}}, "error": None})
+        >>> t.ok, t.refused, t.server_errors, t.failed, t.records
+        (1, 0, 1, 1, 3)
+        >>> t.prompt_tokens + t.completion_tokens
+        8
     """
 
     ok: int = 0
     refused: int = 0
     failed: int = 0
+    server_errors: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
     @property
     def records(self) -> int:
-        return self.ok + self.refused + self.failed
+        return self.ok + self.refused + self.server_errors + self.failed
 
     @property
     def errors(self) -> int:
-        return self.refused + self.failed
+        return self.refused + self.server_errors + self.failed
 
     def add(self, record: dict) -> None:
         response = record.get("response")
         if not isinstance(response, dict):
             self.failed += 1
             return
-        if response.get("status_code") != 200:
-            self.refused += 1
+        status = response.get("status_code")
+        if status != 200:
+            if isinstance(status, int) and status >= 500:
+                self.server_errors += 1
+            else:
+                self.refused += 1
             return
         self.ok += 1
         body = response.get("body")
@@ -108,7 +117,9 @@ def format_summary(s: dict) -> str:
     t = s["records"]
     lines = [
         f"jaxsample batch: {s['output']}: {t['records']} records "
-        f"({t['ok']} ok, {t['refused']} refused, {t['failed']} failed lines)"
+        f"({t['ok']} ok, {t['refused']} refused, "
+        + (f"{t['server_errors']} server errors, " if t.get("server_errors") else "")
+        + f"{t['failed']} failed lines)"
         + (" complete" if s.get("complete") else " INCOMPLETE"),
         f"  tokens: {t['prompt_tokens']} prompt, {t['completion_tokens']} completion",
     ]

@@ -31,6 +31,7 @@ from jaxsample.decode import RUNNING
 from jaxsample.engine import slots as sl
 from jaxsample.engine.slots import EMPTY
 from jaxsample.model.config import INVARIANT_TILE
+from jaxsample.params import InvalidRequestError
 from jaxsample.rows import TOP_LOGPROBS_MAX, RowParams
 
 _AXIS = "slots"
@@ -123,6 +124,7 @@ class EngineStats:
 class _Running:
     request: SlotRequest
     schema: Any = None  # the json_schema.Handle the slot holds in the pool
+    n: int = 0  # tokens received so far (the sum of the lengths of the parts below)
     tokens: list = dataclasses.field(default_factory=list)
     logprobs: list = dataclasses.field(default_factory=list)
     top_ids: list = dataclasses.field(default_factory=list)
@@ -191,6 +193,19 @@ class SlotEngine:
         self.refill_free = int(refill_free)
         if not 1 <= self.refill_free <= self.n_slots:
             raise ValueError(f"refill_free={refill_free} must be in [1, slots={slots}]")
+        if max_seq_len is not None and (
+            isinstance(max_seq_len, bool)
+            or not isinstance(max_seq_len, (int, np.integer))
+            or not 1 <= max_seq_len <= cfg.context_length
+        ):
+            # positions past the model's context can never be used (a request's context
+            # is min(model context, max_seq_len)), yet every slot's KV cache would hold
+            # them: 10**8 asked for 51 GB on the tiny test model, an out-of-memory deep in XLA
+            raise InvalidRequestError(
+                "max_seq_len",
+                max_seq_len,
+                f"an integer in [1, {cfg.context_length}] (the model's context length)",
+            )
         self.max_seq_len = int(max_seq_len or min(cfg.context_length, 2048))
         self.transforms = transforms
         self.model_config = cfg
@@ -209,9 +224,11 @@ class SlotEngine:
         self.schema_pool = schema_pool
         self._grammar, self._token_bytes = grammar, token_bytes
         self._shared = None
+        self._placed: dict = {}  # id(host leaf) -> (host leaf, its replicated device copy)
         self._refresh_shared()
         self.stats = EngineStats()
         self._slots = None
+        self._no_stops = None  # the stop tables of a request without stop strings
 
     def _init_slots(self, rows: RowParams):
         return _init(
@@ -225,10 +242,26 @@ class SlotEngine:
         )
 
     def _refresh_shared(self) -> None:
-        """Uploads the shared tables (the schema pool changes as schemas are added)."""
-        self._shared = jax.device_put(
-            sl.Shared(self._grammar, self._token_bytes, self.schema_pool.pool), self._replicated
-        )
+        """Uploads the shared tables (the schema pool changes as schemas are added).
+
+        Only the leaves that changed since the last upload are placed again: the pool hands
+        back the same host-side array for a table it did not touch, and the grammar and
+        token bytes never change. Placing every leaf again cost a copy of every table (about
+        45 MiB with the real vocabulary) to every device each time a schema request was
+        admitted, 16 ms per admission on 4 simulated CPU devices."""
+        placed = {}
+
+        def put(x):
+            if not isinstance(x, jax.Array):  # a host array could change in place
+                return jax.device_put(x, self._replicated)
+            hit = self._placed.get(id(x))
+            y = hit[1] if hit is not None and hit[0] is x else jax.device_put(x, self._replicated)
+            placed[id(x)] = (x, y)  # keeps x alive, so its id is not reused while cached
+            return y
+
+        shared = sl.Shared(self._grammar, self._token_bytes, self.schema_pool.pool)
+        self._shared = jax.tree.map(put, shared)
+        self._placed = placed  # only this upload's leaves: nothing accumulates
 
     # -------------------------------------------------------------- host loop
     def prompt_bucket(self, n: int) -> int:
@@ -363,8 +396,11 @@ class SlotEngine:
             for s, owner in enumerate(owners):
                 if owner is None:
                     continue
-                n = int(out.n_out[s]) - sum(len(t) for t in owner.tokens)
+                # a running count (summing the parts' lengths at every chunk made the host's
+                # work per chunk grow with the output length)
+                n = int(out.n_out[s]) - owner.n
                 if n:
+                    owner.n += n
                     owner.tokens.append(out.tokens[s, :n])
                     owner.logprobs.append(out.logprobs[s, :n])
                     owner.top_ids.append(out.top_ids[s, :n])
@@ -401,20 +437,28 @@ class SlotEngine:
         t = self.prompt_bucket(n)
         tokens = np.zeros((1, t), np.int32)
         tokens[0, :n] = req.prompt
-        stops = stop.compile_stops([tuple(req.stops)])
+        if req.stops:
+            stops = stop.compile_stops([tuple(req.stops)])
+        else:  # most requests: the no-stop tables, built once
+            if self._no_stops is None:
+                self._no_stops = stop.compile_stops([()])
+            stops = self._no_stops
+        # host (numpy) values straight into the jitted call: one transfer each in the
+        # dispatch, where a jnp.asarray per value cost about as much as the prefill itself
+        # for short prompts on a small model (half the host time of a request)
         self._slots = _admit(
             self._graphdef,
             self._model_state,
             self._shared,
             self._slots,
-            jnp.int32(slot),
-            jnp.asarray(tokens),
-            jnp.asarray([n], jnp.int32),
-            jax.tree.map(jnp.asarray, req.rows),
-            jnp.asarray([req.json_mode]),
-            jnp.asarray([0 if handle is None else handle.start], jnp.int32),
+            np.int32(slot),
+            tokens,
+            np.array([n], np.int32),
+            req.rows,
+            np.array([req.json_mode], np.bool_),
+            np.array([0 if handle is None else handle.start], np.int32),
             stops,
-            jnp.asarray([req.max_tokens], jnp.int32),
+            np.array([req.max_tokens], np.int32),
             mesh=self.mesh,
         )
 
