@@ -449,3 +449,17 @@ def test_explore_inputs_follow_the_generate_rule(engine):
     assert token_texts(engine.tokenizer, [-1]) == [""]
     with pytest.raises(ValueError):
         token_texts(engine.tokenizer, [engine.vocab_size])
+
+
+@pytest.mark.parametrize("value", [0, -1, 65, 1.5, True])
+def test_engine_refuses_a_bad_max_seq_len_when_built(value):
+    """max_seq_len is checked when the Engine is built (0 was read as "the default"), naming
+    the field and the model's context as the range (a stand-in model: only its config is
+    read)."""
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(config=SimpleNamespace(vocab_size=50, context_length=64))
+    with pytest.raises(InvalidRequestError) as info:
+        Engine(model, None, max_seq_len=value)
+    assert info.value.field == "max_seq_len" and "[1, 64]" in info.value.allowed
+    assert Engine(model, None, max_seq_len=64).engine_options["max_seq_len"] == 64

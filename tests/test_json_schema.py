@@ -405,6 +405,31 @@ def test_pool_evicts_unused_and_reuses(vocab):
     assert a.refs == 2
 
 
+def test_compiled_schemas_are_cached_within_a_bound(vocab, monkeypatch):
+    """compile_schema keeps the SCHEMA_CACHE_SIZE most recently used schemas (a job can bring
+    a new schema with every request); a dropped one compiles again to the same tables, which
+    the pool recognises by content."""
+    tb, eos, specials = vocab
+    monkeypatch.setattr(js, "SCHEMA_CACHE_SIZE", 2)
+    monkeypatch.setattr(js, "_SCHEMAS", js.OrderedDict())
+    schemas = [{"type": "object", "properties": {f"k{i}": {"type": "integer"}}} for i in range(4)]
+    first = js.compile_schema(schemas[0], tb, eos_id=eos, special_ids=specials)
+    sp = js.SchemaPool(tb, eos_id=eos, special_ids=specials, size="small")
+    h = sp.add(first)
+    assert js.compile_schema(schemas[0], tb, eos_id=eos, special_ids=specials) is first  # cached
+    for s in schemas[1:]:
+        js.compile_schema(s, tb, eos_id=eos, special_ids=specials)
+    assert len(js._SCHEMAS) == 2
+    again = js.compile_schema(schemas[0], tb, eos_id=eos, special_ids=specials)
+    assert again is not first and again.key == first.key  # dropped, compiled anew
+    assert again.tables.keys() == first.tables.keys() and again.start == first.start
+    for name, table in first.tables.items():
+        np.testing.assert_array_equal(np.asarray(again.tables[name]), np.asarray(table))
+    assert sp.add(again) is h  # the pool's handle, by content
+    # the most recently used stays: schema 3 was compiled last, then schema 0 again
+    assert list(js._SCHEMAS)[-1][1] == js.canonical(schemas[0])
+
+
 # ----------------------------------------------------------------------- min tokens
 def _shortest_tokenization(text: bytes, vocab) -> int:
     index = {b for b in vocab if b}

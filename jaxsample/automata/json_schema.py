@@ -1,6 +1,7 @@
 """JSON Schema outputs: a schema compiled on the host into tables, walked on the device.
 
-Host side (:func:`compile_schema`, cached by content):
+Host side (:func:`compile_schema`, cached by content, the :data:`SCHEMA_CACHE_SIZE` most
+recently used):
 
 1. The schema becomes a byte-level NFA over the JSON text of its instances (properties in
    schema order, flexible whitespace, one spelling per character in constrained strings),
@@ -41,6 +42,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -1643,7 +1645,13 @@ def canonical(schema: Any) -> str:
     return json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
 
 
-_SCHEMAS: dict = {}
+#: How many compiled schemas :func:`compile_schema` keeps (least recently used dropped
+#: first). A compiled schema holds about 30 KB of tables with the real vocabulary and a job
+#: may bring a new schema with every request, so the cache is bounded; a dropped schema is
+#: compiled again if it comes back (the device pool keys schemas by content, not by object).
+SCHEMA_CACHE_SIZE = 256
+
+_SCHEMAS: OrderedDict = OrderedDict()
 
 
 def compile_schema(
@@ -1670,10 +1678,14 @@ def compile_schema(
     text = schema if isinstance(schema, str) else canonical(schema)
     vkey, voc = _get_vocab(vocab_bytes, eos_id, special_ids)
     key = (vkey, text, bool(strict))
-    if key not in _SCHEMAS:
-        obj = json.loads(text) if isinstance(schema, str) else schema
-        _SCHEMAS[key] = _compile(obj, voc, vkey, text, bool(strict))
-    return _SCHEMAS[key]
+    if key in _SCHEMAS:
+        _SCHEMAS.move_to_end(key)
+        return _SCHEMAS[key]
+    obj = json.loads(text) if isinstance(schema, str) else schema
+    compiled = _SCHEMAS[key] = _compile(obj, voc, vkey, text, bool(strict))
+    while len(_SCHEMAS) > max(1, SCHEMA_CACHE_SIZE):
+        _SCHEMAS.popitem(last=False)
+    return compiled
 
 
 def _compile(schema, voc: _Vocab, vkey, text, strict) -> CompiledSchema:
