@@ -217,12 +217,11 @@ def main(argv: list[str] | None = None) -> int:
         _enable_compile_cache()
     try:
         dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+        # Engine checks --max-seq-len against the model's context when built
         engine = Engine.load(args.model, dtype=dtype, max_seq_len=args.max_seq_len)
     except (ModelNotFoundError, ModelFileError) as err:
         print(f"jaxsample: {err}", file=sys.stderr)
         return 1
-    try:
-        engine.slot_engine()  # checks --max-seq-len against the model's context
     except InvalidRequestError as err:
         print(
             f"jaxsample: --max-seq-len {args.max_seq_len}: must be {err.allowed}", file=sys.stderr

@@ -287,9 +287,8 @@ def test_a_max_seq_len_beyond_the_model_context_is_refused(model, tok):
         with pytest.raises(InvalidRequestError) as info:
             SlotEngine(model, grammar=None, token_bytes=None, slots=2, max_seq_len=bad)
         assert info.value.field == "max_seq_len" and f"[1, {context}]" in str(info.value)
-    engine = Engine(model, tok, slots=2, max_seq_len=10**8)
     with pytest.raises(InvalidRequestError, match="max_seq_len"):
-        engine.generate("hi", SamplingParams(max_tokens=2))
+        Engine(model, tok, slots=2, max_seq_len=10**8)  # refused when built
     ok = Engine(model, tok, slots=2, max_seq_len=context).slot_engine()
     assert ok.max_seq_len == context
 

@@ -157,23 +157,22 @@ def load_engine(cfg: JobConfig, *, model_name: str | None = None):
         raise JobError(f"--devices {n}: this process has {len(local)} devices")
     if cfg.slots % n:
         raise JobError(f"--slots {cfg.slots} must be a multiple of the {n} devices used")
-    engine = Engine.load(
-        cfg.model,
-        dtype=jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32,
-        batch_invariant=True,
-        slots=cfg.slots,
-        chunk_steps=cfg.chunk_steps,
-        max_seq_len=cfg.max_seq_len,
-        devices=local[:n],
-    )
-    if model_name is not None:
-        engine.model_name = model_name
     from jaxsample.params import InvalidRequestError
 
-    try:
-        engine.slot_engine()  # checks max_seq_len against the model's context
+    try:  # Engine checks max_seq_len against the model's context when built
+        engine = Engine.load(
+            cfg.model,
+            dtype=jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32,
+            batch_invariant=True,
+            slots=cfg.slots,
+            chunk_steps=cfg.chunk_steps,
+            max_seq_len=cfg.max_seq_len,
+            devices=local[:n],
+        )
     except InvalidRequestError as err:
         raise JobError(f"--max-seq-len {cfg.max_seq_len}: must be {err.allowed}") from None
+    if model_name is not None:
+        engine.model_name = model_name
     return engine
 
 
