@@ -45,6 +45,7 @@ from jaxsample.params import (
     derive_seed,
     pack_rows,
     request_n,
+    resolve_max_seq_len,
 )
 
 #: The log probability written for a token with no probability (``-inf``): the value the
@@ -295,17 +296,13 @@ class Engine:
         #: traced on an abstract row here, so a bad one fails now, naming it
         #: (:class:`jaxsample.TransformError`), not inside the compiled loop
         self.transforms = check_chain_outputs(transforms, model.config.vocab_size)
-        if max_seq_len is not None:  # checked now, not at the first request (0 is not None)
-            context = model.config.context_length
-            _integer("max_seq_len", max_seq_len, 1, context, f"an integer in [1, {context}]")
         #: the slot engine's settings (see :class:`jaxsample.engine.SlotEngine`)
         self.engine_options = {
             "slots": slots,
             "chunk_steps": chunk_steps,
             "refill_free": refill_free,
-            "max_seq_len": (
-                min(model.config.context_length, 2048) if max_seq_len is None else max_seq_len
-            ),
+            # checked now, not at the first request
+            "max_seq_len": resolve_max_seq_len(max_seq_len, model.config.context_length),
             "devices": devices,
             "transforms": self.transforms,
         }

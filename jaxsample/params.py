@@ -371,9 +371,9 @@ def _transform_params(value: Any) -> tuple:
                         reason="parameter given twice",
                     )
                 out[name][k] = v
-    except (TypeError, ValueError) as err:
-        if isinstance(err, InvalidRequestError):
-            raise
+    except InvalidRequestError:
+        raise
+    except (TypeError, ValueError):
         raise InvalidRequestError("transform_params", value, _TRANSFORM_ALLOWED) from None
     for name, pairs in out.items():
         if not isinstance(name, str):
@@ -739,6 +739,26 @@ def _check_bias_ids(params: SamplingParams, vocab_size: int, index: int | None =
                 reason="token id out of the vocabulary",
                 index=index,
             )
+
+
+#: An engine's KV cache length when ``max_seq_len`` is not given: the model's context, at most
+#: this many tokens.
+DEFAULT_MAX_SEQ_LEN = 2048
+
+
+def resolve_max_seq_len(value: Any, context_length: int) -> int:
+    """An engine's ``max_seq_len`` (each slot's KV cache length): ``min(context_length,
+    DEFAULT_MAX_SEQ_LEN)`` when ``value`` is None, else ``value`` checked as an integer in
+    ``[1, context_length]``: positions past the model's context can never be used, yet every
+    slot's cache would hold them (10**8 ran out of memory deep inside XLA).
+
+    >>> resolve_max_seq_len(None, 8192), resolve_max_seq_len(512, 8192)
+    (2048, 512)
+    """
+    if value is None:
+        return min(context_length, DEFAULT_MAX_SEQ_LEN)
+    allowed = f"an integer in [1, {context_length}] (the model's context length)"
+    return _integer("max_seq_len", value, 1, context_length, allowed)
 
 
 def check_for_model(

@@ -1314,16 +1314,10 @@ def _rest_one(
     if then is None:
         out = lax.cond(jnp.any(need2), lambda: stages(True), lambda: stages(False))
         return (out, plan) if words is None else (out[0], plan, out[1])
-    # one switch: the common stages for each static (raw, mass) the plan may hold, then the
-    # rare stages (which branch on the plan's own values inside)
-    raws = [plan.raw] if isinstance(plan.raw, int) else [0, 1, 2]
-    masses = [plan.mass] if isinstance(plan.mass, bool) else [False, True]
-    common = [plan.replace(raw=r, mass=m) for r in raws for m in masses]
-    index = jnp.int32(0)
-    if len(raws) > 1:
-        index = index + jnp.asarray(plan.raw, jnp.int32) * len(masses)
-    if len(masses) > 1:
-        index = index + jnp.asarray(plan.mass, jnp.int32)
+    # one switch: the common stages for each (raw, mass) as constants, in the order of
+    # 2 * raw + mass, then the rare stages (which branch on the plan's own values inside)
+    common = [plan.replace(raw=r, mass=m) for r in (0, 1, 2) for m in (False, True)]
+    index = 2 * jnp.asarray(plan.raw, jnp.int32) + jnp.asarray(plan.mass, jnp.int32)
     index = jnp.where(jnp.any(need2), len(common), index)
     branches = [partial(stages, False, p) for p in common] + [partial(stages, True)]
     return lax.switch(index, branches)

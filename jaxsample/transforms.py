@@ -744,12 +744,7 @@ def _pairs(name: str, what: str, value: Any) -> dict:
     """A transform's ``params`` or ``ranges`` (a mapping, or ``(key, value)`` pairs) as a
     dict, else a ValueError that says what it must be."""
     try:
-        pairs = value.items() if hasattr(value, "items") else value
-        out = {}
-        for pair in pairs:
-            key, val = pair
-            out[key] = val
-        return out
+        return dict(value)
     except (TypeError, ValueError):
         raise ValueError(
             f"user transform {name!r}: {what} must be a dict (or (name, value) pairs),"

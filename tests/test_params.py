@@ -413,6 +413,20 @@ def test_any_out_of_range_float_is_refused(name, data):
     assert info.value.field == name and repr(value) in str(info.value)
 
 
+@pytest.mark.parametrize("field", sorted(_FLOAT_RANGES))
+def test_float_bounds_are_inclusive(field):
+    """Both bounds and the middle are kept, through the constructor and a request body; the
+    next float outside either bound, NaN, a bool and a string are refused naming the field."""
+    lo, hi = _FLOAT_RANGES[field]
+    for v in (lo, hi, (lo + hi) / 2):
+        assert getattr(SamplingParams(**{field: v}), field) == v
+        assert getattr(SamplingParams.from_request({field: v}), field) == v
+    for v in (np.nextafter(lo, -np.inf), np.nextafter(hi, np.inf), float("nan"), True, "1"):
+        with pytest.raises(InvalidRequestError) as err:
+            SamplingParams(**{field: v})
+        assert err.value.field == field
+
+
 # ----------------------------------------------------------------------------- model checks
 
 

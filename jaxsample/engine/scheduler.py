@@ -31,7 +31,7 @@ from jaxsample.decode import RUNNING
 from jaxsample.engine import slots as sl
 from jaxsample.engine.slots import EMPTY
 from jaxsample.model.config import INVARIANT_TILE
-from jaxsample.params import InvalidRequestError
+from jaxsample.params import resolve_max_seq_len
 from jaxsample.rows import TOP_LOGPROBS_MAX, RowParams
 
 _AXIS = "slots"
@@ -193,20 +193,7 @@ class SlotEngine:
         self.refill_free = int(refill_free)
         if not 1 <= self.refill_free <= self.n_slots:
             raise ValueError(f"refill_free={refill_free} must be in [1, slots={slots}]")
-        if max_seq_len is not None and (
-            isinstance(max_seq_len, bool)
-            or not isinstance(max_seq_len, (int, np.integer))
-            or not 1 <= max_seq_len <= cfg.context_length
-        ):
-            # positions past the model's context can never be used (a request's context
-            # is min(model context, max_seq_len)), yet every slot's KV cache would hold
-            # them: 10**8 asked for 51 GB on the tiny test model, an out-of-memory deep in XLA
-            raise InvalidRequestError(
-                "max_seq_len",
-                max_seq_len,
-                f"an integer in [1, {cfg.context_length}] (the model's context length)",
-            )
-        self.max_seq_len = int(max_seq_len or min(cfg.context_length, 2048))
+        self.max_seq_len = resolve_max_seq_len(max_seq_len, cfg.context_length)
         self.transforms = transforms
         self.model_config = cfg
         self._dtype = model.dtype
