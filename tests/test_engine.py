@@ -14,6 +14,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -144,32 +145,37 @@ def test_no_compiles_after_warmup(model, tok):
 
 
 def test_admitting_a_request_runs_no_eager_jax_operation(model, tok):
-    """A request's values (prompt, RowParams, budget, ...) go to the one compiled
+    """A request's values (prompt, RowParams, budget, stop tables, ...) go to the one compiled
     prefill-and-insert call as host arrays: an eager jnp.asarray per value cost about as much
     host time as the prefill itself for a short prompt on a small model, twice a short
-    request's whole host time in a job of thousands."""
+    request's whole host time in a job of thousands. Stop tables are cached by content."""
     import cProfile
     import pstats
 
-    for stops in ((), ("ab",)):
+    from jaxsample.automata import stop
+
+    def eager_ops(fn, *args) -> list:
+        profile = cProfile.Profile()
+        profile.enable()
+        fn(*args)
+        profile.disable()
+        return [
+            f"{path}:{name}"
+            for path, _, name in pstats.Stats(profile).stats
+            if "jax/_src/numpy" in path or name == "apply_primitive"
+        ]
+
+    # the check sees eager operations where there are some: the device form of the tables
+    assert eager_ops(stop.compile_stops, [("ab",)])
+    for stops in ((), ("ab",), ("a never seen stop", "x")):
         engine = Engine(model, tok, slots=4, chunk_steps=4)
         slot_engine = engine.slot_engine()
         req = engine._request("k", "Hello", SamplingParams(seed=1, max_tokens=2, stop=stops), 0)
         for _ in slot_engine.run([req]):  # compiled, and the slot state exists
             pass
-        profile = cProfile.Profile()
-        profile.enable()
-        slot_engine._place(1, req)
-        profile.disable()
-        eager = [
-            f"{path}:{name}"
-            for path, _, name in pstats.Stats(profile).stats
-            if "jax/_src/numpy" in path or name == "apply_primitive"
-        ]
-        if stops:  # the stop tables of a request with stop strings are built for it
-            assert eager, "the check sees eager operations where there are some"
-        else:
-            assert not eager, eager
+        assert not eager_ops(slot_engine._place, 1, req), stops
+        fresh = engine._request("f", "Hi", SamplingParams(seed=2, max_tokens=2, stop=["q9"]), 0)
+        assert not eager_ops(slot_engine._place, 2, fresh)  # a stop set not cached yet
 
 
 def test_shared_tables_are_placed_on_the_devices_once(model, tok):
@@ -230,9 +236,12 @@ def test_host_work_per_chunk_does_not_grow_with_the_output(model, tok):
     assert per_chunk[1] < 1.5 * per_chunk[0], per_chunk
 
 
-def test_requests_are_pulled_lazily(model, tok):
-    """An endless input: the engine holds at most the slots plus one waiting request."""
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_requests_are_pulled_lazily(model, tok, prefetch):
+    """An endless input: the engine holds at most the slots plus one waiting request, and the
+    prefetching thread at most ``prefetch`` queued requests and the one it is handing over."""
     engine = Engine(model, tok, slots=4, chunk_steps=4)
+    engine.slot_engine().prefetch = prefetch
     pulled = 0
 
     def endless():
@@ -243,7 +252,69 @@ def test_requests_are_pulled_lazily(model, tok):
 
     results = list(itertools.islice(engine.stream(endless()), 20))
     assert len(results) == 20
-    assert pulled <= 20 + 4 + 1
+    assert pulled <= 20 + 4 + 1 + (prefetch + 1 if prefetch else 0)
+
+
+def _prefetch_threads() -> list:
+    return [t for t in threading.enumerate() if t.name == "jaxsample-prefetch"]
+
+
+def test_prefetching_keeps_the_schedule_and_the_outputs(model, tok):
+    """The input is taken in on a background thread (the host work of a request overlaps the
+    device's), yet the engine takes each request exactly when it did without the thread: the
+    same chunks, steps and outputs, bit for bit."""
+    threads = {}
+
+    def items():
+        for k, prompt, p in workload():
+            threads[k] = threading.current_thread() is threading.main_thread()
+            yield k, prompt, p
+
+    got, stats = {}, {}
+    for prefetch in (0, 5):
+        engine = Engine(model, tok, slots=4, chunk_steps=4)
+        engine.slot_engine().prefetch = prefetch
+        got[prefetch] = run(engine, items())
+        stats[prefetch] = engine.slot_engine().stats
+        assert all(threads.values()) == (prefetch == 0), prefetch
+        threads.clear()
+    assert set(got[0]) == set(got[5]) == {k for k, _, _ in workload()}
+    assert all(same(got[0][k], got[5][k]) for k in got[0])
+    for field in ("chunks", "steps", "slot_steps", "tokens", "requests"):
+        assert getattr(stats[0], field) == getattr(stats[5], field), field
+
+
+def test_an_input_that_raises_or_a_stream_left_early_stops_the_prefetching(model, tok):
+    """An exception of the input reaches the caller (after the results it allowed), and a
+    stream left early stops the prefetching thread; the engine serves the next stream."""
+    engine = Engine(model, tok, slots=2, chunk_steps=4)
+    before = set(_prefetch_threads())
+
+    def failing():
+        yield 0, "hi", SamplingParams(seed=0, max_tokens=2)
+        raise KeyError("the input broke")
+
+    with pytest.raises(KeyError, match="the input broke"):
+        list(engine.stream(failing()))
+
+    def endless():
+        for i in itertools.count():
+            yield i, "hi", SamplingParams(seed=i, max_tokens=3)
+
+    stream = engine.stream(endless())
+    assert len(list(itertools.islice(stream, 3))) == 3
+    stream.close()
+    for t in set(_prefetch_threads()) - before:
+        t.join(timeout=30)
+        assert not t.is_alive()
+    again = run(engine, [(7, "hi", SamplingParams(seed=7, max_tokens=2))])
+    assert again[7].error is None and again[7].completion_tokens == 2
+
+
+@pytest.mark.parametrize("prefetch", [-1, 1.5, True])
+def test_a_bad_prefetch_is_refused(model, tok, prefetch):
+    with pytest.raises(ValueError, match="prefetch"):
+        SlotEngine(model, grammar=None, token_bytes=None, slots=2, prefetch=prefetch)
 
 
 def test_refill_keeps_the_slots_busy(model, tok):

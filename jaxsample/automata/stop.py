@@ -98,12 +98,15 @@ def _check_stops(stops, row: int) -> list[bytes]:
     return out
 
 
-def compile_stops(per_row: Sequence[Sequence[str]], token_bytes_table=None) -> StopTables:
+def compile_stops(
+    per_row: Sequence[Sequence[str]], token_bytes_table=None, *, as_numpy: bool = False
+) -> StopTables:
     """Batched stop tables for ``per_row[i]`` = row i's stop strings (an empty tuple: none).
 
     Raises :class:`~jaxsample.params.InvalidRequestError` for more than 4 strings, an empty
     string or one longer than 64 UTF-8 bytes. ``token_bytes_table`` is accepted for symmetry
-    with :func:`advance` and not needed here.
+    with :func:`advance` and not needed here. ``as_numpy``: host (numpy) arrays instead of
+    device arrays, for a jitted call to transfer (no eager device operation).
 
     >>> compile_stops([("END",), ()]).length.tolist()
     [[3, -1, -1, -1], [-1, -1, -1, -1]]
@@ -116,6 +119,8 @@ def compile_stops(per_row: Sequence[Sequence[str]], token_bytes_table=None) -> S
         for j, b in enumerate(_check_stops(stops, i)):
             dfa[i, j] = _kmp_table(b)
             length[i, j] = len(b)
+    if as_numpy:
+        return StopTables(dfa=dfa, length=length)
     return StopTables(dfa=jnp.asarray(dfa), length=jnp.asarray(length))
 
 

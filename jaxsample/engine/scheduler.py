@@ -7,14 +7,18 @@
         run one chunk (<= K decode steps on the device; it leaves once r slots are free)
         drain the slots that finished: their tokens become results, the slots are free
 
-Requests are pulled lazily from the caller's iterator as slots free up, so an endless input
-costs constant memory; results are yielded as requests finish.
+Requests are pulled from the caller's iterator as slots free up, at most ``prefetch`` ahead
+of the slots (a background thread pulls them, so that the host work of taking a request in,
+such as tokenising and compiling a JSON Schema, runs while the device decodes), so an endless
+input costs constant memory; results are yielded as requests finish.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import queue
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
@@ -144,6 +148,78 @@ class _Running:
         )
 
 
+#: How many distinct sets of stop strings :func:`_stop_tables` keeps (66 KiB each).
+STOP_CACHE_SIZE = 256
+
+
+@functools.lru_cache(maxsize=STOP_CACHE_SIZE)
+def _stop_tables(stops: tuple[str, ...]) -> stop.StopTables:
+    """One request's stop tables as host arrays, cached by content: a job's requests mostly
+    share their stop strings (or have none), and the tables are read only."""
+    return stop.compile_stops([stops], as_numpy=True)
+
+
+class _Prefetch:
+    """An iterator that a background thread pulls ``depth`` items ahead of its consumer.
+
+    Pulling a request is host work (the API tokenises it, packs its parameters and compiles
+    its JSON Schema: 1-100 ms) that would otherwise run between two device calls, with the
+    device idle. The thread runs it while the main thread waits for a chunk (JAX releases the
+    GIL there). The consumer still takes items exactly when it did without the thread, in the
+    input's order, so the schedule (which request goes to which slot, when) is the same; an
+    exception of the input comes out where the input raised it, after the items before it.
+    """
+
+    _ITEM, _END, _RAISE = range(3)
+
+    def __init__(self, it: Iterator, depth: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(
+            target=self._fill, args=(it,), name="jaxsample-prefetch", daemon=True
+        )
+        self._thread.start()
+
+    def _fill(self, it: Iterator) -> None:
+        try:
+            for item in it:
+                if not self._put((self._ITEM, item)):
+                    return  # closed: the input is left where it is
+            self._put((self._END, None))
+        except BaseException as err:  # handed to the consumer, raised there
+            self._put((self._RAISE, err))
+
+    def _put(self, entry) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._done:
+            raise StopIteration
+        kind, value = self._queue.get()
+        if kind == self._ITEM:
+            return value
+        self._done = True
+        self._thread.join()
+        if kind == self._RAISE:
+            raise value
+        raise StopIteration
+
+    def close(self) -> None:
+        """Stops the thread (it ends after the item it is pulling, if any)."""
+        self._done = True
+        self._stop.set()
+
+
 # ------------------------------------------------------------------------------ the engine
 
 
@@ -166,6 +242,9 @@ class SlotEngine:
         default ``min(context_length, 2048)``.
       devices: the devices the slots are split over (data parallel; default: one device).
       transforms: a static user transform chain for the sampler (see docs/sampler.md).
+      prefetch: how many requests a background thread pulls from the input ahead of the
+        slots (default: ``slots``); 0 pulls each one on the main thread when a slot takes
+        it. The host work of taking a request in then overlaps the device's decoding.
     """
 
     def __init__(
@@ -181,6 +260,7 @@ class SlotEngine:
         max_seq_len: int | None = None,
         devices=None,
         transforms=(),
+        prefetch: int | None = None,
     ):
         cfg = model.config
         devices = list(devices) if devices is not None else jax.devices()[:1]
@@ -194,6 +274,11 @@ class SlotEngine:
         if not 1 <= self.refill_free <= self.n_slots:
             raise ValueError(f"refill_free={refill_free} must be in [1, slots={slots}]")
         self.max_seq_len = resolve_max_seq_len(max_seq_len, cfg.context_length)
+        self.prefetch = self.n_slots if prefetch is None else prefetch
+        if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int):
+            raise ValueError(f"prefetch={prefetch!r} must be an int >= 0")
+        if self.prefetch < 0:
+            raise ValueError(f"prefetch={prefetch} must be >= 0")
         self.transforms = transforms
         self.model_config = cfg
         self._dtype = model.dtype
@@ -215,7 +300,6 @@ class SlotEngine:
         self._refresh_shared()
         self.stats = EngineStats()
         self._slots = None
-        self._no_stops = None  # the stop tables of a request without stop strings
 
     def _init_slots(self, rows: RowParams):
         return _init(
@@ -283,13 +367,20 @@ class SlotEngine:
         """Decodes every request; yields each :class:`SlotResult` as its request finishes,
         and each :class:`PassThrough` item as it is pulled.
 
+        ``requests`` is pulled at most :attr:`prefetch` items ahead of the slots, on a
+        background thread when ``prefetch > 0`` (so the input is iterated on that thread).
         Left early (the caller stops reading, or ``requests`` raises), the requests still
         running are dropped: their slots are marked empty on the device and their schemas
         released from the pool, so the next run starts clean."""
         owners: list[_Running | None] = [None] * self.n_slots
+        it = iter(requests)
+        if self.prefetch:
+            it = _Prefetch(it, self.prefetch)
         try:
-            yield from self._run(iter(requests), owners)
+            yield from self._run(it, owners)
         finally:
+            if isinstance(it, _Prefetch):
+                it.close()
             self._drop(owners)
 
     def _drop(self, owners: list) -> None:
@@ -424,12 +515,7 @@ class SlotEngine:
         t = self.prompt_bucket(n)
         tokens = np.zeros((1, t), np.int32)
         tokens[0, :n] = req.prompt
-        if req.stops:
-            stops = stop.compile_stops([tuple(req.stops)])
-        else:  # most requests: the no-stop tables, built once
-            if self._no_stops is None:
-                self._no_stops = stop.compile_stops([()])
-            stops = self._no_stops
+        stops = _stop_tables(tuple(req.stops))
         # host (numpy) values straight into the jitted call: one transfer each in the
         # dispatch, where a jnp.asarray per value cost about as much as the prefill itself
         # for short prompts on a small model (half the host time of a request)
