@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import hashlib
 import importlib.util
-import mmap
+import math
 import os
 import pathlib
 import struct
@@ -130,6 +130,18 @@ def default_model_path() -> str:
     raise ModelNotFoundError(msg)
 
 
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """One entry of a GGUF file's tensor table: ``shape`` in GGUF order (``ne0``, the
+    fastest axis, first), the ``gguf.GGMLQuantizationType`` and the raw ``data`` as a
+    read-only view of the memory-mapped file (bytes per row for quantized types)."""
+
+    name: str
+    shape: tuple[int, ...]
+    tensor_type: Any
+    data: np.ndarray
+
+
 @dataclasses.dataclass
 class GGUFFile:
     """A parsed GGUF file: scalar/array metadata as Python values, tensors on demand.
@@ -143,17 +155,17 @@ class GGUFFile:
 
     path: str
     metadata: dict[str, Any]
-    _reader: Any
+    tensors: list[TensorInfo]
 
     @property
     def tensor_names(self) -> list[str]:
-        return [t.name for t in self._reader.tensors]
+        return [t.name for t in self.tensors]
 
     @functools.cached_property
-    def _by_name(self) -> dict[str, Any]:
-        return {t.name: t for t in self._reader.tensors}
+    def _by_name(self) -> dict[str, TensorInfo]:
+        return {t.name: t for t in self.tensors}
 
-    def _find(self, name: str):
+    def _find(self, name: str) -> TensorInfo:
         try:
             return self._by_name[name]
         except KeyError:
@@ -184,8 +196,30 @@ class GGUFFile:
             raise ModelFileError(f"{self.path}: tensor {name} cannot be read: {err}") from err
 
 
-# GGUF metadata value types (gguf.GGUFValueType): the fixed-size ones and their sizes.
-_FIXED_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+# GGUF metadata value types (gguf.GGUFValueType): the fixed-size ones as numpy types.
+_FIXED = {
+    0: np.uint8,
+    1: np.int8,
+    2: np.uint16,
+    3: np.int16,
+    4: np.uint32,
+    5: np.int32,
+    6: np.float32,
+    7: np.bool_,
+    10: np.uint64,
+    11: np.int64,
+    12: np.float64,
+}
+# GGML tensor types that are plain numpy numbers (F32, F16, I8, I16, I32, I64, F64).
+_PLAIN = {
+    0: np.float32,
+    1: np.float16,
+    24: np.int8,
+    25: np.int16,
+    26: np.int32,
+    27: np.int64,
+    28: np.float64,
+}
 _STRING, _ARRAY, _UINT32 = 8, 9, 4
 
 
@@ -193,14 +227,19 @@ class _HeaderEnds(Exception):
     """The header runs past the end of the file."""
 
 
+class _Undecodable(Exception):
+    """A metadata value that is not valid UTF-8 (the key is left out, as gguf does)."""
+
+
 class _HeaderScan:
     """A bounds-checked walk over a GGUF header (metadata, then the tensor table).
 
     ``gguf.GGUFReader`` reads a cut or corrupt file into numpy/struct errors (a slice too
     short to view, an index out of bounds) or views past the end as shorter arrays; this
-    walk checks every read against the file size first, so the failure can be named.
-    Nothing is decoded but what the extent check needs: ``general.alignment`` and each
-    tensor's dims, type and offset.
+    walk checks every read against the file size first, so the failure can be named. It
+    decodes the metadata as it goes (numbers as Python numbers, strings as ``str``, arrays
+    as lists): about 30 times faster than ``gguf.GGUFReader``, which builds a numpy view
+    per element of the vocabulary's arrays (3.7 s against 0.1 s for the default file).
     """
 
     def __init__(self, buf, order: str):
@@ -227,29 +266,57 @@ class _HeaderScan:
         start = self.take(n)
         return bytes(self.buf[start : start + n])
 
-    def skip_value(self, vtype: int) -> None:
-        if vtype in _FIXED_SIZES:
-            self.take(_FIXED_SIZES[vtype])
-        elif vtype == _STRING:
-            self.take(self.u64())
-        elif vtype == _ARRAY:
+    def _numbers(self, vtype: int, count: int) -> np.ndarray:
+        dtype = np.dtype(_FIXED[vtype]).newbyteorder(self.order)
+        start = self.take(count * dtype.itemsize)
+        return np.frombuffer(self.buf, dtype, count, start)
+
+    def value(self, vtype: int):
+        """The next value of type ``vtype``, decoded (raises :class:`_Undecodable` after
+        walking past it when a string in it is not UTF-8)."""
+        if vtype in _FIXED:
+            return self._numbers(vtype, 1).tolist()[0]
+        if vtype == _STRING:
+            raw = self.string()
+            try:
+                return raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise _Undecodable from None
+        if vtype == _ARRAY:
             item, count = self.u32(), self.u64()
-            if item in _FIXED_SIZES:
-                self.take(count * _FIXED_SIZES[item])
-            elif item == _STRING:  # inlined: token lists hold ~10^5 strings
+            if item in _FIXED:
+                return self._numbers(item, count).tolist()
+            if item == _STRING:  # inlined: token lists hold ~10^5 strings
                 off, end, u64s, buf = self.off, self.end, self.u64s, self.buf
+                out, bad = [], False
                 for _ in range(count):
                     if off + 8 > end:
                         raise _HeaderEnds
-                    off += 8 + u64s(buf, off)[0]
-                if off > end:
-                    raise _HeaderEnds
+                    n = u64s(buf, off)[0]
+                    off += 8
+                    if off + n > end:
+                        raise _HeaderEnds
+                    try:
+                        out.append(str(buf[off : off + n], "utf-8"))
+                    except UnicodeDecodeError:
+                        bad = True
+                    off += n
                 self.off = off
-            else:
-                for _ in range(count):
-                    self.skip_value(item)
-        else:
-            raise ValueError(f"a metadata value of unknown type {vtype}")
+                if bad:
+                    raise _Undecodable
+                return out
+            if count > self.end:  # each element takes at least a byte
+                raise _HeaderEnds
+            out, bad = [], False
+            for _ in range(count):
+                try:
+                    out.append(self.value(item))
+                except _Undecodable:
+                    bad = True
+            if bad:
+                raise _Undecodable
+            return out
+        raise ValueError(f"a metadata value of unknown type {vtype}")
 
     def tensor_info(self) -> tuple[str, tuple[int, ...], int, int]:
         """(name, dims, ggml type, offset in the data section) of the next table entry."""
@@ -260,54 +327,61 @@ class _HeaderScan:
         return name, dims, self.u32(), self.u64()
 
 
-def check_gguf_file(path: str) -> None:
-    """Raise :class:`ModelFileError` unless ``path`` is a whole GGUF file: the magic, a
-    known version, a header that ends inside the file and every tensor's bytes inside it
-    (the check ``gguf.GGUFReader`` does not make). Reads the header only (about 0.1 s for
-    the default file): what a batch job checks before it writes anything."""
+@dataclasses.dataclass
+class _Header:
+    metadata: dict[str, Any]
+    infos: list[tuple[str, tuple[int, ...], int, int]]  # name, dims, type, offset
+    data_start: int
+    order: str
+
+
+def _read_header(path: str, buf: memoryview) -> _Header:
+    """Walks and checks the whole header of the file mapped in ``buf`` (bytes; raises
+    :class:`ModelFileError` naming the file and what is wrong)."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    size = os.path.getsize(path)
-    if size == 0:
-        raise ModelFileError(f"{path} is empty (0 bytes), not a GGUF file")
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if size < 8 or buf[:4] != b"GGUF":
-            raise ModelFileError(
-                f"{path} is not a GGUF file (it does not start with the bytes 'GGUF'; {size} bytes)"
-            )
-        version = struct.unpack_from("<I", buf, 4)[0]
-        order = "<"
-        if version & 0xFFFF == 0:  # written on a big-endian machine
-            order, version = ">", struct.unpack_from(">I", buf, 4)[0]
-        if version not in (2, 3):
-            raise ModelFileError(f"{path}: GGUF version {version} is not supported (2 or 3)")
-        h = _HeaderScan(buf, order)
-        h.take(8)
-        alignment = 32
-        try:
-            n_tensors, n_kv = h.u64(), h.u64()
-            for _ in range(n_kv):
-                key = h.string()
-                vtype = h.u32()
-                if key == b"general.alignment" and vtype == _UINT32:
-                    alignment = h.u32()
-                else:
-                    h.skip_value(vtype)
-            infos = [h.tensor_info() for _ in range(n_tensors)]
-        except _HeaderEnds:
-            raise ModelFileError(
-                f"{path} is not a readable GGUF file: it ends inside its header, at byte "
-                f"{size} (truncated or corrupt)"
-            ) from None
-        except ValueError as err:
-            raise ModelFileError(
-                f"{path} is not a readable GGUF file: {err} at byte {h.off} (corrupt)"
-            ) from None
-    if alignment == 0 or alignment & (alignment - 1):
+    size = len(buf)
+    if size < 8 or buf[:4] != b"GGUF":
+        raise ModelFileError(
+            f"{path} is not a GGUF file (it does not start with the bytes 'GGUF'; {size} bytes)"
+        )
+    version = struct.unpack_from("<I", buf, 4)[0]
+    order = "<"
+    if version & 0xFFFF == 0:  # written on a big-endian machine
+        order, version = ">", struct.unpack_from(">I", buf, 4)[0]
+    if version not in (2, 3):
+        raise ModelFileError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+    h = _HeaderScan(buf, order)
+    h.take(8)
+    meta: dict[str, Any] = {}
+    try:
+        n_tensors, n_kv = h.u64(), h.u64()
+        for _ in range(n_kv):
+            key = h.string().decode("utf-8", "replace")
+            vtype = h.u32()
+            try:
+                meta[key] = h.value(vtype)
+            except _Undecodable:  # not UTF-8: skipped rather than failing the whole file
+                continue
+        infos = [h.tensor_info() for _ in range(n_tensors)]
+    except _HeaderEnds:
+        raise ModelFileError(
+            f"{path} is not a readable GGUF file: it ends inside its header, at byte "
+            f"{size} (truncated or corrupt)"
+        ) from None
+    except ValueError as err:
+        raise ModelFileError(
+            f"{path} is not a readable GGUF file: {err} at byte {h.off} (corrupt)"
+        ) from None
+    alignment = meta.get("general.alignment", 32)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
         raise ModelFileError(f"{path}: general.alignment={alignment} is not a power of two")
     data_start = -(-h.off // alignment) * alignment
-    need = 0
+    need, names = 0, set()
     for name, dims, ggml_type, offset in infos:
+        if name in names:
+            raise ModelFileError(f"{path}: the tensor {name} is listed twice (corrupt)")
+        names.add(name)
         try:
             block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
         except (ValueError, KeyError):
@@ -324,6 +398,29 @@ def check_gguf_file(path: str) -> None:
         raise ModelFileError(
             f"{path} is truncated: expected {need} bytes of tensor data, found {found}"
         )
+    return _Header(meta, infos, data_start, order)
+
+
+def _open_checked(path: str):
+    """The file memory-mapped read-only (numpy), after the checks of :func:`check_gguf_file`
+    that need no mapping."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ModelNotFoundError(f"GGUF file not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise ModelFileError(f"{path} is empty (0 bytes), not a GGUF file")
+    try:
+        return np.memmap(path, dtype=np.uint8, mode="r")
+    except OSError as err:
+        raise ModelFileError(f"{path} cannot be read: {err.strerror or err}") from err
+
+
+def check_gguf_file(path: str) -> None:
+    """Raise :class:`ModelFileError` unless ``path`` is a whole GGUF file: the magic, a
+    known version, a header that ends inside the file and every tensor's bytes inside it
+    (the check ``gguf.GGUFReader`` does not make). Reads the header only (about 0.1 s for
+    the default file): what a batch job checks before it writes anything."""
+    _read_header(os.fspath(path), memoryview(_open_checked(path)))
 
 
 def read_gguf(path: str | os.PathLike) -> GGUFFile:
@@ -344,28 +441,24 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
         gf = read_gguf(default_model_path())
         gf.metadata["general.architecture"]  # 'llama'
     """
-    import gguf
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import quant_shape_to_byte_shape
 
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ModelNotFoundError(f"GGUF file not found: {path}")
-    try:
-        check_gguf_file(path)
-        reader = gguf.GGUFReader(path, "r")
-    except ModelFileError:
-        raise
-    except OSError as err:
-        raise ModelFileError(f"{path} cannot be read: {err.strerror or err}") from err
-    except Exception as err:  # whatever else the reader trips on in a corrupt file
-        raise ModelFileError(
-            f"{path} is not a readable GGUF file (corrupt): {type(err).__name__}: {err}"
-        ) from err
-    meta: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        try:
-            meta[key] = field.contents()
-        except Exception:  # an exotic value type: skip it rather than fail the whole file
-            continue
-    return GGUFFile(path=path, metadata=meta, _reader=reader)
+    buf = _open_checked(path)
+    header = _read_header(path, memoryview(buf))
+    tensors = []
+    for name, dims, ggml_type, offset in header.infos:
+        qtype = GGMLQuantizationType(ggml_type)
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        n_elems = math.prod(dims)
+        shape = tuple(int(d) for d in reversed(dims))
+        start = header.data_start + offset
+        if ggml_type in _PLAIN:  # numbers numpy has (F32, F16, I8, ...): a typed view
+            dtype = np.dtype(_PLAIN[ggml_type]).newbyteorder(header.order)
+            data = buf[start : start + n_elems * dtype.itemsize].view(dtype).reshape(shape)
+        else:  # blocks (and BF16): the bytes of each row, as gguf.quants.dequantize takes them
+            nbytes = n_elems * type_size // block
+            data = buf[start : start + nbytes].reshape(quant_shape_to_byte_shape(shape, qtype))
+        tensors.append(TensorInfo(name, tuple(int(d) for d in dims), qtype, data))
+    return GGUFFile(path=path, metadata=header.metadata, tensors=tensors)
