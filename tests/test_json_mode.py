@@ -525,3 +525,48 @@ def test_compile_is_cached(grammar):
     assert g2 is grammar and time.perf_counter() - t0 < 0.5
     # specials (other than EOS) and empty tokens are never allowed
     assert not np.asarray(grammar.next[:, :, SPECIALS[0]] != jm.DEAD).any()
+
+
+def test_compiled_tables_are_kept_on_disk_between_processes(tmp_path, monkeypatch):
+    """The host tables of a grammar are written to jaxsample's cache directory and read back
+    equal by a later process (here: a later call with the in-process cache bypassed); a file
+    made by other code (another source hash) or a corrupt one is recomputed, never used."""
+    monkeypatch.setenv("JAXSAMPLE_CACHE", str(tmp_path))
+    vocab = list(VOCAB)
+    expected = jm.compile_tables(vocab, EOS, tuple(SPECIALS), 4)
+    computed = []
+    real_compile = jm.compile_tables
+
+    def counting(*args):
+        computed.append(1)
+        return real_compile(*args)
+
+    monkeypatch.setattr(jm, "compile_tables", counting)
+
+    def tables():
+        return jm._tables(("test-key",), vocab, EOS, tuple(SPECIALS), 4)
+
+    def same(t):
+        return t.keys() == expected.keys() and all(
+            t[k].dtype == expected[k].dtype and np.array_equal(t[k], expected[k]) for k in t
+        )
+
+    assert same(tables()) and len(computed) == 1
+    [path] = (tmp_path / "grammar").glob("*.npz")
+    assert same(tables()) and len(computed) == 1  # read from the file
+    path.write_bytes(b"not an npz file")
+    assert same(tables()) and len(computed) == 2  # corrupt: computed again, and rewritten
+    assert same(tables()) and len(computed) == 2
+    monkeypatch.setattr(jm, "_source_hash", lambda: "other code")
+    assert same(tables()) and len(computed) == 3  # another version of the code: its own file
+    assert len(list((tmp_path / "grammar").glob("*.npz"))) == 2
+    assert not list((tmp_path / "grammar").glob("*.tmp"))
+
+
+def test_the_disk_cache_keeps_the_most_recently_used_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXSAMPLE_CACHE", str(tmp_path))
+    monkeypatch.setattr(jm, "DISK_CACHE_FILES", 2)
+    vocab = list(VOCAB)
+    for i in range(4):
+        jm._tables((f"key-{i}",), vocab, EOS, tuple(SPECIALS), 2)
+    assert len(list((tmp_path / "grammar").glob("*.npz"))) == 2

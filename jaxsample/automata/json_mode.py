@@ -30,8 +30,13 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+import os
+import tempfile
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -518,7 +523,8 @@ def compile_grammar(
     special_ids: Iterable[int] = (),
     max_depth: int = MAX_DEPTH,
 ) -> Grammar:
-    """Compile the JSON-object grammar against a vocabulary into device tables (cached).
+    """Compile the JSON-object grammar against a vocabulary into device tables (cached in
+    the process, and its host tables on disk between processes: see :func:`_tables`).
 
     Args:
       vocab_bytes: the bytes of each token id (special tokens: ``b""``).
@@ -544,7 +550,7 @@ def compile_grammar(
         h.update(b)
     key = (h.hexdigest(), int(eos_id), specials, int(max_depth))
     if key not in _CACHE:
-        _CACHE[key] = _compile(vocab_bytes, int(eos_id), specials, int(max_depth))
+        _CACHE[key] = _compile(key, vocab_bytes, int(eos_id), specials, int(max_depth))
     return _CACHE[key]
 
 
@@ -601,8 +607,69 @@ def compile_tables(vocab_bytes, eos_id, special_ids, max_depth) -> dict:
     )
 
 
-def _compile(vocab_bytes, eos_id, specials, max_depth) -> Grammar:
+def _disk_dir() -> Path:
+    """Where compiled grammars are kept between processes: ``grammar/`` in jaxsample's
+    cache directory (``$JAXSAMPLE_CACHE``, else ``$XDG_CACHE_HOME/jaxsample``, else
+    ``~/.cache/jaxsample``), as for the CPU kernels."""
+    if os.environ.get("JAXSAMPLE_CACHE"):
+        return Path(os.environ["JAXSAMPLE_CACHE"]) / "grammar"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "jaxsample" / "grammar"
+
+
+@functools.cache
+def _source_hash() -> str:
+    """This module's source: a compiled grammar on disk is used only by the code that made
+    it (an edit to the grammar's construction changes every key)."""
+    return hashlib.sha1(Path(__file__).read_bytes()).hexdigest()
+
+
+#: How many compiled grammars the disk cache keeps (the most recently used; 20 MiB each for
+#: SmolLM2's vocabulary).
+DISK_CACHE_FILES = 8
+
+#: The tables :func:`compile_tables` returns (what a file on disk must hold).
+_TABLES = (
+    "next tok_class cost0 br_ids br_class br_cost class_pops class_pop_pat class_peak "
+    "class_pushes class_push_pat close_cost is_string ws_only"
+).split()
+
+
+def _tables(key: tuple, vocab_bytes, eos_id, specials, max_depth) -> dict:
+    """:func:`compile_tables`, kept on disk between processes (1-4 s to compute for
+    SmolLM2's vocabulary, about 0.05 s to load its 20 MiB). A file that cannot be read or
+    written is recomputed or skipped: the cache only saves time."""
+    name = hashlib.sha1(repr((key, _source_hash())).encode()).hexdigest() + ".npz"
+    path = _disk_dir() / name
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if sorted(f.files) == sorted(_TABLES):
+                t = {k: f[k] for k in _TABLES}
+                os.utime(path)  # recently used: kept by the pruning below
+                return t
+    except (OSError, ValueError, EOFError):
+        pass
     t = compile_tables(vocab_bytes, eos_id, specials, max_depth)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **t)
+        os.replace(tmp, path)  # whole or absent, even with several writers
+        # the DISK_CACHE_FILES most recently used (each code version adds files)
+        old = sorted(path.parent.glob("*.npz"), key=lambda p: p.stat().st_mtime)
+        for stale in old[:-DISK_CACHE_FILES]:
+            stale.unlink(missing_ok=True)
+    except OSError:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    return t
+
+
+def _compile(key, vocab_bytes, eos_id, specials, max_depth) -> Grammar:
+    t = _tables(key, vocab_bytes, eos_id, specials, max_depth)
     return Grammar(
         **{k: jnp.asarray(v) for k, v in t.items()},
         eos_id=jnp.int32(eos_id),
