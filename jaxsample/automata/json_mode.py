@@ -30,19 +30,15 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import hashlib
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxsample.automata import disk_cache
 from jaxsample.automata._tokens import token_matrix
 
 #: Default and largest supported nesting depth (the stack is the bits of one uint32).
@@ -524,7 +520,7 @@ def compile_grammar(
     max_depth: int = MAX_DEPTH,
 ) -> Grammar:
     """Compile the JSON-object grammar against a vocabulary into device tables (cached in
-    the process, and its host tables on disk between processes: see :func:`_tables`).
+    the process, and its host tables on disk between processes: :func:`_tables`).
 
     Args:
       vocab_bytes: the bytes of each token id (special tokens: ``b""``).
@@ -607,27 +603,6 @@ def compile_tables(vocab_bytes, eos_id, special_ids, max_depth) -> dict:
     )
 
 
-def _disk_dir() -> Path:
-    """Where compiled grammars are kept between processes: ``grammar/`` in jaxsample's
-    cache directory (``$JAXSAMPLE_CACHE``, else ``$XDG_CACHE_HOME/jaxsample``, else
-    ``~/.cache/jaxsample``), as for the CPU kernels."""
-    if os.environ.get("JAXSAMPLE_CACHE"):
-        return Path(os.environ["JAXSAMPLE_CACHE"]) / "grammar"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "jaxsample" / "grammar"
-
-
-@functools.cache
-def _source_hash() -> str:
-    """This module's source: a compiled grammar on disk is used only by the code that made
-    it (an edit to the grammar's construction changes every key)."""
-    return hashlib.sha1(Path(__file__).read_bytes()).hexdigest()
-
-
-#: How many compiled grammars the disk cache keeps (the most recently used; 20 MiB each for
-#: SmolLM2's vocabulary).
-DISK_CACHE_FILES = 8
-
 #: The tables :func:`compile_tables` returns (what a file on disk must hold).
 _TABLES = (
     "next tok_class cost0 br_ids br_class br_cost class_pops class_pop_pat class_peak "
@@ -636,36 +611,15 @@ _TABLES = (
 
 
 def _tables(key: tuple, vocab_bytes, eos_id, specials, max_depth) -> dict:
-    """:func:`compile_tables`, kept on disk between processes (1-4 s to compute for
-    SmolLM2's vocabulary, about 0.05 s to load its 20 MiB). A file that cannot be read or
-    written is recomputed or skipped: the cache only saves time."""
-    name = hashlib.sha1(repr((key, _source_hash())).encode()).hexdigest() + ".npz"
-    path = _disk_dir() / name
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            if sorted(f.files) == sorted(_TABLES):
-                t = {k: f[k] for k in _TABLES}
-                os.utime(path)  # recently used: kept by the pruning below
-                return t
-    except (OSError, ValueError, EOFError):
-        pass
-    t = compile_tables(vocab_bytes, eos_id, specials, max_depth)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **t)
-        os.replace(tmp, path)  # whole or absent, even with several writers
-        # the DISK_CACHE_FILES most recently used (each code version adds files)
-        old = sorted(path.parent.glob("*.npz"), key=lambda p: p.stat().st_mtime)
-        for stale in old[:-DISK_CACHE_FILES]:
-            stale.unlink(missing_ok=True)
-    except OSError:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-    return t
+    """:func:`compile_tables`, kept on disk between processes (1-3 s to compute for
+    SmolLM2's vocabulary, 20 MiB; :mod:`jaxsample.automata.disk_cache`)."""
+    return disk_cache.cached_arrays(
+        "json-grammar",
+        key,
+        __file__,
+        tuple(_TABLES),
+        lambda: compile_tables(vocab_bytes, eos_id, specials, max_depth),
+    )
 
 
 def _compile(key, vocab_bytes, eos_id, specials, max_depth) -> Grammar:

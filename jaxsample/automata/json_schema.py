@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxsample.automata import disk_cache
 from jaxsample.automata import regex as rx
 from jaxsample.automata._tokens import token_matrix
 
@@ -1502,17 +1503,45 @@ def _vocab_key(vocab_bytes, eos_id, special_ids):
 _KEY_MEMO: dict = {}
 
 
-def _get_vocab(vocab_bytes, eos_id, special_ids):
+def _memo_key(vocab_bytes, eos_id, special_ids):
     memo = (id(vocab_bytes), len(vocab_bytes), int(eos_id), tuple(sorted(special_ids)))
     hit = _KEY_MEMO.get(memo)
     if hit is not None and hit[0] is vocab_bytes:  # the same object: skip hashing
-        key = hit[1]
-    else:
-        key = _vocab_key(vocab_bytes, eos_id, special_ids)
-        _KEY_MEMO[memo] = (vocab_bytes, key)
+        return hit[1]
+    key = _vocab_key(vocab_bytes, eos_id, special_ids)
+    _KEY_MEMO[memo] = (vocab_bytes, key)
+    return key
+
+
+def _get_vocab(vocab_bytes, eos_id, special_ids):
+    key = _memo_key(vocab_bytes, eos_id, special_ids)
     if key not in _VOCABS:
         _VOCABS[key] = _Vocab(vocab_bytes, key[1], key[2])
     return key, _VOCABS[key]
+
+
+#: The per-vocabulary arrays a :class:`SchemaPool` holds from the start (its template rows,
+#: whitespace tokens and region tables).
+_POOL_TEMPLATE = ("tmpl_next", "tmpl_nch", "ws_only") + tuple(
+    "h_" + k for k in ("a", "b", "stay", "keep", "add", "suf")
+)
+
+
+def _pool_template(vocab_bytes, eos_id, special_ids) -> tuple[tuple, dict]:
+    """(vocabulary key, :data:`_POOL_TEMPLATE` arrays): from the vocabulary's host data when
+    this process has it, else kept on disk between processes (:mod:`disk_cache`), so an
+    engine that never sees a schema does not build the vocabulary's trie and token walks
+    (about 2 s for SmolLM2) to start."""
+    key = _memo_key(vocab_bytes, eos_id, special_ids)
+
+    def compute():
+        _, voc = _get_vocab(vocab_bytes, eos_id, special_ids)
+        region = {"h_" + k: voc.region[k] for k in ("a", "b", "stay", "keep", "add", "suf")}
+        return dict(tmpl_next=voc.tmpl_next, tmpl_nch=voc.tmpl_nch, ws_only=voc.ws_only, **region)
+
+    if key in _VOCABS:
+        return key, compute()
+    return key, disk_cache.cached_arrays("schema-pool", key, __file__, _POOL_TEMPLATE, compute)
 
 
 # ------------------------------------------------------------------------------- token walks
@@ -2055,8 +2084,8 @@ class SchemaPool:
 
     def __init__(self, vocab_bytes, *, eos_id, special_ids=(), size="small"):
         S, E, R = POOL_SIZES[size]
-        self.vkey, voc = _get_vocab(vocab_bytes, eos_id, special_ids)
-        V = voc.V
+        self.vkey, tmpl = _pool_template(vocab_bytes, eos_id, special_ids)
+        V = len(vocab_bytes)
         self.np = dict(
             base=np.zeros(S, np.int32),
             drow=np.zeros(S, np.int32),
@@ -2077,12 +2106,10 @@ class SchemaPool:
             rows=np.full((R, V), -1, np.int16),
             rows_nch=np.zeros((R, V), np.int8),
         )
-        self.np["rows"][1:_N_GLOBAL_ROWS] = voc.tmpl_next
-        self.np["rows_nch"][1:_N_GLOBAL_ROWS] = voc.tmpl_nch
-        self._ws_only = jnp.asarray(voc.ws_only)
-        self._region = {
-            "h_" + k: jnp.asarray(voc.region[k]) for k in ("a", "b", "stay", "keep", "add", "suf")
-        }
+        self.np["rows"][1:_N_GLOBAL_ROWS] = tmpl["tmpl_next"]
+        self.np["rows_nch"][1:_N_GLOBAL_ROWS] = tmpl["tmpl_nch"]
+        self._ws_only = jnp.asarray(tmpl["ws_only"])
+        self._region = {k: jnp.asarray(v) for k, v in tmpl.items() if k.startswith("h_")}
         self._eos = jnp.int32(eos_id)
         self.states = _Alloc(1, S)
         self.entries = _Alloc(0, E)
