@@ -192,7 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("batch", "batch-merge"):
         from jaxsample.batch.command import run as run_batch
 
-        return run_batch(args)
+        status = run_batch(args)
+        if argv is None:  # a program: its work is done, and a late Ctrl-C (while JAX shuts
+            # down) would print a traceback and exit with -2 after a complete job
+            import signal
+
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return status
     try:
         body = _read_request(args) if args.request else _body_from_flags(args)
         if args.model is not None and not os.path.isfile(args.model):

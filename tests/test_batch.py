@@ -306,11 +306,16 @@ def test_finished_job_does_not_load_the_engine(job):
 
     summary = run_job(cfg, engine_factory=boom)
     assert summary["complete"] and summary["this_run"]["requests"] == 0
+    from jaxsample.batch.summary import format_summary
+
+    text = format_summary(summary)  # no rates over 0 requests in 0.0 s
+    lines = summary["lines"]
+    assert f"this run: nothing left to run, {lines} already done" in text and "req/s" not in text
 
 
 @pytest.mark.parametrize(
     "change",
-    ["input", "model", "slots", "job_seed", "dtype", "max_seq_len", "shard", "seed_rule"],
+    ["input", "model", "job_seed", "dtype", "max_seq_len", "shard", "seed_rule"],
 )
 def test_resume_with_other_input_model_or_settings_is_refused(job, change, tmp_path, monkeypatch):
     cfg = job()
@@ -327,7 +332,7 @@ def test_resume_with_other_input_model_or_settings_is_refused(job, change, tmp_p
 
         monkeypatch.setattr(job_module, "SEED_RULE", job_module.SEED_RULE + 1)
     else:
-        value = {"slots": 99, "job_seed": 1, "dtype": "bfloat16", "max_seq_len": 64}
+        value = {"job_seed": 1, "dtype": "bfloat16", "max_seq_len": 64}
         cfg = job(**{change: value[change]}) if change != "shard" else job(shard=(0, 1))
         if change == "shard":  # the same output path read as a shard of two
             os.rename(cfg.output, shard_output(cfg.output, 0, 2))
@@ -556,15 +561,16 @@ def _cut_gguf(path) -> str:
     return str(path)
 
 
-def _command(tmp_path, *flags):
-    """Runs ``jaxsample batch`` in this process on a one-line input with a whole (tiny) GGUF
-    file; returns its exit status and the files it added to ``tmp_path``."""
+def _command(tmp_path, *flags, input_path=None):
+    """Runs ``jaxsample batch`` in this process on a one-line input (or ``input_path``) with a
+    whole (tiny) GGUF file; returns its exit status and the files it added to ``tmp_path``."""
     from tiny_gguf import write_tiny_gguf
 
     from jaxsample.batch.command import run
     from jaxsample.cli import _parser
 
     inp = _write(tmp_path / "in.jsonl", [request_line("a", chat_body("x"))])
+    inp = inp if input_path is None else str(input_path)
     gguf = tmp_path / "m.gguf"
     write_tiny_gguf(gguf)
     before = set(os.listdir(tmp_path))
@@ -582,8 +588,13 @@ def _command(tmp_path, *flags):
         ("not-gguf", "is not a GGUF file"),
         ("cut-gguf", "is truncated: expected"),
         ("process-id", "--process-id 5: must lie in [0, 2)"),
-        ("no-coordinator", "several hosts need --coordinator-address too"),
+        ("no-process-id", "several hosts need --process-id too"),
+        ("no-num-processes", "several hosts need --num-processes too"),
         ("max-seq-len", "--max-seq-len 100000000: must lie in [1, 512], the context length"),
+        ("devices", "--devices 99: this process has"),
+        ("sync-nan", "--sync-seconds nan: must be a finite number >= 0"),
+        ("merge-timeout", "--merge-timeout -1.0: must be a finite number >= 0"),
+        ("input-pipe", "is not a regular file"),
     ],
 )
 def test_bad_paths_and_flags_exit_2_without_writing(tmp_path, capsys, case, message):
@@ -596,10 +607,19 @@ def test_bad_paths_and_flags_exit_2_without_writing(tmp_path, capsys, case, mess
         "cut-gguf": ["-o", out, "--model", _cut_gguf(tmp_path / "cut.gguf")],
         "process-id": ["-o", out, "--num-processes", "2", "--process-id", "5"]
         + ["--coordinator-address", "127.0.0.1:1"],
-        "no-coordinator": ["-o", out, "--num-processes", "2", "--process-id", "0"],
+        "no-process-id": ["-o", out, "--num-processes", "2"],
+        "no-num-processes": ["-o", out, "--process-id", "0", "--coordinator-address", "h:1"],
         "max-seq-len": ["-o", out, "--max-seq-len", "100000000"],  # the file's context: 512
+        "devices": ["-o", out, "--devices", "99"],  # was status 1, after the manifest
+        "sync-nan": ["-o", out, "--sync-seconds", "nan"],  # never synced by time
+        "merge-timeout": ["-o", out, "--merge-timeout", "-1"],
+        "input-pipe": ["-o", out],  # as <(zcat requests.jsonl.gz) gives
     }[case]
-    status, left = _command(tmp_path, *flags)
+    pipe = None
+    if case == "input-pipe":
+        pipe = tmp_path / "pipe"
+        os.mkfifo(pipe)
+    status, left = _command(tmp_path, *flags, input_path=pipe)
     assert status == 2
     err = capsys.readouterr().err
     assert err.startswith("jaxsample batch: ") and message in err and "Traceback" not in err
@@ -621,6 +641,10 @@ def test_a_max_seq_len_beyond_the_context_is_a_job_error(job):
     ):
         run_job(cfg)
     assert os.path.getsize(cfg.output) == 0
+    # another setting the engine refuses is named as itself, not as --max-seq-len
+    cfg = dataclasses.replace(cfg, max_seq_len=None, chunk_steps=0)
+    with pytest.raises(JobError, match=r"^--chunk-steps 0: must be an integer >= 1"):
+        run_job(cfg)
 
 
 def test_job_seed_outside_int64_is_a_usage_error(capsys):
@@ -643,3 +667,401 @@ def test_distributed_flags_from_a_bad_environment_variable_are_a_usage_error(mon
         _parser().parse_args(["batch", "in.jsonl", "-o", "out.jsonl"])
     assert exit.value.code == 2 and "--process-id" in capsys.readouterr().err
     _parser().parse_args(["generate", "--prompt", "hi"])  # other commands do not read it
+
+
+# ---------------------------------------------------------------------------- as an operator
+
+
+def _operator_command(tmp_path, monkeypatch, engine, *flags, lines=None, out="out.jsonl"):
+    """Runs ``jaxsample batch`` in this process as an operator types it, on ``lines``
+    (default: the mixed 40-request input), with ``engine`` in place of the model's (the
+    command's own checks, the lock, the manifest, the journal and the messages are real).
+    Returns (exit status, output path)."""
+    from tiny_gguf import write_tiny_gguf
+
+    import jaxsample.batch.job as job_module
+    from jaxsample.batch.command import run
+    from jaxsample.cli import _parser
+
+    inp = tmp_path / "in.jsonl"
+    if lines is not None or not inp.exists():
+        _write(inp, mixed_lines(40) if lines is None else lines)
+    gguf = tmp_path / "m.gguf"
+    if not gguf.exists():
+        write_tiny_gguf(gguf)
+    monkeypatch.setattr(job_module, "load_engine", lambda cfg, model_name=None: engine)
+    output = str(tmp_path / out)
+    argv = ["batch", str(inp), "-o", output, "--model", str(gguf), "--no-compile-cache"]
+    return run(_parser().parse_args([*argv, "--no-progress", *flags])), output
+
+
+def _reference(tmp_path, monkeypatch) -> dict:
+    """The uninterrupted run's records of the mixed 40-request input."""
+    status, out = _operator_command(tmp_path, monkeypatch, FakeEngine(), out="whole.jsonl")
+    assert status == 0
+    return canonical(out)
+
+
+@pytest.mark.parametrize("where", ["record", "fsync", "summary"])
+def test_a_full_disk_is_one_line_and_the_same_command_resumes(tmp_path, monkeypatch, capsys, where):
+    """ENOSPC while a record is written (a part of the line reaches the file), while the
+    journal syncs, or while the summary is written: exit status 1 and one line naming the
+    file and the cause, no traceback; once there is room the same command resumes, and the
+    output equals an uninterrupted run's."""
+    import errno
+
+    import jaxsample.batch.journal as journal_module
+    import jaxsample.batch.summary as summary_module
+
+    whole = _reference(tmp_path, monkeypatch)
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    real_write, real_fsync, real_dump = os.write, os.fsync, json.dump
+    calls = {"n": 0}
+
+    class Disk:  # the os module as journal.py sees it, with a disk that fills up
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        def write(self, fd, data):
+            calls["n"] += 1
+            if where == "record" and calls["n"] > 12:
+                real_write(fd, bytes(data[:10]))
+                raise full
+            return real_write(fd, data)
+
+        def fsync(self, fd):
+            if where == "fsync" and calls["n"] > 20:
+                raise full
+            return real_fsync(fd)
+
+    def dump(obj, f, **kw):
+        if "this_run" in obj:  # the summary
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f.name)
+        return real_dump(obj, f, **kw)
+
+    monkeypatch.setattr(journal_module, "os", Disk())
+    if where == "summary":
+        monkeypatch.setattr(summary_module.json, "dump", dump)
+    capsys.readouterr()
+    status, out = _operator_command(tmp_path, monkeypatch, FakeEngine(), "--sync-lines", "4")
+    err = capsys.readouterr().err
+    assert status == 1, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "No space left on device" in err and "resume" in err
+    assert (out if where != "summary" else out + ".summary.json") in err
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]  # no half-written file
+    monkeypatch.undo()  # room again
+    status, out = _operator_command(tmp_path, monkeypatch, FakeEngine())
+    assert status == 0
+    assert canonical(out) == whole
+
+
+def test_sigterm_stops_with_a_message_status_143_and_synced_lines(tmp_path, monkeypatch, capsys):
+    """SIGTERM (a preemption notice, a scheduler stopping the job) used to end the process at
+    once, with no message and no fsync of the last group of lines. Now it stops like Ctrl-C:
+    one line naming the output, exit status 143, every written line synced, and the same
+    command resumes to an output equal to an uninterrupted run's."""
+    import signal
+
+    whole = _reference(tmp_path, monkeypatch)
+    sent, syncs_after = [], []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if sent:
+            syncs_after.append(fd)
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+    class Preempted(FakeEngine):
+        def answer(self, key, body, job_seed):
+            if self.results == 10:
+                sent.append(True)
+                os.kill(os.getpid(), signal.SIGTERM)  # handled at the next bytecode
+            return super().answer(key, body, job_seed)
+
+    # the test's own handler stands in for the default one (which would end pytest): a
+    # command that does not handle SIGTERM runs on to status 0
+    ignored = []
+
+    def mine(*args):
+        ignored.append(args)
+
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        capsys.readouterr()
+        status, out = _operator_command(
+            tmp_path, monkeypatch, Preempted(), "--sync-lines", "1000", "--sync-seconds", "3600"
+        )
+        restored = signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    err = capsys.readouterr().err
+    assert sent and not ignored and status == 143, err
+    assert restored is mine  # the command puts the handler it found back
+    assert "SIGTERM" in err and out in err and "resume" in err and "Traceback" not in err
+    written = open(out, "rb").read()
+    assert 0 < written.count(b"\n") < len(whole) and written.endswith(b"\n")
+    assert syncs_after  # the lines since the last sync were synced on the way out
+    status, out = _operator_command(tmp_path, monkeypatch, FakeEngine())
+    assert status == 0 and canonical(out) == whole
+
+
+def test_ctrl_c_while_process_0_waits_for_the_other_shards_is_status_130(
+    tmp_path, monkeypatch, capsys
+):
+    """Process 0 finished its shard and waits for the others: Ctrl-C there printed a
+    traceback from time.sleep; now the one-line message and status 130."""
+    import jaxsample.batch.command as command_module
+    import jaxsample.batch.merge as merge_module
+
+    monkeypatch.setattr(command_module, "_shard", lambda args: (0, 2))
+
+    def interrupted(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(merge_module.time, "sleep", interrupted)
+    capsys.readouterr()
+    try:
+        status, out = _operator_command(tmp_path, monkeypatch, FakeEngine())
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped the command (a traceback)")
+    err = capsys.readouterr().err
+    assert status == 130, err
+    assert "Ctrl-C" in err and "Traceback" not in err
+    assert read_summary_complete(shard_output(out, 0, 2))
+
+
+def read_summary_complete(path) -> bool:
+    from jaxsample.batch.summary import read_summary
+
+    return bool((read_summary(path) or {}).get("complete"))
+
+
+def test_distributed_without_a_cluster_is_one_line_not_a_jax_traceback(tmp_path):
+    """``--distributed`` on a machine where JAX finds no cluster (no TPU pod, no SLURM):
+    jax.distributed.initialize raised ValueError deep in JAX; now a usage error (status 2)
+    that says which flags to give, and nothing is written. (A process of its own: in this
+    one JAX has started its backend, after which initialize refuses for another reason.)"""
+    import subprocess
+    import sys
+
+    from tiny_gguf import write_tiny_gguf
+
+    inp = _write(tmp_path / "in.jsonl", [request_line("a", chat_body("x"))])
+    write_tiny_gguf(tmp_path / "m.gguf")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAXSAMPLE_")}
+    env.update(PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    argv = ["batch", inp, "-o", str(tmp_path / "out.jsonl"), "--model", str(tmp_path / "m.gguf")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxsample.cli", *argv, "--distributed"],
+        env={**env, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    err = proc.stderr
+    assert proc.returncode == 2, err
+    assert err.startswith("jaxsample batch: --distributed") and "Traceback" not in err
+    assert "--coordinator-address" in err and len(err.strip().splitlines()) == 1
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("out.jsonl")]
+
+
+def test_an_engine_failure_is_one_line_with_the_traceback_in_a_file(tmp_path, monkeypatch, capsys):
+    """The engine fails part way (here out of memory, as with too many --slots): one line
+    with the cause and a hint, the traceback in OUTPUT.error.log, status 1; the records
+    written are kept, and a resume with fewer slots (slots do not change an answer)
+    completes the output, equal to an uninterrupted run's."""
+    whole = _reference(tmp_path, monkeypatch)
+
+    class OutOfMemory(FakeEngine):
+        def answer(self, key, body, job_seed):
+            if self.results == 6:
+                raise MemoryError("Unable to allocate 124. GiB for an array")
+            return super().answer(key, body, job_seed)
+
+    capsys.readouterr()
+    status, out = _operator_command(tmp_path, monkeypatch, OutOfMemory(), "--slots", "512")
+    err = capsys.readouterr().err
+    assert status == 1, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "MemoryError: Unable to allocate 124. GiB" in err and "fewer --slots" in err
+    log = open(out + ".error.log").read()
+    assert log.startswith("Traceback") and "MemoryError" in log and out + ".error.log" in err
+    assert open(out, "rb").read().count(b"\n") > 0  # records written before: kept
+    status, out = _operator_command(tmp_path, monkeypatch, FakeEngine(), "--slots", "16")
+    assert status == 0 and canonical(out) == whole
+    assert not os.path.exists(out + ".error.log")  # stale once the job has completed
+
+
+@pytest.mark.parametrize("change", ["slots", "chunk_steps"])
+def test_a_resume_may_change_slots_and_chunk_steps(job, change):
+    """The engine's answers do not depend on the slot count or the chunk steps (the engine's
+    contract; tests/test_batch_cli.py resumes a real run with other values), and a resume
+    on a smaller machine, or after running out of memory with too many slots, needs other
+    values: a resume with them continues instead of refusing."""
+    whole = job(out="whole.jsonl")
+    run_job(whole, engine=FakeEngine())
+    cfg = job()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_job(cfg, engine=FakeEngine(fail_after=5))
+    other = job(**{change: {"slots": 3, "chunk_steps": 7}[change]})
+    summary = run_job(other, engine=FakeEngine(slots=3))
+    assert summary["complete"] and summary["this_run"]["skipped_done"] > 0
+    assert canonical(other.output) == canonical(whole.output)
+
+
+def test_a_bfloat16_resume_keeps_the_slot_count(job):
+    """In bfloat16 the slot count can change an answer's last bits (docs/engine.md): a
+    resume with other slots is refused, naming the field; other chunk steps still pass."""
+    from jaxsample.batch.manifest import ManifestError
+
+    cfg = job(dtype="bfloat16")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_job(cfg, engine=FakeEngine(fail_after=5))
+    with pytest.raises(ManifestError, match="settings.slots: was"):
+        run_job(job(dtype="bfloat16", slots=3), engine=FakeEngine(slots=3))
+    summary = run_job(job(dtype="bfloat16", chunk_steps=7), engine=FakeEngine())
+    assert summary["complete"] and summary["this_run"]["skipped_done"] > 0
+
+
+def test_a_stale_complete_summary_does_not_let_a_partial_shard_be_merged(job):
+    """An operator reran a finished two-process job from scratch (the shard outputs removed,
+    their summaries left); process 1 is part way when process 0 looks. Its old summary said
+    complete, so process 0 merged the partial shard: records were lost from the merged
+    output. Now a run removes its summary when it starts, and the merge counts each shard's
+    records against its summary."""
+    shards = [job(out="two.jsonl", shard=(k, 2)) for k in range(2)]
+    for cfg in shards:
+        run_job(cfg, engine=FakeEngine())
+    one = shard_output(shards[1].output, 1, 2)
+    total = len(canonical(one))
+    os.remove(one)  # start over, the summary left behind
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_job(shards[1], engine=FakeEngine(fail_after=3))
+    assert not read_summary_complete(one)
+    with pytest.raises(MergeError, match="missing or incomplete"):
+        merge_shards(shards[0].output, 2)
+    run_job(shards[1], engine=FakeEngine())
+    assert len(canonical(one)) == total
+    # a complete shard that lost lines after its run (a copy cut short, say) is refused
+    data = open(one, "rb").read().splitlines(keepends=True)
+    open(one, "wb").write(b"".join(data[:-2]))
+    with pytest.raises(MergeError, match=f"has {total - 2} records, its summary says {total}"):
+        merge_shards(shards[0].output, 2)
+    open(one, "wb").write(b"".join(data[:-1]) + b"not json\n")
+    with pytest.raises(MergeError, match="line .* is not a whole record"):
+        merge_shards(shards[0].output, 2)
+
+
+def test_an_input_file_that_grows_while_the_job_runs_is_refused_not_half_run(job):
+    """The input is still being written (a copy not finished, a generator still appending)
+    when the job starts. The lines added during the run used to run too, under a manifest
+    that hashed only the first bytes, and the job then called itself INCOMPLETE while a
+    resume was refused. Now the job reads only the bytes it hashed and says the file changed
+    (JobError, exit status 1 from the command)."""
+    from jaxsample.batch.job import JobError
+
+    cfg = job()
+    original = {line.key for line in read_lines(cfg.input)}
+
+    class Appending(FakeEngine):
+        def answer(self, key, body, job_seed):
+            if self.results == 2:
+                with open(cfg.input, "a") as f:
+                    f.write(request_line("late-1", chat_body("x")) + "\n")
+                    f.write(request_line("late-2", chat_body("y")) + "\n")
+            return super().answer(key, body, job_seed)
+
+    with pytest.raises(JobError, match="changed while the job ran"):
+        run_job(cfg, engine=Appending())
+    assert set(canonical(cfg.output)) == original  # every hashed line, none of the new ones
+
+
+@pytest.mark.parametrize("interrupt", ["SIGINT", "SIGTERM"])
+def test_an_interrupt_that_the_engine_clean_up_hides_is_still_an_interrupt(
+    tmp_path, monkeypatch, capsys, interrupt
+):
+    """Ctrl-C or SIGTERM landing inside the slot engine's compiled chunk: the engine's
+    clean-up then failed on its donated state ("RuntimeError: Array has been deleted", seen
+    with kill -TERM on a real run; reported to the engine's owner) and that error hid the
+    interrupt. The command still reports the interrupt: its message and status 130 / 143."""
+    import signal
+
+    class CleanUpFails(FakeEngine):
+        def stream_chat(self, bodies, *, job_seed=0):
+            try:
+                yield from super().stream_chat(bodies, job_seed=job_seed)
+            finally:
+                raise RuntimeError("Array has been deleted with shape=int32[4].")
+
+        def answer(self, key, body, job_seed):
+            if self.results == 4:
+                os.kill(os.getpid(), getattr(signal, interrupt))
+            return super().answer(key, body, job_seed)
+
+    capsys.readouterr()
+    try:
+        status, out = _operator_command(tmp_path, monkeypatch, CleanUpFails())
+    except KeyboardInterrupt:
+        pytest.fail("the interrupt escaped the command (a traceback)")
+    err = capsys.readouterr().err
+    assert status == {"SIGINT": 130, "SIGTERM": 143}[interrupt], err
+    assert {"SIGINT": "Ctrl-C", "SIGTERM": "SIGTERM"}[interrupt] in err
+    assert "Array has been deleted" not in err and "Traceback" not in err
+
+
+def test_a_ctrl_c_after_the_job_is_done_does_not_turn_it_into_a_traceback(tmp_path):
+    """Ctrl-C landing after the summary, while JAX and Python shut down, printed a
+    KeyboardInterrupt traceback from JAX's exit handlers and the process ended with -2
+    (SIGINT) although the output was complete (seen in a loop of Ctrl-C at random moments).
+    The command, run as a program, ignores SIGINT once its work is done."""
+    import subprocess
+    import sys
+
+    from tiny_gguf import write_tiny_gguf
+
+    inp = _write(tmp_path / "in.jsonl", mixed_lines(5))
+    model = tmp_path / "m.gguf"
+    write_tiny_gguf(model)
+    out = str(tmp_path / "out.jsonl")
+    cfg = JobConfig(inp, out, str(model), progress=False)
+    assert run_job(cfg, engine=FakeEngine())["complete"]  # the command loads no engine now
+    script = (
+        "import os, signal, sys, time\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal\n"
+        "import jaxsample.cli as cli\n"
+        f"sys.argv = ['jaxsample', 'batch', {inp!r}, '-o', {out!r}, '--model', {str(model)!r}]\n"
+        "status = cli.main()\n"
+        "os.kill(os.getpid(), signal.SIGINT)  # the user's late Ctrl-C\n"
+        "time.sleep(0.2)\n"
+        "sys.exit(status)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "complete" in proc.stderr
+
+
+def test_a_killed_merge_leaves_no_temporary_file_behind(job):
+    """A merge killed while it copies the shards (process 0 preempted) left
+    OUTPUT.merge-tmp-PID, as large as the whole output, and nothing ever removed it. The next
+    merge removes it, under OUTPUT.lock so that no running merge loses its file."""
+    shards = [job(out="m.jsonl", shard=(k, 2)) for k in range(2)]
+    for cfg in shards:
+        run_job(cfg, engine=FakeEngine())
+    stale = shards[0].output + ".merge-tmp-99999"
+    with open(stale, "wb") as f:
+        f.write(b'{"half": "of a merge"')
+    merge_shards(shards[0].output, 2)
+    assert not os.path.exists(stale)
+    single = job(out="single.jsonl")
+    run_job(single, engine=FakeEngine())
+    assert canonical(shards[0].output) == canonical(single.output)

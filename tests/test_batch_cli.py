@@ -52,8 +52,16 @@ def setup(tmp_path_factory):
     return {"dir": d, "model": model, "input": inp, "env": env, "ref": ref, "stderr": err}
 
 
+# ``python -m jaxsample.cli``, with Ctrl-C handled as in a terminal: a child of a background
+# process starts with SIGINT ignored, and Python then never raises KeyboardInterrupt
+_CLI = (
+    "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "runpy.run_module('jaxsample.cli', run_name='__main__', alter_sys=True)"
+)
+
+
 def _batch(env, inp, out, model, *extra, slots=4):
-    cmd = [sys.executable, "-m", "jaxsample.cli", "batch", str(inp), "--output", str(out)]
+    cmd = [sys.executable, "-c", _CLI, "batch", str(inp), "--output", str(out)]
     cmd += ["--model", str(model), "--slots", str(slots), "--job-seed", "5", *extra]
     return subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -109,11 +117,38 @@ def test_kill_9_at_several_moments_then_resume_equals_uninterrupted(setup):
         if torn:
             with open(out, "ab") as f:
                 f.write(b'{"id":"batch_req_1","custom_id":"req-0","response":{"status_co')
-    proc = _batch(setup["env"], setup["input"], out, setup["model"])
+    # the last resume with other slots and chunk steps (a smaller machine): they do not
+    # change an answer, so the manifest lets them change
+    proc = _batch(setup["env"], setup["input"], out, setup["model"], "--chunk-steps", "8", slots=2)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     summary = json.loads(open(str(out) + ".summary.json").read())
     assert summary["this_run"]["skipped_done"] == before
+    assert canonical(out) == canonical(setup["ref"])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_stop_with_a_message_and_resume(setup, sig):
+    """SIGTERM (a preemption, a scheduler) and SIGINT (Ctrl-C) part way through a real run:
+    one line naming the output, status 143 / 130, no traceback (even when the signal lands
+    inside the engine's compiled chunk), and the same command resumes to an output equal to
+    the uninterrupted run's."""
+    out = setup["dir"] / f"stopped-{sig.name}.jsonl"
+    proc = _batch(setup["env"], setup["input"], out, setup["model"])
+    deadline = time.monotonic() + 240
+    while _lines(out) < 12 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None  # 12 of 42 lines: most of the requests are still to run
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == {signal.SIGTERM: 143, signal.SIGINT: 130}[sig], err
+    assert "Traceback" not in err and str(out) in err and "resume" in err
+    assert ("SIGTERM" if sig == signal.SIGTERM else "Ctrl-C") in err
+    assert err.strip().splitlines()[-1].startswith("jaxsample batch: stopped by")
+    assert _lines(out) < len(setup["input"].read_text().splitlines())
+    proc = _batch(setup["env"], setup["input"], out, setup["model"])
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
     assert canonical(out) == canonical(setup["ref"])
 
 
@@ -202,6 +237,46 @@ def test_two_processes_on_localhost_shard_and_merge(setup):
     )
     assert merge.returncode == 0, merge.stderr
     assert canonical(out) == canonical(one)
+
+
+def test_independent_processes_resume_alone_and_merge(setup):
+    """``--num-processes 2 --process-id K`` without a coordinator: independent processes (a
+    process restarted alone into a running jax.distributed job aborts every process). Process
+    1 is killed and restarted alone while process 0 has finished; process 0, rerun, merges;
+    the merged output equals the one-process run."""
+    out = setup["dir"] / "independent.jsonl"
+    shard1 = f"{out}.shard-00001-of-00002"
+
+    def process(k, *extra):
+        return _batch(
+            setup["env"],
+            setup["input"],
+            out,
+            setup["model"],
+            "--num-processes",
+            "2",
+            "--process-id",
+            str(k),
+            *extra,
+        )
+
+    one = process(1)
+    deadline = time.monotonic() + 240
+    while _lines(shard1) < 6 and one.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    one.send_signal(signal.SIGKILL)
+    one.communicate()
+    zero = process(0, "--merge-timeout", "0")
+    _, err = zero.communicate(timeout=300)
+    assert zero.returncode == 1 and "jaxsample batch-merge" in err, err  # shard 1 not done
+    one = process(1)
+    _, err = one.communicate(timeout=300)
+    assert one.returncode == 0, err
+    assert not out.exists()  # only process 0 merges
+    zero = process(0)
+    _, err = zero.communicate(timeout=300)
+    assert zero.returncode == 0, err
+    assert canonical(out) == canonical(setup["ref"])
 
 
 def test_four_simulated_devices_equal_one_device(setup):

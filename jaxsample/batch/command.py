@@ -4,16 +4,22 @@
     jaxsample batch-merge results.jsonl --shards 4
 
 Exit status: 0 when the output is complete (error records included: they are results),
-1 when the job is refused (manifest, journal, another run holding the output's lock) or left
-incomplete, 2 for bad flags or paths (nothing is written then), 130 after Ctrl-C (what was
-written is kept; the same command resumes).
+1 when the job is refused (manifest, journal, another run holding the output's lock), fails
+(a full disk, jax.distributed that cannot start) or is left incomplete, 2 for bad flags or
+paths (nothing is written then), 130 after Ctrl-C and 143 after SIGTERM (what was written is
+kept and synced; the same command resumes).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 
 from jaxsample.cli import UsageError, add_engine_flags, positive_int
 
@@ -74,7 +80,9 @@ def add_parsers(sub) -> None:
     dist.add_argument(
         "--coordinator-address",
         default=os.environ.get(_ENV["coordinator_address"]),
-        help="HOST:PORT of process 0 (env JAXSAMPLE_COORDINATOR_ADDRESS)",
+        help="HOST:PORT of process 0 (env JAXSAMPLE_COORDINATOR_ADDRESS): join the processes "
+        "with jax.distributed; without it --num-processes and --process-id make independent "
+        "processes",
     )
     dist.add_argument(
         "--num-processes",
@@ -109,6 +117,11 @@ def _check_paths(args) -> None:
     """Refuses (UsageError) an input, output or model path the job could not use, before
     anything is written: the job would otherwise fail part way, after writing its manifest."""
     if not os.path.isfile(args.input):
+        if os.path.exists(args.input):  # a pipe, /dev/stdin, a directory
+            raise UsageError(
+                f"{args.input} is not a regular file: the job hashes the input and reads it "
+                "again to resume, so it needs a file (save the requests to one first)"
+            )
         raise UsageError(f"no input file {args.input}")
     folder = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(folder):
@@ -146,39 +159,151 @@ def _check_max_seq_len(value: int, model: str) -> None:
         )
 
 
+def _check_devices(args) -> None:
+    """Refuses ``--devices`` beyond this process's devices, or ``--slots`` that they do not
+    divide, before anything is written (after jax.distributed, which must come first)."""
+    import jax
+
+    have = len(jax.local_devices())
+    n = have if args.devices is None else args.devices
+    if n > have:
+        raise UsageError(f"--devices {n}: this process has {have} devices")
+    if args.slots % n:
+        raise UsageError(
+            f"--slots {args.slots} must be a multiple of the {n} devices used (--devices)"
+        )
+
+
 def _shard(args) -> tuple[int, int]:
-    """Initialises jax.distributed when asked; returns (process index, process count).
+    """Returns (process index, process count); initialises jax.distributed when asked
+    (``--distributed``, or ``--coordinator-address``).
+
+    ``--num-processes N --process-id K`` alone make independent processes: the split of the
+    input needs nothing from JAX, and without its coordination service one process stopping
+    (a preempted host) does not abort the others, and it can be restarted alone (a process
+    that rejoins a running jax.distributed job aborts every process).
 
     The flags are checked first (UsageError), so a bad combination never reaches jax."""
     explicit = args.coordinator_address or args.num_processes or args.process_id is not None
     if not (args.distributed or explicit):
         return 0, 1
+    k, n = args.process_id, args.num_processes
     if explicit and not args.distributed:
-        missing = [
-            flag
-            for flag, value in (
-                ("--coordinator-address", args.coordinator_address),
-                ("--num-processes", args.num_processes),
-                ("--process-id", args.process_id),
-            )
-            if value is None
-        ]
+        needed = [("--num-processes", n), ("--process-id", k)]
+        if args.coordinator_address:
+            needed.insert(0, ("--coordinator-address", args.coordinator_address))
+        missing = [flag for flag, value in needed if value is None]
         if missing:
             raise UsageError(f"several hosts need {', '.join(missing)} too")
-    k, n = args.process_id, args.num_processes
     if k is not None and n is not None and k >= n:
         raise UsageError(f"--process-id {k}: must lie in [0, {n}) for --num-processes {n}")
+    if not (args.distributed or args.coordinator_address):
+        return k, n  # independent processes
     import jax
 
     # None for any of them: jax finds it itself (TPU pod slices, SLURM, ...)
-    jax.distributed.initialize(
-        args.coordinator_address, num_processes=args.num_processes, process_id=args.process_id
-    )
+    try:
+        jax.distributed.initialize(
+            args.coordinator_address, num_processes=args.num_processes, process_id=args.process_id
+        )
+    except ValueError as err:  # nothing to find the peers with: the flags are missing
+        raise UsageError(
+            f"--distributed: jax.distributed.initialize found no cluster ({err}); outside a "
+            "TPU pod slice or SLURM give --coordinator-address, --num-processes and "
+            "--process-id"
+        ) from None
+    except Exception as err:  # the coordinator never answered, ...
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DistributedError(
+            f"jax.distributed.initialize failed (coordinator "
+            f"{args.coordinator_address or 'found by jax'}): {first[:300]}"
+        ) from None
     return jax.process_index(), jax.process_count()
+
+
+class DistributedError(RuntimeError):
+    """jax.distributed could not start (exit status 1)."""
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (a preemption, ``kill``, a scheduler's stop), raised where the job is, as
+    Ctrl-C raises KeyboardInterrupt: what was written is kept and synced."""
+
+
+def _on_sigterm(signum, frame):
+    raise Stopped()
+
+
+@contextlib.contextmanager
+def _sigterm_stops() -> Iterator[None]:
+    """SIGTERM raises :class:`Stopped` inside the block (the default would end the process
+    at once: no fsync of the last records, no message, exit status -15)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt_behind(err: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM that ``err`` was raised while handling, if any: the engine's
+    clean-up can fail after an interrupt lands inside a compiled call (its state was donated
+    to the call), and the interrupt is what the user needs to hear about."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return err
+        seen.add(id(err))
+        err = err.__context__
+    return None
+
+
+def _failure(err: Exception, out: str) -> str:
+    """The one-line message of an unexpected failure of the job; the traceback goes to
+    ``OUT.error.log`` (a bug report needs it, an operator's terminal does not)."""
+    import traceback
+
+    log = out + ".error.log"
+    try:
+        with open(log, "w", encoding="utf-8") as f:
+            traceback.print_exception(err, file=f)
+    except OSError:
+        log = None
+    first = (str(err).strip().splitlines() or [""])[0][:300]
+    hint = ""
+    if isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in str(err):
+        hint = (
+            " (out of memory: run again with fewer --slots or a smaller --max-seq-len; a "
+            "resume may change --slots)"
+        )
+    where = f"; traceback in {log}" if log else ""
+    return (
+        f"the job failed: {type(err).__name__}: {first}{hint}; what was written to {out} is "
+        f"kept: run again to resume{where}"
+    )
 
 
 def run(args) -> int:
     """Runs ``batch`` or ``batch-merge`` from parsed arguments; returns the exit status."""
+    try:
+        with _sigterm_stops():
+            return _run(args)
+    except KeyboardInterrupt as err:
+        sig = "SIGTERM" if isinstance(err, Stopped) else "Ctrl-C"
+        what = "batch-merge" if args.command == "batch-merge" else "batch"
+        again = (
+            "run it again"
+            if what == "batch-merge"
+            else f"what was written to {args.output} is kept: run the same command again to resume"
+        )
+        print(f"\njaxsample {what}: stopped by {sig}; {again}", file=sys.stderr)
+        return 143 if isinstance(err, Stopped) else 130
+
+
+def _run(args) -> int:
     from jaxsample.batch.journal import JournalError
     from jaxsample.batch.manifest import ManifestError
     from jaxsample.batch.merge import MergeError, merge_shards, wait_for_shards
@@ -187,23 +312,31 @@ def run(args) -> int:
     if args.command == "batch-merge":
         try:
             summary = merge_shards(args.output, args.shards)
-        except MergeError as err:
+        except (MergeError, OSError) as err:
             print(f"jaxsample batch-merge: {err}", file=sys.stderr)
             return 1
         print(format_summary(summary), file=sys.stderr)
         return 0
 
-    from jaxsample.batch.job import JobConfig, JobError, run_job
+    from jaxsample.batch.job import JobConfig, JobError, run_job, shard_output
     from jaxsample.model import ModelFileError
 
     try:
-        if args.sync_seconds < 0:
-            raise UsageError("--sync-seconds must be >= 0")
+        for flag, value in (
+            ("--sync-seconds", args.sync_seconds),
+            ("--merge-timeout", args.merge_timeout),
+        ):
+            if not (math.isfinite(value) and value >= 0):  # nan would never sync by time
+                raise UsageError(f"{flag} {value}: must be a finite number >= 0")
         _check_paths(args)
         shard = _shard(args)
+        _check_devices(args)
     except UsageError as err:
         print(f"jaxsample batch: {err}", file=sys.stderr)
         return 2
+    except DistributedError as err:
+        print(f"jaxsample batch: {err}", file=sys.stderr)
+        return 1
     if not args.no_compile_cache:
         from jaxsample.cli import _enable_compile_cache
 
@@ -228,13 +361,23 @@ def run(args) -> int:
     except (ManifestError, JournalError, JobError, ModelFileError) as err:
         print(f"jaxsample batch: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except OSError as err:  # a file the job reads or writes beside the journal
         print(
-            "\njaxsample batch: interrupted; what was written is kept: run the same command "
-            "again to resume",
+            f"jaxsample batch: {err}; what was written to {args.output} is kept: fix this "
+            "and run the same command again to resume",
             file=sys.stderr,
         )
-        return 130
+        return 1
+    except Exception as err:  # the engine failed (out of memory, XLA, a bug): one line here
+        interrupt = _interrupt_behind(err)
+        if interrupt is not None:  # the engine's clean-up failed after Ctrl-C or SIGTERM
+            raise interrupt from None
+        print(
+            f"jaxsample batch: {_failure(err, shard_output(args.output, *shard))}", file=sys.stderr
+        )
+        return 1
+    with contextlib.suppress(OSError):  # a failed run's traceback, now stale
+        os.remove(shard_output(args.output, *shard) + ".error.log")
     print(format_summary(summary), file=sys.stderr)
     if not summary["complete"]:
         return 1
@@ -251,7 +394,7 @@ def run(args) -> int:
             return 1
         try:
             print(format_summary(merge_shards(args.output, n)), file=sys.stderr)
-        except MergeError as err:
+        except (MergeError, OSError) as err:
             print(f"jaxsample batch: {err}", file=sys.stderr)
             return 1
     return 0

@@ -159,7 +159,7 @@ def load_engine(cfg: JobConfig, *, model_name: str | None = None):
         raise JobError(f"--slots {cfg.slots} must be a multiple of the {n} devices used")
     from jaxsample.params import InvalidRequestError
 
-    try:  # Engine checks max_seq_len against the model's context when built
+    try:  # Engine checks its settings (max_seq_len against the model's context) when built
         engine = Engine.load(
             cfg.model,
             dtype=jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32,
@@ -169,8 +169,9 @@ def load_engine(cfg: JobConfig, *, model_name: str | None = None):
             max_seq_len=cfg.max_seq_len,
             devices=local[:n],
         )
-    except InvalidRequestError as err:
-        raise JobError(f"--max-seq-len {cfg.max_seq_len}: must be {err.allowed}") from None
+    except InvalidRequestError as err:  # the flag of the setting it names
+        flag = "--" + str(err.field).replace("_", "-")
+        raise JobError(f"{flag} {err.value}: must be {err.allowed}") from None
     if model_name is not None:
         engine.model_name = model_name
     return engine
@@ -226,8 +227,8 @@ class _Clock:
         self.write = 0.0  # encoding, writing and syncing them
 
 
-def _timed_lines(path: str, clock: _Clock) -> Iterator[Line]:
-    lines = read_lines(path)
+def _timed_lines(path: str, clock: _Clock, limit: int | None = None) -> Iterator[Line]:
+    lines = read_lines(path, limit=limit)
     while True:
         t0 = time.perf_counter()
         line = next(lines, None)
@@ -255,20 +256,47 @@ def run_job(cfg: JobConfig, *, engine=None, engine_factory: Callable | None = No
         return _run_locked(cfg, out, engine, engine_factory)
 
 
+def _file_state(path: str) -> tuple:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _check_unchanged(path: str, before: tuple, when: str) -> None:
+    """Refuses (JobError) an input file that changed since the job hashed it: its records
+    would mix two versions of the file, and the manifest names only the first."""
+    now = _file_state(path)
+    if now != before:
+        raise JobError(
+            f"the input file {path} changed {when} (size {before[2]} -> {now[2]} bytes, or "
+            "its modification time): the job read only the bytes it hashed into the manifest. "
+            "Run it on a file that nothing writes any more: restore the file and run the same "
+            "command to resume, or give the new file a new --output"
+        )
+
+
 def _run_locked(cfg: JobConfig, out: str, engine, engine_factory: Callable | None) -> dict:
     k, n = cfg.shard
     model_path = model_file(cfg.model)
     clock = _Clock()
     t_start = time.perf_counter()
-    Manifest.build(cfg.input, model_path, cfg.settings(), shard=cfg.shard).check_or_write(out)
+    input_state = _file_state(cfg.input)
+    manifest = Manifest.build(cfg.input, model_path, cfg.settings(), shard=cfg.shard)
+    _check_unchanged(cfg.input, input_state, "while the job hashed it")
+    manifest.check_or_write(out)
+    limit = manifest.data["input"]["size"]
+    # a summary describes a finished run; this run's replaces it at the end, and until then
+    # none is there: a stale "complete" would let process 0 merge a shard being written
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(summary_path(out))
     clock.manifest = time.perf_counter() - t_start
     journal = Journal.open(out, sync_lines=cfg.sync_lines, sync_seconds=cfg.sync_seconds)
     try:
         shard_lines = todo = 0
-        for line in _timed_lines(cfg.input, clock):
+        for line in _timed_lines(cfg.input, clock, limit):
             if shard_of(line.key, n) == k:
                 shard_lines += 1
                 todo += line.key not in journal.done
+        _check_unchanged(cfg.input, input_state, "since the job started")
         skipped = shard_lines - todo
         run = Tally()
         progress = Progress(
@@ -283,7 +311,8 @@ def _run_locked(cfg: JobConfig, out: str, engine, engine_factory: Callable | Non
                 engine = engine_factory() if engine_factory else load_engine(cfg, model_name=name)
             load_s = time.perf_counter() - t0
             t_run = time.perf_counter()
-            _run(cfg, engine, journal, clock, run, progress)
+            _run(cfg, engine, journal, clock, run, progress, limit)
+            _check_unchanged(cfg.input, input_state, "while the job ran")
         progress.close()
         journal.close()
         t_end = time.perf_counter()
@@ -326,7 +355,9 @@ def _run_locked(cfg: JobConfig, out: str, engine, engine_factory: Callable | Non
     return summary
 
 
-def _run(cfg: JobConfig, engine, journal: Journal, clock: _Clock, run: Tally, progress) -> None:
+def _run(
+    cfg: JobConfig, engine, journal: Journal, clock: _Clock, run: Tally, progress, limit: int
+) -> None:
     k, n = cfg.shard
     pending: set[str] = set()  # handed to the engine, no result yet
     # requests() writes the error records of bad lines while the engine pulls from it: a
@@ -353,7 +384,7 @@ def _run(cfg: JobConfig, engine, journal: Journal, clock: _Clock, run: Tally, pr
         progress.update(int((body.get("usage") or {}).get("completion_tokens") or 0))
 
     def requests() -> Iterator[tuple[str, dict]]:
-        for line in _timed_lines(cfg.input, clock):
+        for line in _timed_lines(cfg.input, clock, limit):
             if shard_of(line.key, n) != k or line.key in journal.done:
                 continue
             if line.error is not None:

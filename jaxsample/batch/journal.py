@@ -45,6 +45,19 @@ class JournalError(RuntimeError):
     """The output file holds something the job did not write (it will not resume over it)."""
 
 
+class JournalWriteError(JournalError):
+    """The output file could not be written or synced (a full disk, a read-only or failing
+    file system): what was written before stays, and the same command resumes once the
+    cause is fixed."""
+
+    def __init__(self, path: str, what: str, err: OSError):
+        self.errno = err.errno
+        super().__init__(
+            f"cannot {what} {path}: {err.strerror or err}; the records written before are "
+            "kept: fix this (free some space, say) and run the same command again to resume"
+        )
+
+
 def record_key(record) -> str | int | None:
     """A record's key: its custom_id, else (``custom_id`` null) its ``error.line``; None if
     it has neither."""
@@ -116,10 +129,16 @@ class Journal:
         if sync_lines < 1 or sync_seconds < 0:
             raise ValueError(f"sync_lines={sync_lines} >= 1 and sync_seconds={sync_seconds} >= 0")
         created = not os.path.exists(path)
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise JournalWriteError(path, "open", err) from err
         journal = cls(path, fd, sync_lines=sync_lines, sync_seconds=sync_seconds)
         try:
             journal._scan()
+        except OSError as err:
+            os.close(fd)
+            raise JournalWriteError(path, "repair", err) from err
         except BaseException:
             os.close(fd)
             raise
@@ -171,9 +190,12 @@ class Journal:
             raise JournalError(f"a record without custom_id or error.line: {record!r:.200}")
         data = encode_record(record)
         view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
+        try:
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+        except OSError as err:  # a part of the line may be written: cut off on resume
+            raise JournalWriteError(self.path, "write to", err) from err
         self.done.add(key)
         self.tally.add(record)
         self._pending += 1
@@ -184,7 +206,10 @@ class Journal:
             self._sync()
 
     def _sync(self) -> None:
-        os.fsync(self._fd)
+        try:
+            os.fsync(self._fd)
+        except OSError as err:
+            raise JournalWriteError(self.path, "sync", err) from err
         self.syncs += 1
         self._pending = 0
         self._last_sync = time.monotonic()
@@ -196,9 +221,11 @@ class Journal:
 
     def close(self) -> None:
         if self._fd >= 0:
-            self.sync()
-            os.close(self._fd)
-            self._fd = -1
+            try:
+                self.sync()
+            finally:
+                os.close(self._fd)
+                self._fd = -1
 
     def __enter__(self) -> Journal:
         return self

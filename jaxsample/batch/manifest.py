@@ -5,8 +5,9 @@ the input file, the model file or the engine settings differ.
 settings that can change a result (dtype, slots, max_seq_len, chunk_steps, job seed and the
 seed rule; not the device count, which does not change a result: docs/batch.md) and the
 shard (process index and count). It is written (atomically) before the first output line; a
-later run with the same ``--output`` compares and refuses on any difference, naming each one
-(while the output is still empty, it replaces the manifest instead).
+later run with the same ``--output`` compares and refuses on any difference but the paths, the
+slots and the chunk steps (:data:`NOT_COMPARED`), naming each one (while the output is still
+empty, it replaces the manifest instead).
 
 Example::
 
@@ -16,11 +17,12 @@ Example::
     >>> m = Manifest.build(inp, inp, {"slots": 8}, shard=(0, 1))
     >>> m.check_or_write(out)
     >>> _ = open(out, "w").write("{}\\n")  # a first record: the output now depends on it
+    >>> Manifest.build(inp, inp, {"slots": 16}, shard=(0, 1)).check_or_write(out)  # may change
     >>> try:
-    ...     Manifest.build(inp, inp, {"slots": 16}, shard=(0, 1)).check_or_write(out)
+    ...     Manifest.build(inp, inp, {"slots": 8}, shard=(1, 2)).check_or_write(out)
     ... except ManifestError as err:
     ...     print(str(err).splitlines()[1])
-      settings.slots: was 8, now 16
+      shard.count: was 1, now 2
 """
 
 from __future__ import annotations
@@ -34,6 +36,13 @@ from jaxsample.batch.summary import write_json_atomic
 
 FORMAT = "jaxsample-batch/1"
 
+#: manifest fields a resume (or a merge) may change: the paths (files move), and the slot
+#: count and chunk steps, which the engine's answers do not depend on (docs/engine.md, "Exact
+#: per request"; a resume on a smaller machine needs fewer slots, and a run that ran out of
+#: memory with too many has often written records already). In bfloat16 a resume keeps the
+#: slot count (see :meth:`Manifest.differences`).
+NOT_COMPARED = ("paths.", "settings.slots", "settings.chunk_steps")
+
 
 class ManifestError(RuntimeError):
     """A resume over an output written from another input, model or settings."""
@@ -41,11 +50,19 @@ class ManifestError(RuntimeError):
 
 def file_sha256(path: str, *, block: int = 1 << 22) -> str:
     """The hex SHA-256 of a file, read in blocks (about 1 s per GB here)."""
+    return file_identity(path, block=block)["sha256"]
+
+
+def file_identity(path: str, *, block: int = 1 << 22) -> dict:
+    """``{"sha256", "size"}`` of a file, the size being the bytes hashed (a file that grows
+    while it is read is hashed and sized as the same prefix)."""
     h = hashlib.sha256()
+    size = 0
     with open(path, "rb") as f:
         while chunk := f.read(block):
             h.update(chunk)
-    return h.hexdigest()
+            size += len(chunk)
+    return {"sha256": h.hexdigest(), "size": size}
 
 
 def manifest_path(output: str) -> str:
@@ -70,14 +87,11 @@ class Manifest:
 
     @classmethod
     def build(cls, input_path: str, model_path: str, settings: dict, *, shard) -> Manifest:
-        def ident(path):
-            return {"sha256": file_sha256(path), "size": os.path.getsize(path)}
-
         return cls(
             {
                 "format": FORMAT,
-                "input": ident(input_path),
-                "model": ident(model_path),
+                "input": file_identity(input_path),
+                "model": file_identity(model_path),
                 "settings": dict(settings),
                 "shard": {"index": int(shard[0]), "count": int(shard[1])},
                 "paths": {
@@ -88,11 +102,19 @@ class Manifest:
         )
 
     def differences(self, old: dict) -> list[str]:
-        """``"field: was X, now Y"`` for every field that differs (paths may move)."""
+        """``"field: was X, now Y"`` for every field that differs, except those kept for
+        information only (:data:`NOT_COMPARED`: paths may move, and slots and chunk steps do
+        not change an answer)."""
         new_flat, old_flat = _flatten(self.data), _flatten(old)
+        skip = NOT_COMPARED
+        if "bfloat16" in (new_flat.get("settings.dtype"), old_flat.get("settings.dtype")):
+            # in bfloat16 a batch that fills the invariant width exactly (16 or 48 slots per
+            # device) rounds the output projection differently (docs/engine.md): the slot
+            # count can change an answer's last bits, so a resume keeps it
+            skip = tuple(k for k in NOT_COMPARED if k != "settings.slots")
         out = []
         for k in sorted(set(new_flat) | set(old_flat)):
-            if k.startswith("paths."):
+            if k.startswith(skip):
                 continue
             a, b = old_flat.get(k, "(absent)"), new_flat.get(k, "(absent)")
             if a != b:

@@ -9,12 +9,13 @@ either absent or whole). ``OUTPUT.summary.json`` sums the shards' counts.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import time
 
 from jaxsample.batch.journal import record_key
-from jaxsample.batch.manifest import manifest_path
+from jaxsample.batch.manifest import NOT_COMPARED, manifest_path
 from jaxsample.batch.summary import read_summary, summary_path, write_json_atomic
 
 
@@ -48,13 +49,33 @@ def _identity(path: str) -> tuple:
             m = json.load(f)
     except (OSError, ValueError) as err:
         raise MergeError(f"{manifest_path(path)}: {err}") from err
-    return (m.get("input"), m.get("model"), m.get("settings"), (m.get("shard") or {}).get("count"))
+    settings = {
+        k: v
+        for k, v in (m.get("settings") or {}).items()
+        if not f"settings.{k}".startswith(NOT_COMPARED)  # shards may differ in slots
+    }
+    return (m.get("input"), m.get("model"), settings, (m.get("shard") or {}).get("count"))
 
 
 def merge_shards(output: str, count: int) -> dict:
-    """Merges the ``count`` shards of ``output`` into ``output``; returns the summary."""
+    """Merges the ``count`` shards of ``output`` into ``output``; returns the summary.
+
+    Holds ``OUTPUT.lock`` while it merges (a merge by hand and process 0's do not write at
+    once), and removes the temporary file of a merge that was killed."""
+    from jaxsample.batch.job import JobError, output_lock
+
     if count < 1:
         raise MergeError(f"count={count}: at least 1 shard")
+    try:
+        with output_lock(output):
+            for stale in glob.glob(glob.escape(output) + ".merge-tmp-*"):
+                os.remove(stale)  # a killed merge's: the lock says no merge is running
+            return _merge_locked(output, count)
+    except JobError as err:
+        raise MergeError(str(err)) from None
+
+
+def _merge_locked(output: str, count: int) -> dict:
     paths = shard_paths(output, count)
     left = incomplete_shards(output, count)
     if left:
@@ -77,18 +98,34 @@ def merge_shards(output: str, count: int) -> dict:
     try:
         with open(tmp, "wb") as dst:
             for p in paths:
+                summary = read_summary(p)
+                number = 0
                 with open(p, "rb") as src:
                     for number, raw in enumerate(src, start=1):
-                        key = record_key(json.loads(raw))
+                        try:
+                            key = record_key(json.loads(raw))
+                        except ValueError:
+                            key = None
                         if key is None or key in seen or not raw.endswith(b"\n"):
-                            raise MergeError(f"{p}: line {number} is missing, repeated or cut")
+                            raise MergeError(
+                                f"{p}: line {number} is not a whole record, or repeats a key "
+                                "of an earlier line or shard"
+                            )
                         seen.add(key)
                         dst.write(raw)
-                for name, value in read_summary(p)["records"].items():
+                if number != summary["lines"]:  # written to since its run finished
+                    raise MergeError(
+                        f"{p} has {number} records, its summary says {summary['lines']} "
+                        "lines: it changed after its run finished (or is being written); run "
+                        "its process again (it resumes), then merge"
+                    )
+                for name, value in summary["records"].items():
                     totals[name] = totals.get(name, 0) + value
             dst.flush()
             os.fsync(dst.fileno())
         os.replace(tmp, output)
+    except OSError as err:
+        raise MergeError(f"cannot merge into {output}: {err}") from err
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

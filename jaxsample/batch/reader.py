@@ -178,16 +178,23 @@ def check_line(number: int, raw: bytes, seen: set[str]) -> Line:
     return Line(number, cid, cid, body=body)
 
 
-def read_lines(path: str) -> Iterator[Line]:
+def read_lines(path: str, *, limit: int | None = None) -> Iterator[Line]:
     """Streams the input file as checked :class:`Line` objects, in file order.
 
     Reads one line at a time (binary, split on ``\\n``; a ``\\r\\n`` ending is accepted). A
     UTF-8 byte order mark at the start of the file is skipped. A final line without a newline
-    counts; an empty file yields nothing.
+    counts; an empty file yields nothing. ``limit``: read only the first ``limit`` bytes (the
+    bytes the job's manifest hashed), as if the file ended there.
     """
     seen: set[str] = set()
+    left = limit
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
+            if left is not None:
+                if left <= 0:
+                    return
+                raw = raw[:left]
+                left -= len(raw)
             if number == 1:
                 raw = raw.removeprefix(BOM)
             yield check_line(number, raw.rstrip(b"\r\n"), seen)

@@ -77,12 +77,17 @@ class Tally:
 def write_json_atomic(path: str, obj: dict) -> None:
     """Writes ``obj`` as JSON to ``path`` through a synced temporary file and a rename."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, Ctrl-C: no half-written file left beside the output
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def summary_path(output: str) -> str:
@@ -124,7 +129,9 @@ def format_summary(s: dict) -> str:
         f"  tokens: {t['prompt_tokens']} prompt, {t['completion_tokens']} completion",
     ]
     run = s.get("this_run")
-    if run:
+    if run and not run["requests"]:  # a complete job run again: no rates to show
+        lines.append(f"  this run: nothing left to run, {run['skipped_done']} already done")
+    elif run:
         lines.append(
             f"  this run: {run['requests']} requests in {run['seconds']:.1f} s "
             f"({run['requests_per_s']:.2f} req/s, {run['tokens_per_s']:.1f} tok/s), "
