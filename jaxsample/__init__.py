@@ -4,6 +4,7 @@ from jaxsample import automata as automata
 from jaxsample import transforms as transforms
 from jaxsample.api import Completion as Completion
 from jaxsample.api import Engine as Engine
+from jaxsample.api import choice_seed as choice_seed
 from jaxsample.api import generate as generate
 from jaxsample.automata import json_mode as json_mode
 from jaxsample.automata import stop as stop
@@ -42,6 +43,7 @@ __all__ = [
     "SamplingParams",
     "check_for_model",
     "derive_seed",
+    "choice_seed",
     "pack_rows",
     "LOGIT_BIAS_MAX",
     "STOP_MAX_BYTES",
@@ -79,10 +81,19 @@ __all__ = [
 ]
 
 
+#: Submodules the docs name as ``jaxsample.NAME.function`` that ``import jaxsample`` does not
+#: load itself: imported on first use (``jaxsample.explore.use_compile_cache()``).
+_LAZY_SUBMODULES = ("explore", "engine")
+
+
 def __getattr__(name):
     # load_model pulls in the model package (GGUF reader, tokenizer): imported on first use
     if name == "load_model":
         from jaxsample.model import load_model
 
         return load_model
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"jaxsample.{name}")
     raise AttributeError(f"module 'jaxsample' has no attribute {name!r}")

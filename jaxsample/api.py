@@ -8,7 +8,8 @@ bodies and give OpenAI ``chat.completion`` dicts (or OpenAI error objects).
 
 Decisions (see docs/api.md):
 - Inputs: a string is ONE prompt, a list of message dicts is ONE conversation, a list of
-  either is a batch (:func:`normalize_inputs`, for ``Engine.generate`` and ``generate``).
+  token ids is ONE prompt given as ids, a list of any of these is a batch
+  (:func:`normalize_inputs`, for ``Engine.generate``, ``generate`` and ``jaxsample.explore``).
 - A request without a seed gets ``derive_seed(job_seed, key)`` (``key``: its index in the
   job, or a str such as a batch job's custom_id); choice ``i`` of a request with ``n``
   choices has :func:`choice_seed` ``(seed, i)``. The seed is reported in every response.
@@ -21,13 +22,16 @@ Decisions (see docs/api.md):
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -74,6 +78,7 @@ NATIVE_FINISH_REASONS = {
 
 ROLES = ("system", "user", "assistant", "developer")
 _MESSAGE_KEYS = ("role", "content")
+_IDS_ALLOWED = "a non-empty list or 1-d integer array of token ids"
 _MESSAGES_ALLOWED = (
     "a non-empty list of messages {'role': one of system, user, assistant, developer, "
     "'content': a string or a list of text parts {'type': 'text', 'text': str}}"
@@ -122,13 +127,31 @@ def _request_error(err: Exception) -> InvalidRequestError | RequestFailed:
     return err if isinstance(err, (InvalidRequestError, RequestFailed)) else RequestFailed(err)
 
 
+def _is_bool(x: Any) -> bool:
+    return isinstance(x, (bool, np.bool_))
+
+
 def _refused(err: InvalidRequestError | RequestFailed, seed: int | None = None) -> Completion:
     return Completion(finish_reason="error", native_finish_reason="error", error=err, seed=seed)
 
 
+def is_token_ids(item: Any) -> bool:
+    """Whether ``item`` is one input given as token ids: a non-empty list or tuple of ints
+    (numpy integers too; not bools), or a 1-d integer numpy/JAX array."""
+    if isinstance(item, (np.ndarray, jax.Array)):
+        return item.ndim == 1 and item.size > 0 and jnp.issubdtype(item.dtype, jnp.integer)
+    return (
+        isinstance(item, (list, tuple))
+        and bool(item)
+        and all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in item)
+    )
+
+
 def normalize_inputs(inputs: Any) -> list:
     """The list of inputs of a ``generate`` call: a string is one prompt, a list of message
-    dicts one conversation, any other list (or iterable) a batch of prompts/conversations.
+    dicts one conversation, a list (or 1-d integer array) of token ids one prompt given as
+    ids, a 2-d integer array a batch of id rows, any other list (or iterable) a batch of
+    prompts/conversations/id lists.
 
     >>> normalize_inputs("Hi")
     ['Hi']
@@ -136,9 +159,22 @@ def normalize_inputs(inputs: Any) -> list:
     [[{'role': 'user', 'content': 'Hi'}]]
     >>> normalize_inputs(["Hi", [{"role": "user", "content": "Hi"}]])
     ['Hi', [{'role': 'user', 'content': 'Hi'}]]
+    >>> normalize_inputs([1, 2, 3]), normalize_inputs([[1, 2], "Hi"])
+    ([[1, 2, 3]], [[1, 2], 'Hi'])
     """
-    if isinstance(inputs, str):
+    if isinstance(inputs, str) or is_token_ids(inputs):
         return [inputs]
+    if isinstance(inputs, (np.ndarray, jax.Array)):
+        if inputs.ndim == 2:
+            return list(np.asarray(inputs))  # a batch of id rows
+        kind = np.dtype(inputs.dtype).kind
+        if inputs.ndim != 1 or (inputs.size and kind not in "USO"):  # 1-d: prompts or []
+            raise InvalidRequestError(
+                "inputs",
+                f"<{inputs.dtype} array of shape {tuple(inputs.shape)}>",
+                "a 1-d integer array (one prompt as token ids), a 2-d one (a batch of them),"
+                " or a list of prompts, message lists and token id lists",
+            )
     if isinstance(inputs, (Mapping, bytes, bytearray)) or not isinstance(inputs, Iterable):
         raise InvalidRequestError(
             "inputs",
@@ -158,8 +194,11 @@ class _RenderedChat(str):
 
 
 def _prompt_field(item: Any) -> str:
-    """The request field a prompt's faults are named on: ``prompt`` for raw text."""
-    return "prompt" if isinstance(item, str) and not isinstance(item, _RenderedChat) else "messages"
+    """The request field a prompt's faults are named on: ``prompt`` for raw text and token
+    ids, ``messages`` for a conversation."""
+    if isinstance(item, str):
+        return "messages" if isinstance(item, _RenderedChat) else "prompt"
+    return "prompt" if is_token_ids(item) else "messages"
 
 
 def _check_utf8(field: str, text: str, shown: Any) -> None:
@@ -260,6 +299,42 @@ def _check_job_seed(job_seed: Any) -> int:
     return _integer("job_seed", job_seed, INT64_MIN, INT64_MAX, "an integer in [-2**63, 2**63 - 1]")
 
 
+def _check_engine_options(slots, chunk_steps, refill_free, devices) -> tuple:
+    """The slot engine's settings, checked when the :class:`Engine` is built (they were
+    checked at its first request, as a bare ValueError; ``slots=True`` ran one slot and
+    ``devices="cpu"`` was read as three devices 'c', 'p', 'u')."""
+    if devices is not None:
+        if isinstance(devices, (str, bytes, Mapping)) or not isinstance(devices, Iterable):
+            raise InvalidRequestError(
+                "devices", devices, "None (one device) or a list of jax devices (jax.devices())"
+            )
+        devices = list(devices)
+        wrong = [d for d in devices if not isinstance(d, jax.Device)]
+        if not devices or wrong:
+            raise InvalidRequestError(
+                "devices",
+                devices,
+                "None (one device) or a non-empty list of jax devices (jax.devices())",
+                reason=f"{wrong[0]!r} is not a jax.Device" if wrong else "empty",
+            )
+    n_devices = 1 if devices is None else len(devices)
+    slots = _integer(
+        "slots", slots, 1, None, f"an integer >= 1, a multiple of the {n_devices} device(s)"
+    )
+    if slots % n_devices:
+        raise InvalidRequestError(
+            "slots",
+            slots,
+            f"an integer >= 1, a multiple of the {n_devices} devices",
+            reason="not a multiple",
+        )
+    chunk_steps = _integer("chunk_steps", chunk_steps, 1, None, "an integer >= 1")
+    refill_free = _integer(
+        "refill_free", refill_free, 1, slots, f"an integer in [1, slots = {slots}]"
+    )
+    return slots, chunk_steps, refill_free, devices
+
+
 def _logprob(x) -> float:
     x = float(x)
     return x if math.isfinite(x) else NO_PROBABILITY
@@ -288,6 +363,7 @@ class Engine:
         max_seq_len: int | None = None,
         devices=None,
         transforms=(),
+        prefetch: int | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -296,6 +372,9 @@ class Engine:
         #: traced on an abstract row here, so a bad one fails now, naming it
         #: (:class:`jaxsample.TransformError`), not inside the compiled loop
         self.transforms = check_chain_outputs(transforms, model.config.vocab_size)
+        slots, chunk_steps, refill_free, devices = _check_engine_options(
+            slots, chunk_steps, refill_free, devices
+        )
         #: the slot engine's settings (see :class:`jaxsample.engine.SlotEngine`)
         self.engine_options = {
             "slots": slots,
@@ -305,10 +384,17 @@ class Engine:
             "max_seq_len": resolve_max_seq_len(max_seq_len, model.config.context_length),
             "devices": devices,
             "transforms": self.transforms,
+            # requests a background thread takes in ahead of the slots (None: one per slot)
+            "prefetch": None
+            if prefetch is None
+            else _integer("prefetch", prefetch, 0, None, "an integer >= 0, or None (= slots)"),
         }
         self._token_bytes = None
         self._grammar = None
         self._slot_engine = None
+        # held while a stream runs on the slot engine: a second run beside it (a generate
+        # call while a stream is open) wrote into the same slots and corrupted both
+        self._running = threading.Lock()
 
     @classmethod
     def load(
@@ -319,10 +405,14 @@ class Engine:
         ``batch_invariant=True`` (the default) makes every request's tokens and log
         probabilities bit-identical whatever shares the batch (docs/engine.md); ``options``
         are the slot engine's settings (``slots``, ``chunk_steps``, ``refill_free``,
-        ``max_seq_len``, ``devices``, ``transforms``).
+        ``max_seq_len``, ``devices``, ``transforms``, ``prefetch``).
         """
         from jaxsample.model import load_model
 
+        # the settings that do not need the model are checked before it loads (seconds)
+        inspect.signature(cls).bind(None, None, **options)  # an unknown name: TypeError
+        defaults = {"slots": 16, "chunk_steps": 32, "refill_free": 1, "devices": None}
+        _check_engine_options(**{k: options.get(k, v) for k, v in defaults.items()})
         model, tok = load_model(path, dtype=dtype, batch_invariant=batch_invariant)
         name = "SmolLM2-135M-Instruct" if path is None else str(path).rsplit("/", 1)[-1]
         return cls(model, tok, model_name=name, **options)
@@ -406,11 +496,29 @@ class Engine:
             ) from err
 
     def encode_input(self, item) -> list[int]:
-        """The prompt token ids of one input: a prompt string (tokenised as is) or a list of
-        chat messages (rendered with the chat template first). An input that is an
-        exception (a request that failed before it got here) raises it."""
+        """The prompt token ids of one input: a prompt string (tokenised as is), a list of
+        chat messages (rendered with the chat template first) or token ids (a non-empty list
+        or 1-d integer array, used as is; each in ``[0, vocab_size)``, field ``prompt``). An
+        input that is an exception (a request that failed before it got here) raises it."""
         if isinstance(item, Exception):
             raise item
+        if is_token_ids(item):
+            return self._token_ids(item)
+        if isinstance(item, (np.ndarray, jax.Array)):
+            raise InvalidRequestError(
+                "prompt",
+                f"<{item.dtype} array of shape {tuple(item.shape)}>",
+                _IDS_ALLOWED,
+                reason="not a non-empty 1-d integer array",
+            )
+        if (
+            isinstance(item, (list, tuple))
+            and item
+            and all(isinstance(t, (int, float, np.number, np.bool_)) for t in item)
+        ):  # meant as token ids, never rounded: 1.0 or True is not a token id
+            bad = next(t for t in item if not isinstance(t, (int, np.integer)) or _is_bool(t))
+            why = f"a token id is an int, not {type(bad).__name__}"
+            raise InvalidRequestError("prompt", bad, _IDS_ALLOWED, reason=why)
         if isinstance(item, str):
             field, text = _prompt_field(item), item
             _check_utf8(field, text, item)
@@ -418,11 +526,26 @@ class Engine:
             field, text = "messages", self.render(item)
         else:
             raise InvalidRequestError(
-                "messages", item, "a prompt string or a list of chat messages"
+                "messages", item, "a prompt string, a list of chat messages or token ids"
             )
         ids = self.tokenizer.encode(text)
         if not ids:
             raise InvalidRequestError(field, item, "a prompt of at least one token")
+        return ids
+
+    def _token_ids(self, item) -> list[int]:
+        """A prompt given as token ids, checked against the vocabulary (used as is: no chat
+        template, no special tokens added)."""
+        seq = np.asarray(item).tolist() if isinstance(item, (np.ndarray, jax.Array)) else item
+        ids = [int(t) for t in seq]
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                "prompt",
+                bad[0],
+                f"token ids in [0, {self.vocab_size - 1}] (the vocabulary has {self.vocab_size})",
+                reason=f"token id out of the vocabulary ({len(bad)} of {len(ids)} ids)",
+            )
         return ids
 
     def prepare(self, item, params) -> tuple[list[int], int]:
@@ -527,22 +650,38 @@ class Engine:
                     # answered as soon as the engine pulls it: refusals never pile up
                     yield PassThrough((key, _refused(err)))
 
-        for res in self.slot_engine().run(requests()):
-            if isinstance(res, PassThrough):
-                yield res.value
-                continue
-            key, ids, p, seed = res.key
-            if res.error is not None:  # the schema pool had no room for it
-                err = InvalidRequestError(
-                    "response_format",
-                    "<json_schema>",
-                    "a schema that fits the engine's schema pool beside the running ones",
-                    reason=str(res.error),
-                    index=key,
-                )
-                yield key, _refused(err, seed)
-                continue
-            yield key, self._completion(_as_batch(res), 0, ids, p, seed)
+        if not self._running.acquire(blocking=False):
+            raise RuntimeError(
+                "this Engine is already running a stream (an Engine.stream / stream_chat"
+                " generator not yet exhausted or closed, or a call on another thread): one"
+                " engine runs one stream at a time, since they share its slots. Finish that"
+                " stream or call .close() on it first, or build a second Engine"
+            )
+        runs = None
+        try:
+            runs = self.slot_engine().run(requests())
+            for res in runs:
+                if isinstance(res, PassThrough):
+                    yield res.value
+                    continue
+                key, ids, p, seed = res.key
+                if res.error is not None:  # the schema pool had no room for it
+                    err = InvalidRequestError(
+                        "response_format",
+                        "<json_schema>",
+                        "a schema that fits the engine's schema pool beside the running ones",
+                        reason=str(res.error),
+                        index=key,
+                    )
+                    yield key, _refused(err, seed)
+                    continue
+                yield key, self._completion(_as_batch(res), 0, ids, p, seed)
+        finally:
+            try:
+                if runs is not None:
+                    runs.close()  # its slots are emptied before another stream may start
+            finally:
+                self._running.release()
 
     def generate(
         self,
@@ -556,8 +695,9 @@ class Engine:
         prompt, a message list one conversation, a list of either a batch).
 
         Args:
-          inputs: a prompt (raw text, no chat template), a chat message list, or a list of
-            prompts and message lists.
+          inputs: a prompt (raw text, no chat template), a chat message list, a prompt as
+            token ids (a list or 1-d integer array, used as is), or a list of any of these
+            (a 2-d integer array: one prompt per row).
           params: one SamplingParams for all, or one per input (default: SamplingParams()).
           job_seed: the job-level seed from which rows without a seed get theirs
             (``derive_seed(job_seed, index)``).
@@ -724,11 +864,20 @@ class Engine:
         ``i`` runs with :func:`choice_seed` ``(seed, i)``. Bodies are pulled as the engine
         takes requests, so an endless iterator runs in flat memory.
         """
+        _check_bodies(bodies, "(key, body) pairs")
         job_seed = _check_job_seed(job_seed)
         pending: dict[int, dict] = {}
 
         def items():
-            for serial, (key, body) in enumerate(bodies):
+            for serial, entry in enumerate(bodies):
+                if isinstance(entry, Mapping) or not (
+                    isinstance(entry, (tuple, list)) and len(entry) == 2
+                ):  # the call's mistake, not one request's (a dict was unpacked as its keys)
+                    raise ValueError(
+                        "stream_chat items are (key, body) pairs (chat_completions takes the"
+                        f" bodies alone); item {serial} is {entry!r:.100}"
+                    )
+                key, body = entry
                 try:
                     text, p, n = self._chat_request(body, key, job_seed)
                 except Exception as err:  # refused, or failed unexpectedly
@@ -759,6 +908,7 @@ class Engine:
     def chat_completions(self, bodies: Sequence[dict], *, job_seed: int = 0) -> list[dict]:
         """Answer a list of chat-completions request bodies (the key of each is its index);
         a bad one fails alone (an OpenAI error object in its place)."""
+        _check_bodies(bodies, "request bodies (dicts)")
         bodies = list(bodies)
         results = dict(self.stream_chat(enumerate(bodies), job_seed=job_seed))
         return [results[i] for i in range(len(bodies))]
@@ -802,6 +952,20 @@ class Engine:
             },
             "seed": choices[0].seed,
         }
+
+
+def _check_bodies(bodies: Any, what: str) -> None:
+    """Refuses, naming ``bodies``, one request body (a dict) or a string given where a list
+    of them belongs: iterating it would make one failed request per key or character."""
+    if isinstance(bodies, (Mapping, str, bytes)) or not isinstance(bodies, Iterable):
+        raise InvalidRequestError(
+            "bodies",
+            bodies,
+            f"an iterable of {what}",
+            reason="one body: use chat_completion(body)"
+            if isinstance(bodies, Mapping)
+            else type(bodies).__name__,
+        )
 
 
 def _as_batch(res) -> _decode.DecodeOutput:
@@ -851,8 +1015,8 @@ def generate(
 ) -> list[Completion]:
     """Generate completions for prompts or chat messages (see :meth:`Engine.generate`).
 
-    ``inputs`` may be one prompt string, one message list, or a list of either
-    (:func:`normalize_inputs`, the same rule as ``Engine.generate``).
+    ``inputs`` may be one prompt string, one message list, one list of token ids, or a list
+    of any of these (:func:`normalize_inputs`, the same rule as ``Engine.generate``).
     ``transforms``: a user transform chain to run in the decode loop (the engine's own chain
     when None); requests set its values with ``SamplingParams(transform_params=...)``.
 
@@ -862,6 +1026,10 @@ def generate(
         [c] = generate([{"role": "user", "content": "Name a colour."}],
                        SamplingParams(temperature=0.0, max_tokens=8))
     """
+    if engine is not None and not isinstance(engine, Engine):
+        raise InvalidRequestError(
+            "engine", engine, "an Engine (Engine.load(...)), or None for the default model"
+        )
     engine = engine or default_engine()
     if transforms is not None:
         options = {**engine.engine_options, "transforms": transforms}
@@ -879,6 +1047,7 @@ __all__ = [
     "default_engine",
     "error_response",
     "generate",
+    "is_token_ids",
     "normalize_inputs",
     "validate_messages",
 ]

@@ -17,7 +17,7 @@ These are host conveniences over the public pieces (``Engine``, the model's ``pr
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,7 @@ from flax import nnx
 from jaxsample.api import normalize_inputs
 from jaxsample.automata import json_mode
 from jaxsample.decode import bucket
-from jaxsample.params import _integer
+from jaxsample.params import InvalidRequestError, _integer
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -37,43 +37,10 @@ def _prefill_logits(graphdef, state, tokens, lengths):
     return model.prefill(tokens, lengths, cache)[0]
 
 
-def _is_ids(item) -> bool:
-    """A sequence of token ids: a list or tuple of ints, or a 1-d integer numpy/jax array."""
-    if isinstance(item, (np.ndarray, jax.Array)):
-        return item.ndim == 1 and jnp.issubdtype(item.dtype, jnp.integer)
-    return (
-        isinstance(item, (list, tuple))
-        and bool(item)
-        and all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in item)
-    )
-
-
-def _inputs(inputs) -> list:
-    """The inputs of a call, by the rule of :meth:`jaxsample.Engine.generate`
-    (:func:`jaxsample.api.normalize_inputs`: a string is one prompt, a list of message dicts
-    one conversation), and a sequence of token ids (or a 1-d integer array) is one input; a
-    2-d integer array is a batch of rows."""
-    if _is_ids(inputs):
-        return [inputs]
-    if isinstance(inputs, (np.ndarray, jax.Array)) and inputs.ndim == 2:
-        return list(np.asarray(inputs))
-    return normalize_inputs(inputs)
-
-
 def _input_ids(engine, item) -> list[int]:
-    if isinstance(item, str) or (
-        isinstance(item, (list, tuple)) and any(isinstance(m, Mapping) for m in item)
-    ):
-        return engine.encode_input(item)  # a prompt or a conversation (InvalidRequestError)
-    ids = [int(t) for t in np.asarray(item)] if _is_ids(item) else []
-    if not ids:
-        raise ValueError(
-            "an input is a prompt string, a list of chat messages or a non-empty list of token"
-            f" ids (ints, not bools), got {item!r:.80}"
-        )
-    if min(ids) < 0 or max(ids) >= engine.vocab_size:
-        raise ValueError(f"token ids must be in [0, {engine.vocab_size}), got {item!r:.80}")
-    return ids
+    """One input's prompt ids, as :meth:`jaxsample.Engine.encode_input` reads it (a prompt
+    string, a conversation or token ids; :class:`jaxsample.InvalidRequestError` otherwise)."""
+    return engine.encode_input(item)
 
 
 def next_token_logits(engine, inputs: Sequence) -> np.ndarray:
@@ -87,8 +54,8 @@ def next_token_logits(engine, inputs: Sequence) -> np.ndarray:
     a batch of rows, any other list a batch. To
     look at a later step of an answer, pass the prompt's ids plus the answer's ids so far
     (or the rendered prompt plus the answer as a string, which is tokenised anew). Inputs
-    are right-padded to a power-of-two length so that similar ones reuse one compiled
-    prefill.
+    are right-padded to a power-of-two length, and the batch to a power-of-two number of
+    rows (past 64, a multiple of 64), so that similar calls reuse one compiled prefill.
 
     Example::
 
@@ -97,30 +64,53 @@ def next_token_logits(engine, inputs: Sequence) -> np.ndarray:
         logits = next_token_logits(engine, [msgs])          # [1, 49152]
         lp = processed_logprobs(logits, SamplingParams(top_p=0.9))
     """
-    ids = [_input_ids(engine, item) for item in _inputs(inputs)]
+    ids = [_input_ids(engine, item) for item in normalize_inputs(inputs)]
     if not ids:
-        raise ValueError("next_token_logits needs at least one input")
+        raise InvalidRequestError("inputs", inputs, "at least one input", reason="no inputs")
     context = engine.model.config.context_length
     longest = max(len(t) for t in ids)
     if longest > context:
-        raise ValueError(f"an input of {longest} tokens is longer than the context ({context})")
-    lengths = np.array([len(t) for t in ids], np.int32)
-    tokens = np.zeros((len(ids), bucket(int(lengths.max()))), np.int32)
+        raise InvalidRequestError(
+            "inputs",
+            f"<input of {longest} tokens>",
+            f"inputs of at most the model's context ({context} tokens)",
+        )
+    # the batch is padded too (rows of one token 0), so that 5 or 7 inputs share the compile
+    # of 8: a loop over answers of different lengths compiled once per answer. Past 64 rows
+    # to a multiple of 64, so that padding never nearly doubles a large batch's KV cache.
+    rows = bucket(len(ids), minimum=1) if len(ids) <= 64 else -(-len(ids) // 64) * 64
+    lengths = np.ones(rows, np.int32)
+    lengths[: len(ids)] = [len(t) for t in ids]
+    tokens = np.zeros((rows, bucket(int(lengths.max()))), np.int32)
     for b, t in enumerate(ids):
         tokens[b, : len(t)] = t
     graphdef, state = nnx.split(engine.model)
     out = _prefill_logits(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths))
-    return np.asarray(out, np.float32)
+    return np.asarray(out[: len(ids)], np.float32)
+
+
+def _id_array(field: str, ids, allowed: str) -> np.ndarray:
+    """Token ids as a numpy integer array: integer (not boolean) values only, never rounded
+    (a float id is a mistake: 1.7 was read as token 1)."""
+    arr = np.asarray(ids.tolist() if isinstance(ids, jax.Array) else ids)
+    if arr.size and (arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer)):
+        raise InvalidRequestError(
+            field, f"<{arr.dtype} array of shape {arr.shape}>", allowed, reason="not integers"
+        )
+    return arr
 
 
 def token_texts(tokenizer, ids) -> list[str]:
-    """The text of each token id (invalid UTF-8 pieces shown with U+FFFD, ``-1`` as '')."""
-    tb = tokenizer.token_bytes
-    ids = [int(i) for i in np.asarray(ids).reshape(-1)]
-    bad = [i for i in ids if not -1 <= i < len(tb)]
+    """The text of each token id, for plot labels: invalid UTF-8 pieces shown with U+FFFD, a
+    special token by its own text (``'<|im_end|>'``, as log probabilities show it), ``-1``
+    (padding) as ''. ``ids`` is an int or any array-like of ints (flattened)."""
+    shown = tokenizer.shown_bytes
+    allowed = f"integer token ids in [0, {len(shown)}) or -1 (padding)"
+    ids = [int(i) for i in _id_array("ids", ids, allowed).reshape(-1)]
+    bad = [i for i in ids if not -1 <= i < len(shown)]
     if bad:
-        raise ValueError(f"token ids must be in [0, {len(tb)}) or -1 (padding), got {bad[:5]}")
-    return [tb[i].decode("utf-8", errors="replace") if i >= 0 else "" for i in ids]
+        raise InvalidRequestError("ids", bad[0], allowed, reason="out of range")
+    return [shown[i].decode("utf-8", errors="replace") if i >= 0 else "" for i in ids]
 
 
 @jax.jit
@@ -143,11 +133,15 @@ def json_allowed_masks(engine, token_ids, max_tokens: int) -> np.ndarray:
     the decode loop (``max_tokens - i`` tokens left at step ``i``). Row ``i`` is the mask the
     loop applied when it drew ``token_ids[i]``, so ``masks[i, token_ids[i]]`` is True.
     """
-    ids = np.asarray(token_ids).reshape(-1)
-    if ids.size and not (jnp.issubdtype(ids.dtype, jnp.integer) and ids.dtype != np.bool_):
-        raise ValueError(f"token_ids must be ints, got {ids.dtype}")
+    allowed = f"a 1-d sequence of integer token ids in [0, {engine.vocab_size})"
+    ids = _id_array("token_ids", token_ids, allowed)
+    if ids.ndim != 1:  # a batch of answers was flattened into one
+        raise InvalidRequestError(
+            "token_ids", f"<array of shape {ids.shape}>", allowed, reason="not 1-d: one answer"
+        )
     if ids.size and (ids.min() < 0 or ids.max() >= engine.vocab_size):
-        raise ValueError(f"token_ids must be in [0, {engine.vocab_size})")
+        bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+        raise InvalidRequestError("token_ids", bad, allowed, reason="out of range")
     max_tokens = _integer(
         "max_tokens",
         max_tokens,

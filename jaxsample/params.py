@@ -401,8 +401,11 @@ def _user_values(params_list, chain) -> tuple:
                 raise InvalidRequestError(
                     "transform_params",
                     name,
-                    f"a transform of this engine's chain: {sorted(known)}",
-                    reason="unknown transform",
+                    f"a transform of the chain in use: {sorted(known)}",
+                    reason="unknown transform"
+                    if known
+                    else "no transform chain was given: pass transforms=(UserTransform(...),)"
+                    " to Engine, generate, sample or processed_logprobs",
                     index=i,
                 )
             t = known[name]
@@ -692,6 +695,46 @@ class SamplingParams:
 
 _SEED_ALLOWED = "an integer in [-2**63, 2**63 - 1]"
 _SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams)) - {"json_schema"}
+_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+
+#: Keyword arguments that other libraries' sampling parameters take and SamplingParams does
+#: not: what to do instead (a TypeError without a hint was raised for them).
+_OTHER_LIBRARIES = {
+    "n": "n is a request field, not a sampling parameter: pass the input n times with the"
+    " seeds choice_seed(seed, i) (or no seed: each input gets derive_seed(job_seed, i)), or"
+    " send a chat body with 'n' to Engine.chat_completions",
+    "max_new_tokens": "the name here is max_tokens",
+    "max_completion_tokens": "the name here is max_tokens (from_request takes both names)",
+    "max_length": "the name here is max_tokens (the number of output tokens)",
+    "do_sample": "greedy decoding is temperature=0",
+    "stop_token_ids": "stop takes strings, not token ids: give the text that ends the answer,"
+    " stop=[text] (the end-of-sequence token always stops a row)",
+    "ignore_eos": "ban the end-of-sequence token with logit_bias={eos_id: -100}",
+}
+
+
+def _init_checking_names(init):
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        for key in kwargs:
+            if key not in _FIELD_NAMES:  # an InvalidRequestError with a hint, not a TypeError
+                known = sorted(_SAMPLING_FIELDS)
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = _OTHER_LIBRARIES.get(key) or (
+                    f"did you mean {close[0]!r}?" if close else None
+                )
+                raise InvalidRequestError(
+                    str(key),
+                    kwargs[key],
+                    "a SamplingParams field: " + ", ".join(known),
+                    reason="not a SamplingParams field" + (f"; {hint}" if hint else ""),
+                )
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+SamplingParams.__init__ = _init_checking_names(SamplingParams.__init__)
 
 
 def _check_request_field(key: str, value: Any) -> None:
@@ -785,6 +828,11 @@ def check_for_model(
         >>> check_for_model(SamplingParams(), vocab_size=100, context_length=50, prompt_length=8)
         42
     """
+    if not isinstance(params, SamplingParams):
+        raise InvalidRequestError("params", params, "a SamplingParams")
+    vocab_size = _integer("vocab_size", vocab_size, 1, 2**31 - 1, "an integer in [1, 2**31 - 1]")
+    context_length = _integer("context_length", context_length, 1, None, "an integer >= 1")
+    prompt_length = _integer("prompt_length", prompt_length, 0, None, "an integer >= 0")
     _check_bias_ids(params, vocab_size)
     limit = f"the context length ({context_length} tokens)"
     if model_context is not None and context_length < model_context:
@@ -844,7 +892,9 @@ _STRING_KEY_TAG = 0x5354524B  # "STRK"
 
 def _key_words(key: int | str) -> np.ndarray:
     if isinstance(key, str):
-        digest = hashlib.sha256(key.encode("utf-8")).digest()
+        # "surrogatepass": a lone surrogate (JSON allows "\ud800" in a custom_id) has bytes
+        # of its own, which no valid string's UTF-8 shares; strict UTF-8 raised here
+        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
         hi, lo = int.from_bytes(digest[:4], "big"), int.from_bytes(digest[4:8], "big")
         return np.array([_STRING_KEY_TAG, hi, lo], np.uint32)
     index = _integer("index", key, 0, 2**32 - 1, "an integer in [0, 2**32 - 1] or a string")

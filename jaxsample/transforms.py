@@ -99,9 +99,17 @@ def bias_vector(ids: jax.Array, values: jax.Array, vocab_size: int) -> jax.Array
     """The dense bias ``b[V]`` with ``b[ids[j]] += values[j]`` (duplicates add up).
 
     A scatter into zeros: cheaper on CPU than scattering into the logits, and the add then
-    fuses with the other elementwise steps.
+    fuses with the other elementwise steps. Ids outside ``[0, V)`` add nothing (on the device
+    nothing can raise; :func:`jaxsample.pack_rows` refuses them on the host): a negative id
+    such as the padding id -1 is not read from the end, which numpy-style indexing would do
+    (``-1`` biased the last token of the vocabulary).
+
+    >>> bias_vector(jnp.array([1, -1, 3]), jnp.array([5.0, 7.0, 9.0]), 3).tolist()
+    [0.0, 5.0, 0.0]
     """
-    return jnp.zeros(vocab_size, jnp.float32).at[ids].add(values.astype(jnp.float32))
+    ids = jnp.asarray(ids)
+    ids = jnp.where(ids < 0, vocab_size, ids)  # past the end: dropped, never wrapped
+    return jnp.zeros(vocab_size, jnp.float32).at[ids].add(values.astype(jnp.float32), mode="drop")
 
 
 def add_bias(z: jax.Array, bias: jax.Array) -> jax.Array:
@@ -132,7 +140,8 @@ def _temperature(z: jax.Array, t: jax.Array) -> jax.Array:
 def logit_bias(z: jax.Array, ids: jax.Array, values: jax.Array) -> jax.Array:
     """Step 2: ``z[ids[j]] += values[j]`` (a sparse scatter-add). ``f32[V], i32[NB], f32[NB]``.
 
-    Padding entries are ``(0, 0.0)`` and add nothing; a removed token stays removed.
+    Padding entries are ``(0, 0.0)`` and add nothing; a removed token stays removed; ids
+    outside ``[0, V)`` add nothing (:func:`bias_vector`).
 
     >>> logit_bias(jnp.zeros(3), jnp.array([2, 0]), jnp.array([5.0, 0.0])).tolist()
     [0.0, 0.0, 5.0]

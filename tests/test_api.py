@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -73,6 +74,8 @@ def test_call_arguments_are_refused_once_naming_them(engine):
     for params in ({"temperature": 0.5}, {"temperature": 0.5, "seed": 1}):
         refused(lambda p=params: engine.generate("Hi", p), "params", "SamplingParams(**d)")
     refused(lambda: engine.generate("Hi", "greedy"), "params", "str")
+    # generate(engine=...) that is not an Engine failed with AttributeError inside
+    refused(lambda: jaxsample.generate("Hi", P, engine="tiny"), "engine", "Engine.load")
     for js in (1.5, 2**64, None, True, "0"):
         for call in (
             lambda j=js: engine.generate(["Hi", "Yo"], P, job_seed=j),
@@ -175,9 +178,21 @@ def test_refusals_come_back_as_pulled_and_never_pile_up(engine):
 
     stream = engine.stream(items())
     key, first = next(stream)
-    assert key == 0 and first.error is not None and pulled <= 2
+    # a background thread takes requests in at most `prefetch` ahead of the slots
+    ahead = engine.slot_engine().prefetch
+    assert ahead == engine.engine_options["slots"]
+    assert key == 0 and first.error is not None and pulled <= ahead + 2
     rest = dict(stream)
     assert len(rest) == 1000 and rest["good"].error is None
+    # Engine(prefetch=0) pulls each one on the loop's thread, when a slot takes it
+    pulled = 0
+    stream = Engine(engine.model, engine.tokenizer, prefetch=0).stream(items())
+    key, first = next(stream)
+    assert key == 0 and first.error is not None and pulled <= 2
+    stream.close()
+    with pytest.raises(InvalidRequestError) as err:
+        Engine(engine.model, engine.tokenizer, prefetch=-1)
+    assert err.value.field == "prefetch"
 
 
 def test_leaving_a_stream_early_frees_its_slots_and_schemas(engine):
@@ -415,6 +430,146 @@ def test_any_template_failure_is_a_messages_error(engine, template):
     assert again.value is err.value
 
 
+def test_names_the_docs_use_resolve_after_import_jaxsample():
+    """Every `jaxsample.a.b` the docs name and every name they import from jaxsample resolves
+    after a bare `import jaxsample` (a fresh process): `jaxsample.explore.use_compile_cache()`
+    (docs/notebooks.md) raised AttributeError, and `choice_seed`, which docs/api.md tells
+    users to give input i, was not exported."""
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    dotted, imported = set(), {"choice_seed", "explore"}
+    for f in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        text = f.read_text()
+        dotted |= set(re.findall(r"`(jaxsample(?:\.[A-Za-z_]\w*)+)", text))
+        for block in re.findall(
+            r"from jaxsample import \(([^)]*)\)|from jaxsample import (.*)", text
+        ):
+            imported |= {n for n in re.split(r"[,\s()]+", " ".join(block)) if n}
+    assert "jaxsample.explore.use_compile_cache" in dotted and "Distribution" in imported
+    code = (
+        "import functools, sys, jaxsample\n"
+        "missing = [n for n in sys.argv[1].split() if not hasattr(jaxsample, n)]\n"
+        "for path in sys.argv[2].split():\n"
+        "    try:\n"
+        "        functools.reduce(getattr, path.split('.')[1:], jaxsample)\n"
+        "    except AttributeError:\n"
+        "        missing.append(path)\n"
+        "print(missing)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, " ".join(sorted(imported)), " ".join(sorted(dotted))],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"},
+        check=True,
+    )
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_token_ids_are_one_prompt_in_every_entry_point(engine):
+    """A list (or 1-d integer array) of token ids is ONE prompt, used as is, in generate,
+    Engine.generate and stream (it was a batch of ints, each failing on 'messages'); a 2-d
+    integer array is a batch of id rows; ids that are not ints in [0, V) fail that request
+    alone on field 'prompt', never rounded or read as something else."""
+    ids = engine.tokenizer.encode("Hello there")
+    want = engine.generate("Hello there", P)[0]
+    assert want.error is None
+    for inputs in (ids, tuple(ids), np.asarray(ids), jnp.asarray(ids, jnp.int32)):
+        for out in (engine.generate(inputs, P), jaxsample.generate(inputs, P, engine=engine)):
+            assert len(out) == 1 and out[0].error is None, out
+            assert out[0].token_ids == want.token_ids
+            assert out[0].prompt_tokens == len(ids)
+    batch = engine.generate([ids, "Hello there", HI], P)
+    assert [c.token_ids for c in batch[:2]] == [want.token_ids] * 2 and batch[2].error is None
+    rows = engine.generate(np.asarray([ids, ids]), P)
+    assert [c.token_ids for c in rows] == [want.token_ids] * 2
+    [(key, c)] = list(engine.stream([("k", ids, P)]))
+    assert key == "k" and c.token_ids == want.token_ids
+    # a continuation from the prompt plus the answer so far, without retokenising
+    more = engine.generate(ids + want.token_ids[:3], P)[0]
+    assert more.error is None and more.prompt_tokens == len(ids) + 3
+
+    v = engine.vocab_size
+    bad = [
+        [1, v],
+        [-1, 2],
+        [1.0, 2.0],
+        [True, False],
+        np.asarray([1.5, 2.5]),
+        np.zeros((2, 2, 2), int),
+    ]
+    out = engine.generate([*bad, ids], P)
+    for item, c in zip(bad, out[:-1]):
+        assert c.error is not None and c.error.field == "prompt", (item, c.error)
+        assert c.token_ids == []
+    assert out[-1].token_ids == want.token_ids  # the good one beside them runs
+    assert str(v) in str(out[0].error) and "out of the vocabulary" in str(out[0].error)
+    with pytest.raises(InvalidRequestError) as err:
+        engine.generate([1, v], P, strict=True)
+    assert err.value.field == "prompt"
+    long = [1] * engine.context_length
+    [c] = engine.generate(long, P)
+    assert c.error.field == "prompt" and "shorter than" in c.error.allowed
+    # an array that is neither one prompt of ids nor a batch of them is the call's mistake
+    # (a 0-d array raised "iteration over a 0-d array"; a 3-d one ran as 2-d requests)
+    for inputs in (np.array(5), jnp.array(5), np.zeros((2, 2, 2), int), np.array([1.0, 2.0])):
+        with pytest.raises(InvalidRequestError) as err:
+            engine.generate(inputs, P)
+        assert err.value.field == "inputs"
+    assert normalize_inputs(np.array([], int)) == [] and engine.generate(np.array([], int)) == []
+
+
+def test_a_second_run_beside_an_open_stream_is_refused_not_mixed_in(engine):
+    """generate() while a stream of the same engine was open ran in the same slots: the
+    open stream's later results came back with tokens -1 (nothing raised). It is refused now,
+    and the open stream goes on with the tokens it gives alone."""
+    items = [(i, "Hi", SamplingParams(max_tokens=2 + 3 * i, seed=i)) for i in range(4)]
+    alone = {i: engine.generate("Hi", p)[0].token_ids for i, _, p in items}
+    stream = engine.stream(items)
+    first_key, first = next(stream)
+    for call in (
+        lambda: engine.generate(["Hi", "Yo"], P),
+        lambda: list(engine.stream([(0, "Hi", P)])),
+        lambda: engine.chat_completions([{"messages": HI, "max_tokens": 2}]),
+    ):
+        with pytest.raises(RuntimeError, match="already running a stream"):
+            call()
+    got = {first_key: first.token_ids, **{k: c.token_ids for k, c in stream}}
+    assert got == alone and all(-1 not in t for t in got.values())
+    # closed early, the engine runs the next call
+    stream = engine.stream(items)
+    next(stream)
+    stream.close()
+    assert engine.generate("Hi", items[1][2])[0].token_ids == alone[1]
+
+
+def test_one_body_where_a_list_belongs_is_refused_naming_bodies(engine):
+    """chat_completions(body) and stream_chat(body) with one dict iterated it as its keys:
+    one 'body' error per key, none naming the mistake."""
+    body = {"messages": HI, "max_tokens": 2, "seed": 1}
+    for call in (
+        lambda: engine.chat_completions(body),
+        lambda: list(engine.stream_chat(body)),
+        lambda: engine.chat_completions("messages"),
+        lambda: list(engine.stream_chat(5)),
+    ):
+        with pytest.raises(InvalidRequestError) as err:
+            call()
+        assert err.value.field == "bodies"
+    with pytest.raises(InvalidRequestError, match="chat_completion"):
+        engine.chat_completions(body)
+    # bodies without their keys: "not enough values to unpack (expected 2, got 1)" before
+    for items in ([body], [(0, body, 1)]):
+        with pytest.raises(ValueError, match=r"\(key, body\) pairs .*; item 0 is"):
+            list(engine.stream_chat(items))
+    assert engine.chat_completion(body)["choices"][0]["finish_reason"] == "length"
+
+
 # ---- jaxsample.explore: the notebooks' helpers take inputs by generate's rule -------------
 
 
@@ -449,6 +604,92 @@ def test_explore_inputs_follow_the_generate_rule(engine):
     assert token_texts(engine.tokenizer, [-1]) == [""]
     with pytest.raises(ValueError):
         token_texts(engine.tokenizer, [engine.vocab_size])
+
+
+def test_explore_never_rounds_or_flattens_token_ids(engine):
+    """token_texts read 1.7 as token 1 and json_allowed_masks flattened a 2-d array of ids
+    into one answer; both are refused now, naming the argument. Special tokens are labelled
+    by their text, as log probabilities show them (they were '', a blank plot label)."""
+    from jaxsample.explore import json_allowed_masks, token_texts
+
+    tok = engine.tokenizer
+    for ids in ([1.7], np.array([2.0]), [True], np.array([[1, 2]], np.float32)):
+        with pytest.raises(InvalidRequestError) as err:
+            token_texts(tok, ids)
+        assert err.value.field == "ids"
+    assert token_texts(tok, [tok.eos_id, -1]) == ["<|im_end|>", ""]
+    hello = tok.encode("Hello there")
+    assert token_texts(tok, np.asarray(hello)) == [tok.token_bytes[t].decode() for t in hello]
+    assert token_texts(tok, hello[0]) == token_texts(tok, hello[:1])
+    brace = tok.encode("{")
+    for token_ids in ([[brace[0]], [brace[0]]], np.asarray([brace * 2]), [1.0], [True]):
+        with pytest.raises(InvalidRequestError) as err:
+            json_allowed_masks(engine, token_ids, 8)
+        assert err.value.field == "token_ids"
+    assert json_allowed_masks(engine, brace, 8).shape == (1, engine.vocab_size)
+
+
+def test_next_token_logits_shares_one_compile_across_batch_sizes(engine):
+    """5, 6 and 7 inputs (the prefixes of answers of different lengths) run one compiled
+    prefill, not one per batch size, and each row equals that input alone."""
+    from jaxsample import explore
+
+    ids = engine.tokenizer.encode("The quick brown fox jumps over the lazy dog")
+    alone = explore.next_token_logits(engine, [ids[: j + 1] for j in range(len(ids))])
+    before = explore._prefill_logits._cache_size()
+    for n in (5, 6, 7):
+        got = explore.next_token_logits(engine, [ids[: j + 1] for j in range(n)])
+        assert got.shape == (n, engine.vocab_size)
+        np.testing.assert_allclose(got, alone[:n], rtol=1e-5, atol=1e-5)
+    assert explore._prefill_logits._cache_size() - before <= 1
+
+
+@pytest.mark.parametrize(
+    "options, field",
+    [
+        ({"slots": 0}, "slots"),
+        ({"slots": 1.5}, "slots"),
+        ({"slots": True}, "slots"),
+        ({"chunk_steps": 0}, "chunk_steps"),
+        ({"chunk_steps": 8.0}, "chunk_steps"),
+        ({"refill_free": 0}, "refill_free"),
+        ({"slots": 4, "refill_free": 5}, "refill_free"),
+        ({"devices": "cpu"}, "devices"),
+        ({"devices": []}, "devices"),
+        ({"devices": [0]}, "devices"),
+    ],
+)
+def test_engine_refuses_bad_slot_settings_when_built(options, field):
+    """The slot engine's settings are checked when the Engine is built, naming the setting
+    (they failed at the first request as a bare ValueError; slots=True ran one slot, and
+    devices="cpu" was read as three devices, 'c', 'p', 'u')."""
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(config=SimpleNamespace(vocab_size=50, context_length=64))
+    with pytest.raises(InvalidRequestError) as info:
+        Engine(model, None, **options)
+    assert info.value.field == field
+    ok = Engine(model, None, slots=4, chunk_steps=8, refill_free=4, devices=jax.devices()[:1])
+    assert ok.engine_options["slots"] == 4 and ok.engine_options["devices"] == jax.devices()[:1]
+
+
+def test_engine_load_checks_its_settings_before_loading_the_model(monkeypatch):
+    """Engine.load(slots=0) or a misspelt setting loaded the model (seconds) before failing."""
+    import jaxsample.model
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(jaxsample.model, "load_model", no_load)
+    for options, field in (
+        ({"slots": 0}, "slots"),
+        ({"slots": 4, "refill_free": 5}, "refill_free"),
+    ):
+        with pytest.raises(InvalidRequestError) as info:
+            Engine.load(**options)
+        assert info.value.field == field
+    with pytest.raises(TypeError, match="slot"):
+        Engine.load(slot=4)
 
 
 @pytest.mark.parametrize("value", [0, -1, 65, 1.5, True])

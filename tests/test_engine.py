@@ -311,6 +311,48 @@ def test_an_input_that_raises_or_a_stream_left_early_stops_the_prefetching(model
     assert again[7].error is None and again[7].completion_tokens == 2
 
 
+def test_an_interrupt_between_a_chunk_and_its_result_leaves_a_working_engine(
+    model, tok, monkeypatch
+):
+    """The chunk call takes the slot state (donated); an exception raised before its result
+    is stored (Ctrl-C, a signal handler) left the engine holding deleted arrays: the cleanup
+    failed with "Array has been deleted", hiding the interrupt, and the engine never ran
+    again. Now the interrupt reaches the caller and the next stream starts from new slots."""
+    from jaxsample.engine import scheduler
+
+    items = [(i, "hello", SamplingParams(seed=i, max_tokens=9)) for i in range(4)]
+    expected = run(Engine(model, tok, slots=2, chunk_steps=4), items)
+    engine = Engine(model, tok, slots=2, chunk_steps=4)
+    real, calls = scheduler._chunk, []
+
+    def interrupted(*args, **kwargs):
+        out = real(*args, **kwargs)  # the old state is consumed
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(scheduler, "_chunk", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(engine, items)
+    monkeypatch.setattr(scheduler, "_chunk", real)
+    again = run(engine, items)
+    assert set(again) == set(expected) and all(same(again[k], expected[k]) for k in expected)
+
+
+def test_a_second_run_beside_a_suspended_one_is_refused(model, tok):
+    slot_engine = Engine(model, tok, slots=2, chunk_steps=4).slot_engine()
+    engine = Engine(model, tok, slots=2, chunk_steps=4)
+    reqs = [engine._request(i, "hi", SamplingParams(seed=i, max_tokens=6), 0) for i in range(3)]
+    first = slot_engine.run(reqs)
+    next(first)
+    with pytest.raises(RuntimeError, match="already running"):
+        next(slot_engine.run(reqs))
+    rest = list(first)  # the first run is unharmed
+    assert len(rest) == 2 and all(r.error is None and len(r.tokens) == 6 for r in rest)
+    assert len(list(slot_engine.run(reqs))) == 3  # and once it is done, runs go on
+
+
 @pytest.mark.parametrize("prefetch", [-1, 1.5, True])
 def test_a_bad_prefetch_is_refused(model, tok, prefetch):
     with pytest.raises(ValueError, match="prefetch"):

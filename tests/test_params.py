@@ -193,6 +193,30 @@ def test_unknown_field_suggests_the_close_name():
     assert "did you mean 'temperature'" in str(info.value)
 
 
+def test_constructor_names_an_unknown_keyword_with_a_hint():
+    """SamplingParams(n=4), (temprature=0.5), (max_new_tokens=...) raised a bare TypeError;
+    a keyword from vLLM / transformers / OpenAI is an InvalidRequestError naming it, with
+    what to do instead, and every keyword it knows still works (replace, pickle)."""
+    cases = [
+        ({"temprature": 0.5}, "did you mean 'temperature'?"),
+        ({"n": 4}, "choice_seed"),
+        ({"max_new_tokens": 8}, "max_tokens"),
+        ({"max_completion_tokens": 8}, "max_tokens"),
+        ({"stop_token_ids": [2]}, "stop=[text]"),
+    ]
+    for kwargs, says in cases:
+        with pytest.raises(InvalidRequestError) as info:
+            SamplingParams(top_p=0.5, **kwargs)
+        [name] = kwargs
+        assert info.value.field == name and info.value.value == kwargs[name]
+        assert says in str(info.value) and "top_logprobs" in info.value.allowed
+    default = SamplingParams()
+    fields = {f.name: getattr(default, f.name) for f in dataclasses.fields(default)}
+    p = SamplingParams(**fields)
+    assert p == SamplingParams() and SamplingParams(0.5, 0.9).top_p == 0.9
+    assert dataclasses.replace(SamplingParams(stop="x"), top_k=3).top_k == 3
+
+
 def test_error_message_format_and_index():
     err = InvalidRequestError("top_p", 1.5, "a number in [0.0, 1.0]")
     assert str(err) == "invalid request: 'top_p' = 1.5; allowed: a number in [0.0, 1.0]"
@@ -460,6 +484,40 @@ def test_check_for_model():
         )
     assert info.value.field == "max_tokens"
     assert str(room + 1) in str(info.value) and f"[1, {room}]" in str(info.value)
+
+
+def test_check_for_model_refuses_what_is_not_a_size():
+    """check_for_model (exported) returned 9.5 for context_length=10.5 and took
+    vocab_size=True as 1 and a negative prompt length as room beyond the context."""
+    ok = {"vocab_size": 10, "context_length": 10, "prompt_length": 1}
+    for name, bad in [
+        ("vocab_size", True),
+        ("vocab_size", 0),
+        ("context_length", 10.5),
+        ("context_length", 0),
+        ("prompt_length", -1),
+        ("prompt_length", np.float64(1)),
+    ]:
+        with pytest.raises(InvalidRequestError) as info:
+            check_for_model(SamplingParams(), **{**ok, name: bad})
+        assert info.value.field == name
+    with pytest.raises(InvalidRequestError) as info:
+        check_for_model({"max_tokens": 3}, **ok)
+    assert info.value.field == "params"
+    assert check_for_model(SamplingParams(), **{**ok, "vocab_size": np.int64(10)}) == 9
+
+
+def test_derive_seed_takes_a_key_with_a_lone_surrogate():
+    """A custom_id may hold a lone surrogate (JSON's "\\ud800" parses to one); deriving its
+    seed raised UnicodeEncodeError (a server_error for that request). It now has a seed of
+    its own, distinct from every valid string's, and stable."""
+    a, b = derive_seed(0, "\ud800"), derive_seed(0, "\udfff")
+    assert a == derive_seed(0, "\ud800") and len({a, b, derive_seed(0, "")}) == 3
+    assert 0 <= a < 2**53
+    # valid strings keep their seeds (the rule a batch job's manifest records): the values
+    # the strict UTF-8 encoding gave
+    assert derive_seed(7, "request-42") == 2919468626064174
+    assert derive_seed(0, "é") == 3138689645921555
 
 
 # ----------------------------------------------------------------------------- seeds

@@ -48,6 +48,17 @@ def test_hard_mask_and_logit_bias():
     assert np.isfinite(np.asarray(huge)).all()
 
 
+def test_logit_bias_ids_outside_the_vocabulary_add_nothing():
+    """A negative id (-1, the padding id of top_ids) was read from the end: it biased the
+    last token. Ids outside [0, V) add nothing, in the sparse and the dense form."""
+    z = jnp.array([0.0, 1.0, 2.0, 3.0])
+    ids, values = jnp.array([-1, -4, 4, 99, 1]), jnp.array([50.0, 60.0, 70.0, 80.0, 0.5])
+    np.testing.assert_array_equal(tf.logit_bias(z, ids, values), [0.0, 1.5, 2.0, 3.0])
+    np.testing.assert_array_equal(tf.bias_vector(ids, values, 4), [0.0, 0.5, 0.0, 0.0])
+    jitted = jax.jit(tf.logit_bias)(z, ids, values)  # traced ids: the same
+    np.testing.assert_array_equal(jitted, [0.0, 1.5, 2.0, 3.0])
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     z=logit_rows(),

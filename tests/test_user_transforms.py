@@ -229,6 +229,24 @@ def test_pack_rows_checks_user_values():
         sm.sample(np.zeros((1, 4)), SamplingParams(), transforms=(EPS, EPS))
 
 
+def test_values_without_a_chain_say_to_pass_the_chain():
+    """transform_params with no chain given (the common slip: transforms= forgotten in
+    processed_logprobs or generate) said "a transform of this engine's chain: []"; it now
+    says that no chain was given and where to pass it."""
+    p = SamplingParams(transform_params={"epsilon": {"eps": 0.1}})
+    for call in (
+        lambda: pack_rows([p], vocab_size=10, seeds=[0]),
+        lambda: sm.processed_logprobs(np.zeros((1, 10), np.float32), p),
+    ):
+        with pytest.raises(InvalidRequestError) as info:
+            call()
+        assert info.value.field == "transform_params" and info.value.value == "epsilon"
+        assert "transforms=" in str(info.value) and "engine's chain" not in str(info.value)
+    with pytest.raises(InvalidRequestError) as info:
+        pack_rows([p], vocab_size=10, seeds=[0], transforms=(SIGMA,))
+    assert info.value.reason == "unknown transform" and "'top_n_sigma'" in str(info.value)
+
+
 # ------------------------------------------------------------------ a transform that cannot work
 
 

@@ -300,6 +300,7 @@ class SlotEngine:
         self._refresh_shared()
         self.stats = EngineStats()
         self._slots = None
+        self._running = False  # a run generator is started and not finished
 
     def _init_slots(self, rows: RowParams):
         return _init(
@@ -372,6 +373,12 @@ class SlotEngine:
         Left early (the caller stops reading, or ``requests`` raises), the requests still
         running are dropped: their slots are marked empty on the device and their schemas
         released from the pool, so the next run starts clean."""
+        if self._running:
+            raise RuntimeError(
+                "this SlotEngine is already running a stream (a run generator neither exhausted "
+                "nor closed): its slots hold that stream's requests. Finish or close it first."
+            )
+        self._running = True
         owners: list[_Running | None] = [None] * self.n_slots
         it = iter(requests)
         if self.prefetch:
@@ -379,9 +386,16 @@ class SlotEngine:
         try:
             yield from self._run(it, owners)
         finally:
+            self._running = False
             if isinstance(it, _Prefetch):
                 it.close()
             self._drop(owners)
+
+    def _slots_lost(self) -> bool:
+        """True when the slot state was given to a compiled call (donated) whose result never
+        came back: an exception (Ctrl-C, a signal handler) raised between the call and the
+        assignment of its result leaves only deleted arrays."""
+        return self._slots is not None and any(x.is_deleted() for x in jax.tree.leaves(self._slots))
 
     def _drop(self, owners: list) -> None:
         """Frees the slots of requests a run left unfinished (pool handles, device rows)."""
@@ -390,6 +404,8 @@ class SlotEngine:
             if owners[s].schema is not None:
                 self.schema_pool.release(owners[s].schema)
             owners[s] = None
+        if self._slots_lost():  # every request of the run is gone: start from new slots
+            self._slots = None
         if left and self._slots is not None:
             finish = self._slots.finish
             cleared = finish.at[jnp.asarray(left)].set(EMPTY)
