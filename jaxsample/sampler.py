@@ -26,6 +26,7 @@ the token id only, so every path draws the same token from the same distribution
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from functools import partial
 from typing import Any, NamedTuple
@@ -414,9 +415,14 @@ def _front(logits, row, hist, allowed, plan: Plan, num_candidates, chain) -> _Fr
     small = _halved(plan, num_candidates, vocab)
     # The full-vocabulary normalizer (one exp pass) only matters to a filter that runs while
     # every token is still kept, that is when top_k did not cut: skipped when no row needs it.
-    zb, c0 = tf.first_candidates(z, num_candidates, total=plan.total, half=small)
+    if _branches() == "one":  # (no halving: _fewer's plans have no k_max; the full
+        # selection is at least as exact, as with the CPU kernel)
+        zb, c0 = _first_candidates_one(z, num_candidates, plan.total)
+        ck, c = _filter_candidates_one(c0, row, vocab, c0.total)
+    else:
+        zb, c0 = tf.first_candidates(z, num_candidates, total=plan.total, half=small)
+        ck, c = _filter_candidates(c0, row, vocab, c0.total)
     ok = c0.values[0] > -jnp.inf
-    ck, c = _filter_candidates(c0, row, vocab, c0.total)
     return _Front(z, ck, c, ok, greedy, _unresolved(c, ok, greedy), zb=zb)
 
 
@@ -457,6 +463,152 @@ def _filter_candidates(c0: tf.Candidates, row: RowParams, vocab: int, total):
     ``total``) and after every filter."""
     ck = tf.top_k(c0, row.top_k, vocab_size=vocab)._replace(total=total)
     return ck, tf.min_p(tf.top_a(tf.top_p(ck, row.top_p), row.top_a), row.min_p)
+
+
+def _first_candidates_one(z: jax.Array, num_candidates: int, total):
+    """:func:`jaxsample.transforms.first_candidates` (``half=False``) under
+    ``BRANCHES = "one"``: the same bits, and on CPU the same kernel; its JAX form selects the
+    candidates by :func:`_rank_candidates` where the rank form of top-k applies."""
+    vocab = z.shape[-1]
+    c = min(num_candidates, vocab)
+    block = tf.CANDIDATE_BLOCK
+
+    def xla(z, total):
+        zb = tf.block_max(z)
+        large = tf.LARGE_TOP_K == "count" and c >= tf.LARGE_K  # (its count form instead)
+        if native.top_k_form() == "rank" and c * block * 2 <= vocab and not large:
+            values, ids = _rank_candidates(c, block)(z, zb)
+        else:
+            values, ids = tf.top_candidates(z, c, zb)
+        nan = jnp.float32(jnp.nan)
+        t = _maybe(total, lambda: tf.vocabulary_total(z, values[0]), lambda: nan)
+        return zb, values, ids, t
+
+    zb, values, ids, t = native.candidates(z, c, block, total, xla)
+    return zb, tf._candidates(values, ids, t, vocab)
+
+
+def _rank_candidates_rows(x: jax.Array, zb: jax.Array, k: int, block: int, keys: bool):
+    """``lax.top_k(x, k)`` over rows ``x`` (``[R, V]``, no NaN and no -0.0, as ``z``) from
+    their block maxima ``zb`` (``[R, ceil(V / block)]``), in two counting stages: the rank of
+    each block maximum (larger value, or the same at a lower block), the ``k`` blocks of rank
+    below ``k`` (in that order), then the rank of each of their elements by (value, id).
+    The same set of blocks as :func:`jaxsample.transforms.top_candidates`, and since the
+    second stage breaks ties by the token id rather than by place, those blocks need not be
+    sorted first: three kernels fewer on a GPU (the sort's count and pick, and the order
+    keys: without NaN and -0.0, comparing values orders as ``lax.top_k``'s keys do).
+    ``keys`` compares ``lax.top_k``'s order keys instead, for rows that may hold NaN or -0.0
+    (the raw logits)."""
+    order = native._order_keys if keys else (lambda v: v)
+    nb = zb.shape[-1]
+    b = jnp.arange(nb, dtype=jnp.int32)
+    za, zi = order(zb)[:, None, :], order(zb)[:, :, None]
+    rank = jnp.sum(
+        (za > zi) | ((za == zi) & (b[None, None, :] < b[None, :, None])), axis=-1, dtype=jnp.int32
+    )
+    chosen = native._pick_slots(rank, jnp.broadcast_to(b, zb.shape), k)  # [R, k]
+    pad = nb * block - x.shape[-1]
+    rows = jnp.pad(x, [(0, 0), (0, pad)], constant_values=-jnp.inf).reshape(-1, nb, block)
+    g = jnp.take_along_axis(rows, chosen[:, :, None], axis=1).reshape(x.shape[0], -1)
+    gid = (chosen[:, :, None] * block + jnp.arange(block, dtype=jnp.int32)[None, None, :]).reshape(
+        g.shape
+    )
+    g = order(g)
+    ga, gi = g[:, None, :], g[:, :, None]
+    above = (ga > gi) | ((ga == gi) & (gid[:, None, :] < gid[:, :, None]))
+    rank = jnp.sum(above, axis=-1, dtype=jnp.int32)
+    values = native._pick_slots(rank, g, k)  # one-hot sums: exact (no -0.0 without keys)
+    if keys:  # (the order key map is its own inverse)
+        values = lax.bitcast_convert_type(native._order_keys(values), jnp.float32)
+    return values, native._pick_slots(rank, gid, k)
+
+
+@functools.cache
+def _rank_candidates(k: int, block: int, keys: bool = False):
+    """``tf.top_candidates(z, k, zb)`` for rows of ``z`` (no NaN, no -0.0; any row with
+    ``keys``): by :func:`_rank_candidates_rows` where both stages' pairs over the batch's
+    rows fit in ``native.RANK_LIMIT``, else :func:`jaxsample.transforms.top_candidates`
+    (whose stages pick their own form). The per-row code does not know the batch: a
+    ``custom_vmap`` (as ``native._by_rows``) decides on the batched input."""
+
+    @jax.custom_batching.custom_vmap
+    def fn(z, zb):
+        lead = z.shape[:-1]
+        rows = int(np.prod(lead, dtype=np.int64))
+        x, xb = z.reshape(rows, z.shape[-1]), zb.reshape(rows, zb.shape[-1])
+        pairs = max(zb.shape[-1], k * block) ** 2
+        if rows * pairs <= native.RANK_LIMIT:
+            values, ids = _rank_candidates_rows(x, xb, k, block, keys)
+        else:
+            values, ids = jax.vmap(lambda r, rb: tf.top_candidates(r, k, rb))(x, xb)
+        values, ids = values.reshape(lead + (k,)), ids.reshape(lead + (k,))
+        return lax.optimization_barrier((values, ids))  # as tf.top_candidates
+
+    @fn.def_vmap
+    def _rule(axis_size, in_batched, z, zb):
+        if not all(in_batched):
+            z, zb = (
+                x if b else jnp.broadcast_to(x, (axis_size,) + x.shape)
+                for x, b in zip((z, zb), in_batched)
+            )
+        out = fn(z, zb)
+        return out, (True, True)
+
+    return fn
+
+
+def _filter_candidates_one(c0: tf.Candidates, row: RowParams, vocab: int, total):
+    """:func:`_filter_candidates` in fewer kernels on a GPU (``BRANCHES = "one"``), the same
+    ``(ck, c)`` bit for bit.
+
+    Each filter reads the state the one before it left: its count of kept candidates is a
+    reduction over the candidates, and there, a reduction whose input depends on the last
+    one's result, so XLA makes one kernel per filter (and two for top_p). Every filter's
+    state is a prefix length ``n`` (0 to ``C``) or "every finite token" (``kept_all``), so
+    each count is tabulated here for all ``C + 2`` states at once with the same arithmetic
+    (mass ``cum[n - 1]`` or ``total``, limit ``n`` or ``C``): one multi-output reduction over
+    ``[C + 2, C]``, after which the chain only picks entries. top_k's and top_p's counts of
+    ``values >= values[f]`` are each a prefix of the descending values (no NaN: ``z`` has
+    none), whose length ``ends[f]`` is the same table's, cut at the state's limit."""
+    c = c0.values.shape[0]
+    values, weights, cum = c0.values, c0.weights, c0.cum
+    j = jnp.arange(c, dtype=jnp.int32)
+    m = jnp.arange(c + 2, dtype=jnp.int32)
+    every = m == c + 1  # the state "kept_all"; m <= c: the prefix of length m
+    n_m = jnp.minimum(m, c)
+    # tf.candidate_mass of each state: cum[max(m - 1, 0)], then total
+    mass = jnp.concatenate([cum[:1], cum, jnp.reshape(total, (1,))])
+    limit = jnp.where(every, c, n_m)
+    inside = j[None, :] < limit[:, None]
+
+    def count(keep):
+        return jnp.sum(keep, axis=-1).astype(jnp.int32)
+
+    first_p = count(cum[None, :] < (row.top_p * mass)[:, None])  # tf.top_p's ``first``
+    prob, p_max = weights[None, :] / mass[:, None], (1.0 / mass)[:, None]  # tf._renormalized
+    count_a = count((prob >= row.top_a * p_max * p_max) & inside)
+    count_m = count((prob >= row.min_p * p_max) & inside)
+    ends = count(values[None, :] >= values[jnp.minimum(m, c - 1)][:, None])
+    k = row.top_k
+    count_k = count((values >= values[jnp.clip(k, 1, c) - 1])[None, :] & inside)
+
+    def cut(s: tf.Candidates, counted, active, found=True) -> tf.Candidates:  # tf._cut
+        state = jnp.where(s.kept_all, c + 1, s.n)
+        n = counted(state, jnp.where(s.kept_all, c, s.n))
+        inside = ~s.kept_all | (found & (n < c))
+        return s._replace(
+            n=jnp.where(active, n, s.n),
+            kept_all=s.kept_all & ~active,
+            exact=s.exact & (inside | ~active),
+        )
+
+    ck = cut(c0, lambda m, _: count_k[m], (k > 0) & (k < vocab), k <= c)
+    ck = ck._replace(total=total)
+    first = first_p[jnp.where(ck.kept_all, c + 1, ck.n)]
+    at = jnp.minimum(first, c - 1)
+    s = cut(ck, lambda _, lim: jnp.minimum(ends[at], lim), row.top_p < 1.0, first < c)
+    s = cut(s, lambda m, _: count_a[m], row.top_a > 0.0)
+    return ck, cut(s, lambda m, _: count_m[m], row.min_p > 0.0)
 
 
 def _tier2_needed(f: _Front, row: RowParams) -> jax.Array:
@@ -728,7 +880,8 @@ def _key_words(key: jax.Array) -> jax.Array:
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         data = jax.random.key_data(key)
         key = data if data.shape == (2,) else jax.random.bits(key, (2,), jnp.uint32)
-    return jnp.where(jnp.all(key == 0), jnp.array(ZERO_KEY_WORDS, jnp.uint32), key)
+    zero = (key[0] == 0) & (key[1] == 0)  # (jnp.all is a reduction: one kernel more on a GPU)
+    return jnp.where(zero, jnp.array(ZERO_KEY_WORDS, jnp.uint32), key)
 
 
 def _winner(score: jax.Array, ids: jax.Array) -> jax.Array:
@@ -946,7 +1099,7 @@ def _no_top():
     )
 
 
-def _raw_row(logits, k: int, with_top: bool, exact: bool):
+def _raw_row(logits, k: int, with_top: bool, exact: bool, rank: bool = False):
     """One row's raw ``log_softmax`` normalizer and top ``k``, the JAX form of
     :func:`jaxsample.native.log_total_top_k`: ``(log_total, values[k], ids[k])`` (without
     ``with_top``, the max in every value and -1 for the ids: the top k is not computed).
@@ -956,7 +1109,8 @@ def _raw_row(logits, k: int, with_top: bool, exact: bool):
     read as a whole ``[V]`` array first). It equals the exact form bit for bit whenever
     every logit is finite, and its ``log_total`` is not finite otherwise (NaN and ``inf``
     reach the sum; a row of -inf only gives -inf), which is how :func:`_raw_xla` knows to
-    run the exact form.
+    run the exact form. ``rank`` (``BRANCHES = "one"``) selects the top k by
+    :func:`_rank_candidates` where the rank form of top-k applies (the same bits).
     """
     x = tf.sanitize(logits) if exact else logits
     # one pass: the max for the normalizer and the top-k's stage 1 (the barrier keeps XLA
@@ -966,7 +1120,11 @@ def _raw_row(logits, k: int, with_top: bool, exact: bool):
     log_total = jnp.log(tf.vocabulary_total(x, top))
     if not with_top:
         return log_total, jnp.full((k,), top, jnp.float32), jnp.full((k,), -1, jnp.int32)
-    values, ids = tf.top_candidates(x, k, block_max)
+    block = tf.CANDIDATE_BLOCK
+    if rank and native.top_k_form() == "rank" and k * block * 2 <= x.shape[-1]:
+        values, ids = _rank_candidates(k, block, True)(x, block_max)
+    else:
+        values, ids = tf.top_candidates(x, k, block_max)
     return log_total, values, ids
 
 
@@ -1003,7 +1161,7 @@ def _raw_batch(
         k = min(TOP_LOGPROBS_MAX, vocab) if with_top else 1
         xla = partial(_raw_xla, k=k, with_top=with_top)
         if exact_only:
-            xla = jax.vmap(partial(_raw_row, k=k, with_top=with_top, exact=True))
+            xla = jax.vmap(partial(_raw_row, k=k, with_top=with_top, exact=True, rank=True))
         log_total, values, ids = native.log_total_top_k(logits, k, otherwise=xla)
         norm = (values[:, 0], log_total)  # values[:, 0]: the row's max, in both forms
         if not with_top:
@@ -1282,8 +1440,18 @@ def _rest_one(
     plan = plan.replace(tier2=jnp.any(need2) & tier2_on, full=jnp.any(f.need_full))
 
     def stages(rare: bool, plan: Plan = plan):
+        # What a side can compute from the parameters, it computes itself: an array
+        # computed before the switch and read inside is an operand of the switch, which XLA
+        # must store first (one kernel each on a GPU), where the switch's index alone fuses
+        # into the kernel that computes it. So: the greedy flags, and on the rare side the
+        # plan's raw and mass needs (plan_rows's, from the same parameters).
+        f_ = f._replace(greedy=tf.is_greedy(rows.temperature))
+        if not isinstance(plan.raw, int):
+            plan = plan.replace(raw=_raw_needed(rows))
+        if not isinstance(plan.mass, (bool, np.bool_)):
+            plan = plan.replace(mass=jnp.any(rows.logprobs & rows.processed_logprobs))
         stage = jax.vmap(lambda f, r: _tier2_stage(f, r, rare and tier2_on, second_tier))
-        g = jax.vmap(_tier2_apply)(f, rows, *stage(f, rows))
+        g = jax.vmap(_tier2_apply)(f_, rows, *stage(f_, rows))
         if rare:
             search = jnp.any(jnp.stack(jax.vmap(_full_needs)(g, rows)))
             z_min, w_min = lax.cond(

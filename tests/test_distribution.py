@@ -404,6 +404,102 @@ def test_rank_form_gives_the_same_numbers(mode, monkeypatch):
     assert "TopK" not in outs["rank"]["program"] and " sort(" not in outs["rank"]["program"]
 
 
+def _bits(x):
+    x = np.asarray(x)
+    return x.view(np.int32) if x.dtype == np.float32 else x
+
+
+@pytest.mark.parametrize("c,vocab", [(16, 200), (16, 16), (128, 1000)])
+def test_one_filter_table_equals_the_filter_chain(c, vocab):
+    """``_filter_candidates_one`` (``BRANCHES = "one"``: every filter's count tabulated for
+    every state in one reduction) gives ``_filter_candidates``'s states bit for bit: every
+    field after top_k and after every filter, on candidates with tie blocks across the cuts,
+    rows with fewer finite tokens than candidates, every filter on and off, cuts at 0, 1,
+    the last candidate and past it, top_p at exact cumulative fractions, and with the
+    candidates' normalizer and without it (NaN)."""
+    from jaxsample import transforms as tf
+
+    rng = np.random.default_rng(c + vocab)
+    rows = 400
+    z = rng.integers(-6, 3, (rows, vocab)).astype(np.float32) * rng.choice([0.5, 1.0, 3.0])
+    z[rng.random((rows, vocab)) < 0.02] += 0.25  # some values without ties
+    few = rng.random(rows) < 0.2  # fewer finite tokens than candidates
+    z[few] = np.where(rng.random((few.sum(), vocab)) < 4 / vocab, z[few], -np.inf)
+    z[rng.random(rows) < 0.02] = -np.inf  # no finite token at all
+    z = jnp.asarray(z)
+    values, ids = jax.lax.top_k(z, c)
+    total = jax.vmap(tf.vocabulary_total)(z, values[:, 0])
+    total = jnp.where(jnp.asarray(rng.random(rows) < 0.1), jnp.nan, total)
+    c0 = jax.vmap(lambda v, i, t: tf._candidates(v, i, t, vocab))(values, ids, total)
+    weights = np.asarray(c0.weights)
+    params = []
+    for r in range(rows):
+        cum = np.cumsum(weights[r].astype(np.float64))
+        exact_p = float(np.float32(cum[rng.integers(0, c)] / max(cum[-1], 1.0)))
+        params.append(
+            dict(
+                top_k=int(rng.choice([0, 0, 1, 3, c - 1, c, c + 1, vocab])),
+                top_p=float(rng.choice([1.0, 1.0, 0.0, 0.5, 0.9, 0.99, exact_p])),
+                top_a=float(rng.choice([0.0, 0.0, 0.1, 0.5, 1.0])),
+                min_p=float(rng.choice([0.0, 0.0, 0.05, 0.3, 1.0])),
+            )
+        )
+    rp = _rows(params)
+
+    def run(fn):
+        return jax.jit(jax.vmap(lambda c0, r, t: fn(c0, r, vocab, t)))(c0, rp, total)
+
+    want, got = run(sm._filter_candidates), run(sm._filter_candidates_one)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(_bits(b), _bits(a))
+    # the cases above were met: cuts that are exact, inexact, and no cut at all
+    final = want[1]
+    assert np.asarray(final.exact).any() and (np.asarray(final.n) < c).any()
+    if c < vocab:  # (the candidates hold every token: every cut is exact)
+        assert (~np.asarray(final.exact)).any() and np.asarray(final.kept_all).any()
+
+
+@pytest.mark.parametrize("keys", [False, True])
+def test_rank_candidates_equal_lax_top_k(keys, monkeypatch):
+    """``_rank_candidates`` (the GPU plan's two-stage top-k by counting, no sort of the chosen
+    blocks) is ``lax.top_k``, values' bits and ids: on rows like ``z`` (ties, -inf, few
+    finite tokens; no NaN or -0.0) and, with ``keys``, on sanitized raw logits (-0.0 and
+    +0.0 both); batched, one row, under nested ``vmap``, and by the composition of
+    ``transforms.top_candidates`` where the rows' pairs exceed ``native.RANK_LIMIT``."""
+    from jaxsample import transforms as tf
+
+    rng = np.random.default_rng(5 + keys)
+    k, block = 20, tf.CANDIDATE_BLOCK
+    for vocab in (1280, 5003):
+        x = rng.integers(-3, 3, (6, vocab)).astype(np.float32)
+        if keys:
+            x[x == -3] = -0.0
+            x[x == 2] = np.nan
+        else:
+            x[x == -3] = -np.inf
+        x[1, :] = -np.inf
+        x[1, rng.integers(0, vocab, 3)] = 1.0  # three finite tokens
+        x[2] = rng.standard_normal(vocab)
+        x = tf.sanitize(jnp.asarray(x))
+        zb = jax.vmap(tf.block_max)(x)
+        want = jax.lax.top_k(x, k)
+        fn = sm._rank_candidates(k, block, keys)
+
+        def check(got, want=want):
+            np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+            np.testing.assert_array_equal(_bits(got[0]), _bits(want[0]))
+
+        check(jax.jit(jax.vmap(fn))(x, zb))
+        check(jax.tree.map(lambda *r: jnp.stack(r), *[fn(x[i], zb[i]) for i in range(6)]))
+        nested = jax.vmap(jax.vmap(fn))(x.reshape(2, 3, -1), zb.reshape(2, 3, -1))
+        check(jax.tree.map(lambda a: a.reshape(6, -1), nested))
+        program = jax.jit(jax.vmap(fn)).lower(x, zb).as_text()
+        assert "topk" not in program.lower() and " sort(" not in program
+        monkeypatch.setattr(native, "RANK_LIMIT", 1)  # the composition's forms
+        check(jax.jit(jax.vmap(fn))(x, zb))
+        monkeypatch.setattr(native, "RANK_LIMIT", 2**27)
+
+
 def _same_outputs_under(monkeypatch, module, name: str, values, vocab: int, tier: int) -> dict:
     """The outputs (:func:`_traced_outputs`) of a batch with every path, 16 candidates and a
     second tier of ``tier``, with ``module.name`` set to each of ``values``: all equal, bit
