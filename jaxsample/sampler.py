@@ -75,13 +75,18 @@ BRANCHES = "auto"
 def _token_ids(name: str, ids, vocab_size: int) -> np.ndarray:
     """``int64[n]`` from a list, numpy or jax array of token ids; checks the range."""
     arr = np.asarray([] if ids is None else ids)
-    if arr.size == 0:
+    if arr.ndim == 1 and arr.size == 0:
         return np.zeros(0, np.int64)
-    if not (np.issubdtype(arr.dtype, np.integer) and arr.ndim <= 1):
-        raise ValueError(f"{name} token ids must be a flat sequence of ints, got {arr.dtype}")
-    arr = arr.astype(np.int64).reshape(-1)
+    if not (np.issubdtype(arr.dtype, np.integer) and arr.ndim == 1):
+        raise InvalidRequestError(
+            name,
+            f"<{arr.dtype} array of shape {arr.shape}>",
+            "a flat sequence of int token ids (a list, numpy or jax array), or None",
+        )
+    arr = arr.astype(np.int64)
     if arr.min() < 0 or arr.max() >= vocab_size:
-        raise ValueError(f"{name} token ids must be in [0, {vocab_size - 1}]")
+        bad = int(arr[(arr < 0) | (arr >= vocab_size)][0])
+        raise InvalidRequestError(name, bad, f"token ids in [0, {vocab_size - 1}]")
     return arr
 
 
@@ -110,8 +115,8 @@ class History:
         ``prompt_ids``/``output_ids``: a Python list, a numpy array or a jax array of ints.
         """
         _integer("vocab_size", vocab_size, 1, None, "an integer >= 1")
-        prompt = _token_ids("prompt", prompt_ids, vocab_size)
-        output = _token_ids("output", output_ids, vocab_size)
+        prompt = _token_ids("prompt_ids", prompt_ids, vocab_size)
+        output = _token_ids("output_ids", output_ids, vocab_size)
         counts = np.bincount(output, minlength=vocab_size).astype(np.int32)
         in_prompt = np.zeros(vocab_size, np.bool_)
         in_prompt[prompt] = True
@@ -760,7 +765,7 @@ def _finish(f: _Front, full_out, words=None):
 def distribution(
     logits: jax.Array,
     row: RowParams,
-    hist: History,
+    hist: History | None,
     allowed: jax.Array | None,
     *,
     plan: Plan | None = None,
@@ -773,7 +778,7 @@ def distribution(
     Args:
       logits: ``[V]`` model logits, any float dtype (computed in float32; NaN = removed).
       row: the row's :class:`RowParams` (0-d leaves, ``bias_*`` of shape ``[NB]``).
-      hist: the row's :class:`History`.
+      hist: the row's :class:`History`, or None (no tokens yet).
       allowed: ``bool[V]`` hard constraint (True = allowed), or None.
       plan: the batch's :class:`Plan` (from :func:`sample_rows`); None computes everything,
         so a plain ``jax.vmap`` of this function is correct.
@@ -790,7 +795,7 @@ def distribution(
         >>> np.round(np.exp(log_prob(d, jnp.arange(3))), 3).tolist()
         [0.625, 0.375, 0.0]
     """
-    _check_shapes(logits, hist, allowed, batched=False)
+    hist = _check_shapes(logits, row, hist, allowed, batched=False)
     plan = Plan.everything() if plan is None else plan
     chain = tf.check_chain(transforms)
     f = _front(logits, row, hist, allowed, plan, num_candidates, chain)
@@ -1205,7 +1210,7 @@ def _report(logits, row: RowParams, dist: Distribution, token, raw_stats) -> Sam
 def sample_row(
     logits: jax.Array,
     row: RowParams,
-    hist: History,
+    hist: History | None,
     allowed: jax.Array | None,
     position: jax.Array,
     *,
@@ -1256,7 +1261,7 @@ def sample_row(
 def processed_logprobs_row(
     logits: jax.Array,
     row: RowParams,
-    hist: History,
+    hist: History | None,
     allowed: jax.Array | None,
     *,
     plan: Plan | None = None,
@@ -1287,16 +1292,40 @@ def processed_logprobs_row(
 # --------------------------------------------------------------------------------------------
 
 
-def _check_shapes(logits, hist: History, allowed, *, batched: bool) -> None:
+def _check_shapes(logits, row: RowParams, hist: History | None, allowed, *, batched: bool):
     """Static shape checks of the sampler's arrays (``[V]`` per row; ``batched``: ``[B, V]``),
     each refusal an :class:`InvalidRequestError` naming the argument, not an error from
-    inside JAX."""
+    inside JAX. Returns ``hist``, or for ``None`` an empty history (no tokens yet)."""
     want = "[B, V]" if batched else "[V] (one row; the batched functions take [B, V])"
     ndim = 2 if batched else 1
     shape = tuple(jnp.shape(logits))
     if len(shape) != ndim or 0 in shape:
         raise InvalidRequestError(
             "logits", f"<array of shape {shape}>", f"an array of shape {want}"
+        )
+    name = "rows" if batched else "row"
+    if not isinstance(row, RowParams):
+        raise InvalidRequestError(
+            name, f"<{type(row).__name__}>", "a RowParams (jaxsample.pack_rows(...))"
+        )
+    lead = tuple(jnp.shape(row.temperature))
+    if lead != shape[:-1]:
+        raise InvalidRequestError(
+            name,
+            f"<RowParams of batch shape {lead}>",
+            f"RowParams of batch shape {shape[:-1]}, as the logits"
+            + (
+                ""
+                if batched
+                else " (one row: jax.tree.map(lambda x: x[b], rows), or the batched"
+                " sample_rows / distributions for all rows)"
+            ),
+        )
+    if hist is None:  # no history: nothing drawn or prompted yet
+        hist = History(counts=jnp.zeros(shape, jnp.int32), in_prompt=jnp.zeros(shape, jnp.bool_))
+    if not isinstance(hist, History):
+        raise InvalidRequestError(
+            "hist", f"<{type(hist).__name__}>", "a History (History.from_tokens), or None"
         )
     for name, arr in (("hist.counts", hist.counts), ("hist.in_prompt", hist.in_prompt)):
         if tuple(jnp.shape(arr)) != shape:
@@ -1311,6 +1340,7 @@ def _check_shapes(logits, hist: History, allowed, *, batched: bool) -> None:
             f"<array of shape {tuple(jnp.shape(allowed))}>",
             f"None or a bool array of the logits' shape {shape}",
         )
+    return hist
 
 
 def _rows_axes(allowed):
@@ -1320,7 +1350,7 @@ def _rows_axes(allowed):
 def distributions(
     logits: jax.Array,
     rows: RowParams,
-    hist: History,
+    hist: History | None,
     allowed: jax.Array | None,
     *,
     num_candidates: int = NUM_CANDIDATES,
@@ -1345,7 +1375,7 @@ def distributions(
     its result instead: under ``"one"`` it runs inside the last branch, which is how
     :func:`sample_rows` puts its reports there.
     """
-    _check_shapes(logits, hist, allowed, batched=True)
+    hist = _check_shapes(logits, rows, hist, allowed, batched=True)
     words = None if keys is None else jax.vmap(_key_words)(keys)
     chain = tf.check_chain(transforms)
     vocab = logits.shape[-1]
@@ -1561,7 +1591,7 @@ def _compacted(need: jax.Array, run, args, *, halves: bool = False, few: bool = 
 def tier_stats(
     logits: jax.Array,
     rows: RowParams,
-    hist: History,
+    hist: History | None,
     *,
     num_candidates: int = NUM_CANDIDATES,
     second_tier: int = SECOND_TIER,
@@ -1578,7 +1608,7 @@ def tier_stats(
 def sample_rows(
     logits: jax.Array,
     rows: RowParams,
-    hist: History,
+    hist: History | None,
     allowed: jax.Array | None,
     position: jax.Array,
     *,
@@ -1596,7 +1626,7 @@ def sample_rows(
     same numbers as a plain ``jax.vmap(sample_row)``. ``keys`` (``[B]`` PRNG keys) replaces
     the per-row ``fold_in(key(seed), position)``.
     """
-    _check_shapes(logits, hist, allowed, batched=True)
+    hist = _check_shapes(logits, rows, hist, allowed, batched=True)
     batch = logits.shape[0]
     if keys is None:
         position = jnp.broadcast_to(_position(position).astype(jnp.int32), (batch,))
@@ -1632,7 +1662,7 @@ def sample_rows(
 def processed_logprobs_rows(
     logits: jax.Array,
     rows: RowParams,
-    hist: History,
+    hist: History | None,
     allowed: jax.Array | None,
     *,
     num_candidates: int = NUM_CANDIDATES,
@@ -1720,6 +1750,24 @@ def _host_inputs(logits, params, prompt_tokens, output_tokens, job_seed, key, tr
     for i, p in enumerate(plist):
         if not isinstance(p, SamplingParams):
             raise InvalidRequestError(f"params[{i}]", p, _PARAMS_ALLOWED)
+        # the host wrappers see logits, not text: what needs the decoding loop is refused,
+        # never silently left out of the distribution
+        if p.response_format != "text":
+            raise InvalidRequestError(
+                "response_format",
+                p.response_format,
+                "'text' here: JSON mode and JSON Schema need the decoding loop (generate,"
+                " Engine), or pass their mask as allowed= to sample_rows / distributions",
+                index=i,
+            )
+        if p.stop:
+            raise InvalidRequestError(
+                "stop",
+                list(p.stop),
+                "none here: stop strings act on the decoded text, in the decoding loop"
+                " (generate, Engine)",
+                index=i,
+            )
     if len(plist) != batch:
         raise InvalidRequestError(
             "params",
@@ -1733,14 +1781,25 @@ def _host_inputs(logits, params, prompt_tokens, output_tokens, job_seed, key, tr
                 f"<{len(lists)} entries>",
                 f"one token list per row of the logits ({batch}), e.g. [[1, 2]] for one row",
             )
+        for i, entry in enumerate(lists if lists is not None else ()):
+            if entry is not None and np.ndim(entry) != 1:  # a flat list is not one per row
+                raise InvalidRequestError(
+                    f"{name}[{i}]",
+                    entry,
+                    f"row {i}'s list of token ids (or None): one list per row, e.g. [[1, 2]]",
+                )
     if key is not None:
         if job_seed is not None:
-            raise ValueError("give key= or job_seed=, not both")
+            raise InvalidRequestError(
+                "key", "<a key>", "key= or job_seed=, not both", reason="both were given"
+            )
         seeded = [i for i, p in enumerate(plist) if p.seed is not None]
         if seeded:
-            raise ValueError(
-                f"key= replaces the per-request seeds, but rows {seeded} set a seed: "
-                "drop the seeds or the key"
+            raise InvalidRequestError(
+                "key",
+                "<a key>",
+                "key= without per-request seeds: it replaces them",
+                reason=f"rows {seeded} set a seed; drop the seeds or the key",
             )
         seeds = (None,) * batch
         pack_seeds = [0] * batch

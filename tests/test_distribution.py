@@ -629,6 +629,19 @@ _L = np.zeros((2, 5), np.float32)
         ("params", lambda: sm.sample(_L, [SamplingParams()] * (_L.shape[0] + 1))),
         ("prompt_tokens", lambda: sm.sample(_L, SamplingParams(), prompt_tokens=[[1]] * 9)),
         ("output_tokens", lambda: sm.sample(_L[:1], SamplingParams(), output_tokens=[1, 2])),
+        # a flat list for two rows was read as one token per row
+        ("prompt_tokens[0]", lambda: sm.sample(_L[:2], SamplingParams(), prompt_tokens=[0, 1])),
+        ("output_tokens[1]", lambda: sm.sample(_L[:2], SamplingParams(), output_tokens=[[1], 2])),
+        ("prompt_ids", lambda: sm.History.from_tokens(5, [], vocab_size=10)),
+        ("output_ids", lambda: sm.History.from_tokens([], [10], vocab_size=10)),
+        # what needs the decoding loop is refused, not left out of the distribution
+        (
+            "response_format",
+            lambda: sm.sample(_L, SamplingParams(response_format={"type": "json_object"})),
+        ),
+        ("stop", lambda: sm.processed_logprobs(_L, SamplingParams(stop=["x"]))),
+        ("key", lambda: sm.sample(_L, SamplingParams(), key=jax.random.key(0), job_seed=1)),
+        ("key", lambda: sm.sample(_L, SamplingParams(seed=1), key=jax.random.key(0))),
     ],
 )
 def test_host_wrappers_refuse_bad_input_naming_the_field(field, call):
@@ -700,6 +713,12 @@ def test_per_row_functions_refuse_wrong_shapes_and_a_float_position():
         ("position", lambda: sm.sample_row(x, row, h, None, 1.5)),
         ("position", lambda: sm.sample_rows(x[None], rows, hs, None, 1.5)),
         ("position", lambda: jax.jit(sm.sample_batch)(x[None], rows, hs, None, jnp.float32(2))),
+        # a batch's RowParams given to a per-row function, and one row's to a batched one
+        ("row", lambda: sm.distribution(x, rows, h, None)),
+        ("row", lambda: sm.sample_row(x, rows, h, None, 0)),
+        ("rows", lambda: sm.sample_rows(x[None], row, hs, None, 0)),
+        ("rows", lambda: sm.distributions(x[None], {"temperature": 1.0}, hs, None)),
+        ("hist", lambda: sm.distribution(x, row, (h.counts, h.in_prompt), None)),
     ]
     for field, call in cases:
         with pytest.raises(InvalidRequestError) as info:
@@ -707,6 +726,18 @@ def test_per_row_functions_refuse_wrong_shapes_and_a_float_position():
         assert info.value.field == field
     out = sm.sample_rows(x[None], rows, hs, None, np.int64(3))  # any integer dtype
     assert int(out.token[0]) in range(vocab)
+    # no history (None) is the empty one, per row and batched
+    logits = jnp.asarray(np.random.default_rng(1).standard_normal(vocab), jnp.float32)
+    penalized = pack_rows([SamplingParams(repetition_penalty=1.5)], vocab_size=vocab, seeds=[3])
+    prow = jax.tree.map(lambda a: a[0], penalized)
+    a, b = sm.distribution(logits, prow, None, None), sm.distribution(logits, prow, h, None)
+    np.testing.assert_array_equal(
+        sm.log_prob(a, jnp.arange(vocab)), sm.log_prob(b, jnp.arange(vocab))
+    )
+    np.testing.assert_array_equal(
+        sm.sample_rows(logits[None], penalized, None, None, 2).token,
+        sm.sample_rows(logits[None], penalized, hs, None, 2).token,
+    )
 
 
 def test_log_prob_outside_the_vocabulary_and_top_logprobs_n():
