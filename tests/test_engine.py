@@ -15,6 +15,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 
 import jax
 import numpy as np
@@ -299,14 +300,16 @@ def test_an_input_that_raises_or_a_stream_left_early_stops_the_prefetching(model
 
     def endless():
         for i in itertools.count():
+            if i > 4:
+                time.sleep(0.2)  # slow to take in: the thread is mid-item when the stream closes
             yield i, "hi", SamplingParams(seed=i, max_tokens=3)
 
     stream = engine.stream(endless())
     assert len(list(itertools.islice(stream, 3))) == 3
     stream.close()
-    for t in set(_prefetch_threads()) - before:
-        t.join(timeout=30)
-        assert not t.is_alive()
+    # closing waits for the thread (one left running at the interpreter's exit is killed
+    # wherever it is, and inside a C++ call that aborts the process)
+    assert not [t for t in set(_prefetch_threads()) - before if t.is_alive()]
     again = run(engine, [(7, "hi", SamplingParams(seed=7, max_tokens=2))])
     assert again[7].error is None and again[7].completion_tokens == 2
 

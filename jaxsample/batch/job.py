@@ -383,6 +383,10 @@ def _run(
         body = (record.get("response") or {}).get("body") or {}
         progress.update(int((body.get("usage") or {}).get("completion_tokens") or 0))
 
+    def add_records_time(seconds: float) -> None:
+        with lock:  # requests() runs on the engine's prefetching thread
+            clock.records += seconds
+
     def requests() -> Iterator[tuple[str, dict]]:
         for line in _timed_lines(cfg.input, clock, limit):
             if shard_of(line.key, n) != k or line.key in journal.done:
@@ -390,7 +394,7 @@ def _run(
             if line.error is not None:
                 t0 = time.perf_counter()
                 record = error_record(line.custom_id, line.error)
-                clock.records += time.perf_counter() - t0
+                add_records_time(time.perf_counter() - t0)
                 write(record)
                 continue
             pending.add(line.key)
@@ -402,7 +406,7 @@ def _run(
         pending.discard(key)
         t0 = time.perf_counter()
         record = response_record(key, result)
-        clock.records += time.perf_counter() - t0
+        add_records_time(time.perf_counter() - t0)
         write(record)
     if pending:
         raise RuntimeError(f"the engine returned no result for {len(pending)} requests")

@@ -159,6 +159,10 @@ def _stop_tables(stops: tuple[str, ...]) -> stop.StopTables:
     return stop.compile_stops([stops], as_numpy=True)
 
 
+#: Seconds :meth:`_Prefetch.close` waits for the thread to finish the item it is pulling.
+CLOSE_WAIT = 10.0
+
+
 class _Prefetch:
     """An iterator that a background thread pulls ``depth`` items ahead of its consumer.
 
@@ -215,9 +219,14 @@ class _Prefetch:
         raise StopIteration
 
     def close(self) -> None:
-        """Stops the thread (it ends after the item it is pulling, if any)."""
+        """Stops the thread: it ends after the item it is pulling, if any, and is waited for
+        (up to :data:`CLOSE_WAIT` seconds, for an input that blocks). A thread left running
+        when the interpreter exits (a run stopped by Ctrl-C, say) is killed wherever it is,
+        and killed inside a C++ call (the tokenizer, JAX) it aborts the whole process."""
         self._done = True
         self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=CLOSE_WAIT)
 
 
 # ------------------------------------------------------------------------------ the engine
