@@ -25,7 +25,6 @@ import dataclasses
 import inspect
 import json
 import math
-import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -45,11 +44,13 @@ from jaxsample.params import (
     SamplingParams,
     _integer,
     check_chain_outputs,
+    check_engine_options,
     check_for_model,
     derive_seed,
     pack_rows,
     request_n,
     resolve_max_seq_len,
+    token_id_array,
 )
 
 #: The log probability written for a token with no probability (``-inf``): the value the
@@ -299,42 +300,6 @@ def _check_job_seed(job_seed: Any) -> int:
     return _integer("job_seed", job_seed, INT64_MIN, INT64_MAX, "an integer in [-2**63, 2**63 - 1]")
 
 
-def _check_engine_options(slots, chunk_steps, refill_free, devices) -> tuple:
-    """The slot engine's settings, checked when the :class:`Engine` is built (they were
-    checked at its first request, as a bare ValueError; ``slots=True`` ran one slot and
-    ``devices="cpu"`` was read as three devices 'c', 'p', 'u')."""
-    if devices is not None:
-        if isinstance(devices, (str, bytes, Mapping)) or not isinstance(devices, Iterable):
-            raise InvalidRequestError(
-                "devices", devices, "None (one device) or a list of jax devices (jax.devices())"
-            )
-        devices = list(devices)
-        wrong = [d for d in devices if not isinstance(d, jax.Device)]
-        if not devices or wrong:
-            raise InvalidRequestError(
-                "devices",
-                devices,
-                "None (one device) or a non-empty list of jax devices (jax.devices())",
-                reason=f"{wrong[0]!r} is not a jax.Device" if wrong else "empty",
-            )
-    n_devices = 1 if devices is None else len(devices)
-    slots = _integer(
-        "slots", slots, 1, None, f"an integer >= 1, a multiple of the {n_devices} device(s)"
-    )
-    if slots % n_devices:
-        raise InvalidRequestError(
-            "slots",
-            slots,
-            f"an integer >= 1, a multiple of the {n_devices} devices",
-            reason="not a multiple",
-        )
-    chunk_steps = _integer("chunk_steps", chunk_steps, 1, None, "an integer >= 1")
-    refill_free = _integer(
-        "refill_free", refill_free, 1, slots, f"an integer in [1, slots = {slots}]"
-    )
-    return slots, chunk_steps, refill_free, devices
-
-
 def _logprob(x) -> float:
     x = float(x)
     return x if math.isfinite(x) else NO_PROBABILITY
@@ -372,8 +337,8 @@ class Engine:
         #: traced on an abstract row here, so a bad one fails now, naming it
         #: (:class:`jaxsample.TransformError`), not inside the compiled loop
         self.transforms = check_chain_outputs(transforms, model.config.vocab_size)
-        slots, chunk_steps, refill_free, devices = _check_engine_options(
-            slots, chunk_steps, refill_free, devices
+        slots, chunk_steps, refill_free, devices, prefetch = check_engine_options(
+            slots, chunk_steps, refill_free, devices, prefetch
         )
         #: the slot engine's settings (see :class:`jaxsample.engine.SlotEngine`)
         self.engine_options = {
@@ -384,17 +349,12 @@ class Engine:
             "max_seq_len": resolve_max_seq_len(max_seq_len, model.config.context_length),
             "devices": devices,
             "transforms": self.transforms,
-            # requests a background thread takes in ahead of the slots (None: one per slot)
-            "prefetch": None
-            if prefetch is None
-            else _integer("prefetch", prefetch, 0, None, "an integer >= 0, or None (= slots)"),
+            # requests a background thread takes in ahead of the slots
+            "prefetch": prefetch,
         }
         self._token_bytes = None
         self._grammar = None
         self._slot_engine = None
-        # held while a stream runs on the slot engine: a second run beside it (a generate
-        # call while a stream is open) wrote into the same slots and corrupted both
-        self._running = threading.Lock()
 
     @classmethod
     def load(
@@ -410,9 +370,10 @@ class Engine:
         from jaxsample.model import load_model
 
         # the settings that do not need the model are checked before it loads (seconds)
-        inspect.signature(cls).bind(None, None, **options)  # an unknown name: TypeError
-        defaults = {"slots": 16, "chunk_steps": 32, "refill_free": 1, "devices": None}
-        _check_engine_options(**{k: options.get(k, v) for k, v in defaults.items()})
+        bound = inspect.signature(cls).bind(None, None, **options)  # unknown name: TypeError
+        bound.apply_defaults()
+        names = ("slots", "chunk_steps", "refill_free", "devices", "prefetch")
+        check_engine_options(*(bound.arguments[k] for k in names))
         model, tok = load_model(path, dtype=dtype, batch_invariant=batch_invariant)
         name = "SmolLM2-135M-Instruct" if path is None else str(path).rsplit("/", 1)[-1]
         return cls(model, tok, model_name=name, **options)
@@ -502,8 +463,8 @@ class Engine:
         input that is an exception (a request that failed before it got here) raises it."""
         if isinstance(item, Exception):
             raise item
-        if is_token_ids(item):
-            return self._token_ids(item)
+        if is_token_ids(item):  # used as is: no chat template, no special tokens added
+            return token_id_array("prompt", item, self.vocab_size).tolist()
         if isinstance(item, (np.ndarray, jax.Array)):
             raise InvalidRequestError(
                 "prompt",
@@ -531,21 +492,6 @@ class Engine:
         ids = self.tokenizer.encode(text)
         if not ids:
             raise InvalidRequestError(field, item, "a prompt of at least one token")
-        return ids
-
-    def _token_ids(self, item) -> list[int]:
-        """A prompt given as token ids, checked against the vocabulary (used as is: no chat
-        template, no special tokens added)."""
-        seq = np.asarray(item).tolist() if isinstance(item, (np.ndarray, jax.Array)) else item
-        ids = [int(t) for t in seq]
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidRequestError(
-                "prompt",
-                bad[0],
-                f"token ids in [0, {self.vocab_size - 1}] (the vocabulary has {self.vocab_size})",
-                reason=f"token id out of the vocabulary ({len(bad)} of {len(ids)} ids)",
-            )
         return ids
 
     def prepare(self, item, params) -> tuple[list[int], int]:
@@ -650,16 +596,9 @@ class Engine:
                     # answered as soon as the engine pulls it: refusals never pile up
                     yield PassThrough((key, _refused(err)))
 
-        if not self._running.acquire(blocking=False):
-            raise RuntimeError(
-                "this Engine is already running a stream (an Engine.stream / stream_chat"
-                " generator not yet exhausted or closed, or a call on another thread): one"
-                " engine runs one stream at a time, since they share its slots. Finish that"
-                " stream or call .close() on it first, or build a second Engine"
-            )
-        runs = None
+        # one stream at a time: the slot engine refuses a run beside an open one
+        runs = self.slot_engine().run(requests())
         try:
-            runs = self.slot_engine().run(requests())
             for res in runs:
                 if isinstance(res, PassThrough):
                     yield res.value
@@ -677,11 +616,7 @@ class Engine:
                     continue
                 yield key, self._completion(_as_batch(res), 0, ids, p, seed)
         finally:
-            try:
-                if runs is not None:
-                    runs.close()  # its slots are emptied before another stream may start
-            finally:
-                self._running.release()
+            runs.close()  # its slots are emptied before another stream may start
 
     def generate(
         self,

@@ -27,7 +27,7 @@ from flax import nnx
 from jaxsample.api import normalize_inputs
 from jaxsample.automata import json_mode
 from jaxsample.decode import bucket
-from jaxsample.params import InvalidRequestError, _integer
+from jaxsample.params import InvalidRequestError, _integer, token_id_array
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -133,15 +133,8 @@ def json_allowed_masks(engine, token_ids, max_tokens: int) -> np.ndarray:
     the decode loop (``max_tokens - i`` tokens left at step ``i``). Row ``i`` is the mask the
     loop applied when it drew ``token_ids[i]``, so ``masks[i, token_ids[i]]`` is True.
     """
-    allowed = f"a 1-d sequence of integer token ids in [0, {engine.vocab_size})"
-    ids = _id_array("token_ids", token_ids, allowed)
-    if ids.ndim != 1:  # a batch of answers was flattened into one
-        raise InvalidRequestError(
-            "token_ids", f"<array of shape {ids.shape}>", allowed, reason="not 1-d: one answer"
-        )
-    if ids.size and (ids.min() < 0 or ids.max() >= engine.vocab_size):
-        bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
-        raise InvalidRequestError("token_ids", bad, allowed, reason="out of range")
+    # one answer: a 2-d array (a batch of answers) is refused, not flattened into one
+    ids = token_id_array("token_ids", token_ids, engine.vocab_size)
     max_tokens = _integer(
         "max_tokens",
         max_tokens,

@@ -21,7 +21,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -719,10 +719,7 @@ def _init_checking_names(init):
         for key in kwargs:
             if key not in _FIELD_NAMES:  # an InvalidRequestError with a hint, not a TypeError
                 known = sorted(_SAMPLING_FIELDS)
-                close = difflib.get_close_matches(str(key), known, n=1)
-                hint = _OTHER_LIBRARIES.get(key) or (
-                    f"did you mean {close[0]!r}?" if close else None
-                )
+                hint = _OTHER_LIBRARIES.get(key) or _did_you_mean(key, known)
                 raise InvalidRequestError(
                     str(key),
                     kwargs[key],
@@ -762,11 +759,15 @@ def request_n(value: Any) -> int:
     return _integer("n", value, 1, N_MAX, f"an integer in [1, {N_MAX}]")
 
 
+def _did_you_mean(key: Any, known) -> str | None:
+    close = difflib.get_close_matches(str(key), known, n=1)
+    return f"did you mean {close[0]!r}?" if close else None
+
+
 def _unknown_allowed(key: Any) -> str:
     known = sorted(_SAMPLING_FIELDS | set(REQUEST_FIELDS) | {"max_completion_tokens"})
-    close = difflib.get_close_matches(str(key), known, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return "a supported field: " + ", ".join(known) + hint
+    hint = _did_you_mean(key, known)
+    return "a supported field: " + ", ".join(known) + (f"; {hint}" if hint else "")
 
 
 # ----------------------------------------------------------------------------- model checks
@@ -782,6 +783,35 @@ def _check_bias_ids(params: SamplingParams, vocab_size: int, index: int | None =
                 reason="token id out of the vocabulary",
                 index=index,
             )
+
+
+def token_id_array(field: str, ids: Any, vocab_size: int) -> np.ndarray:
+    """``int64[n]`` from a flat list, numpy or jax array of token ids (None: none), each in
+    ``[0, vocab_size)``; otherwise an :class:`InvalidRequestError` naming ``field`` (floats
+    and bools are refused, never rounded; a nested list is not flattened).
+
+    >>> token_id_array("prompt", [3, 1], 5).tolist()
+    [3, 1]
+    """
+    arr = np.asarray([] if ids is None else ids)
+    if arr.ndim == 1 and arr.size == 0:
+        return np.zeros(0, np.int64)
+    if not (np.issubdtype(arr.dtype, np.integer) and arr.ndim == 1):
+        raise InvalidRequestError(
+            field,
+            f"<{arr.dtype} array of shape {arr.shape}>",
+            "a flat sequence of int token ids (a list, numpy or jax array)",
+        )
+    arr = arr.astype(np.int64)
+    bad = (arr < 0) | (arr >= vocab_size)
+    if bad.any():
+        raise InvalidRequestError(
+            field,
+            int(arr[bad][0]),
+            f"token ids in [0, {vocab_size - 1}] (the vocabulary has {vocab_size})",
+            reason=f"token id out of the vocabulary ({int(bad.sum())} of {arr.size} ids)",
+        )
+    return arr
 
 
 #: An engine's KV cache length when ``max_seq_len`` is not given: the model's context, at most
@@ -802,6 +832,43 @@ def resolve_max_seq_len(value: Any, context_length: int) -> int:
         return min(context_length, DEFAULT_MAX_SEQ_LEN)
     allowed = f"an integer in [1, {context_length}] (the model's context length)"
     return _integer("max_seq_len", value, 1, context_length, allowed)
+
+
+def check_engine_options(slots, chunk_steps, refill_free, devices, prefetch) -> tuple:
+    """The slot engine's settings, checked (``InvalidRequestError`` naming the setting) by
+    :class:`jaxsample.Engine` when it is built and by :class:`jaxsample.engine.SlotEngine`:
+    ``(slots, chunk_steps, refill_free, devices, prefetch)``, ``devices`` a list (or None:
+    one device) and ``prefetch`` None resolved to ``slots``. ``slots=True`` is not one slot,
+    and ``devices="cpu"`` is not three devices 'c', 'p', 'u'."""
+    if devices is not None:
+        if isinstance(devices, (str, bytes, Mapping)) or not isinstance(devices, Iterable):
+            raise InvalidRequestError(
+                "devices", devices, "None (one device) or a list of jax devices (jax.devices())"
+            )
+        devices = list(devices)
+        wrong = [d for d in devices if not isinstance(d, jax.Device)]
+        if not devices or wrong:
+            raise InvalidRequestError(
+                "devices",
+                devices,
+                "None (one device) or a non-empty list of jax devices (jax.devices())",
+                reason=f"{wrong[0]!r} is not a jax.Device" if wrong else "empty",
+            )
+    n_devices = 1 if devices is None else len(devices)
+    allowed = f"an integer >= 1, a multiple of the {n_devices} device(s)"
+    slots = _integer("slots", slots, 1, None, allowed)
+    if slots % n_devices:
+        raise InvalidRequestError("slots", slots, allowed, reason="not a multiple")
+    chunk_steps = _integer("chunk_steps", chunk_steps, 1, None, "an integer >= 1")
+    refill_free = _integer(
+        "refill_free", refill_free, 1, slots, f"an integer in [1, slots = {slots}]"
+    )
+    prefetch = (
+        slots
+        if prefetch is None
+        else _integer("prefetch", prefetch, 0, None, "an integer >= 0, or None (= slots)")
+    )
+    return slots, chunk_steps, refill_free, devices, prefetch
 
 
 def check_for_model(

@@ -39,7 +39,7 @@ from jax import lax
 
 from jaxsample import native
 from jaxsample import transforms as tf
-from jaxsample.params import InvalidRequestError, _integer
+from jaxsample.params import InvalidRequestError, _integer, token_id_array
 from jaxsample.rows import TOP_LOGPROBS_MAX, RowParams
 from jaxsample.transforms import _maybe
 
@@ -72,24 +72,6 @@ BRANCHES = "auto"
 # --------------------------------------------------------------------------------------------
 
 
-def _token_ids(name: str, ids, vocab_size: int) -> np.ndarray:
-    """``int64[n]`` from a list, numpy or jax array of token ids; checks the range."""
-    arr = np.asarray([] if ids is None else ids)
-    if arr.ndim == 1 and arr.size == 0:
-        return np.zeros(0, np.int64)
-    if not (np.issubdtype(arr.dtype, np.integer) and arr.ndim == 1):
-        raise InvalidRequestError(
-            name,
-            f"<{arr.dtype} array of shape {arr.shape}>",
-            "a flat sequence of int token ids (a list, numpy or jax array), or None",
-        )
-    arr = arr.astype(np.int64)
-    if arr.min() < 0 or arr.max() >= vocab_size:
-        bad = int(arr[(arr < 0) | (arr >= vocab_size)][0])
-        raise InvalidRequestError(name, bad, f"token ids in [0, {vocab_size - 1}]")
-    return arr
-
-
 @struct.dataclass
 class History:
     """A row's token history for the penalties: 5 bytes per vocabulary entry.
@@ -115,8 +97,8 @@ class History:
         ``prompt_ids``/``output_ids``: a Python list, a numpy array or a jax array of ints.
         """
         _integer("vocab_size", vocab_size, 1, None, "an integer >= 1")
-        prompt = _token_ids("prompt_ids", prompt_ids, vocab_size)
-        output = _token_ids("output_ids", output_ids, vocab_size)
+        prompt = token_id_array("prompt_ids", prompt_ids, vocab_size)
+        output = token_id_array("output_ids", output_ids, vocab_size)
         counts = np.bincount(output, minlength=vocab_size).astype(np.int32)
         in_prompt = np.zeros(vocab_size, np.bool_)
         in_prompt[prompt] = True
@@ -226,6 +208,11 @@ def _raw_needed(rows: RowParams) -> jax.Array:
     )
 
 
+def _mass_needed(rows: RowParams) -> jax.Array:
+    """:attr:`Plan.mass` when sampling: some row reports processed log probabilities."""
+    return jnp.any(rows.logprobs & rows.processed_logprobs)
+
+
 def plan_rows(rows: RowParams, *, vocab_size: int, for_sampling: bool = False) -> Plan:
     """The parameter-only part of a batch's plan (``rows`` with a leading axis B).
 
@@ -259,7 +246,7 @@ def plan_rows(rows: RowParams, *, vocab_size: int, for_sampling: bool = False) -
         full_a=true,
         raw=raw,
         penalties=jnp.any(penalties),
-        mass=jnp.any(rows.logprobs & rows.processed_logprobs) if for_sampling else True,
+        mass=_mass_needed(rows) if for_sampling else True,
         k_max=k_max,
     )
 
@@ -481,7 +468,7 @@ def _first_candidates_one(z: jax.Array, num_candidates: int, total):
     def xla(z, total):
         zb = tf.block_max(z)
         large = tf.LARGE_TOP_K == "count" and c >= tf.LARGE_K  # (its count form instead)
-        if native.top_k_form() == "rank" and c * block * 2 <= vocab and not large:
+        if _rank_fits(c, vocab) and not large:
             values, ids = _rank_candidates(c, block)(z, zb)
         else:
             values, ids = tf.top_candidates(z, c, zb)
@@ -491,6 +478,12 @@ def _first_candidates_one(z: jax.Array, num_candidates: int, total):
 
     zb, values, ids, t = native.candidates(z, c, block, total, xla)
     return zb, tf._candidates(values, ids, t, vocab)
+
+
+def _rank_fits(k: int, vocab: int) -> bool:
+    """Whether the top ``k`` of a row of ``vocab`` is selected by :func:`_rank_candidates`
+    (the rank form of top-k in use, and ``k`` blocks of candidates in half the row)."""
+    return native.top_k_form() == "rank" and k * tf.CANDIDATE_BLOCK * 2 <= vocab
 
 
 def _rank_candidates_rows(x: jax.Array, zb: jax.Array, k: int, block: int, keys: bool):
@@ -1125,9 +1118,8 @@ def _raw_row(logits, k: int, with_top: bool, exact: bool, rank: bool = False):
     log_total = jnp.log(tf.vocabulary_total(x, top))
     if not with_top:
         return log_total, jnp.full((k,), top, jnp.float32), jnp.full((k,), -1, jnp.int32)
-    block = tf.CANDIDATE_BLOCK
-    if rank and native.top_k_form() == "rank" and k * block * 2 <= x.shape[-1]:
-        values, ids = _rank_candidates(k, block, True)(x, block_max)
+    if rank and _rank_fits(k, x.shape[-1]):
+        values, ids = _rank_candidates(k, tf.CANDIDATE_BLOCK, True)(x, block_max)
     else:
         values, ids = tf.top_candidates(x, k, block_max)
     return log_total, values, ids
@@ -1479,7 +1471,7 @@ def _rest_one(
         if not isinstance(plan.raw, int):
             plan = plan.replace(raw=_raw_needed(rows))
         if not isinstance(plan.mass, (bool, np.bool_)):
-            plan = plan.replace(mass=jnp.any(rows.logprobs & rows.processed_logprobs))
+            plan = plan.replace(mass=_mass_needed(rows))
         stage = jax.vmap(lambda f, r: _tier2_stage(f, r, rare and tier2_on, second_tier))
         g = jax.vmap(_tier2_apply)(f_, rows, *stage(f_, rows))
         if rare:

@@ -979,39 +979,6 @@ def test_an_input_file_that_grows_while_the_job_runs_is_refused_not_half_run(job
     assert set(canonical(cfg.output)) == original  # every hashed line, none of the new ones
 
 
-@pytest.mark.parametrize("interrupt", ["SIGINT", "SIGTERM"])
-def test_an_interrupt_that_the_engine_clean_up_hides_is_still_an_interrupt(
-    tmp_path, monkeypatch, capsys, interrupt
-):
-    """Ctrl-C or SIGTERM landing inside the slot engine's compiled chunk: the engine's
-    clean-up then failed on its donated state ("RuntimeError: Array has been deleted", seen
-    with kill -TERM on a real run; reported to the engine's owner) and that error hid the
-    interrupt. The command still reports the interrupt: its message and status 130 / 143."""
-    import signal
-
-    class CleanUpFails(FakeEngine):
-        def stream_chat(self, bodies, *, job_seed=0):
-            try:
-                yield from super().stream_chat(bodies, job_seed=job_seed)
-            finally:
-                raise RuntimeError("Array has been deleted with shape=int32[4].")
-
-        def answer(self, key, body, job_seed):
-            if self.results == 4:
-                os.kill(os.getpid(), getattr(signal, interrupt))
-            return super().answer(key, body, job_seed)
-
-    capsys.readouterr()
-    try:
-        status, out = _operator_command(tmp_path, monkeypatch, CleanUpFails())
-    except KeyboardInterrupt:
-        pytest.fail("the interrupt escaped the command (a traceback)")
-    err = capsys.readouterr().err
-    assert status == {"SIGINT": 130, "SIGTERM": 143}[interrupt], err
-    assert {"SIGINT": "Ctrl-C", "SIGTERM": "SIGTERM"}[interrupt] in err
-    assert "Array has been deleted" not in err and "Traceback" not in err
-
-
 def test_a_ctrl_c_after_the_job_is_done_does_not_turn_it_into_a_traceback(tmp_path):
     """Ctrl-C landing after the summary, while JAX and Python shut down, printed a
     KeyboardInterrupt traceback from JAX's exit handlers and the process ended with -2

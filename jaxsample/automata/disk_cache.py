@@ -22,16 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxsample.native import cache_dir
+
 #: How many files of each kind are kept (the most recently used).
 KEEP = 8
 
 
 def directory() -> Path:
-    """``tables/`` in jaxsample's cache directory."""
-    if os.environ.get("JAXSAMPLE_CACHE"):
-        return Path(os.environ["JAXSAMPLE_CACHE"]) / "tables"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "jaxsample" / "tables"
+    """``tables/`` in jaxsample's cache directory (:func:`jaxsample.native.cache_dir`)."""
+    return cache_dir() / "tables"
 
 
 @functools.cache

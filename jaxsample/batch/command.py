@@ -162,16 +162,12 @@ def _check_max_seq_len(value: int, model: str) -> None:
 def _check_devices(args) -> None:
     """Refuses ``--devices`` beyond this process's devices, or ``--slots`` that they do not
     divide, before anything is written (after jax.distributed, which must come first)."""
-    import jax
+    from jaxsample.batch.job import JobError, job_devices
 
-    have = len(jax.local_devices())
-    n = have if args.devices is None else args.devices
-    if n > have:
-        raise UsageError(f"--devices {n}: this process has {have} devices")
-    if args.slots % n:
-        raise UsageError(
-            f"--slots {args.slots} must be a multiple of the {n} devices used (--devices)"
-        )
+    try:
+        job_devices(args.devices, args.slots)
+    except JobError as err:
+        raise UsageError(str(err)) from None
 
 
 def _shard(args) -> tuple[int, int]:
@@ -246,19 +242,6 @@ def _sigterm_stops() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _interrupt_behind(err: BaseException) -> KeyboardInterrupt | None:
-    """The Ctrl-C or SIGTERM that ``err`` was raised while handling, if any: the engine's
-    clean-up can fail after an interrupt lands inside a compiled call (its state was donated
-    to the call), and the interrupt is what the user needs to hear about."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, KeyboardInterrupt):
-            return err
-        seen.add(id(err))
-        err = err.__context__
-    return None
 
 
 def _failure(err: Exception, out: str) -> str:
@@ -369,9 +352,6 @@ def _run(args) -> int:
         )
         return 1
     except Exception as err:  # the engine failed (out of memory, XLA, a bug): one line here
-        interrupt = _interrupt_behind(err)
-        if interrupt is not None:  # the engine's clean-up failed after Ctrl-C or SIGTERM
-            raise interrupt from None
         print(
             f"jaxsample batch: {_failure(err, shard_output(args.output, *shard))}", file=sys.stderr
         )

@@ -142,21 +142,30 @@ def model_file(path: str | None) -> str:
         raise JobError(str(err)) from err
 
 
+def job_devices(count: int | None, slots: int) -> list:
+    """The first ``count`` of this process's devices (None: all of them), which ``slots``
+    must be a multiple of (JobError otherwise: the command checks it before anything is
+    written, a job built in Python when it loads its engine)."""
+    import jax
+
+    local = jax.local_devices()
+    n = len(local) if count is None else count
+    if n > len(local):
+        raise JobError(f"--devices {n}: this process has {len(local)} devices")
+    if slots % n:
+        raise JobError(f"--slots {slots} must be a multiple of the {n} devices used (--devices)")
+    return local[:n]
+
+
 def load_engine(cfg: JobConfig, *, model_name: str | None = None):
     """The Engine for a job's settings: the slot engine over ``cfg.devices`` local devices
     (default: all of this process's devices), batch-invariant. ``model_name``: the name the
     responses give as ``model`` (default: the model file's name)."""
-    import jax
     import jax.numpy as jnp
 
     from jaxsample.api import Engine
 
-    local = jax.local_devices()
-    n = len(local) if cfg.devices is None else cfg.devices
-    if n > len(local):
-        raise JobError(f"--devices {n}: this process has {len(local)} devices")
-    if cfg.slots % n:
-        raise JobError(f"--slots {cfg.slots} must be a multiple of the {n} devices used")
+    devices = job_devices(cfg.devices, cfg.slots)
     from jaxsample.params import InvalidRequestError
 
     try:  # Engine checks its settings (max_seq_len against the model's context) when built
@@ -167,7 +176,7 @@ def load_engine(cfg: JobConfig, *, model_name: str | None = None):
             slots=cfg.slots,
             chunk_steps=cfg.chunk_steps,
             max_seq_len=cfg.max_seq_len,
-            devices=local[:n],
+            devices=devices,
         )
     except InvalidRequestError as err:  # the flag of the setting it names
         flag = "--" + str(err.field).replace("_", "-")

@@ -35,7 +35,7 @@ from jaxsample.decode import RUNNING
 from jaxsample.engine import slots as sl
 from jaxsample.engine.slots import EMPTY
 from jaxsample.model.config import INVARIANT_TILE
-from jaxsample.params import resolve_max_seq_len
+from jaxsample.params import check_engine_options, resolve_max_seq_len
 from jaxsample.rows import TOP_LOGPROBS_MAX, RowParams
 
 _AXIS = "slots"
@@ -225,8 +225,7 @@ class _Prefetch:
         and killed inside a C++ call (the tokenizer, JAX) it aborts the whole process."""
         self._done = True
         self._stop.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=CLOSE_WAIT)
+        self._thread.join(timeout=CLOSE_WAIT)
 
 
 # ------------------------------------------------------------------------------ the engine
@@ -272,22 +271,11 @@ class SlotEngine:
         prefetch: int | None = None,
     ):
         cfg = model.config
-        devices = list(devices) if devices is not None else jax.devices()[:1]
-        if slots < 1 or slots % len(devices):
-            raise ValueError(f"slots={slots} must be >= 1 and a multiple of {len(devices)} devices")
-        if chunk_steps < 1:
-            raise ValueError(f"chunk_steps={chunk_steps} must be >= 1")
-        self.n_slots = int(slots)
-        self.chunk_steps = int(chunk_steps)
-        self.refill_free = int(refill_free)
-        if not 1 <= self.refill_free <= self.n_slots:
-            raise ValueError(f"refill_free={refill_free} must be in [1, slots={slots}]")
+        self.n_slots, self.chunk_steps, self.refill_free, devices, self.prefetch = (
+            check_engine_options(slots, chunk_steps, refill_free, devices, prefetch)
+        )
+        devices = devices if devices is not None else jax.devices()[:1]
         self.max_seq_len = resolve_max_seq_len(max_seq_len, cfg.context_length)
-        self.prefetch = self.n_slots if prefetch is None else prefetch
-        if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int):
-            raise ValueError(f"prefetch={prefetch!r} must be an int >= 0")
-        if self.prefetch < 0:
-            raise ValueError(f"prefetch={prefetch} must be >= 0")
         self.transforms = transforms
         self.model_config = cfg
         self._dtype = model.dtype
@@ -309,7 +297,9 @@ class SlotEngine:
         self._refresh_shared()
         self.stats = EngineStats()
         self._slots = None
-        self._running = False  # a run generator is started and not finished
+        # held by a run generator that is started and not finished: a second run beside it
+        # (a generate call while a stream is open) wrote into the same slots
+        self._running = threading.Lock()
 
     def _init_slots(self, rows: RowParams):
         return _init(
@@ -382,12 +372,13 @@ class SlotEngine:
         Left early (the caller stops reading, or ``requests`` raises), the requests still
         running are dropped: their slots are marked empty on the device and their schemas
         released from the pool, so the next run starts clean."""
-        if self._running:
+        if not self._running.acquire(blocking=False):
             raise RuntimeError(
-                "this SlotEngine is already running a stream (a run generator neither exhausted "
-                "nor closed): its slots hold that stream's requests. Finish or close it first."
+                "this engine is already running a stream (a stream or run generator neither"
+                " exhausted nor closed, or a call on another thread): its slots hold that"
+                " stream's requests. Finish that stream or call .close() on it first, or build"
+                " a second Engine"
             )
-        self._running = True
         owners: list[_Running | None] = [None] * self.n_slots
         it = iter(requests)
         if self.prefetch:
@@ -395,7 +386,7 @@ class SlotEngine:
         try:
             yield from self._run(it, owners)
         finally:
-            self._running = False
+            self._running.release()
             if isinstance(it, _Prefetch):
                 it.close()
             self._drop(owners)

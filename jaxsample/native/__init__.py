@@ -101,7 +101,10 @@ def _compiler() -> str | None:
     return None
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """jaxsample's cache directory for built and computed files: ``$JAXSAMPLE_CACHE``, else
+    ``$XDG_CACHE_HOME/jaxsample``, else ``~/.cache/jaxsample`` (the kernels here, and the
+    host tables of :mod:`jaxsample.automata.disk_cache`)."""
     if os.environ.get("JAXSAMPLE_CACHE"):
         return Path(os.environ["JAXSAMPLE_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -121,7 +124,7 @@ def _build(compiler: str) -> Path:
         + version.encode()
         + " ".join(_FLAGS).encode()
     ).hexdigest()[:16]
-    cache = _cache_dir()
+    cache = cache_dir()
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError:
