@@ -108,19 +108,9 @@ def _parser() -> argparse.ArgumentParser:
 def _enable_compile_cache() -> None:
     """Persistent XLA compilation cache under the jaxsample cache folder (unless JAX already
     has one configured)."""
-    import jax
+    from jaxsample.engine.programs import use_compile_cache
 
-    from jaxsample.model.gguf_file import cache_dir
-
-    if jax.config.jax_compilation_cache_dir:
-        return
-    path = cache_dir() / "xla"
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError:  # a read-only home: run without the cache
-        return
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    use_compile_cache()
 
 
 def _body_from_flags(args) -> dict:

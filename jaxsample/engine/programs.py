@@ -1,0 +1,288 @@
+"""The engine's traced programs kept on disk, so that a new process neither traces nor lowers.
+
+XLA's persistent compilation cache (``jaxsample.explore.use_compile_cache``, on by default in
+``Engine.load`` and the commands) skips compiling the decode loop in a new process, not
+tracing it: tracing the chunk loop and the prefill, then lowering them to StableHLO, took
+about 6 s of a 9 s first ``generate`` call with SmolLM2 on a 2-core CPU (every process,
+every notebook kernel). :func:`run` keeps each program as a serialized ``jax.export``
+artifact in ``programs/`` of jaxsample's cache directory (``$JAXSAMPLE_CACHE``, as the
+kernels and tables), and a later process deserializes it (milliseconds) and calls it; the
+compiled executable then comes from XLA's cache.
+
+A file is used only when everything that shaped its program is the same, so a stale program
+is never run: the hash of every source file of this package (``.py``, and the CPU kernels'
+``.cc``/``.h``), the versions of jax, jaxlib and flax, the backend, the static arguments
+(the model's graph definition with its config, the chunk length, the mesh's shape), every
+argument's structure, shape, dtype and sharding, the module-level settings of the modules
+whose code the programs run (``sampler.BRANCHES``, ``native.KERNELS``, ...: every
+upper-case number, string, boolean or tuple), whether the CPU kernels are in use, and the
+JAX settings that change a traced program's values (x64, the default matmul precision, the
+PRNG implementation and ``jax_threefry_partitionable``). A program with a user transform
+chain is never kept (user code is not in the hash). Files are written whole (a temporary
+file and a rename), the :data:`KEEP` most recently used are kept, and a file that cannot be
+read is rebuilt: the cache only ever saves time, and the outputs are the same bits either
+way (the kept module is the program that the plain jit compiles).
+
+It is on when :data:`ENABLED` is None (the default) and JAX's persistent compilation cache
+is configured (without that cache the compile, not the trace, dominates), unless
+``$JAXSAMPLE_PROGRAM_CACHE`` is ``0``; ``ENABLED = True`` / ``False`` forces it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+from jax import export
+from jax.sharding import NamedSharding
+
+from jaxsample import native
+
+#: None: on when JAX's persistent compilation cache is configured (and
+#: ``$JAXSAMPLE_PROGRAM_CACHE`` is not ``0``); True / False: always / never.
+ENABLED: bool | None = None
+
+#: How many program files are kept (the most recently used).
+KEEP = 32
+
+_log = logging.getLogger(__name__)
+_PACKAGE = Path(__file__).resolve().parent.parent
+# in-process: key -> (call, output treedef), or None for "use the plain jit" (export failed)
+_loaded: dict = {}
+# the modules whose code the programs run: their settings are read when a program is traced
+_TRACED = (
+    "jaxsample.automata.json_mode",
+    "jaxsample.automata.json_schema",
+    "jaxsample.automata.stop",
+    "jaxsample.decode",
+    "jaxsample.engine.scheduler",
+    "jaxsample.engine.slots",
+    "jaxsample.model.config",
+    "jaxsample.model.llama",
+    "jaxsample.native",
+    "jaxsample.params",
+    "jaxsample.rows",
+    "jaxsample.sampler",
+    "jaxsample.transforms",
+)
+
+
+def enabled() -> bool:
+    """Whether :func:`run` keeps programs on disk now (see :data:`ENABLED`)."""
+    if ENABLED is not None:
+        return bool(ENABLED)
+    if os.environ.get("JAXSAMPLE_PROGRAM_CACHE", "") == "0":
+        return False
+    return bool(jax.config.jax_compilation_cache_dir)
+
+
+def use_compile_cache() -> str | None:
+    """Turns on JAX's persistent compilation cache; returns its folder (None if none can be
+    made: a read-only home runs without it).
+
+    Uses the folder JAX is already configured with (e.g. ``$JAX_COMPILATION_CACHE_DIR``),
+    else ``xla`` under the model cache folder (``~/.cache/jaxsample/xla``; see
+    :func:`jaxsample.model.cache_dir`). Programs that took at least a second to compile are
+    kept. ``Engine.load`` and the commands call it (``compile_cache=False`` /
+    ``--no-compile-cache`` to run without).
+    """
+    from jaxsample.model.gguf_file import cache_dir
+
+    if not jax.config.jax_compilation_cache_dir:
+        path = cache_dir() / "xla"
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError:
+            return None
+        jax.config.update("jax_compilation_cache_dir", str(path))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    return jax.config.jax_compilation_cache_dir
+
+
+def directory() -> Path:
+    """``programs/`` in jaxsample's cache directory (:func:`jaxsample.native.cache_dir`)."""
+    return native.cache_dir() / "programs"
+
+
+@functools.cache
+def source_hash() -> str:
+    """A hash of every source file of this package (paths and contents)."""
+    h = hashlib.sha1()
+    for path in sorted(_PACKAGE.rglob("*")):
+        if path.suffix in (".py", ".cc", ".h") and "__pycache__" not in path.parts:
+            h.update(str(path.relative_to(_PACKAGE)).encode() + b"\0")
+            h.update(path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _settings() -> tuple:
+    """The module-level settings of jaxsample's modules and the JAX settings a trace reads."""
+    simple = (bool, int, float, str, tuple, type(None))
+    found = []
+    for name in _TRACED:
+        for attr, value in sorted(vars(importlib.import_module(name)).items()):
+            if attr.isupper() and isinstance(value, simple):
+                found.append((name, attr, value))
+    config = jax.config
+    jax_settings = (
+        config.jax_enable_x64,
+        str(config.jax_default_matmul_precision),
+        str(config.jax_default_prng_impl),
+        config.jax_threefry_partitionable,
+    )
+    mode = native._mode() if native.KERNELS == "auto" else "xla"
+    return tuple(found), jax_settings, mode, jax.default_backend()
+
+
+def _versions() -> tuple:
+    import flax
+    import jaxlib
+
+    return jax.__version__, jaxlib.__version__, flax.__version__
+
+
+def _spec(x) -> jax.ShapeDtypeStruct:
+    sharding = getattr(x, "sharding", None)
+    return jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=sharding if isinstance(sharding, NamedSharding) else None
+    )
+
+
+def _aval_key(x) -> tuple:
+    sharding = getattr(x, "sharding", None)
+    return (
+        tuple(x.shape),
+        str(x.dtype),
+        bool(getattr(x, "weak_type", False)),
+        sharding if isinstance(sharding, NamedSharding) else None,
+    )
+
+
+def _sharding_text(s) -> str:
+    if s is None:
+        return "-"
+    return f"{s.mesh.axis_names}{tuple(s.mesh.devices.shape)}{s.spec}{s.memory_kind}"
+
+
+def run(
+    name: str,
+    jitted: Callable,
+    static: tuple,
+    args: tuple,
+    options: dict,
+    *,
+    donate: int | None,
+    out_tree: Callable[[tuple], Any],
+    cacheable: bool = True,
+):
+    """``jitted(*static, *args, **options)``, through a kept program when :func:`enabled`.
+
+    ``jitted`` is a ``jax.jit`` function whose static arguments are ``static`` (positional,
+    first) and ``options`` (keywords); ``args`` are its array arguments (pytrees), of which
+    ``args[donate]`` is donated (the jit's own donation). ``out_tree(args)`` gives the
+    treedef of the result from the arguments (without tracing). ``cacheable=False`` (a user
+    transform chain among the options) calls ``jitted`` as is.
+    """
+    if not (cacheable and enabled()):
+        return jitted(*static, *args, **options)
+    leaves, treedef = jax.tree.flatten(args)
+    key = (name, static, tuple(sorted(options.items())), treedef, tuple(map(_aval_key, leaves)))
+    entry = _loaded.get(key, False)
+    if entry is False:
+        entry = _prepare(name, jitted, static, args, options, leaves, treedef, donate, out_tree)
+        _loaded[key] = entry
+    if entry is None:
+        return jitted(*static, *args, **options)
+    call, out_treedef = entry
+    return jax.tree.unflatten(out_treedef, call(*leaves))
+
+
+def _prepare(name, jitted, static, args, options, leaves, treedef, donate, out_tree):
+    """Loads (or exports and saves) the program; (call, output treedef), or None."""
+    specs = [_spec(x) for x in leaves]
+    described = (
+        name,
+        _versions(),
+        source_hash(),
+        tuple(repr(s) for s in static),
+        tuple(sorted((k, _option_text(v)) for k, v in options.items())),
+        str(treedef),
+        tuple((s.shape, str(s.dtype), _sharding_text(s.sharding)) for s in specs),
+        _settings(),
+    )
+    digest = hashlib.sha1(repr(described).encode()).hexdigest()
+    path = directory() / f"{name}-{digest}.jaxexport"
+    exported = _read(path)
+    if exported is None:
+        body = jitted.__wrapped__
+
+        def flat(*flat_args):
+            out = body(*static, *jax.tree.unflatten(treedef, flat_args), **options)
+            return jax.tree.leaves(out)
+
+        checks = [export.DisabledSafetyCheck.custom_call(t) for t in native._TARGETS]
+        try:
+            exported = export.export(jax.jit(flat), disabled_checks=checks)(*specs)
+            blob = exported.serialize()
+        except Exception as err:  # not exportable: the plain jit (which raises a real error)
+            _log.debug("jaxsample: program %s not kept: %s", name, err)
+            return None
+        _write(path, blob)
+    first = len(jax.tree.leaves(args[:donate])) if donate is not None else 0
+    last = len(jax.tree.leaves(args[: donate + 1])) if donate is not None else 0
+    call = jax.jit(exported.call, donate_argnums=tuple(range(first, last)))
+    return call, out_tree(args)
+
+
+def _option_text(value) -> str:
+    if hasattr(value, "devices") and hasattr(value, "axis_names"):  # a Mesh: its shape only
+        return f"mesh{value.axis_names}{tuple(value.devices.shape)}"
+    return repr(value)
+
+
+def _read(path: Path):
+    try:
+        blob = path.read_bytes()
+    except OSError:
+        return None
+    try:
+        exported = export.deserialize(bytearray(blob))
+    except Exception:  # a damaged or foreign file: rebuilt
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return None
+    with contextlib.suppress(OSError):
+        os.utime(path)  # recently used: kept by the pruning
+    return exported
+
+
+def _write(path: Path, blob: bytes | bytearray) -> None:
+    folder = path.parent
+    tmp = None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, path)  # whole or absent, even with several writers
+        files = sorted(folder.glob("*.jaxexport"), key=lambda p: p.stat().st_mtime)
+        for stale in files[:-KEEP]:
+            stale.unlink(missing_ok=True)
+    except OSError:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def clear() -> None:
+    """Forgets the programs loaded in this process (the files stay)."""
+    _loaded.clear()
