@@ -445,6 +445,27 @@ def test_read_gguf_reads_what_the_gguf_package_reads(tiny_file, tmp_path, kind):
         assert np.array_equal(gf.tensor(name), expect.reshape(gf.tensor_shape(name))), name
 
 
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_own_dequantization_gives_the_gguf_packages_bits(qtype):
+    """jaxsample dequantizes the common block types itself (2.3x faster on the default file):
+    the same float32 bits as the gguf package on random blocks, whose f16 scales include
+    subnormals, infinities and NaNs; blocks across the chunk boundary included."""
+    import gguf
+
+    kind = gguf.GGMLQuantizationType[qtype]
+    size, dequantize = gguf_file_mod._DEQUANTIZE[int(kind)]
+    assert size == gguf.constants.GGML_QUANT_SIZES[kind][1]
+    rng = np.random.default_rng(int(kind))
+    blocks = rng.integers(0, 256, (gguf_file_mod._CHUNK + 37, size), dtype=np.uint8)
+    specials = np.array([0x0001, 0x7C00, 0xFC00, 0x7E01, 0x8000, 0x3C00], np.uint16)
+    blocks[: len(specials), 0:2] = specials.view(np.uint8).reshape(-1, 2)  # scales d
+    with np.errstate(invalid="ignore"):  # inf * 0 in both
+        mine = dequantize(blocks)
+        expect = np.asarray(gguf.quants.dequantize(blocks, kind), np.float32).reshape(mine.shape)
+    assert mine.dtype == np.float32
+    assert np.array_equal(mine.view(np.uint32), expect.view(np.uint32))
+
+
 @pytest.mark.parametrize(
     "case",
     [
