@@ -358,7 +358,13 @@ class Engine:
 
     @classmethod
     def load(
-        cls, path: str | None = None, *, dtype=jnp.float32, batch_invariant: bool = True, **options
+        cls,
+        path: str | None = None,
+        *,
+        dtype=jnp.float32,
+        batch_invariant: bool = True,
+        compile_cache: bool = True,
+        **options,
     ) -> Engine:
         """Loads a GGUF file (default: SmolLM2-135M-Instruct) into an engine.
 
@@ -366,6 +372,11 @@ class Engine:
         probabilities bit-identical whatever shares the batch (docs/engine.md); ``options``
         are the slot engine's settings (``slots``, ``chunk_steps``, ``refill_free``,
         ``max_seq_len``, ``devices``, ``transforms``, ``prefetch``).
+        ``compile_cache=True`` (the default) turns on JAX's persistent compilation cache
+        (``jaxsample.explore.use_compile_cache``; the folder JAX is configured with, else
+        ``~/.cache/jaxsample/xla``) and with it the engine's programs kept on disk
+        (``jaxsample.engine.programs``), so that a new process neither compiles nor traces
+        the decode loop again; ``False`` leaves JAX's configuration as it is.
         """
         from jaxsample.model import load_model
 
@@ -374,6 +385,10 @@ class Engine:
         bound.apply_defaults()
         names = ("slots", "chunk_steps", "refill_free", "devices", "prefetch")
         check_engine_options(*(bound.arguments[k] for k in names))
+        if compile_cache:
+            from jaxsample.engine.programs import use_compile_cache
+
+            use_compile_cache()
         model, tok = load_model(path, dtype=dtype, batch_invariant=batch_invariant)
         name = "SmolLM2-135M-Instruct" if path is None else str(path).rsplit("/", 1)[-1]
         return cls(model, tok, model_name=name, **options)

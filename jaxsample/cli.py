@@ -8,9 +8,11 @@ it as plain text). Every sampling parameter has a flag; the flags are turned int
 OpenRouter request body and validated exactly like ``--request`` bodies.
 
 The command keeps XLA's compiled programs in a persistent cache (``$JAXSAMPLE_MODEL_DIR``
-or ``~/.cache/jaxsample``, folder ``xla``): the first run compiles the decode loop (tens of
-seconds on a small CPU), later runs with the same shapes load it. ``--no-compile-cache``
-turns it off; a cache directory already set in JAX's own configuration is left alone.
+or ``~/.cache/jaxsample``, folder ``xla``) and the traced decode loop beside the kernels
+(``programs``, :mod:`jaxsample.engine.programs`): the first run traces and compiles the
+decode loop (tens of seconds on a small CPU), later runs with the same shapes load both.
+``--no-compile-cache`` turns both off; a cache directory already set in JAX's own
+configuration is left alone.
 
 JSON is written strictly (``allow_nan=False``): a response never holds NaN or infinity.
 """
@@ -209,12 +211,15 @@ def main(argv: list[str] | None = None) -> int:
         print(_dumps(error_response(err)), file=sys.stdout if args.request else sys.stderr)
         return 2
 
-    if not args.no_compile_cache:
-        _enable_compile_cache()
     try:
         dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
         # Engine checks --max-seq-len against the model's context when built
-        engine = Engine.load(args.model, dtype=dtype, max_seq_len=args.max_seq_len)
+        engine = Engine.load(
+            args.model,
+            dtype=dtype,
+            max_seq_len=args.max_seq_len,
+            compile_cache=not args.no_compile_cache,
+        )
     except (ModelNotFoundError, ModelFileError) as err:
         print(f"jaxsample: {err}", file=sys.stderr)
         return 1

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from jaxsample import cli
@@ -61,7 +62,14 @@ def test_generate_request_prints_chat_completion(monkeypatch, capsys):
         "stop": ["\n\n"],
     }
     monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(body)))
-    assert cli.main(["generate", "--request", "-", "--no-compile-cache"]) == 0
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", None)
+    try:
+        assert cli.main(["generate", "--request", "-", "--no-compile-cache"]) == 0
+        # --no-compile-cache: JAX's configuration left alone (Engine.load turns it on)
+        assert jax.config.jax_compilation_cache_dir is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
     out = json.loads(capsys.readouterr().out)
     assert out["object"] == "chat.completion" and out["seed"] == 3
     choice = out["choices"][0]

@@ -173,6 +173,7 @@ def load_engine(cfg: JobConfig, *, model_name: str | None = None):
             cfg.model,
             dtype=jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32,
             batch_invariant=True,
+            compile_cache=False,  # the command's --no-compile-cache decides (batch/command.py)
             slots=cfg.slots,
             chunk_steps=cfg.chunk_steps,
             max_seq_len=cfg.max_seq_len,
