@@ -420,13 +420,18 @@ def test_memory_per_slot_is_reported(model, tok):
 _DEVICES_SCRIPT = r"""
 import json, sys
 import jax
+from pathlib import Path
 sys.path.insert(0, "tests")
 from jaxsample.api import Engine
+from jaxsample.engine import programs
 from small_engine import real_tokenizer, small_model
 from test_engine import workload
 tok = real_tokenizer()
 model = small_model(tok)
 n = int(sys.argv[1])
+if len(sys.argv) > 2:  # through programs kept in this folder (jaxsample.engine.programs)
+    programs.ENABLED = True
+    programs.directory = lambda: Path(sys.argv[2])
 engine = Engine(model, tok, slots=8, chunk_steps=8, devices=jax.devices()[:n])
 out = {k: [c.token_ids, c.finish_reason, c.logprobs] for k, c in engine.stream(workload())}
 print("RESULT" + json.dumps(out, sort_keys=True))
@@ -434,14 +439,17 @@ print("RESULT" + json.dumps(out, sort_keys=True))
 
 
 def test_data_parallel_over_devices_gives_the_same_outputs(tmp_path):
-    """Slots split over 4 (simulated) devices: byte-identical outputs to one device."""
+    """Slots split over 4 (simulated) devices: byte-identical outputs to one device; the same
+    through the engine's programs kept on disk (sharded), written by one process and loaded
+    by the next."""
     env = dict(
         os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
     )
     results = []
-    for n in (1, 4):
+    kept = str(tmp_path / "programs")
+    for argv in (["1"], ["4", kept], ["4", kept]):
         proc = subprocess.run(
-            [sys.executable, "-c", _DEVICES_SCRIPT, str(n)],
+            [sys.executable, "-c", _DEVICES_SCRIPT, *argv],
             capture_output=True,
             text=True,
             env=env,
@@ -450,7 +458,8 @@ def test_data_parallel_over_devices_gives_the_same_outputs(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT")][0]
         results.append(line)
-    assert results[0] == results[1]
+    assert results[0] == results[1] == results[2]
+    assert len(os.listdir(kept)) == 3  # the chunk loop and two prefill buckets, kept once
     assert jax.device_count() >= 1
 
 
