@@ -21,7 +21,6 @@ from jaxsample import SamplingParams
 from jaxsample import sampler as sm
 from jaxsample.api import Engine
 from jaxsample.engine import programs
-from jaxsample.engine import slots as sl
 
 
 @pytest.fixture
@@ -77,16 +76,17 @@ def test_kept_programs_give_the_same_bits_and_are_not_traced_again(kept, xla_cac
     assert exported == expected
     assert len(_files(kept, "chunk")) == 1 and len(_files(kept, "admit")) == 1
 
-    # a new process's view: nothing loaded; tracing the loop or the prefill would fail
+    # a new process's view: nothing loaded, and exporting (tracing) again would fail
     programs.clear()
 
-    def traced(*args, **kwargs):
+    def exported(*args, **kwargs):
         raise AssertionError("traced again")
 
-    monkeypatch.setattr(sl, "run_chunk", traced)
-    monkeypatch.setattr(sl, "prefill", traced)
+    monkeypatch.setattr(programs.export, "export", exported)
     loaded = _outputs(Engine(model, tok, slots=2, chunk_steps=4), items)
     assert loaded == expected
+    # every program came from its file (None would be the plain jit's fallback)
+    assert len(programs._loaded) == 2 and None not in programs._loaded.values()
     assert len(_files(kept, "chunk")) == 1 and len(_files(kept, "admit")) == 1
 
 
@@ -142,6 +142,21 @@ def test_what_shaped_a_program_is_its_key(kept, monkeypatch):
     # not cacheable (a user transform chain): the plain jit, nothing written
     _check(_run_toy(jnp.ones(6, jnp.float32), y, cacheable=False), _expect(np.ones(6), y))
     assert len(_files(kept, "toy")) == 5
+
+
+def test_a_function_replaced_at_run_time_is_never_run_from_an_old_program(kept, monkeypatch):
+    """A program traced before a monkeypatch (or a notebook's replacement of a sampler
+    function) is not used after it, and the reverse."""
+    y = np.arange(3, dtype=np.int32)
+    _check(_run_toy(jnp.ones(4, jnp.float32), y), _expect(np.ones(4, np.float32), y))
+
+    def front(*args, **kwargs):  # a stand-in with other code
+        return None
+
+    monkeypatch.setattr(sm, "_front", front)
+    programs.clear()
+    _run_toy(jnp.ones(4, jnp.float32), y)
+    assert len(_files(kept, "toy")) == 2
 
 
 def test_the_donated_argument_is_consumed(kept):

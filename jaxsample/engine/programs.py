@@ -15,7 +15,8 @@ is never run: the hash of every source file of this package (``.py``, and the CP
 (the model's graph definition with its config, the chunk length, the mesh's shape), every
 argument's structure, shape, dtype and sharding, the module-level settings of the modules
 whose code the programs run (``sampler.BRANCHES``, ``native.KERNELS``, ...: every
-upper-case number, string, boolean or tuple), whether the CPU kernels are in use, and the
+upper-case number, string, boolean or tuple) and which function each of their names holds
+(a function replaced at run time changes the key), whether the CPU kernels are in use, and the
 JAX settings that change a traced program's values (x64, the default matmul precision, the
 PRNG implementation and ``jax_threefry_partitionable``). A program with a user transform
 chain is never kept (user code is not in the hash). Files are written whole (a temporary
@@ -35,6 +36,7 @@ import functools
 import hashlib
 import importlib
 import logging
+import marshal
 import os
 import tempfile
 from collections.abc import Callable
@@ -132,6 +134,8 @@ def _settings() -> tuple:
         for attr, value in sorted(vars(importlib.import_module(name)).items()):
             if attr.isupper() and isinstance(value, simple):
                 found.append((name, attr, value))
+            elif callable(value) and not isinstance(value, type):
+                found.append((name, attr, _function_key(value)))
     config = jax.config
     jax_settings = (
         config.jax_enable_x64,
@@ -141,6 +145,20 @@ def _settings() -> tuple:
     )
     mode = native._mode() if native.KERNELS == "auto" else "xla"
     return tuple(found), jax_settings, mode, jax.default_backend()
+
+
+def _function_key(fn) -> tuple:
+    """Which function a module name holds: its own module and name, and its code when it is
+    not this package's (whose code the source hash covers). A function replaced at run time
+    (a monkeypatch, a notebook's experiment) changes the key, so a program traced with it is
+    never run in its place, nor it in the program's."""
+    fn = getattr(fn, "__wrapped__", fn)
+    where = (getattr(fn, "__module__", None), getattr(fn, "__qualname__", None))
+    if str(where[0]).startswith("jaxsample"):
+        return where
+    code = getattr(fn, "__code__", None)
+    digest = hashlib.sha1(marshal.dumps(code)).hexdigest() if code is not None else repr(fn)
+    return (*where, digest)
 
 
 def _versions() -> tuple:
