@@ -156,3 +156,27 @@ def test_a_lone_surrogate_field_name_is_refused_as_json_not_a_traceback(monkeypa
     err = json.loads(out)["error"]
     assert err["param"] == "\ud800" and err["type"] == "invalid_request_error"
     assert "\\ud800" in out
+
+
+@pytest.mark.parametrize("n,slots", [(None, 1), (3, 4), (40, 16)])
+def test_generate_gives_its_request_as_many_slots_as_choices(tmp_path, monkeypatch, n, slots):
+    """One request, not a 16-slot engine with a full cache per slot: the choices' count
+    rounded up to a power of two (at most 16); the answers do not depend on it."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from tiny_gguf import write_tiny_gguf
+
+    from jaxsample.api import Engine
+
+    model = tmp_path / "tiny.gguf"
+    write_tiny_gguf(model)
+    seen = []
+
+    def load(*args, **kwargs):
+        seen.append(kwargs["slots"])
+        raise SystemExit(7)  # the engine's size is all this test needs
+
+    monkeypatch.setattr(Engine, "load", load)
+    argv = ["generate", "--prompt", "hi", "--model", str(model), "--no-compile-cache"]
+    with pytest.raises(SystemExit):
+        cli.main(argv + ([] if n is None else ["--n", str(n)]))
+    assert seen == [slots]
