@@ -18,7 +18,7 @@ from jaxsample.api import Engine
 from jaxsample.model import Llama, Tokenizer, default_model_path, read_gguf, tiny_config
 
 
-def small_model(tok: Tokenizer, *, context_length: int = 256) -> Llama:
+def small_model(tok: Tokenizer, *, context_length: int = 256, dtype=jnp.float32) -> Llama:
     """A tiny random Llama over the real vocabulary, in the engine's batch-invariant mode, its
     random tied embedding softened (logit std ~8 -> ~0.8) so that rows really sample."""
     cfg = tiny_config(
@@ -28,7 +28,7 @@ def small_model(tok: Tokenizer, *, context_length: int = 256) -> Llama:
         batch_invariant=True,
         attn_block=128,
     )
-    model = Llama(cfg, rngs=nnx.Rngs(0))
+    model = Llama(cfg, rngs=nnx.Rngs(0), dtype=dtype)
     model.embed[...] = model.embed[...] * 0.1
     return model
 

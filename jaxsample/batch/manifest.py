@@ -39,8 +39,7 @@ FORMAT = "jaxsample-batch/1"
 #: manifest fields a resume (or a merge) may change: the paths (files move), and the slot
 #: count and chunk steps, which the engine's answers do not depend on (docs/engine.md, "Exact
 #: per request"; a resume on a smaller machine needs fewer slots, and a run that ran out of
-#: memory with too many has often written records already). In bfloat16 a resume keeps the
-#: slot count (see :meth:`Manifest.differences`).
+#: memory with too many has often written records already), in float32 and in bfloat16 alike.
 NOT_COMPARED = ("paths.", "settings.slots", "settings.chunk_steps")
 
 
@@ -106,15 +105,9 @@ class Manifest:
         information only (:data:`NOT_COMPARED`: paths may move, and slots and chunk steps do
         not change an answer)."""
         new_flat, old_flat = _flatten(self.data), _flatten(old)
-        skip = NOT_COMPARED
-        if "bfloat16" in (new_flat.get("settings.dtype"), old_flat.get("settings.dtype")):
-            # in bfloat16 a batch that fills the invariant width exactly (16 or 48 slots per
-            # device) rounds the output projection differently (docs/engine.md): the slot
-            # count can change an answer's last bits, so a resume keeps it
-            skip = tuple(k for k in NOT_COMPARED if k != "settings.slots")
         out = []
         for k in sorted(set(new_flat) | set(old_flat)):
-            if k.startswith(skip):
+            if k.startswith(NOT_COMPARED):
                 continue
             a, b = old_flat.get(k, "(absent)"), new_flat.get(k, "(absent)")
             if a != b:

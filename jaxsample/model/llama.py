@@ -114,16 +114,22 @@ def _round_up(n: int, m: int) -> int:
 
 
 def _pad_last(x: jax.Array, n: int) -> jax.Array:
-    """Zero-pad the last axis of x to length n (no-op when it already has n).
+    """Zero-pad the last axis of x to length n, as an array XLA cannot see through.
 
     The padded array goes through ``optimization_barrier``: otherwise XLA rewrites
     ``dot(W, pad(x))`` into ``pad(dot(W, x))`` and the matmul runs on the unpadded width
-    again, which defeats ``batch_invariant``.
+    again, which defeats ``batch_invariant``. When x already has n columns it is still
+    padded (by one column, then sliced back): a bare x, often a transposed view, let XLA
+    CPU fold the transpose into the matmul and pick another kernel than for a padded
+    operand. With bfloat16 weights that kernel rounded differently (a float32 matmul on
+    converted weights instead of XNNPACK's bfloat16 fusion), so a batch that fills the
+    invariant width exactly (16, 48 rows) gave other last bits than a padded one. Float32
+    bits are the same either way (tests/test_model.py).
     """
     extra = n - x.shape[-1]
-    if extra == 0:
-        return x
-    return jax.lax.optimization_barrier(jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)]))
+    pad = [(0, 0)] * (x.ndim - 1) + [(0, max(extra, 1))]
+    padded = jax.lax.optimization_barrier(jnp.pad(x, pad))
+    return padded if extra > 0 else padded[..., :n]
 
 
 def _attend_row(qh, q_pos, ck, cv, n_blocks, blk: int):
