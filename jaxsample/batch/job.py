@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 
 from jaxsample.batch.journal import Journal
 from jaxsample.batch.manifest import Manifest, manifest_path
-from jaxsample.batch.reader import Line, read_lines, shard_of
+from jaxsample.batch.reader import RUN, RUN_DUPLICATE, SKIP, Line, read_lines, shard_of
 from jaxsample.batch.summary import (
     Progress,
     Tally,
@@ -237,8 +237,10 @@ class _Clock:
         self.write = 0.0  # encoding, writing and syncing them
 
 
-def _timed_lines(path: str, clock: _Clock, limit: int | None = None) -> Iterator[Line]:
-    lines = read_lines(path, limit=limit)
+def _timed_lines(
+    path: str, clock: _Clock, limit: int | None = None, plan: bytearray | None = None
+) -> Iterator[Line]:
+    lines = read_lines(path, limit=limit, plan=plan)
     while True:
         t0 = time.perf_counter()
         line = next(lines, None)
@@ -301,11 +303,22 @@ def _run_locked(cfg: JobConfig, out: str, engine, engine_factory: Callable | Non
     clock.manifest = time.perf_counter() - t_start
     journal = Journal.open(out, sync_lines=cfg.sync_lines, sync_seconds=cfg.sync_seconds)
     try:
+        # the first pass counts and plans: one byte per input line says whether the second
+        # pass (the run) parses it again, so lines of other shards and lines already done
+        # are parsed once, and the run keeps no set of the custom_ids it read
         shard_lines = todo = 0
+        plan = bytearray()
         for line in _timed_lines(cfg.input, clock, limit):
-            if shard_of(line.key, n) == k:
-                shard_lines += 1
-                todo += line.key not in journal.done
+            if shard_of(line.key, n) != k:
+                plan.append(SKIP)
+                continue
+            shard_lines += 1
+            if line.key in journal.done:
+                plan.append(SKIP)
+                continue
+            todo += 1
+            dup = line.error is not None and line.error["code"] == "duplicate_custom_id"
+            plan.append(RUN_DUPLICATE if dup else RUN)
         _check_unchanged(cfg.input, input_state, "since the job started")
         skipped = shard_lines - todo
         run = Tally()
@@ -321,7 +334,7 @@ def _run_locked(cfg: JobConfig, out: str, engine, engine_factory: Callable | Non
                 engine = engine_factory() if engine_factory else load_engine(cfg, model_name=name)
             load_s = time.perf_counter() - t0
             t_run = time.perf_counter()
-            _run(cfg, engine, journal, clock, run, progress, limit)
+            _run(cfg, engine, journal, clock, run, progress, limit, plan)
             _check_unchanged(cfg.input, input_state, "while the job ran")
         progress.close()
         journal.close()
@@ -366,9 +379,15 @@ def _run_locked(cfg: JobConfig, out: str, engine, engine_factory: Callable | Non
 
 
 def _run(
-    cfg: JobConfig, engine, journal: Journal, clock: _Clock, run: Tally, progress, limit: int
+    cfg: JobConfig,
+    engine,
+    journal: Journal,
+    clock: _Clock,
+    run: Tally,
+    progress,
+    limit: int,
+    plan: bytearray,
 ) -> None:
-    k, n = cfg.shard
     pending: set[str] = set()  # handed to the engine, no result yet
     # requests() writes the error records of bad lines while the engine pulls from it: a
     # lock keeps lines whole even if an engine pulled from another thread
@@ -398,9 +417,7 @@ def _run(
             clock.records += seconds
 
     def requests() -> Iterator[tuple[str, dict]]:
-        for line in _timed_lines(cfg.input, clock, limit):
-            if shard_of(line.key, n) != k or line.key in journal.done:
-                continue
+        for line in _timed_lines(cfg.input, clock, limit, plan):  # this shard's, not done
             if line.error is not None:
                 t0 = time.perf_counter()
                 record = error_record(line.custom_id, line.error)
