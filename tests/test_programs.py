@@ -85,8 +85,8 @@ def test_kept_programs_give_the_same_bits_and_are_not_traced_again(kept, xla_cac
     monkeypatch.setattr(programs.export, "export", exported)
     loaded = _outputs(Engine(model, tok, slots=2, chunk_steps=4), items)
     assert loaded == expected
-    # every program came from its file (None would be the plain jit's fallback)
-    assert len(programs._loaded) == 2 and None not in programs._loaded.values()
+    # every program came from its file (None would be the plain program's fallback)
+    assert list(programs._loaded.values()) == ["read", "read"]
     assert len(_files(kept, "chunk")) == 1 and len(_files(kept, "admit")) == 1
 
 

@@ -39,6 +39,7 @@ import logging
 import marshal
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -58,8 +59,12 @@ KEEP = 32
 
 _log = logging.getLogger(__name__)
 _PACKAGE = Path(__file__).resolve().parent.parent
-# in-process: key -> (call, output treedef), or None for "use the plain jit" (export failed)
+# (name, function, static arguments, options, donated) -> the jitted wrapper that calls them
+_dispatchers: dict = {}
+# file name -> how this process got it: "read", "exported", or None (not exportable)
 _loaded: dict = {}
+# the arguments of the call being dispatched (a trace reads their shardings)
+_calling = threading.local()
 # the modules whose code the programs run: their settings are read when a program is traced
 _TRACED = (
     "jaxsample.automata.json_mode",
@@ -168,23 +173,6 @@ def _versions() -> tuple:
     return jax.__version__, jaxlib.__version__, flax.__version__
 
 
-def _spec(x) -> jax.ShapeDtypeStruct:
-    sharding = getattr(x, "sharding", None)
-    return jax.ShapeDtypeStruct(
-        x.shape, x.dtype, sharding=sharding if isinstance(sharding, NamedSharding) else None
-    )
-
-
-def _aval_key(x) -> tuple:
-    sharding = getattr(x, "sharding", None)
-    return (
-        tuple(x.shape),
-        str(x.dtype),
-        bool(getattr(x, "weak_type", False)),
-        sharding if isinstance(sharding, NamedSharding) else None,
-    )
-
-
 def _sharding_text(s) -> str:
     if s is None:
         return "-"
@@ -209,24 +197,51 @@ def run(
     ``args[donate]`` is donated (the jit's own donation). ``out_tree(args)`` gives the
     treedef of the result from the arguments (without tracing). ``cacheable=False`` (a user
     transform chain among the options) calls ``jitted`` as is.
+
+    Each call goes through one ``jax.jit`` per (name, static arguments, options), so that
+    JAX's own dispatch (C++, microseconds) recognises arguments it has seen; only when it
+    traces (new shapes) is the kept program found, or exported and kept, for them.
     """
     if not (cacheable and enabled()):
         return jitted(*static, *args, **options)
-    leaves, treedef = jax.tree.flatten(args)
-    key = (name, static, tuple(sorted(options.items())), treedef, tuple(map(_aval_key, leaves)))
-    entry = _loaded.get(key, False)
-    if entry is False:
-        entry = _prepare(name, jitted, static, args, options, leaves, treedef, donate, out_tree)
-        _loaded[key] = entry
-    if entry is None:
-        return jitted(*static, *args, **options)
-    call, out_treedef = entry
-    return jax.tree.unflatten(out_treedef, call(*leaves))
+    key = (name, jitted, static, tuple(sorted(options.items())), donate)
+    dispatch = _dispatchers.get(key)
+    if dispatch is None:
+        dispatch = _dispatchers[key] = _dispatcher(name, jitted, static, options, donate, out_tree)
+    _calling.args = args  # the concrete arguments, whose shardings a trace reads
+    try:
+        return dispatch(*args)
+    finally:
+        _calling.args = None
 
 
-def _prepare(name, jitted, static, args, options, leaves, treedef, donate, out_tree):
-    """Loads (or exports and saves) the program; (call, output treedef), or None."""
-    specs = [_spec(x) for x in leaves]
+def _dispatcher(name, jitted, static, options, donate, out_tree):
+    def traced(*args):
+        leaves, treedef = jax.tree.flatten(args)
+        specs = []
+        for tracer, given in zip(leaves, jax.tree.leaves(_calling.args), strict=True):
+            aval = jax.typeof(tracer)
+            sharding = _named(getattr(given, "sharding", None))
+            specs.append(
+                jax.ShapeDtypeStruct(
+                    aval.shape, aval.dtype, weak_type=aval.weak_type, sharding=sharding
+                )
+            )
+        exported = _program(name, jitted, static, options, specs, treedef)
+        if exported is None:  # not exportable: the program itself, traced here
+            return jitted.__wrapped__(*static, *args, **options)
+        return jax.tree.unflatten(out_tree(args), exported.call(*leaves))
+
+    return jax.jit(traced, donate_argnums=() if donate is None else (donate,))
+
+
+def _named(sharding):
+    return sharding if isinstance(sharding, NamedSharding) else None
+
+
+def _program(name, jitted, static, options, specs, treedef):
+    """The kept program for these arguments: read from its file, or exported and written
+    there; None when it cannot be exported (the caller then traces the function itself)."""
     described = (
         name,
         _versions(),
@@ -234,31 +249,32 @@ def _prepare(name, jitted, static, args, options, leaves, treedef, donate, out_t
         tuple(repr(s) for s in static),
         tuple(sorted((k, _option_text(v)) for k, v in options.items())),
         str(treedef),
-        tuple((s.shape, str(s.dtype), _sharding_text(s.sharding)) for s in specs),
+        tuple((s.shape, str(s.dtype), s.weak_type, _sharding_text(s.sharding)) for s in specs),
         _settings(),
     )
     digest = hashlib.sha1(repr(described).encode()).hexdigest()
     path = directory() / f"{name}-{digest}.jaxexport"
     exported = _read(path)
-    if exported is None:
-        body = jitted.__wrapped__
+    if exported is not None:
+        _loaded[path.name] = "read"
+        return exported
+    body = jitted.__wrapped__
 
-        def flat(*flat_args):
-            out = body(*static, *jax.tree.unflatten(treedef, flat_args), **options)
-            return jax.tree.leaves(out)
+    def flat(*flat_args):
+        out = body(*static, *jax.tree.unflatten(treedef, flat_args), **options)
+        return jax.tree.leaves(out)
 
-        checks = [export.DisabledSafetyCheck.custom_call(t) for t in native._TARGETS]
-        try:
-            exported = export.export(jax.jit(flat), disabled_checks=checks)(*specs)
-            blob = exported.serialize()
-        except Exception as err:  # not exportable: the plain jit (which raises a real error)
-            _log.debug("jaxsample: program %s not kept: %s", name, err)
-            return None
-        _write(path, blob)
-    first = len(jax.tree.leaves(args[:donate])) if donate is not None else 0
-    last = len(jax.tree.leaves(args[: donate + 1])) if donate is not None else 0
-    call = jax.jit(exported.call, donate_argnums=tuple(range(first, last)))
-    return call, out_tree(args)
+    checks = [export.DisabledSafetyCheck.custom_call(t) for t in native._TARGETS]
+    try:
+        exported = export.export(jax.jit(flat), disabled_checks=checks)(*specs)
+        blob = exported.serialize()
+    except Exception as err:  # the plain program instead (which raises any real error)
+        _log.debug("jaxsample: program %s not kept: %s", name, err)
+        _loaded[path.name] = None
+        return None
+    _write(path, blob)
+    _loaded[path.name] = "exported"
+    return exported
 
 
 def _option_text(value) -> str:
@@ -302,5 +318,7 @@ def _write(path: Path, blob: bytes | bytearray) -> None:
 
 
 def clear() -> None:
-    """Forgets the programs loaded in this process (the files stay)."""
+    """Forgets the programs loaded in this process (the files stay): the next call of each
+    traces its wrapper again and reads the file."""
+    _dispatchers.clear()
     _loaded.clear()
