@@ -43,6 +43,8 @@ from jaxsample.params import (
     InvalidRequestError,
     SamplingParams,
     _integer,
+    _key_text,
+    _short_repr,
     check_chain_outputs,
     check_engine_options,
     check_for_model,
@@ -186,6 +188,11 @@ def normalize_inputs(inputs: Any) -> list:
     items = list(inputs)
     if any(isinstance(x, Mapping) for x in items):  # messages: one conversation
         return [items]
+    numbers = (int, float, np.number, np.bool_)
+    if isinstance(inputs, (list, tuple)) and items and all(isinstance(x, numbers) for x in items):
+        # numbers with a float or bool among them: ONE prompt of (bad) token ids, refused on
+        # field prompt, not one request per number each failing on messages
+        return [inputs]
     return items
 
 
@@ -234,7 +241,7 @@ def _content_text(content: Any) -> str:
                 else "a content part must be an object with a 'type'"
             )
             raise InvalidRequestError("messages", part, _MESSAGES_ALLOWED, reason=reason)
-        extra = sorted(str(k) for k in part if k not in ("type", "text"))
+        extra = sorted(_key_text(k) for k in part if k not in ("type", "text"))
         if not isinstance(part.get("text"), str) or extra:
             raise InvalidRequestError(
                 "messages",
@@ -266,9 +273,12 @@ def validate_messages(messages: Any) -> list[dict]:
         role = m.get("role")
         if not isinstance(role, str) or role not in ROLES:
             raise InvalidRequestError(
-                "messages", m, _MESSAGES_ALLOWED, reason=f"role {role!r} is not supported"
+                "messages",
+                m,
+                _MESSAGES_ALLOWED,
+                reason=f"role {_short_repr(role)} is not supported",
             )
-        extra = sorted(str(k) for k in m if k not in _MESSAGE_KEYS)
+        extra = sorted(_key_text(k) for k in m if k not in _MESSAGE_KEYS)
         if extra:
             raise InvalidRequestError(
                 "messages", m, _MESSAGES_ALLOWED, reason=f"unsupported keys {extra}"
@@ -291,6 +301,9 @@ def choice_seed(seed: int, index: int) -> int:
     >>> choice_seed(7, 0), choice_seed(7, 1) == choice_seed(7, 1) != choice_seed(8, 1)
     (7, True)
     """
+    # both checked first: choice_seed("7", 0) returned "7", choice_seed(7, 0.0) returned 7
+    seed = _integer("seed", seed, INT64_MIN, INT64_MAX, "an integer in [-2**63, 2**63 - 1]")
+    index = _integer("index", index, 0, 2**32 - 1, "an integer in [0, 2**32 - 1]")
     return seed if index == 0 else derive_seed(seed, index)
 
 
@@ -540,7 +553,7 @@ class Engine:
                     "seed",
                     None,
                     f"a seed, or a request key to derive one from ({err.allowed})",
-                    reason=f"the key is {key!r}",
+                    reason=f"the key is {_short_repr(key)}",
                 ) from None
         return SlotRequest(
             key=(key, ids, p, seed),
@@ -656,11 +669,17 @@ class Engine:
         """
         inputs = normalize_inputs(inputs)
         job_seed = _check_job_seed(job_seed)
+        if not _is_bool(strict):  # strict="false" (a truthy string) ran strict
+            raise InvalidRequestError("strict", strict, "a boolean (True or False)")
         if params is None:
             params = SamplingParams()
         if isinstance(params, SamplingParams):
             params = [params] * len(inputs)
-        if isinstance(params, (Mapping, str, bytes)) or not isinstance(params, Iterable):
+        if (
+            isinstance(params, (Mapping, str, bytes))
+            or not isinstance(params, Iterable)
+            or (isinstance(params, (np.ndarray, jax.Array)) and params.ndim == 0)  # not iterable
+        ):
             raise InvalidRequestError(
                 "params",
                 params,

@@ -92,7 +92,10 @@ def next_token_logits(engine, inputs: Sequence) -> np.ndarray:
 def _id_array(field: str, ids, allowed: str) -> np.ndarray:
     """Token ids as a numpy integer array: integer (not boolean) values only, never rounded
     (a float id is a mistake: 1.7 was read as token 1)."""
-    arr = np.asarray(ids.tolist() if isinstance(ids, jax.Array) else ids)
+    try:
+        arr = np.asarray(ids.tolist() if isinstance(ids, jax.Array) else ids)
+    except Exception:  # a ragged list, or an object numpy cannot read
+        raise InvalidRequestError(field, ids, allowed, reason="not an array of ids") from None
     if arr.size and (arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer)):
         raise InvalidRequestError(
             field, f"<{arr.dtype} array of shape {arr.shape}>", allowed, reason="not integers"

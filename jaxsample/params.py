@@ -67,9 +67,19 @@ def _short_repr(value: Any) -> str:
             sign = "negative " if value < 0 else ""
             return f"<{sign}int of {int(value).bit_length()} bits>"
         return f"<{type(value).__name__} holding an int too large to show>"
+    except RecursionError:  # a structure nested too deeply to show
+        return f"<{type(value).__name__} nested too deeply to show>"
+    except Exception:  # an object whose own __repr__ raises: the error still names it
+        return f"<{type(value).__name__} object>"
     if len(text) > _REPR_LIMIT:
         text = text[: _REPR_LIMIT - 3] + "..."
     return text
+
+
+def _key_text(key: Any) -> str:
+    """A map key as text for a field name or a list of keys: a string as is, anything else
+    as its short repr (``str(10**5000)`` raises ValueError)."""
+    return key if isinstance(key, str) else _short_repr(key)
 
 
 class InvalidRequestError(ValueError):
@@ -255,6 +265,33 @@ _FORMAT_ALLOWED = (
 _SCHEMA_KEYS = ("name", "schema", "strict", "description")
 
 
+class _IntTooLarge(Exception):
+    """An integer of a JSON Schema that no double holds (``float(i)`` overflows)."""
+
+
+def _double_int(digits: str) -> int:
+    """``json.loads``' ``parse_int`` for a schema: the int, if a double can hold it."""
+    value = int(digits)
+    try:
+        float(value)
+    except OverflowError:
+        raise _IntTooLarge(_short_repr(value)) from None
+    return value
+
+
+def _check_text(field: str, text: str) -> None:
+    """Refuses a string that cannot be encoded as UTF-8 (a lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InvalidRequestError(
+            field,
+            text,
+            "text encodable as UTF-8",
+            reason=f"a lone surrogate {text[err.start]!r} at character {err.start}",
+        ) from None
+
+
 def _json_schema_object(value: Any) -> str:
     """The ``json_schema`` object of a response_format, validated (the schema against the
     supported subset too), as canonical JSON text: ``{"name", "schema", "strict"}``."""
@@ -264,7 +301,7 @@ def _json_schema_object(value: Any) -> str:
     allowed = '{"name": "<1-64 of a-z A-Z 0-9 _ ->", "schema": {...}, "strict": true|false}'
     if not isinstance(value, Mapping):
         raise InvalidRequestError(field, value, allowed, reason="not an object")
-    extra = sorted(str(k) for k in value if k not in _SCHEMA_KEYS)
+    extra = sorted(_key_text(k) for k in value if k not in _SCHEMA_KEYS)
     if extra:
         raise InvalidRequestError(field, value, allowed, reason=f"unknown keys {extra}")
     name = value.get("name")
@@ -276,6 +313,13 @@ def _json_schema_object(value: Any) -> str:
         strict = False
     if not _is_bool(strict):
         raise InvalidRequestError(f"{field}.strict", strict, "a boolean (true or false)")
+    description = value.get("description")
+    if description is not None:  # no effect on the output, but it must be what OpenAI takes
+        if not isinstance(description, str):
+            raise InvalidRequestError(
+                f"{field}.description", description, "a string (or null)", reason="not a string"
+            )
+        _check_text(f"{field}.description", description)
     if "schema" not in value or not isinstance(value["schema"], (Mapping, bool)):
         raise InvalidRequestError(
             f"{field}.schema",
@@ -286,12 +330,29 @@ def _json_schema_object(value: Any) -> str:
     try:
         text = js.canonical(value["schema"])
         text.encode("utf-8")  # a lone surrogate in a literal would fail in the compiler
+        # a number a double cannot hold (an int of 400 digits) raised OverflowError inside
+        # the schema checks; JSON parsers read such numbers as doubles, so it is refused here
+        json.loads(text, parse_int=_double_int)
     except UnicodeEncodeError as err:
         raise InvalidRequestError(
             f"{field}.schema",
             value["schema"],
             "a JSON Schema object encodable as UTF-8",
             reason=f"a lone surrogate {text[err.start]!r}",
+        ) from None
+    except RecursionError:  # json.dumps of a schema nested thousands deep
+        raise InvalidRequestError(
+            f"{field}.schema",
+            "<a schema nested too deeply>",
+            "a JSON Schema object",
+            reason="nested too deeply",
+        ) from None
+    except _IntTooLarge as err:
+        raise InvalidRequestError(
+            f"{field}.schema",
+            value["schema"],
+            "a JSON Schema object whose numbers are finite doubles (magnitude below 1.8e308)",
+            reason=f"the number {err.args[0]} is too large",
         ) from None
     except (TypeError, ValueError):
         raise InvalidRequestError(
@@ -313,7 +374,9 @@ def _response_format(value: Any, stored_schema: Any = None) -> tuple[str, str | 
     if not isinstance(kind, str) or kind not in RESPONSE_FORMATS:
         raise InvalidRequestError("response_format", value, _FORMAT_ALLOWED, reason="unknown type")
     known = ("type", "json_schema") if kind == "json_schema" else ("type",)
-    extra = sorted(str(k) for k in value if k not in known) if isinstance(value, Mapping) else []
+    extra = (
+        sorted(_key_text(k) for k in value if k not in known) if isinstance(value, Mapping) else []
+    )
     if extra:
         raise InvalidRequestError(
             "response_format", value, _FORMAT_ALLOWED, reason=f"unknown keys {extra}"
@@ -661,7 +724,7 @@ class SamplingParams:
                 _check_request_field(key, value)
             else:
                 raise InvalidRequestError(
-                    str(key), value, _unknown_allowed(key), reason="unsupported field"
+                    _key_text(key), value, _unknown_allowed(key), reason="unsupported field"
                 )
         alias = body.get("max_completion_tokens")
         if alias is not None:
@@ -760,7 +823,7 @@ def request_n(value: Any) -> int:
 
 
 def _did_you_mean(key: Any, known) -> str | None:
-    close = difflib.get_close_matches(str(key), known, n=1)
+    close = difflib.get_close_matches(_key_text(key), known, n=1)
     return f"did you mean {close[0]!r}?" if close else None
 
 
@@ -793,25 +856,29 @@ def token_id_array(field: str, ids: Any, vocab_size: int) -> np.ndarray:
     >>> token_id_array("prompt", [3, 1], 5).tolist()
     [3, 1]
     """
-    arr = np.asarray([] if ids is None else ids)
+    allowed = "a flat sequence of int token ids (a list, numpy or jax array)"
+    try:
+        arr = np.asarray([] if ids is None else ids)
+    except Exception:  # ragged lists, objects numpy refuses (or whose repr raises)
+        raise InvalidRequestError(field, ids, allowed) from None
     if arr.ndim == 1 and arr.size == 0:
         return np.zeros(0, np.int64)
-    if not (np.issubdtype(arr.dtype, np.integer) and arr.ndim == 1):
+    if arr.ndim == 1 and arr.dtype == object and all(_is_int(t) for t in arr.tolist()):
+        # Python ints past int64/uint64 (2**70): out of any vocabulary, shown as given
+        bad = [int(t) for t in arr.tolist() if not 0 <= t < vocab_size]
+        arr = np.asarray([0] * len(arr)) if bad else arr.astype(np.int64)
+    elif not (np.issubdtype(arr.dtype, np.integer) and arr.ndim == 1):
+        raise InvalidRequestError(field, f"<{arr.dtype} array of shape {arr.shape}>", allowed)
+    else:  # compared in the array's own dtype: uint64 ids >= 2**63 are not read as negative
+        bad = arr[(arr < 0) | (arr >= vocab_size)].tolist()
+    if bad:
         raise InvalidRequestError(
             field,
-            f"<{arr.dtype} array of shape {arr.shape}>",
-            "a flat sequence of int token ids (a list, numpy or jax array)",
-        )
-    arr = arr.astype(np.int64)
-    bad = (arr < 0) | (arr >= vocab_size)
-    if bad.any():
-        raise InvalidRequestError(
-            field,
-            int(arr[bad][0]),
+            int(bad[0]),
             f"token ids in [0, {vocab_size - 1}] (the vocabulary has {vocab_size})",
-            reason=f"token id out of the vocabulary ({int(bad.sum())} of {arr.size} ids)",
+            reason=f"token id out of the vocabulary ({len(bad)} of {arr.size} ids)",
         )
-    return arr
+    return arr.astype(np.int64)
 
 
 #: An engine's KV cache length when ``max_seq_len`` is not given: the model's context, at most
@@ -852,7 +919,7 @@ def check_engine_options(slots, chunk_steps, refill_free, devices, prefetch) -> 
                 "devices",
                 devices,
                 "None (one device) or a non-empty list of jax devices (jax.devices())",
-                reason=f"{wrong[0]!r} is not a jax.Device" if wrong else "empty",
+                reason=f"{_short_repr(wrong[0])} is not a jax.Device" if wrong else "empty",
             )
     n_devices = 1 if devices is None else len(devices)
     allowed = f"an integer >= 1, a multiple of the {n_devices} device(s)"
@@ -997,12 +1064,26 @@ def derive_seed(job_seed: int, key: int | str) -> int:
         >>> 0 <= derive_seed(-1, 2**32 - 1) < 2**53
         True
     """
+    job_seed = _integer("job_seed", job_seed, INT64_MIN, INT64_MAX, _SEED_ALLOWED)
     words = seed_words(job_seed)
     hi, lo = (int(w) for w in np.asarray(_derived_bits(words, _key_words(key))))
     return ((hi << 32) | lo) >> 11
 
 
 # ----------------------------------------------------------------------------- packing
+
+
+def _listed(field: str, value: Any, allowed: str) -> list:
+    """``value`` (a list, tuple or other iterable; not a string, bytes, dict or array
+    scalar) as a list, else an :class:`InvalidRequestError` naming ``field``."""
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise InvalidRequestError(field, value, allowed, reason=type(value).__name__)
+    try:
+        return list(value)
+    except TypeError:  # a 0-d numpy or jax array: iterable by type, not in fact
+        raise InvalidRequestError(
+            field, value, allowed, reason="a 0-d array is not a list"
+        ) from None
 
 
 def pack_rows(
@@ -1035,11 +1116,12 @@ def pack_rows(
         raise InvalidRequestError(
             "params", params_list, "a list of SamplingParams (one per row)", reason="not a list"
         )
-    params_list = list(params_list)
+    params_list = _listed("params", params_list, "a list of SamplingParams (one per row)")
     for i, p in enumerate(params_list):
         if not isinstance(p, SamplingParams):
             raise InvalidRequestError("params", p, "a SamplingParams", index=i)
     vocab_size = _integer("vocab_size", vocab_size, 1, 2**31 - 1, "an integer in [1, 2**31 - 1]")
+    seeds = _listed("seeds", seeds, f"a list of {len(params_list)} int seeds (one per row)")
     if len(seeds) != len(params_list):
         raise ValueError(f"{len(params_list)} params but {len(seeds)} seeds")
     b = len(params_list)
@@ -1051,7 +1133,11 @@ def pack_rows(
         for j, (token, bias) in enumerate(p.logit_bias):
             bias_ids[i, j] = token
             bias_values[i, j] = bias
-        words[i] = seed_words(seed)
+        try:
+            words[i] = seed_words(seed)
+        except InvalidRequestError as err:
+            err.index = i
+            raise
 
     def column(name, dtype):
         return np.array([getattr(p, name) for p in params_list], dtype=dtype).reshape(b)

@@ -27,7 +27,6 @@ the token id only, so every path draws the same token from the same distribution
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -39,7 +38,7 @@ from jax import lax
 
 from jaxsample import native
 from jaxsample import transforms as tf
-from jaxsample.params import InvalidRequestError, _integer, token_id_array
+from jaxsample.params import InvalidRequestError, _integer, _listed, token_id_array
 from jaxsample.rows import TOP_LOGPROBS_MAX, RowParams
 from jaxsample.transforms import _maybe
 
@@ -96,7 +95,8 @@ class History:
 
         ``prompt_ids``/``output_ids``: a Python list, a numpy array or a jax array of ints.
         """
-        _integer("vocab_size", vocab_size, 1, None, "an integer >= 1")
+        # int32 token ids, as pack_rows: 2**63 overflowed inside numpy, 2**32 asked for 32 GiB
+        _integer("vocab_size", vocab_size, 1, 2**31 - 1, "an integer in [1, 2**31 - 1]")
         prompt = token_id_array("prompt_ids", prompt_ids, vocab_size)
         output = token_id_array("output_ids", output_ids, vocab_size)
         counts = np.bincount(output, minlength=vocab_size).astype(np.int32)
@@ -789,6 +789,7 @@ def distribution(
         [0.625, 0.375, 0.0]
     """
     hist = _check_shapes(logits, row, hist, allowed, batched=False)
+    _check_static(num_candidates, second_tier)
     plan = Plan.everything() if plan is None else plan
     chain = tf.check_chain(transforms)
     f = _front(logits, row, hist, allowed, plan, num_candidates, chain)
@@ -854,7 +855,7 @@ def _one_key(key) -> jax.Array:
     ``u32[3]``...). Shapes and dtypes are static: checked on the host and when traced."""
     try:
         key = jnp.asarray(key)
-    except TypeError:
+    except Exception:  # None, 2**31, a lone surrogate, an object whose repr raises ...
         raise InvalidRequestError("key", key, KEY_ALLOWED) from None
     typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
     if key.shape != (() if typed else (2,)) or not (typed or key.dtype == jnp.uint32):
@@ -998,6 +999,7 @@ def draw(dist: Distribution, key: jax.Array, *, plan: Plan | None = None) -> jax
         >>> int(jax.jit(draw)(d, jax.random.key(0))) in range(4)
         True
     """
+    _check_dist(dist)
     plan = Plan.everything() if plan is None else plan
     words = _key_words(key)
     d = dist
@@ -1018,13 +1020,43 @@ def _pick(d: Distribution, tok_c, tok_2, tok_f) -> jax.Array:
     return jnp.where(d.ok, token, -1)
 
 
+def _check_dist(dist) -> None:
+    if not isinstance(dist, Distribution):  # an AttributeError ('... has no attribute z')
+        raise InvalidRequestError(
+            "dist", f"<{type(dist).__name__}>", "a Distribution (jaxsample.distribution(...))"
+        )
+
+
+_IDS_ALLOWED = "integer token ids (int32: ids outside [0, V) give -inf)"
+
+
+def _ids(ids) -> jax.Array:
+    """``ids`` as an integer array, else :class:`InvalidRequestError`: a float id (1.5 failed
+    inside JAX as an indexer), a bool (read as 0 or 1) or an int that int32 cannot hold."""
+    try:
+        arr = ids if isinstance(ids, jax.Array) else np.asarray(ids)
+    except Exception:  # whatever numpy cannot read as an array
+        raise InvalidRequestError("ids", ids, _IDS_ALLOWED) from None
+    if arr.dtype == np.bool_ or not jnp.issubdtype(arr.dtype, jnp.integer):
+        raise InvalidRequestError("ids", f"<{arr.dtype} array>", _IDS_ALLOWED)
+    if isinstance(arr, np.ndarray) and arr.size:
+        info = np.iinfo(np.int32)
+        low, high = arr.min(), arr.max()
+        if low < info.min or high > info.max:  # JAX would wrap or refuse it
+            raise InvalidRequestError(
+                "ids", int(low if low < info.min else high), _IDS_ALLOWED, reason="not int32"
+            )
+    return jnp.asarray(arr)
+
+
 def log_prob(dist: Distribution, ids: jax.Array) -> jax.Array:
     """``f32[...]``: log probabilities of tokens ``ids`` (any shape) under ``dist``.
 
     ``-inf`` for removed tokens and for ids outside ``[0, V)``; a greedy row gives 0 for its
     argmax; a row with no allowed token gives ``-inf`` everywhere.
     """
-    ids = jnp.asarray(ids)
+    _check_dist(dist)
+    ids = _ids(ids)
     vocab = dist.z.shape[-1]
     inside = (ids >= 0) & (ids < vocab)
     values = jnp.where(inside, dist.z[jnp.clip(ids, 0, vocab - 1)], -jnp.inf)
@@ -1044,9 +1076,9 @@ def top_logprobs(dist: Distribution, n: int = TOP_LOGPROBS_MAX) -> tuple[jax.Arr
     tokens in order (128 by default): past them the ids are -1 and the log probabilities
     ``-inf``, whether or not those tokens are kept (a larger ``num_candidates`` holds more).
     """
+    _check_dist(dist)
     held = dist.ids.shape[-1]
-    if not isinstance(n, (int, np.integer)) or n < 0:
-        raise ValueError(f"top_logprobs: n={n!r} must be an int >= 0 (static)")
+    n = _integer("n", n, 0, 2**31 - 1, "an integer in [0, 2**31 - 1] (static)")
     k = min(n, held)
     ids = dist.ids[:k]
     lp = log_prob(dist, ids)
@@ -1290,10 +1322,19 @@ def _check_shapes(logits, row: RowParams, hist: History | None, allowed, *, batc
     inside JAX. Returns ``hist``, or for ``None`` an empty history (no tokens yet)."""
     want = "[B, V]" if batched else "[V] (one row; the batched functions take [B, V])"
     ndim = 2 if batched else 1
-    shape = tuple(jnp.shape(logits))
+    if not isinstance(logits, (np.ndarray, jax.Array)):  # a list failed on logits.shape inside
+        raise InvalidRequestError(
+            "logits", logits, f"a numpy or jax array of shape {want}", reason="not an array"
+        )
+    dtype = _dtype_of("logits", logits)
+    shape = _shape_of("logits", logits)
     if len(shape) != ndim or 0 in shape:
         raise InvalidRequestError(
             "logits", f"<array of shape {shape}>", f"an array of shape {want}"
+        )
+    if not jnp.issubdtype(dtype, jnp.floating):  # complex lost its imaginary part, bool was 0/1
+        raise InvalidRequestError(
+            "logits", f"<{dtype} array>", "a floating-point array (float32, bfloat16, ...)"
         )
     name = "rows" if batched else "row"
     if not isinstance(row, RowParams):
@@ -1319,20 +1360,62 @@ def _check_shapes(logits, row: RowParams, hist: History | None, allowed, *, batc
         raise InvalidRequestError(
             "hist", f"<{type(hist).__name__}>", "a History (History.from_tokens), or None"
         )
-    for name, arr in (("hist.counts", hist.counts), ("hist.in_prompt", hist.in_prompt)):
-        if tuple(jnp.shape(arr)) != shape:
+    for name, arr, kind in (
+        ("hist.counts", hist.counts, jnp.integer),
+        ("hist.in_prompt", hist.in_prompt, jnp.bool_),
+    ):
+        if _shape_of(name, arr) != shape:
             raise InvalidRequestError(
                 name,
-                f"<array of shape {tuple(jnp.shape(arr))}>",
+                f"<array of shape {_shape_of(name, arr)}>",
                 f"the logits' shape {shape} (History.from_tokens(..., vocab_size=V))",
             )
-    if allowed is not None and tuple(jnp.shape(allowed)) != shape:
-        raise InvalidRequestError(
-            "allowed",
-            f"<array of shape {tuple(jnp.shape(allowed))}>",
-            f"None or a bool array of the logits' shape {shape}",
-        )
+        got = _dtype_of(name, arr)
+        if not jnp.issubdtype(got, kind):  # float counts, or a float in_prompt failed inside
+            want_dtype = "an integer" if kind is jnp.integer else "a bool"
+            raise InvalidRequestError(
+                name, f"<{got} array>", f"{want_dtype} array (History.from_tokens(...))"
+            )
+    if allowed is not None:
+        got = _dtype_of("allowed", allowed)
+        got_shape = _shape_of("allowed", allowed)
+        if got_shape != shape or got != jnp.bool_:
+            # a float mask failed inside JAX; an int mask was read bitwise (~2 is -3: True)
+            raise InvalidRequestError(
+                "allowed",
+                f"<{got} array of shape {got_shape}>",
+                f"None or a bool array of the logits' shape {shape}",
+            )
     return hist
+
+
+def _shape_of(name: str, x) -> tuple:
+    """The shape of an array argument (a tracer, an array, or a list numpy reads), else an
+    :class:`InvalidRequestError` naming it."""
+    if hasattr(x, "shape") and not isinstance(x, (str, bytes)):
+        return tuple(x.shape)
+    try:
+        return tuple(np.shape(x))
+    except Exception:  # a ragged list
+        raise InvalidRequestError(name, x, "an array") from None
+
+
+def _dtype_of(name: str, x) -> np.dtype:
+    """The dtype of an array argument (a tracer, an array, or a list numpy reads), else an
+    :class:`InvalidRequestError` naming it."""
+    if hasattr(x, "dtype") and not isinstance(x, (str, bytes)):
+        return x.dtype
+    try:
+        return np.asarray(x).dtype
+    except Exception:  # whatever numpy cannot read as an array
+        raise InvalidRequestError(name, x, "an array") from None
+
+
+def _check_static(num_candidates, second_tier) -> None:
+    """The sampler's static sizes: ``num_candidates`` an integer >= 1, ``second_tier`` an
+    integer >= 0 (0 candidates failed with an IndexError inside, a float inside a shape)."""
+    _integer("num_candidates", num_candidates, 1, 2**31 - 1, "an integer in [1, 2**31 - 1]")
+    _integer("second_tier", second_tier, 0, 2**31 - 1, "an integer in [0, 2**31 - 1]")
 
 
 def _rows_axes(allowed):
@@ -1368,6 +1451,7 @@ def distributions(
     :func:`sample_rows` puts its reports there.
     """
     hist = _check_shapes(logits, rows, hist, allowed, batched=True)
+    _check_static(num_candidates, second_tier)
     words = None if keys is None else jax.vmap(_key_words)(keys)
     chain = tf.check_chain(transforms)
     vocab = logits.shape[-1]
@@ -1704,12 +1788,16 @@ _PARAMS_ALLOWED = (
     " from a request dict)"
 )
 _STEP_ALLOWED = "an integer in [0, 2**31 - 1] (the output position)"
+_JOB_SEED_ALLOWED = "an integer in [-2**63, 2**63 - 1], or None (= 0)"
 
 
 def _host_logits(logits) -> jax.Array:
     """The host wrappers' logits: a floating-point ``[B, V]`` array (any float dtype; lists
     too), else :class:`InvalidRequestError` naming what it is."""
-    arr = logits if isinstance(logits, jax.Array) else np.asarray(logits)
+    try:  # a ragged list or an object numpy refuses: named, not numpy's ValueError
+        arr = logits if isinstance(logits, jax.Array) else np.asarray(logits)
+    except Exception:  # whatever numpy cannot read as an array
+        raise InvalidRequestError("logits", logits, _LOGITS_SHAPE) from None
     if not jnp.issubdtype(arr.dtype, jnp.floating):
         raise InvalidRequestError(
             "logits", f"<{arr.dtype} array>", "a floating-point array (float32, bfloat16, ...)"
@@ -1735,10 +1823,8 @@ def _host_inputs(logits, params, prompt_tokens, output_tokens, job_seed, key, tr
     batch, vocab = logits.shape
     if isinstance(params, SamplingParams):
         plist = [params] * batch
-    elif isinstance(params, (str, bytes, Mapping)) or not isinstance(params, Iterable):
-        raise InvalidRequestError("params", params, _PARAMS_ALLOWED)
     else:
-        plist = list(params)
+        plist = _listed("params", params, _PARAMS_ALLOWED)
     for i, p in enumerate(plist):
         if not isinstance(p, SamplingParams):
             raise InvalidRequestError(f"params[{i}]", p, _PARAMS_ALLOWED)
@@ -1766,20 +1852,25 @@ def _host_inputs(logits, params, prompt_tokens, output_tokens, job_seed, key, tr
             f"<{len(plist)} SamplingParams>",
             f"one SamplingParams, or a list of {batch}: one per row of the logits",
         )
+    token_lists = {}
     for name, lists in (("prompt_tokens", prompt_tokens), ("output_tokens", output_tokens)):
-        if lists is not None and len(lists) != batch:
-            raise InvalidRequestError(
-                name,
-                f"<{len(lists)} entries>",
-                f"one token list per row of the logits ({batch}), e.g. [[1, 2]] for one row",
-            )
-        for i, entry in enumerate(lists if lists is not None else ()):
-            if entry is not None and np.ndim(entry) != 1:  # a flat list is not one per row
+        per_row = f"one token list per row of the logits ({batch}), e.g. [[1, 2]] for one row"
+        lists = [None] * batch if lists is None else _listed(name, lists, per_row)
+        if len(lists) != batch:
+            raise InvalidRequestError(name, f"<{len(lists)} entries>", per_row)
+        for i, entry in enumerate(lists):
+            try:
+                flat = entry is None or np.ndim(entry) == 1
+            except Exception:  # a ragged list numpy cannot read
+                flat = False
+            if not flat:  # a flat list of ints is not one list per row
                 raise InvalidRequestError(
                     f"{name}[{i}]",
                     entry,
                     f"row {i}'s list of token ids (or None): one list per row, e.g. [[1, 2]]",
                 )
+        # each list named as the caller wrote it (History.from_tokens says prompt_ids)
+        token_lists[name] = [token_id_array(f"{name}[{i}]", e, vocab) for i, e in enumerate(lists)]
     if key is not None:
         if job_seed is not None:
             raise InvalidRequestError(
@@ -1797,6 +1888,7 @@ def _host_inputs(logits, params, prompt_tokens, output_tokens, job_seed, key, tr
         pack_seeds = [0] * batch
     else:
         job_seed = 0 if job_seed is None else job_seed
+        job_seed = _integer("job_seed", job_seed, -(2**63), 2**63 - 1, _JOB_SEED_ALLOWED)
         seeds = tuple(
             p.seed if p.seed is not None else derive_seed(job_seed, i) for i, p in enumerate(plist)
         )
@@ -1807,9 +1899,7 @@ def _host_inputs(logits, params, prompt_tokens, output_tokens, job_seed, key, tr
     hist = History.stack(
         [
             History.from_tokens(
-                prompt_tokens[i] if prompt_tokens is not None else None,
-                output_tokens[i] if output_tokens is not None else None,
-                vocab,
+                token_lists["prompt_tokens"][i], token_lists["output_tokens"][i], vocab
             )
             for i in range(batch)
         ]
@@ -1855,17 +1945,22 @@ def sample(
         >>> int(sample(jnp.zeros((1, 4)), SamplingParams(), key=jax.random.key(1)).tokens[0]) < 4
         True
     """
+    step = _host_step(step)  # checked first: an array step failed on its truth value here
     if key is not None and step != 0:
-        raise ValueError("step is the position folded into each seed's key; with key= fold it in")
+        raise InvalidRequestError(
+            "step",
+            step,
+            "0 with key=: step is the position folded into each seed's key; with key= fold"
+            " it into the key yourself",
+            reason="key= was given",
+        )
     chain = tf.check_chain(transforms)
     logits, rows, hist, seeds = _host_inputs(
         logits, params, prompt_tokens, output_tokens, job_seed, key, chain
     )
     keys = None if key is None else _row_keys(_one_key(key), logits.shape[0])
     out = jax.device_get(
-        sample_batch(
-            logits, rows, hist, None, jnp.int32(_host_step(step)), keys=keys, transforms=chain
-        )
+        sample_batch(logits, rows, hist, None, jnp.int32(step), keys=keys, transforms=chain)
     )
     return SampleResult(
         tokens=out.token,

@@ -32,7 +32,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -846,20 +846,34 @@ class UserTransform:
 def check_chain(chain) -> tuple:
     """Returns the chain as a tuple of :class:`UserTransform` with distinct names (one
     transform alone is a chain of one)."""
+    from jaxsample.params import InvalidRequestError  # (params imports this module)
+
+    allowed = "a UserTransform, or a tuple of UserTransform objects with distinct names"
     if isinstance(chain, UserTransform):
         chain = (chain,)
+    if chain is None:
+        chain = ()
+    # a string was iterated as its characters, an array failed on its truth value
+    if isinstance(chain, (str, bytes, Mapping, np.ndarray, jax.Array)):
+        raise InvalidRequestError(
+            "transforms", chain, allowed, reason="a transform chain is a tuple of UserTransform"
+        )
     try:
-        chain = tuple(chain or ())
+        chain = tuple(chain)
     except TypeError:
-        raise ValueError(
-            f"a transform chain is a tuple of UserTransform objects, got {chain!r}"
+        raise InvalidRequestError(
+            "transforms", chain, allowed, reason="a transform chain is a tuple of UserTransform"
         ) from None
     for t in chain:
         if not isinstance(t, UserTransform):
-            raise ValueError(f"a transform chain holds UserTransform objects, got {t!r}")
+            raise InvalidRequestError(
+                "transforms", t, allowed, reason="a transform chain holds UserTransform objects"
+            )
     names = [t.name for t in chain]
     if len(set(names)) != len(names):
-        raise ValueError(f"user transform names must be distinct, got {names}")
+        raise InvalidRequestError(
+            "transforms", names, allowed, reason="user transform names must be distinct"
+        )
     return chain
 
 

@@ -704,3 +704,57 @@ def test_engine_refuses_a_bad_max_seq_len_when_built(value):
         Engine(model, None, max_seq_len=value)
     assert info.value.field == "max_seq_len" and "[1, 64]" in info.value.allowed
     assert Engine(model, None, max_seq_len=64).engine_options["max_seq_len"] == 64
+
+
+# ----------------------------------------------------------------------------- fuzzing pass
+# (tests/test_fuzz_inputs.py found these; each was another exception, or a silent misreading)
+
+
+def test_generate_checks_strict_and_a_0d_params_array(engine):
+    """strict="false" (a truthy string) ran in strict mode, strict=np.array([1, 2]) raised
+    numpy's ValueError; params=np.array(3) raised "iteration over a 0-d array"."""
+    for strict in ("false", 1, None, np.array([1, 2])):
+        with pytest.raises(InvalidRequestError) as err:
+            engine.generate([], strict=strict)
+        assert err.value.field == "strict"
+    assert engine.generate([], strict=np.bool_(True)) == []
+    for params in (np.array(3), jnp.array(2)):
+        with pytest.raises(InvalidRequestError) as err:
+            engine.generate(["Hi"], params)
+        assert err.value.field == "params"
+
+
+def test_a_list_of_numbers_with_floats_is_one_bad_prompt():
+    """generate([1.0, 2.0]) ran two requests, each failing on 'messages' with the value 1.0;
+    it is one prompt of token ids, refused on field prompt (docs/api.md), as [[1.0, 2.0]]."""
+    assert normalize_inputs([1.0, 2.0]) == [[1.0, 2.0]]
+    assert normalize_inputs((True, 2)) == [(True, 2)]
+    assert normalize_inputs(["a", 1.0]) == ["a", 1.0]  # a batch, as before
+    assert normalize_inputs([1, 2]) == [[1, 2]]
+
+
+def test_generate_refuses_a_float_id_list_as_one_request(engine):
+    [c] = engine.generate([1.0, 2.0], SamplingParams(max_tokens=2, seed=1))
+    assert c.error is not None and c.error.field == "prompt"
+
+
+def test_messages_with_keys_or_roles_that_cannot_be_printed():
+    """role=10**5000 raised ValueError (int too large for str) while the refusal was built,
+    and so did an unknown key 10**5000 in a message or a content part."""
+    for messages in (
+        [{"role": 10**5000, "content": "x"}],
+        [{"role": "user", "content": "x", 10**5000: 1}],
+        [{"role": "user", "content": [{"type": "text", "text": "a", 10**5000: 1}]}],
+    ):
+        with pytest.raises(InvalidRequestError) as err:
+            validate_messages(messages)
+        assert err.value.field == "messages" and "<int of" in str(err.value)
+
+
+def test_token_texts_refuses_a_ragged_list(engine):
+    """A ragged list of ids raised numpy's "inhomogeneous shape" ValueError."""
+    from jaxsample.explore import token_texts
+
+    with pytest.raises(InvalidRequestError) as err:
+        token_texts(engine.tokenizer, [1, [2, 3]])
+    assert err.value.field == "ids"

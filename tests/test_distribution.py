@@ -749,7 +749,7 @@ def test_log_prob_outside_the_vocabulary_and_top_logprobs_n():
     held = d.ids.shape[0]
     ids, lps = sm.top_logprobs(d, held + 2)  # past the candidates: -1, said so in the doc
     assert (np.asarray(ids)[:held] >= 0).all() and ids.tolist()[held:] == [-1, -1]
-    with pytest.raises(ValueError, match="n=-1"):
+    with pytest.raises(ValueError, match="'n' = -1"):
         sm.top_logprobs(d, -1)
     small = sm.distribution(
         jnp.zeros(3), sm._neutral_row(3), sm.History.from_tokens([], [], 3), None

@@ -696,3 +696,127 @@ def test_booleans_are_named_as_booleans(field):
     with pytest.raises(InvalidRequestError) as info:
         SamplingParams.from_request({field: True})
     assert info.value.field == field and "a boolean is not" in str(info.value)
+
+
+# ----------------------------------------------------------------------------- fuzzing pass
+# (tests/test_fuzz_inputs.py found these; each failed before its fix with another exception)
+
+
+class _ReprRaises:
+    def __repr__(self):
+        raise RuntimeError("no repr")
+
+
+def test_a_value_whose_repr_raises_is_still_refused_by_name():
+    """The error message called repr() on the value: a RuntimeError from the object's own
+    __repr__ escaped instead of the refusal."""
+    with pytest.raises(InvalidRequestError) as err:
+        SamplingParams(temperature=_ReprRaises())
+    assert err.value.field == "temperature" and "<_ReprRaises object>" in str(err.value)
+
+
+def _schema_format(schema, **extra):
+    return {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, **extra}}
+
+
+def test_a_json_schema_nested_too_deeply_is_refused():
+    """json.dumps of a schema nested 3000 deep raised RecursionError inside from_request."""
+    deep = {}
+    inner = deep
+    for _ in range(3000):
+        inner["type"], inner["items"] = "array", {}
+        inner = inner["items"]
+    with pytest.raises(InvalidRequestError) as err:
+        SamplingParams.from_request({**BASE, "response_format": _schema_format(deep)})
+    assert err.value.field == "response_format.json_schema.schema"
+    assert "nested too deeply" in str(err.value)
+
+
+def test_a_json_schema_number_no_double_holds_is_refused():
+    """minimum = 10**400 raised OverflowError ("int too large to convert to float") inside the
+    schema checks; 2**70 (a double holds it) is still accepted, exactly."""
+    with pytest.raises(InvalidRequestError) as err:
+        SamplingParams(response_format=_schema_format({"type": "integer", "minimum": 10**400}))
+    assert err.value.field == "response_format.json_schema.schema" and "too large" in str(err.value)
+    p = SamplingParams(response_format=_schema_format({"const": 2**70}))
+    assert str(2**70) in p.json_schema
+
+
+def test_a_json_schema_description_must_be_a_string():
+    """description (dropped: it has no effect here) took any value, a number or a lone
+    surrogate included; OpenAI takes a string."""
+    for bad in (5, ["a"], "\ud800"):
+        with pytest.raises(InvalidRequestError) as err:
+            SamplingParams(response_format=_schema_format({"type": "string"}, description=bad))
+        assert err.value.field == "response_format.json_schema.description"
+    p = SamplingParams(response_format=_schema_format({"type": "string"}, description="a name"))
+    assert p.response_format == "json_schema"
+
+
+def test_a_body_key_that_cannot_be_printed_is_named():
+    """An unknown key 10**5000 (str() raises past 4300 digits) raised ValueError."""
+    with pytest.raises(InvalidRequestError) as err:
+        SamplingParams.from_request({**BASE, 10**5000: 1})
+    assert err.value.field.startswith("<int of")
+
+
+def test_token_ids_past_int64_are_shown_as_given():
+    """uint64 ids >= 2**63 were cast to int64 first and reported as negative ids (2**64 - 1
+    as -1); Python ints past 64 bits as '<object array>'."""
+    from jaxsample.params import token_id_array
+
+    for ids, shown in (
+        ([np.uint64(2**64 - 1)], 2**64 - 1),
+        ([2**63], 2**63),
+        ([2**70], 2**70),
+        ([-(2**70)], -(2**70)),
+    ):
+        with pytest.raises(InvalidRequestError) as err:
+            token_id_array("prompt", ids, 5)
+        assert err.value.value == shown, (ids, err.value)
+    assert token_id_array("prompt", np.array([1, 2], np.uint64), 5).tolist() == [1, 2]
+
+
+def test_pack_rows_refuses_params_and_seeds_that_are_not_lists():
+    """pack_rows(5, ...) and seeds=0 raised TypeError ("not iterable", "has no len"); a 0-d
+    array "iteration over a 0-d array"; a bad seed did not say which row."""
+    p = SamplingParams()
+    for bad in (None, 5, np.array(3), "ab", {}):
+        with pytest.raises(InvalidRequestError) as err:
+            pack_rows(bad, vocab_size=10, seeds=[0])
+        assert err.value.field == "params"
+        with pytest.raises(InvalidRequestError) as err:
+            pack_rows([p], vocab_size=10, seeds=bad)
+        assert err.value.field == "seeds"
+    with pytest.raises(InvalidRequestError) as err:
+        pack_rows([p, p], vocab_size=10, seeds=[0, 2**64])
+    assert err.value.field == "seed" and err.value.index == 1
+
+
+def test_derive_seed_names_the_job_seed():
+    """derive_seed(job_seed, key) named a bad job_seed 'seed' (a request field)."""
+    with pytest.raises(InvalidRequestError) as err:
+        derive_seed(2**63, 0)
+    assert err.value.field == "job_seed"
+    with pytest.raises(InvalidRequestError) as err:
+        derive_seed(0, -1)
+    assert err.value.field == "index"
+
+
+def test_choice_seed_checks_its_arguments():
+    """choice_seed("7", 0) returned "7" and choice_seed(7, 0.0) returned 7 (choice 0 took
+    the seed unchecked); choice_seed(7, np.array([1, 2])) raised numpy's ValueError."""
+    from jaxsample import choice_seed
+
+    assert choice_seed(7, 0) == 7 and choice_seed(np.int64(7), np.int64(0)) == 7
+    for seed, index, field in (
+        ("7", 0, "seed"),
+        (2**63, 0, "seed"),
+        (7, 0.0, "index"),
+        (7, True, "index"),
+        (7, np.array([1, 2]), "index"),
+        (7, -1, "index"),
+    ):
+        with pytest.raises(InvalidRequestError) as err:
+            choice_seed(seed, index)
+        assert err.value.field == field, (seed, index)

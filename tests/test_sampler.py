@@ -557,3 +557,111 @@ def test_logit_bias_tiers_with_full_capacity():
         for j, i in enumerate(batch):
             want, _ = reference_probs(logits[i], params[i])
             np.testing.assert_allclose(np.exp(got[j]), want, atol=1e-6, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- fuzzing pass
+# (tests/test_fuzz_inputs.py found these; each raised another exception before its fix)
+
+
+def _refused(call, field):
+    from jaxsample import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError) as err:
+        call()
+    assert err.value.field == field, err.value
+    return err.value
+
+
+def test_host_wrappers_refuse_lists_that_are_not_lists():
+    """params=np.array(3) raised "iteration over a 0-d array", prompt_tokens=5 "object of
+    type 'int' has no len()", a ragged list numpy's ValueError; a bad id inside a row's list
+    was named 'prompt_ids' (History's argument), not the caller's prompt_tokens[i]; logits
+    [[None], []] raised numpy's ValueError."""
+    logits = np.zeros((1, 8), np.float32)
+    p = SamplingParams(seed=1)
+    _refused(lambda: sm.sample(logits, np.array(3)), "params")
+    _refused(lambda: sm.sample(logits, p, prompt_tokens=5), "prompt_tokens")
+    _refused(lambda: sm.processed_logprobs(logits, p, output_tokens=np.array(2)), "output_tokens")
+    _refused(lambda: sm.sample(logits, p, prompt_tokens=[[1, [2]]]), "prompt_tokens[0]")
+    err = _refused(lambda: sm.sample(logits, p, prompt_tokens=[[1, 9]]), "prompt_tokens[0]")
+    assert err.value == 9
+    _refused(lambda: sm.sample(logits, p, output_tokens=[[1.0]]), "output_tokens[0]")
+    _refused(lambda: sm.sample([[None], []], p), "logits")
+
+
+def test_sample_names_job_seed_and_step():
+    """A bad job_seed was reported as 'seed'; step=1 with key= raised a bare ValueError, and an
+    array step numpy's "truth value of an array" ValueError."""
+    logits = np.zeros((1, 8), np.float32)
+    _refused(lambda: sm.sample(logits, SamplingParams(), job_seed=2**63), "job_seed")
+    _refused(lambda: sm.sample(logits, SamplingParams(), job_seed=1.5), "job_seed")
+    _refused(lambda: sm.sample(logits, SamplingParams(), key=jax.random.key(0), step=1), "step")
+    _refused(lambda: sm.sample(logits, SamplingParams(), step=np.array([1, 2])), "step")
+
+
+def test_a_key_jax_cannot_read_is_refused():
+    """key=2**31 raised OverflowError, None / [None] JAX's ValueError, a lone surrogate
+    UnicodeEncodeError."""
+    logits = np.zeros((1, 8), np.float32)
+    for key in (2**31, [None], "\ud800", [[2**70]]):
+        _refused(lambda key=key: sm.sample(logits, SamplingParams(), key=key), "key")
+    h = sm.History.from_tokens([], [], 4)
+    d = sm.distribution(jnp.zeros(4), sm._neutral_row(4), h, None)
+    for key in (None, 2**31):
+        _refused(lambda key=key: sm.draw(d, key), "key")
+
+
+def test_log_prob_top_logprobs_and_draw_check_their_arguments():
+    """log_prob(d, 1.5) failed inside JAX ("Indexer must have integer or boolean type"),
+    log_prob(d, 2**31) with OverflowError, log_prob(d, True) read True as token 1;
+    top_logprobs(d, -1) raised a bare ValueError and top_logprobs(d, 2**63) a JAX error;
+    draw(None, key) and log_prob(5, ids) an AttributeError."""
+    h = sm.History.from_tokens([], [], 4)
+    d = sm.distribution(jnp.zeros(4), sm._neutral_row(4), h, None)
+    for ids in (1.5, [1.0], True, 2**31, "a", None, [2**70]):
+        _refused(lambda ids=ids: sm.log_prob(d, ids), "ids")
+    for n in (-1, 2**63, 1.0, "3", None):
+        _refused(lambda n=n: sm.top_logprobs(d, n), "n")
+    for bad in (None, 5, {"z": 1}):
+        _refused(lambda bad=bad: sm.draw(bad, jax.random.key(0)), "dist")
+        _refused(lambda bad=bad: sm.log_prob(bad, 0), "dist")
+        _refused(lambda bad=bad: sm.top_logprobs(bad, 2), "dist")
+    # what is accepted is unchanged: numpy ids, out-of-vocabulary ids give -inf
+    lp = np.asarray(sm.log_prob(d, np.array([0, 4, -1], np.int64)))
+    assert lp[0] == pytest.approx(np.log(0.25)) and np.all(lp[1:] == -np.inf)
+    assert sm.top_logprobs(d, np.int64(2))[0].shape == (2,)
+
+
+def test_distribution_refuses_arrays_of_the_wrong_dtype():
+    """Integer, bool or complex logits were silently cast (complex lost its imaginary
+    part); a float mask failed inside JAX and an int mask was read bitwise (~2 is -3: True);
+    float counts ran, a float in_prompt failed inside JAX; a list of logits failed with an
+    AttributeError; num_candidates=0 with an IndexError."""
+    V = 6
+    row = sm._neutral_row(V)
+    h = sm.History.from_tokens([], [], V)
+    z = jnp.zeros(V)
+    for logits in (jnp.zeros(V, jnp.int32), jnp.zeros(V, bool), jnp.zeros(V, jnp.complex64)):
+        _refused(lambda logits=logits: sm.distribution(logits, row, h, None), "logits")
+    _refused(lambda: sm.distribution([0.0] * V, row, h, None), "logits")
+    for allowed in (jnp.ones(V, jnp.float32), jnp.full(V, 2, jnp.int32)):
+        _refused(lambda allowed=allowed: sm.distribution(z, row, h, allowed), "allowed")
+    bad = sm.History(counts=jnp.zeros(V, jnp.float32), in_prompt=h.in_prompt)
+    _refused(lambda: sm.distribution(z, row, bad, None), "hist.counts")
+    bad = sm.History(counts=h.counts, in_prompt=jnp.zeros(V, jnp.float32))
+    _refused(lambda: sm.distribution(z, row, bad, None), "hist.in_prompt")
+    for nc in (0, 1.5, None, np.array([3])):
+        _refused(
+            lambda nc=nc: sm.distribution(z, row, h, None, num_candidates=nc), "num_candidates"
+        )
+    _refused(lambda: sm.distribution(z, row, h, None, second_tier=-1), "second_tier")
+    # float16 / bfloat16 logits and numpy-integer sizes are still taken
+    for logits in (jnp.zeros(V, jnp.float16), jnp.zeros(V, jnp.bfloat16)):
+        sm.distribution(logits, row, h, None, num_candidates=np.int64(4))
+
+
+def test_history_from_tokens_bounds_the_vocabulary():
+    """vocab_size=2**63 raised OverflowError inside numpy and 2**32 asked for 32 GiB; it is an
+    integer in [1, 2**31 - 1], as in pack_rows."""
+    for vocab in (2**31, 2**63, np.uint64(2**64 - 1)):
+        _refused(lambda vocab=vocab: sm.History.from_tokens([], [], vocab), "vocab_size")

@@ -395,3 +395,18 @@ def test_user_transform_runs_in_the_decode_loop(engine):
         pos = jnp.asarray([len(prompt) + i], jnp.int32)
         logits, cache = model.decode(jnp.asarray([t], jnp.int32), pos, cache)
     assert host == out[0].token_ids
+
+
+def test_a_chain_that_is_not_a_tuple_of_transforms_is_named():
+    """A string chain was iterated as its characters ("got 'a'"), an array chain failed on its
+    truth value, 0 was taken as no chain, and a huge int's repr failed inside the message."""
+    from jaxsample.transforms import check_chain
+
+    for bad in ("ab", jnp.array([1, 2]), np.array([]), 0, False, 10**5000, [EPS, "x"], (EPS, EPS)):
+        with pytest.raises(InvalidRequestError) as err:
+            check_chain(bad)
+        assert err.value.field == "transforms"
+        with pytest.raises(InvalidRequestError) as err:
+            sm.sample(np.zeros((1, 4), np.float32), SamplingParams(), transforms=bad)
+        assert err.value.field == "transforms"
+    assert check_chain(None) == check_chain(()) == check_chain([]) == ()
