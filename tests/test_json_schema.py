@@ -464,6 +464,21 @@ def test_min_tokens_of_a_const_is_its_shortest_tokenization(vocab, const):
         assert js.min_tokens(c) == _shortest_tokenization(text, tb)
 
 
+@pytest.mark.parametrize("huge", [2**30, 2**63, 10**30])
+def test_a_max_length_past_any_answer_is_no_limit(vocab, huge):
+    """maxLength 2**63 overflowed the int64 tables (a server error); any maxLength of 2**30
+    characters or more is no limit (no answer that fits a context is that long): the same
+    tables as a string without maxLength."""
+    tb, eos, specials = vocab
+    free = js.compile_schema({"type": "string"}, tb, eos_id=eos, special_ids=specials)
+    c = js.compile_schema(
+        {"type": "string", "maxLength": huge}, tb, eos_id=eos, special_ids=specials
+    )
+    assert c.n_states == free.n_states and c.min_tokens == free.min_tokens
+    for k, table in free.tables.items():
+        np.testing.assert_array_equal(np.asarray(c.tables[k]), np.asarray(table), err_msg=k)
+
+
 # ----------------------------------------------------------------------- refusals
 @pytest.mark.parametrize(
     "schema,keyword,pointer",

@@ -900,6 +900,9 @@ class _Builder:
         for kw, v in (("minLength", lo), ("maxLength", hi)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise _err(kw, _ptr(path, kw), v, "not a non-negative integer")
+        # a maxLength of BIG (2**30 characters) or more is no limit: no answer that fits a
+        # context is that long (2**63 overflowed the int64 tables, a server error)
+        hi = min(hi, BIG)
         if "pattern" in s and "format" in s:
             raise _err(
                 "format",
