@@ -1011,12 +1011,35 @@ def seed_words(seed: int) -> np.ndarray:
     return np.array([u >> 32, u & 0xFFFFFFFF], dtype=np.uint32)
 
 
-@jax.jit
-def _derived_bits(words: jax.Array, index: jax.Array) -> jax.Array:
-    key = jax.random.wrap_key_data(words, impl="threefry2x32")
-    for i in range(index.shape[0]):
-        key = jax.random.fold_in(key, index[i])
-    return jax.random.bits(key, (2,), jnp.uint32)
+_U32 = 0xFFFFFFFF
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def _threefry2x32(k1: int, k2: int, x1: int, x2: int) -> tuple[int, int]:
+    """The Threefry-2x32 block (20 rounds) of one counter pair under key ``(k1, k2)``, in
+    Python integers: the function behind JAX's ``threefry2x32`` keys (Salmon et al., 2011)."""
+    ks = (k1, k2, k1 ^ k2 ^ 0x1BD11BDA)
+    x1, x2 = (x1 + ks[0]) & _U32, (x2 + ks[1]) & _U32
+    for i in range(5):
+        for r in _THREEFRY_ROTATIONS[i % 2]:
+            x1 = (x1 + x2) & _U32
+            x2 = (((x2 << r) | (x2 >> (32 - r))) & _U32) ^ x1
+        x1 = (x1 + ks[(i + 1) % 3]) & _U32
+        x2 = (x2 + ks[(i + 2) % 3] + i + 1) & _U32
+    return x1, x2
+
+
+def _derived_bits(words: Sequence[int], index: Sequence[int]) -> tuple[int, int]:
+    """``jax.random.bits(fold_in(...fold_in(key, index[0])...), (2,), uint32)`` for the
+    threefry key with data ``words``, computed on the host: ``fold_in(key, d)`` is the block
+    of the counter ``(0, d)`` under the key, and word ``j`` of the bits is the xor of the
+    block of ``(0, j)`` (JAX's partitionable form, its default since 0.5). The same numbers
+    as JAX's (tested against it), without a device call per request: a call queued behind
+    the decoding loop's chunk on an accelerator, and a rule that no JAX setting changes."""
+    k1, k2 = (int(w) for w in words)
+    for d in index:
+        k1, k2 = _threefry2x32(k1, k2, 0, int(d))
+    return tuple(a ^ b for a, b in (_threefry2x32(k1, k2, 0, j) for j in range(2)))
 
 
 #: Folded in before the two words of a string key, so that string and integer keys never
@@ -1066,7 +1089,7 @@ def derive_seed(job_seed: int, key: int | str) -> int:
     """
     job_seed = _integer("job_seed", job_seed, INT64_MIN, INT64_MAX, _SEED_ALLOWED)
     words = seed_words(job_seed)
-    hi, lo = (int(w) for w in np.asarray(_derived_bits(words, _key_words(key))))
+    hi, lo = _derived_bits(words, _key_words(key))
     return ((hi << 32) | lo) >> 11
 
 

@@ -555,6 +555,32 @@ def _derived_reference(job_seed, index):
     return ((hi << 32) | lo) >> 11  # the top 53 bits
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    words=st.lists(st.integers(0, 2**32 - 1), min_size=2, max_size=2),
+    index=st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=3),
+)
+def test_host_threefry_gives_jaxs_bits(words, index):
+    """derive_seed's host Threefry (no device call per request) gives exactly JAX's
+    ``bits(fold_in(...fold_in(key, i0)...), (2,), uint32)`` for the key's data ``words``."""
+    from jaxsample.params import _derived_bits
+
+    key = jax.random.wrap_key_data(jnp.asarray(words, jnp.uint32), impl="threefry2x32")
+    for d in index:
+        key = jax.random.fold_in(key, jnp.uint32(d))
+    expected = tuple(int(x) for x in np.asarray(jax.random.bits(key, (2,), jnp.uint32)))
+    assert _derived_bits(words, index) == expected
+
+
+def test_derive_seed_makes_no_device_call():
+    """A request without a seed costs no device program (on an accelerator it queued behind
+    the decoding loop's running chunk): no transfer to or from a device at all."""
+    derive_seed(3, "warm")
+    with jax.transfer_guard("disallow"):
+        seeds = [derive_seed(11, f"r{i}") for i in range(50)] + [derive_seed(11, 7)]
+    assert len(set(seeds)) == 51
+
+
 def test_derive_seed():
     derived = [derive_seed(7, i) for i in range(64)]
     assert derived == [derive_seed(7, i) for i in range(64)]  # deterministic
