@@ -150,19 +150,20 @@ def json_allowed_masks(engine, token_ids, max_tokens: int) -> np.ndarray:
     return np.asarray(masks)
 
 
-def use_compile_cache() -> str:
-    """Turns on JAX's persistent compilation cache; returns its folder.
+def use_compile_cache() -> str | None:
+    """Turns on JAX's persistent compilation cache; returns its folder (None when none can be
+    made: a read-only home runs without it).
 
     Uses the folder JAX is already configured with (e.g. ``$JAX_COMPILATION_CACHE_DIR``),
     else ``xla`` under the jaxsample cache folder (``~/.cache/jaxsample/xla``, as the
-    command uses). Programs that took at least a second to compile are kept.
+    command uses). Programs that took at least a second to compile are kept, and with the
+    cache on the engine keeps its traced programs too (docs/engine.md, "Start-up").
+    ``Engine.load`` calls it (``compile_cache=True``, the default): call it yourself before
+    building an ``Engine`` from a model you loaded.
     """
-    from jaxsample.model.gguf_file import cache_dir
+    from jaxsample.engine.programs import use_compile_cache as turn_on
 
-    if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    return jax.config.jax_compilation_cache_dir
+    return turn_on()
 
 
 __all__ = ["json_allowed_masks", "next_token_logits", "token_texts", "use_compile_cache"]
