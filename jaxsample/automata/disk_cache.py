@@ -58,18 +58,27 @@ def cached_arrays(
     arrays = compute()
     if sorted(arrays) != sorted(names):
         raise ValueError(f"{kind}: computed {sorted(arrays)}, expected {sorted(names)}")
+    write_whole(path, lambda f: np.savez(f, **arrays), f"{kind}-*.npz", KEEP)
+    return arrays
+
+
+def write_whole(path: Path, write: Callable, pattern: str, keep: int) -> None:
+    """Writes a cache file whole or not at all: ``write(f)`` into a temporary file of the
+    same folder, then a rename (several writers each leave a complete file); then keeps the
+    ``keep`` most recently used files matching ``pattern`` in that folder. A failure to
+    write (a read-only or full disk) is ignored: a cache only ever saves time."""
+    folder = path.parent
     tmp = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            write(f)
         os.replace(tmp, path)  # whole or absent, even with several writers
-        files = sorted(folder.glob(f"{kind}-*.npz"), key=lambda p: p.stat().st_mtime)
-        for stale in files[:-KEEP]:
+        files = sorted(folder.glob(pattern), key=lambda p: p.stat().st_mtime)
+        for stale in files[:-keep]:
             stale.unlink(missing_ok=True)
     except OSError:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-    return arrays

@@ -38,7 +38,6 @@ import importlib
 import logging
 import marshal
 import os
-import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -49,6 +48,7 @@ from jax import export
 from jax.sharding import NamedSharding
 
 from jaxsample import native
+from jaxsample.automata.disk_cache import write_whole
 
 #: None: on when JAX's persistent compilation cache is configured (and
 #: ``$JAXSAMPLE_PROGRAM_CACHE`` is not ``0``); True / False: always / never.
@@ -272,7 +272,7 @@ def _program(name, jitted, static, options, specs, treedef):
         _log.debug("jaxsample: program %s not kept: %s", name, err)
         _loaded[path.name] = None
         return None
-    _write(path, blob)
+    write_whole(path, lambda f: f.write(blob), "*.jaxexport", KEEP)
     _loaded[path.name] = "exported"
     return exported
 
@@ -297,24 +297,6 @@ def _read(path: Path):
     with contextlib.suppress(OSError):
         os.utime(path)  # recently used: kept by the pruning
     return exported
-
-
-def _write(path: Path, blob: bytes | bytearray) -> None:
-    folder = path.parent
-    tmp = None
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-        os.replace(tmp, path)  # whole or absent, even with several writers
-        files = sorted(folder.glob("*.jaxexport"), key=lambda p: p.stat().st_mtime)
-        for stale in files[:-KEEP]:
-            stale.unlink(missing_ok=True)
-    except OSError:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
 
 
 def clear() -> None:
