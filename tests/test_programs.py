@@ -146,7 +146,7 @@ def test_what_shaped_a_program_is_its_key(kept, monkeypatch):
 
 def test_a_function_replaced_at_run_time_is_never_run_from_an_old_program(kept, monkeypatch):
     """A program traced before a monkeypatch (or a notebook's replacement of a sampler
-    function) is not used after it, and the reverse."""
+    function or of a model method) is not used after it, and the reverse."""
     y = np.arange(3, dtype=np.int32)
     _check(_run_toy(jnp.ones(4, jnp.float32), y), _expect(np.ones(4, np.float32), y))
 
@@ -157,6 +157,14 @@ def test_a_function_replaced_at_run_time_is_never_run_from_an_old_program(kept, 
     programs.clear()
     _run_toy(jnp.ones(4, jnp.float32), y)
     assert len(_files(kept, "toy")) == 2
+
+    # a method of a class of the traced modules (a notebook's experiment on the model)
+    from jaxsample.model import llama
+
+    monkeypatch.setattr(llama.Block, "finish", front)
+    programs.clear()
+    _run_toy(jnp.ones(4, jnp.float32), y)
+    assert len(_files(kept, "toy")) == 3
 
 
 def test_the_donated_argument_is_consumed(kept):

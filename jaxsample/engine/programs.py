@@ -15,8 +15,10 @@ is never run: the hash of every source file of this package (``.py``, and the CP
 (the model's graph definition with its config, the chunk length, the mesh's shape), every
 argument's structure, shape, dtype and sharding, the module-level settings of the modules
 whose code the programs run (``sampler.BRANCHES``, ``native.KERNELS``, ...: every
-upper-case number, string, boolean or tuple) and which function each of their names holds
-(a function replaced at run time changes the key), whether the CPU kernels are in use, and the
+upper-case number, string, boolean or tuple) and which function each of their names and
+each method of their classes holds (a function or method replaced at run time changes the
+key; other run-time changes, such as an instance's attribute, are not seen: turn the cache
+off while experimenting that way), whether the CPU kernels are in use, and the
 JAX settings that change a traced program's values (x64, the default matmul precision, the
 PRNG implementation and ``jax_threefry_partitionable``). A program with a user transform
 chain is never kept (user code is not in the hash). Files are written whole (a temporary
@@ -139,6 +141,11 @@ def _settings() -> tuple:
         for attr, value in sorted(vars(importlib.import_module(name)).items()):
             if attr.isupper() and isinstance(value, simple):
                 found.append((name, attr, value))
+            elif isinstance(value, type) and value.__module__ == name:  # a class defined here
+                for method, fn in sorted(vars(value).items()):
+                    fn = getattr(fn, "__func__", fn)  # staticmethod / classmethod
+                    if callable(fn) and not isinstance(fn, type):
+                        found.append((name, f"{attr}.{method}", _function_key(fn)))
             elif callable(value) and not isinstance(value, type):
                 found.append((name, attr, _function_key(value)))
     config = jax.config
