@@ -45,6 +45,7 @@ def setup(tmp_path_factory):
         "JAX_PLATFORMS": "cpu",
     }
     env.pop("XLA_FLAGS", None)
+    env.pop("JAXSAMPLE_COMPILE_CACHE", None)  # the command's own default: the cache on
     ref = d / "ref.jsonl"
     proc = _batch(env, inp, ref, model, "--progress")
     out, err = proc.communicate(timeout=300)

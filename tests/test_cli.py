@@ -18,6 +18,7 @@ pytestmark = pytest.mark.real_model
 
 def run_cli(args, stdin: str | None = None, cache_dir=None):
     env = dict(os.environ)
+    env.pop("JAXSAMPLE_COMPILE_CACHE", None)  # the command's own default: the cache on
     if cache_dir is not None:  # the compile cache (and model lookup) folder
         env["JAXSAMPLE_MODEL_DIR"] = str(cache_dir)
     proc = subprocess.run(

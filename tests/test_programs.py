@@ -196,6 +196,16 @@ def test_on_with_the_compilation_cache_unless_turned_off(monkeypatch, tmp_path):
         assert not programs.enabled()
         # use_compile_cache keeps the folder JAX was given
         assert programs.use_compile_cache() == str(tmp_path)
+        # $JAXSAMPLE_COMPILE_CACHE=0: it changes nothing (Engine.load, the commands)
+        jax.config.update("jax_compilation_cache_dir", None)
+        monkeypatch.setenv("JAXSAMPLE_COMPILE_CACHE", "0")
+        assert programs.use_compile_cache() is None
+        assert jax.config.jax_compilation_cache_dir is None
+        # otherwise it turns the cache on, in the model cache folder
+        monkeypatch.delenv("JAXSAMPLE_COMPILE_CACHE")
+        monkeypatch.setenv("JAXSAMPLE_MODEL_DIR", str(tmp_path / "models"))
+        assert programs.use_compile_cache() == str(tmp_path / "models" / "xla")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "models" / "xla")
     finally:
         jax.config.update("jax_compilation_cache_dir", old)
 
@@ -250,6 +260,7 @@ _LATE = textwrap.dedent(
 def test_the_compilation_cache_is_used_even_after_an_earlier_compile(tmp_path):
     """A notebook that ran JAX before ``Engine.load`` still gets the cache."""
     env = dict(os.environ, JAXSAMPLE_MODEL_DIR=str(tmp_path), JAX_PLATFORMS="cpu")
+    env.pop("JAXSAMPLE_COMPILE_CACHE", None)
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     proc = subprocess.run(
         [sys.executable, "-c", _LATE], capture_output=True, text=True, env=env, timeout=300

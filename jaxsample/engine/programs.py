@@ -102,10 +102,13 @@ def use_compile_cache() -> str | None:
     else ``xla`` under the model cache folder (``~/.cache/jaxsample/xla``; see
     :func:`jaxsample.model.cache_dir`). Programs that took at least a second to compile are
     kept. ``Engine.load`` and the commands call it (``compile_cache=False`` /
-    ``--no-compile-cache`` to run without).
+    ``--no-compile-cache`` to run without; ``$JAXSAMPLE_COMPILE_CACHE=0`` makes it change
+    nothing, for every one of them).
     """
     from jaxsample.model.gguf_file import cache_dir
 
+    if os.environ.get("JAXSAMPLE_COMPILE_CACHE", "") == "0":
+        return jax.config.jax_compilation_cache_dir or None
     if not jax.config.jax_compilation_cache_dir:
         path = cache_dir() / "xla"
         try:
