@@ -48,6 +48,7 @@ from jaxsample.params import (
     check_chain_outputs,
     check_engine_options,
     check_for_model,
+    check_job_seed,
     derive_seed,
     pack_rows,
     request_n,
@@ -305,12 +306,6 @@ def choice_seed(seed: int, index: int) -> int:
     seed = _integer("seed", seed, INT64_MIN, INT64_MAX, "an integer in [-2**63, 2**63 - 1]")
     index = _integer("index", index, 0, 2**32 - 1, "an integer in [0, 2**32 - 1]")
     return seed if index == 0 else derive_seed(seed, index)
-
-
-def _check_job_seed(job_seed: Any) -> int:
-    """A call's ``job_seed``: a signed 64-bit integer, refused (naming ``job_seed``) before
-    any request, not blamed on each request's ``seed``."""
-    return _integer("job_seed", job_seed, INT64_MIN, INT64_MAX, "an integer in [-2**63, 2**63 - 1]")
 
 
 def _logprob(x) -> float:
@@ -605,7 +600,7 @@ class Engine:
         """
         from jaxsample.engine import PassThrough
 
-        job_seed = _check_job_seed(job_seed)
+        job_seed = check_job_seed(job_seed)
 
         def requests():
             for n, entry in enumerate(items):
@@ -668,7 +663,7 @@ class Engine:
             returning it in ``Completion.error``.
         """
         inputs = normalize_inputs(inputs)
-        job_seed = _check_job_seed(job_seed)
+        job_seed = check_job_seed(job_seed)
         if not _is_bool(strict):  # strict="false" (a truthy string) ran strict
             raise InvalidRequestError("strict", strict, "a boolean (True or False)")
         if params is None:
@@ -834,7 +829,7 @@ class Engine:
         takes requests, so an endless iterator runs in flat memory.
         """
         _check_bodies(bodies, "(key, body) pairs")
-        job_seed = _check_job_seed(job_seed)
+        job_seed = check_job_seed(job_seed)
         pending: dict[int, dict] = {}
 
         def items():

@@ -111,14 +111,6 @@ def _parser() -> argparse.ArgumentParser:
 GENERATE_SLOTS = 16
 
 
-def _enable_compile_cache() -> None:
-    """Persistent XLA compilation cache under the jaxsample cache folder (unless JAX already
-    has one configured)."""
-    from jaxsample.engine.programs import use_compile_cache
-
-    use_compile_cache()
-
-
 def _body_from_flags(args) -> dict:
     content = args.prompt
     body: dict = (

@@ -1063,6 +1063,16 @@ def _key_words(key: int | str) -> np.ndarray:
 SEED_RULE = 2
 
 
+def check_job_seed(job_seed: Any) -> int:
+    """A call's or job's ``job_seed``: a signed 64-bit integer, refused naming ``job_seed``
+    (before any request, not blamed on each request's ``seed``).
+
+    >>> check_job_seed(7)
+    7
+    """
+    return _integer("job_seed", job_seed, INT64_MIN, INT64_MAX, _SEED_ALLOWED)
+
+
 def derive_seed(job_seed: int, key: int | str) -> int:
     """The seed of a request that carries none, from the job seed and a stable request key.
 
@@ -1087,8 +1097,7 @@ def derive_seed(job_seed: int, key: int | str) -> int:
         >>> 0 <= derive_seed(-1, 2**32 - 1) < 2**53
         True
     """
-    job_seed = _integer("job_seed", job_seed, INT64_MIN, INT64_MAX, _SEED_ALLOWED)
-    words = seed_words(job_seed)
+    words = seed_words(check_job_seed(job_seed))
     hi, lo = _derived_bits(words, _key_words(key))
     return ((hi << 32) | lo) >> 11
 

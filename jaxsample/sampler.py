@@ -38,7 +38,13 @@ from jax import lax
 
 from jaxsample import native
 from jaxsample import transforms as tf
-from jaxsample.params import InvalidRequestError, _integer, _listed, token_id_array
+from jaxsample.params import (
+    InvalidRequestError,
+    _integer,
+    _listed,
+    check_job_seed,
+    token_id_array,
+)
 from jaxsample.rows import TOP_LOGPROBS_MAX, RowParams
 from jaxsample.transforms import _maybe
 
@@ -1788,7 +1794,6 @@ _PARAMS_ALLOWED = (
     " from a request dict)"
 )
 _STEP_ALLOWED = "an integer in [0, 2**31 - 1] (the output position)"
-_JOB_SEED_ALLOWED = "an integer in [-2**63, 2**63 - 1], or None (= 0)"
 
 
 def _host_logits(logits) -> jax.Array:
@@ -1887,8 +1892,7 @@ def _host_inputs(logits, params, prompt_tokens, output_tokens, job_seed, key, tr
         seeds = (None,) * batch
         pack_seeds = [0] * batch
     else:
-        job_seed = 0 if job_seed is None else job_seed
-        job_seed = _integer("job_seed", job_seed, -(2**63), 2**63 - 1, _JOB_SEED_ALLOWED)
+        job_seed = check_job_seed(0 if job_seed is None else job_seed)
         seeds = tuple(
             p.seed if p.seed is not None else derive_seed(job_seed, i) for i, p in enumerate(plist)
         )

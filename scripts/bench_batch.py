@@ -100,9 +100,9 @@ def engine_only(inp: str, slots: int, model: str | None, devices: int) -> dict:
     """(in a subprocess) stream_chat over the parsed bodies: no file read or written."""
     from jaxsample.batch.job import JobConfig, load_engine
     from jaxsample.batch.reader import read_lines
-    from jaxsample.cli import _enable_compile_cache
+    from jaxsample.engine.programs import use_compile_cache
 
-    _enable_compile_cache()
+    use_compile_cache()
     bodies = [(ln.key, ln.body) for ln in read_lines(inp) if ln.body is not None]
     cfg = JobConfig(input=inp, output="", model=model, slots=slots, devices=devices)
     engine = load_engine(cfg)

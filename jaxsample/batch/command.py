@@ -321,9 +321,9 @@ def _run(args) -> int:
         print(f"jaxsample batch: {err}", file=sys.stderr)
         return 1
     if not args.no_compile_cache:
-        from jaxsample.cli import _enable_compile_cache
+        from jaxsample.engine.programs import use_compile_cache
 
-        _enable_compile_cache()
+        use_compile_cache()
     cfg = JobConfig(
         input=args.input,
         output=args.output,

@@ -242,16 +242,15 @@ def read_lines(
                     return
                 raw = raw[:left]
                 left -= len(raw)
+            duplicate = None  # not known: check_line looks in seen
             if plan is not None:
                 todo = plan[number - 1] if number <= len(plan) else SKIP
                 if todo == SKIP:
                     continue
+                duplicate = todo == RUN_DUPLICATE
             if number == 1:
                 raw = raw.removeprefix(BOM)
-            if plan is None:
-                yield check_line(number, raw.rstrip(b"\r\n"), seen)
-            else:
-                yield check_line(number, raw.rstrip(b"\r\n"), None, duplicate=todo == RUN_DUPLICATE)
+            yield check_line(number, raw.rstrip(b"\r\n"), seen, duplicate=duplicate)
 
 
 def count_lines(path: str) -> int:

@@ -310,7 +310,7 @@ class SlotEngine:
         self._replicated = NamedSharding(self.mesh, P())
         self._split = NamedSharding(self.mesh, P(_AXIS))
         graphdef, state = nnx.split(model)
-        self._graphdef = graphdef
+        self._graphdef = _HashedGraphDef(graphdef)  # hashed once, not at every compiled call
         self._model_state = jax.device_put(state, self._replicated)
         if schema_pool is None:
             schema_pool = json_schema.SchemaPool(
@@ -438,8 +438,6 @@ class SlotEngine:
             self._slots = self._slots.replace(finish=jax.device_put(cleared, finish.sharding))
 
     def _run(self, it: Iterator, owners: list) -> Iterator[SlotResult]:
-        if not isinstance(self._graphdef, _HashedGraphDef):  # hashed once, not per call
-            self._graphdef = _HashedGraphDef(self._graphdef)
         stats = self.stats
         start = time.perf_counter()
         waiting: SlotRequest | None = None  # pulled from the iterator, not yet placed
