@@ -454,10 +454,14 @@ print("RESULT" + json.dumps(out, sort_keys=True))
 
 def test_data_parallel_over_devices_gives_the_same_outputs(tmp_path):
     """Slots split over 4 (simulated) devices: byte-identical outputs to one device; the same
-    through the engine's programs kept on disk (sharded), written by one process and loaded
-    by the next."""
+    through the engine's programs kept on disk (sharded) and XLA's compilation cache, written
+    by one process and loaded by the next (as a user's second run does: nothing compiled)."""
     env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
     )
     results = []
     kept = str(tmp_path / "programs")

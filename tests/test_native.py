@@ -4,6 +4,7 @@ the JAX forms when they cannot be built."""
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -204,15 +205,16 @@ def test_the_sampler_uses_them_and_draws_the_same(monkeypatch):
     logits = jnp.asarray((rng.standard_normal((b, v)) * 3).astype(np.float32))
     hist = sm.History.stack([sm.History.from_tokens([1, 2], [3], v)] * b)
     args = (logits, _rows(b, v), hist, None, jnp.int32(2))
-    text = jax.jit(lambda *a: sm.sample_rows(*a)).lower(*args).compile().as_text()
+    compiled = jax.jit(lambda *a: sm.sample_rows(*a)).lower(*args).compile()
+    text = compiled.as_text()
     for target in ("jaxsample_topk", "jaxsample_candidates", "jaxsample_log_total_top_k"):
         assert target in text
     assert 'custom_call_target="TopK"' not in text
-    ours = jax.jit(lambda *a: sm.sample_rows(*a))(*args)
+    ours = compiled(*args)  # the program just read, run (not compiled a second time)
     monkeypatch.setattr(native, "KERNELS", "xla")
-    text = jax.jit(lambda *a: sm.sample_rows(*a)).lower(*args).compile().as_text()
-    assert "jaxsample_" not in text
-    theirs = jax.jit(lambda *a: sm.sample_rows(*a))(*args)
+    compiled = jax.jit(lambda *a: sm.sample_rows(*a)).lower(*args).compile()  # traced anew
+    assert "jaxsample_" not in compiled.as_text()
+    theirs = compiled(*args)
     for name in ("token", "top_ids", "ok"):
         np.testing.assert_array_equal(getattr(ours, name), getattr(theirs, name))
     for name in ("logprob", "top_logprobs"):
@@ -468,6 +470,36 @@ def test_candidates_real_sizes_batch_invariance_and_traced_flag(n):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
+# Jitted once per module, so that hypothesis's examples of one shape share a compiled program
+# (these tests patch no setting the functions read).
+_mass_kernel = jax.jit(lambda *v: native.mass_threshold(*v, None))
+
+
+@functools.cache
+def _mass_form():
+    from jaxsample import transforms as tf
+
+    return jax.jit(jax.vmap(tf._largest_threshold_xla))
+
+
+@functools.cache
+def _threshold_search(bits: int):
+    """The JAX form's search traced with ``THRESHOLD_BITS = bits`` (the setting is read while
+    tracing, so each value has its own function; later calls with that value reuse it)."""
+    from jaxsample import transforms as tf
+
+    fn = jax.jit(jax.vmap(lambda *v: tf._largest_threshold_xla(*v)))
+    old = tf.THRESHOLD_BITS
+    tf.THRESHOLD_BITS = bits
+    try:
+        for n in (7, 300, 4099):  # the test's lengths, traced while the setting holds
+            x = jnp.zeros((3, n), jnp.float32)
+            fn(x, x, jnp.zeros(3, jnp.float32), jnp.ones(3, bool))
+    finally:
+        tf.THRESHOLD_BITS = old
+    return fn
+
+
 def reference_threshold(x: np.ndarray, a: np.ndarray, target: float, run: bool) -> float:
     """The largest value t of x with sum(a[x >= t]) >= target (float64 sums), else -inf."""
     finite = x > -np.inf
@@ -486,7 +518,6 @@ def test_mass_threshold_against_numpy_and_the_jax_form(data):
     must give the same value, also when the target equals a cumulative amount): ties,
     signed zeros, -inf (not kept), rows of -inf only, targets of 0, above the total and
     NaN, ``run`` False; rows long enough for the kernel's buffer and window stages."""
-    from jaxsample import transforms as tf
 
     lead = data.draw(st.integers(1, 3))
     n = data.draw(st.sampled_from([1, 5, 40, 300, 5000]))
@@ -517,8 +548,8 @@ def test_mass_threshold_against_numpy_and_the_jax_form(data):
         }[kind]
     run = np.asarray(data.draw(hnp.arrays(np.bool_, (lead,))))
     args = tuple(jnp.asarray(v) for v in (x, a, target, run))
-    got = np.asarray(jax.jit(lambda *v: native.mass_threshold(*v, None))(*args))
-    form = np.asarray(jax.jit(jax.vmap(tf._largest_threshold_xla))(*args))
+    got = np.asarray(_mass_kernel(*args))
+    form = np.asarray(_mass_form()(*args))
     want = np.array(
         [reference_threshold(x[r], a[r], target[r], run[r]) for r in range(lead)], np.float32
     )
@@ -582,10 +613,8 @@ def test_threshold_search_is_the_largest_under_its_own_sums(data):
     run = np.ones(3, bool)
     got = {}
     for bits in (1, 2, 4, 8):
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(tf, "THRESHOLD_BITS", bits)
-            fn = jax.jit(jax.vmap(lambda *v: tf._largest_threshold_xla(*v)))  # traced anew
-            got[bits] = np.asarray(fn(*map(jnp.asarray, (x, a, target, run))))
+        fn = _threshold_search(bits)
+        got[bits] = np.asarray(fn(*map(jnp.asarray, (x, a, target, run))))
     for bits in (2, 4, 8):
         np.testing.assert_array_equal(got[bits], got[1])
     keys = np.asarray(native._order_keys(jnp.asarray(x)))
