@@ -152,9 +152,8 @@ def _attend_row(qh, q_pos, ck, cv, n_blocks, blk: int, row=None):
     def block(c, j):
         if row is None:
             return jax.lax.dynamic_slice_in_dim(c, j * blk, blk, axis=1).astype(jnp.float32)
-        return jax.lax.dynamic_slice(c, (row, 0, j * blk, 0), (1, K, blk, d))[0].astype(
-            jnp.float32
-        )
+        one = jax.lax.dynamic_slice(c, (row, 0, j * blk, 0), (1, K, blk, d))
+        return one[0].astype(jnp.float32)
 
     def body(j, carry):
         m, l, acc = carry
