@@ -32,7 +32,7 @@ plt.rcParams.update({"figure.dpi": 72, "font.size": 9, "axes.spines.top": False,
                      "axes.spines.right": False})
 
 # 16 slots; a 256-position KV cache per slot is plenty for these short answers
-# (the default 2048 makes each decode step about twice as slow on a CPU)
+# (the default 2048 holds 8x the memory: 1.4 GiB for 16 slots instead of 180 MiB)
 engine = jaxsample.Engine.load(max_seq_len=256)
 tok = engine.tokenizer
 
