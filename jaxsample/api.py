@@ -4,7 +4,10 @@
 takes prompts or chat messages with one :class:`SamplingParams` each and returns
 :class:`Completion` objects; ``stream`` does the same lazily over ``(key, input, params)``
 items; ``stream_chat`` / ``chat_completions`` take OpenRouter/OpenAI chat-completions request
-bodies and give OpenAI ``chat.completion`` dicts (or OpenAI error objects).
+bodies and give OpenAI ``chat.completion`` dicts (or OpenAI error objects);
+``stream_text_completions`` / ``text_completions`` do the same for OpenAI's legacy
+``/v1/completions`` bodies (``text_completion`` dicts), and ``stream_requests`` serves either
+endpoint, request by request (the batch job's mixed files).
 
 Decisions (see docs/api.md):
 - Inputs: a string is ONE prompt, a list of message dicts is ONE conversation, a list of
@@ -21,13 +24,15 @@ Decisions (see docs/api.md):
 
 from __future__ import annotations
 
+import bisect
+import codecs
 import dataclasses
 import inspect
 import json
 import math
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -38,8 +43,10 @@ from jaxsample import decode as _decode
 from jaxsample.automata import json_mode, stop
 from jaxsample.model.chat import ChatTemplateError
 from jaxsample.params import (
+    ENDPOINTS,
     INT64_MAX,
     INT64_MIN,
+    TEXT_MAX_TOKENS,
     InvalidRequestError,
     SamplingParams,
     _integer,
@@ -791,8 +798,19 @@ class Engine:
 
     # ---- OpenAI-shaped requests and responses ---------------------------------------
 
-    def _chat_request(self, body: Any, key: Any, job_seed: int) -> tuple[str, SamplingParams, int]:
-        """``(prompt text, params with the request's seed, n)`` of one request body."""
+    def _seeded(self, p: SamplingParams, key: Any, job_seed: int) -> SamplingParams:
+        """``p`` with the request's seed: its own, else ``derive_seed(job_seed, key)``."""
+        if p.seed is not None:
+            return p
+        if not isinstance(key, (int, str)):
+            raise InvalidRequestError(
+                "seed", None, "a seed, or an int or str request key to derive one from"
+            )
+        return dataclasses.replace(p, seed=derive_seed(job_seed, key))
+
+    def _chat_request(self, body: Any, key: Any, job_seed: int) -> _Plan:
+        """The :class:`_Plan` of one chat-completions body: its one prompt (the rendered
+        messages, or raw ``prompt`` text), ``n`` choices, a ``chat.completion``."""
         p = SamplingParams.from_request(body)
         n = request_n(body.get("n"))
         messages, prompt = body.get("messages"), body.get("prompt")
@@ -808,19 +826,91 @@ class Engine:
             text = prompt
         else:
             raise InvalidRequestError("messages", None, _MESSAGES_ALLOWED, reason="missing")
-        if p.seed is None:
-            if not isinstance(key, (int, str)):
-                raise InvalidRequestError(
-                    "seed", None, "a seed, or an int or str request key to derive one from"
-                )
-            p = dataclasses.replace(p, seed=derive_seed(job_seed, key))
-        return text, p, n
+        p = self._seeded(p, key, job_seed)
+        return _Plan([(text, p)], n, lambda choices: self.response(choices, p))
+
+    def _text_request(self, body: Any, key: Any, job_seed: int) -> _Plan:
+        """The :class:`_Plan` of one text-completions body: each prompt tokenised once (its
+        faults named on ``prompt``), ``n`` choices each, a ``text_completion``."""
+        p = SamplingParams.from_request(body, endpoint="completions")
+        n = request_n(body.get("n"))
+        p = self._seeded(p, key, job_seed)
+        prompts, echoes = [], [] if body.get("echo") else None
+        for prompt in _text_prompts(body.get("prompt")):
+            ids = self.encode_input(prompt)  # token ids checked, text tokenised as is
+            q = p
+            if p.max_tokens is None:  # OpenAI's default here, within the room left
+                room = self.context_length - len(ids)  # (none: the prompt is refused)
+                q = dataclasses.replace(p, max_tokens=max(1, min(TEXT_MAX_TOKENS, room)))
+            prompts.append((ids, q))
+            if echoes is not None:
+                echoes.append(prompt if isinstance(prompt, str) else self.shown_text(ids))
+        return _Plan(prompts, n, lambda choices: self.text_response(choices, p, n, echoes))
+
+    def stream_requests(
+        self, items: Iterable[tuple[Any, str, Any]], *, job_seed: int = 0
+    ) -> Iterator[tuple[Any, dict]]:
+        """Answer ``(key, endpoint, body)`` requests lazily, yielding ``(key, dict)`` as each
+        request finishes (all its choices). ``endpoint`` is ``"chat"`` (a chat-completions
+        body, answered with a ``chat.completion``) or ``"completions"`` (a legacy
+        text-completions body, answered with a ``text_completion``); one stream may mix both.
+
+        The dict is that object or an OpenAI error object (:func:`error_response`); a bad
+        request fails alone. A request without a seed gets ``derive_seed(job_seed, key)``
+        (key an int or a str such as a custom_id); choice ``j`` of each of its prompts runs
+        with :func:`choice_seed` ``(seed, j)``. Bodies are pulled as the engine takes
+        requests, so an endless iterator runs in flat memory.
+        """
+        job_seed = check_job_seed(job_seed)
+        plans = {"chat": self._chat_request, "completions": self._text_request}
+        pending: dict[int, dict] = {}
+
+        def requests():
+            for serial, entry in enumerate(items):
+                if (
+                    isinstance(entry, Mapping)
+                    or not (isinstance(entry, (tuple, list)) and len(entry) == 3)
+                    or not (isinstance(entry[1], str) and entry[1] in plans)
+                ):  # the call's mistake, not one request's
+                    raise ValueError(
+                        "stream_requests items are (key, endpoint, body) triples, endpoint"
+                        f" one of {ENDPOINTS}; item {serial} is {entry!r:.100}"
+                    )
+                key, endpoint, body = entry
+                try:
+                    plan = plans[endpoint](body, key, job_seed)
+                except Exception as err:  # refused, or failed unexpectedly
+                    # one item that the engine answers with this error (stream makes it a
+                    # refusal or a RequestFailed), in order
+                    pending[serial] = {"key": key, "total": 1, "respond": None, "done": {}}
+                    yield (serial, 0), err, SamplingParams(seed=0)
+                    continue
+                total = len(plan.prompts) * plan.n
+                pending[serial] = {"key": key, "total": total, "respond": plan.respond, "done": {}}
+                for index, item, p in plan.choices():
+                    yield (serial, index), item, p
+
+        for (serial, index), c in self.stream(requests(), job_seed=job_seed):
+            state = pending[serial]
+            state["done"][index] = c
+            if len(state["done"]) < state["total"]:
+                continue
+            del pending[serial]
+            choices = [state["done"][k] for k in range(state["total"])]
+            failed = [c.error for c in choices if c.error is not None]
+            if failed:
+                key = state["key"]
+                failed[0].index = key if isinstance(key, (int, str)) else None
+                yield key, error_response(failed[0])
+            else:
+                yield state["key"], state["respond"](choices)
 
     def stream_chat(
         self, bodies: Iterable[tuple[Any, Any]], *, job_seed: int = 0
     ) -> Iterator[tuple[Any, dict]]:
         """Answer ``(key, body)`` chat-completions requests lazily, yielding ``(key, dict)``
-        as each request finishes (all its ``n`` choices).
+        as each request finishes (all its ``n`` choices): :meth:`stream_requests` with the
+        endpoint ``"chat"``.
 
         The dict is a ``chat.completion`` object or an OpenAI error object
         (:func:`error_response`); a bad request fails alone. A request without a seed gets
@@ -828,58 +918,65 @@ class Engine:
         ``i`` runs with :func:`choice_seed` ``(seed, i)``. Bodies are pulled as the engine
         takes requests, so an endless iterator runs in flat memory.
         """
-        _check_bodies(bodies, "(key, body) pairs")
-        job_seed = check_job_seed(job_seed)
-        pending: dict[int, dict] = {}
+        _check_bodies(bodies, "(key, body) pairs", "chat_completion")
+        items = _tagged(bodies, "chat", "stream_chat", "chat_completions")
+        yield from self.stream_requests(items, job_seed=job_seed)
 
-        def items():
-            for serial, entry in enumerate(bodies):
-                if isinstance(entry, Mapping) or not (
-                    isinstance(entry, (tuple, list)) and len(entry) == 2
-                ):  # the call's mistake, not one request's (a dict was unpacked as its keys)
-                    raise ValueError(
-                        "stream_chat items are (key, body) pairs (chat_completions takes the"
-                        f" bodies alone); item {serial} is {entry!r:.100}"
-                    )
-                key, body = entry
-                try:
-                    text, p, n = self._chat_request(body, key, job_seed)
-                except Exception as err:  # refused, or failed unexpectedly
-                    # one item that the engine answers with this error (stream makes it a
-                    # refusal or a RequestFailed), in order
-                    pending[serial] = {"key": key, "n": 1, "p": None, "done": {}}
-                    yield (serial, 0), err, SamplingParams(seed=0)
-                    continue
-                pending[serial] = {"key": key, "n": n, "p": p, "done": {}}
-                for i in range(n):
-                    yield (serial, i), text, dataclasses.replace(p, seed=choice_seed(p.seed, i))
+    def stream_text_completions(
+        self, bodies: Iterable[tuple[Any, Any]], *, job_seed: int = 0
+    ) -> Iterator[tuple[Any, dict]]:
+        """:meth:`stream_chat` for legacy text-completions bodies (``/v1/completions``):
+        ``(key, body)`` in, ``(key, text_completion or error object)`` out as each request
+        finishes (all its prompts' ``n`` choices)."""
+        _check_bodies(bodies, "(key, body) pairs", "text_completion")
+        items = _tagged(bodies, "completions", "stream_text_completions", "text_completions")
+        yield from self.stream_requests(items, job_seed=job_seed)
 
-        for (serial, i), c in self.stream(items(), job_seed=job_seed):
-            state = pending[serial]
-            state["done"][i] = c
-            if len(state["done"]) < state["n"]:
-                continue
-            del pending[serial]
-            choices = [state["done"][k] for k in range(state["n"])]
-            failed = [c.error for c in choices if c.error is not None]
-            if failed:
-                key = state["key"]
-                failed[0].index = key if isinstance(key, (int, str)) else None
-                yield key, error_response(failed[0])
-            else:
-                yield state["key"], self.response(choices, state["p"])
+    def _answer_all(self, bodies: Any, endpoint: str, one: str, job_seed: int) -> list[dict]:
+        _check_bodies(bodies, "request bodies (dicts)", one)
+        bodies = list(bodies)
+        items = ((i, endpoint, body) for i, body in enumerate(bodies))
+        results = dict(self.stream_requests(items, job_seed=job_seed))
+        return [results[i] for i in range(len(bodies))]
 
     def chat_completions(self, bodies: Sequence[dict], *, job_seed: int = 0) -> list[dict]:
         """Answer a list of chat-completions request bodies (the key of each is its index);
         a bad one fails alone (an OpenAI error object in its place)."""
-        _check_bodies(bodies, "request bodies (dicts)")
-        bodies = list(bodies)
-        results = dict(self.stream_chat(enumerate(bodies), job_seed=job_seed))
-        return [results[i] for i in range(len(bodies))]
+        return self._answer_all(bodies, "chat", "chat_completion", job_seed)
 
     def chat_completion(self, body: dict, *, job_seed: int = 0) -> dict:
         """Answer one chat-completions request body (key 0) with a ``chat.completion`` dict."""
         return self.chat_completions([body], job_seed=job_seed)[0]
+
+    def text_completions(self, bodies: Sequence[dict], *, job_seed: int = 0) -> list[dict]:
+        """Answer a list of legacy text-completions request bodies (``/v1/completions``;
+        the key of each is its index) with ``text_completion`` dicts; a bad one fails alone
+        (an OpenAI error object in its place). docs/api.md, "Text completions"."""
+        return self._answer_all(bodies, "completions", "text_completion", job_seed)
+
+    def text_completion(self, body: dict, *, job_seed: int = 0) -> dict:
+        """Answer one text-completions request body (key 0) with a ``text_completion``."""
+        return self.text_completions([body], job_seed=job_seed)[0]
+
+    def _envelope(self, prefix: str, kind: str, out: list, choices, n: int) -> dict:
+        """The response object around its choices ``out``: ``usage.prompt_tokens`` counts
+        each prompt once (choice ``i * n`` is prompt ``i``'s first), ``completion_tokens``
+        the tokens of all choices; ``seed`` is the request's seed (choice 0's)."""
+        prompt_tokens = sum(c.prompt_tokens for c in choices[::n])
+        completion_tokens = sum(c.completion_tokens for c in choices)
+        return {
+            "id": f"{prefix}-{uuid.uuid4().hex[:24]}",
+            "object": kind,
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": out,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+            "seed": choices[0].seed,
+        }
 
     def response(self, choices: Completion | Sequence[Completion], p: SamplingParams) -> dict:
         """The OpenAI ``chat.completion`` object of one request's choices.
@@ -901,32 +998,187 @@ class Engine:
                     "logprobs": {"content": c.logprobs, "refusal": None} if p.logprobs else None,
                 }
             )
-        prompt_tokens = choices[0].prompt_tokens
-        completion_tokens = sum(c.completion_tokens for c in choices)
+        return self._envelope("chatcmpl", "chat.completion", out, choices, len(choices))
+
+    def text_response(
+        self,
+        choices: Completion | Sequence[Completion],
+        p: SamplingParams,
+        n: int = 1,
+        echoes: Sequence[str] | None = None,
+    ) -> dict:
+        """The OpenAI ``text_completion`` object of one request's choices, prompt-major:
+        choice ``i * n + j`` is choice ``j`` of prompt ``i``.
+
+        ``echoes``: each prompt's text, put before its choices' text (``echo``), or None.
+        With ``p.logprobs`` each choice has the legacy ``logprobs`` object
+        (:meth:`legacy_logprobs`, ``p.top_logprobs`` most likely tokens per position).
+        ``usage.prompt_tokens`` sums the prompts; each choice also carries
+        ``native_finish_reason``, and ``seed`` is the request's seed.
+        """
+        if isinstance(choices, Completion):
+            choices = [choices]
+        out = []
+        for i, c in enumerate(choices):
+            prefix = echoes[i // n] if echoes is not None else ""
+            logprobs = self.legacy_logprobs(c, len(prefix)) if p.logprobs else None
+            out.append(
+                {
+                    "text": prefix + c.text,
+                    "index": i,
+                    "logprobs": logprobs,
+                    "finish_reason": c.finish_reason,
+                    "native_finish_reason": c.native_finish_reason,
+                }
+            )
+        return self._envelope("cmpl", "text_completion", out, choices, n)
+
+    def legacy_logprobs(self, c: Completion, start: int = 0) -> dict:
+        """The legacy (``/v1/completions``) ``logprobs`` object of a completion whose
+        ``logprobs`` entries were asked for: ``tokens`` (each token's text, as
+        :meth:`logprob_entry` shows it), ``token_logprobs``, ``top_logprobs`` (per position
+        a map token text -> log probability: the entry's ``top_logprobs`` tokens, then the
+        drawn token if its text is not among them, so up to k + 1 keys; a text that two
+        tokens share keeps the first, likelier one) and ``text_offset`` (the character of
+        the choice's text in which each token's first byte lies, plus ``start``, the length
+        of an echoed prompt before it; a special token adds no text: it has the next
+        character's offset)."""
+        entries = c.logprobs or []
+        tb = self.tokenizer.token_bytes
+        offsets = _char_offsets([tb[t] for t in c.token_ids[: len(entries)]])
+        top = []
+        for e in entries:
+            best: dict[str, float] = {}
+            for t in e["top_logprobs"]:
+                best.setdefault(t["token"], t["logprob"])
+            best.setdefault(e["token"], e["logprob"])
+            top.append(best)
         return {
-            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": self.model_name,
-            "choices": out,
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
-            "seed": choices[0].seed,
+            "tokens": [e["token"] for e in entries],
+            "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": top,
+            "text_offset": [start + o for o in offsets],
         }
 
+    def shown_text(self, ids: Sequence[int]) -> str:
+        """The text of token ids as the responses show tokens: special tokens by their text
+        (``<|im_end|>``), bytes that are not UTF-8 as U+FFFD (the echo of an id prompt)."""
+        shown = self.tokenizer.shown_bytes
+        return b"".join(shown[int(t)] for t in ids).decode("utf-8", errors="replace")
 
-def _check_bodies(bodies: Any, what: str) -> None:
+
+@dataclasses.dataclass
+class _Plan:
+    """One request body made ready: its prompts, each with its params (the request's seed
+    set), ``n`` choices of each, and how the choices become the response."""
+
+    prompts: list[tuple[Any, SamplingParams]]
+    n: int
+    respond: Callable[[list[Completion]], dict]
+
+    def choices(self) -> Iterator[tuple[int, Any, SamplingParams]]:
+        """``(index, input, params)`` of every choice, prompt-major (index ``i * n + j``):
+        choice ``j`` of every prompt runs with :func:`choice_seed` ``(seed, j)``, the seed
+        it has when its prompt is sent alone."""
+        for i, (item, p) in enumerate(self.prompts):
+            for j in range(self.n):
+                yield i * self.n + j, item, dataclasses.replace(p, seed=choice_seed(p.seed, j))
+
+
+def _tagged(bodies: Iterable, endpoint: str, name: str, alone: str) -> Iterator[tuple]:
+    """``(key, endpoint, body)`` of each ``(key, body)`` pair of a stream (ValueError for an
+    item that is not a pair: the call's mistake, not one request's)."""
+    for serial, entry in enumerate(bodies):
+        if isinstance(entry, Mapping) or not (isinstance(entry, (tuple, list)) and len(entry) == 2):
+            # a dict was unpacked as its keys
+            raise ValueError(
+                f"{name} items are (key, body) pairs ({alone} takes the bodies alone);"
+                f" item {serial} is {entry!r:.100}"
+            )
+        yield entry[0], endpoint, entry[1]
+
+
+_TEXT_PROMPT_ALLOWED = (
+    "a non-empty string, a non-empty list of them, a non-empty list of token ids, or a"
+    " non-empty list of non-empty lists of token ids"
+)
+
+
+def _text_prompts(prompt: Any) -> list:
+    """The prompts of a text-completions body's ``prompt``: a string, a list of strings, a
+    list of token ids (one prompt) or a list of lists of token ids. The ids themselves (ints
+    in the vocabulary) are checked by :meth:`Engine.encode_input`."""
+    numbers = (int, float, np.number, np.bool_)  # ids; floats and bools refused by name there
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, (list, tuple)) and prompt:
+        if all(isinstance(x, str) for x in prompt):
+            return list(prompt)
+        if all(isinstance(x, numbers) for x in prompt):
+            return [list(prompt)]  # one prompt given as token ids
+        if all(
+            isinstance(x, (list, tuple)) and x and all(isinstance(t, numbers) for t in x)
+            for x in prompt
+        ):
+            return [list(x) for x in prompt]
+    if prompt is None:
+        reason = "missing"
+    elif isinstance(prompt, (list, tuple)):
+        reason = "an empty list" if not prompt else "not one of these forms"
+    else:
+        reason = type(prompt).__name__
+    raise InvalidRequestError("prompt", prompt, _TEXT_PROMPT_ALLOWED, reason=reason)
+
+
+def _char_starts(raw: bytes) -> list[int]:
+    """The first byte of each character of ``raw.decode("utf-8", errors="replace")``: a
+    valid run's characters by their UTF-8 lengths, each ill-formed span (the one a strict
+    decode reports, which ``"replace"`` turns into one U+FFFD) as one character. Linear:
+    each strict decode starts at the last span's end, on a memoryview (no copy)."""
+    view = memoryview(raw)
+    starts: list[int] = []
+    pos = 0
+    while pos < len(raw):
+        try:
+            text, _ = codecs.utf_8_decode(view[pos:], "strict", True)
+            bad = None
+        except UnicodeDecodeError as err:
+            text, _ = codecs.utf_8_decode(view[pos : pos + err.start], "strict", True)
+            bad = (pos + err.start, pos + err.end)
+        for ch in text:
+            starts.append(pos)
+            pos += len(ch.encode("utf-8", "surrogatepass"))
+        if bad is None:
+            break
+        starts.append(bad[0])
+        pos = bad[1]
+    return starts
+
+
+def _char_offsets(pieces: Sequence[bytes]) -> list[int]:
+    """For each piece, the index of the character in which its first byte lies in
+    ``b"".join(pieces).decode("utf-8", errors="replace")`` (a piece that starts inside a
+    multi-byte character gets that character's; an empty piece, or one at the end, the
+    next character's)."""
+    raw = b"".join(pieces)
+    starts = _char_starts(raw)
+    offsets, first = [], 0
+    for piece in pieces:
+        offsets.append(bisect.bisect_right(starts, first) - 1 if first < len(raw) else len(starts))
+        first += len(piece)
+    return offsets
+
+
+def _check_bodies(bodies: Any, what: str, one: str) -> None:
     """Refuses, naming ``bodies``, one request body (a dict) or a string given where a list
-    of them belongs: iterating it would make one failed request per key or character."""
+    of them belongs: iterating it would make one failed request per key or character
+    (``one``: the method that answers one body)."""
     if isinstance(bodies, (Mapping, str, bytes)) or not isinstance(bodies, Iterable):
         raise InvalidRequestError(
             "bodies",
             bodies,
             f"an iterable of {what}",
-            reason="one body: use chat_completion(body)"
+            reason=f"one body: use {one}(body)"
             if isinstance(bodies, Mapping)
             else type(bodies).__name__,
         )

@@ -2,6 +2,7 @@
 
     jaxsample generate --prompt "What is the capital of France?" --temperature 0.7 --seed 1
     jaxsample generate --request body.json      # or - for stdin; prints a chat.completion
+    jaxsample generate --request body.json --endpoint completions   # a /v1/completions body
 
 ``--prompt`` is sent as one user message through the model's chat template (``--raw`` sends
 it as plain text). Every sampling parameter has a flag; the flags are turned into an
@@ -88,6 +89,13 @@ def _parser() -> argparse.ArgumentParser:
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the user message (chat template applied)")
     src.add_argument("--request", help="a chat-completions request body as JSON file, or -")
+    gen.add_argument(
+        "--endpoint",
+        choices=["chat", "completions"],
+        default="chat",
+        help="the --request body's endpoint: chat (/v1/chat/completions, the default) or "
+        "completions (/v1/completions, OpenAI's legacy text completions)",
+    )
     gen.add_argument("--raw", action="store_true", help="send --prompt as plain text")
     add_engine_flags(gen)
     gen.add_argument("--json", action="store_true", help="print the chat.completion JSON")
@@ -112,6 +120,8 @@ GENERATE_SLOTS = 16
 
 
 def _body_from_flags(args) -> dict:
+    if args.endpoint != "chat":
+        raise UsageError("--endpoint completions goes with --request (a /v1/completions body)")
     content = args.prompt
     body: dict = (
         {"prompt": content} if args.raw else {"messages": [{"role": "user", "content": content}]}
@@ -162,6 +172,15 @@ def _read_request(args) -> dict:
         raise UsageError(f"the request is not JSON: {err}") from err
 
 
+def _prompt_count(body: dict, endpoint: str) -> int:
+    """How many prompts a body has (a text-completions ``prompt`` may list several, each
+    with ``n`` choices): the command's engine gets a slot per choice (at most 16)."""
+    prompt = body.get("prompt")
+    if endpoint == "completions" and isinstance(prompt, list):
+        return max(1, sum(isinstance(x, (str, list)) for x in prompt))
+    return 1
+
+
 def _dumps(obj) -> str:
     """Strict JSON: NaN and infinity are refused (``allow_nan=False``), never written. Text
     stays as it is unless it holds a lone surrogate (a request may escape one, ``"\\ud800"``,
@@ -202,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     from jaxsample.params import InvalidRequestError, SamplingParams, request_n
 
     try:  # refuse a bad body before loading anything
-        SamplingParams.from_request(body)
-        n = request_n(body.get("n"))
+        SamplingParams.from_request(body, endpoint=args.endpoint)
+        n = request_n(body.get("n")) * _prompt_count(body, args.endpoint)
     except InvalidRequestError as err:
         print(_dumps(error_response(err)), file=sys.stdout if args.request else sys.stderr)
         return 2
@@ -229,7 +248,10 @@ def main(argv: list[str] | None = None) -> int:
             f"jaxsample: --max-seq-len {args.max_seq_len}: must be {err.allowed}", file=sys.stderr
         )
         return 2
-    response = engine.chat_completion(body, job_seed=args.job_seed)
+    if args.endpoint == "completions":
+        response = engine.text_completion(body, job_seed=args.job_seed)
+    else:
+        response = engine.chat_completion(body, job_seed=args.job_seed)
     if "error" in response:  # 2: the request's fault; 1: it failed unexpectedly
         print(_dumps(response), file=sys.stdout if args.request else sys.stderr)
         return 1 if response["error"]["type"] == "server_error" else 2

@@ -585,6 +585,34 @@ REQUEST_FIELDS = (
     "n",
 )
 
+#: The endpoints a request body may be written for: ``"chat"`` (OpenAI/OpenRouter chat
+#: completions, ``/v1/chat/completions``) and ``"completions"`` (OpenAI's legacy text
+#: completions, ``/v1/completions``: raw ``prompt`` text or token ids, no chat template).
+ENDPOINTS = ("chat", "completions")
+
+#: Body fields of a text-completions request beside the sampling fields: left to the API
+#: layer (``prompt``, ``echo``, ``n``), checked and ignored (``model``, ``user``; ``stream``
+#: only false), or checked here (``logprobs`` an integer in [0, ``TEXT_LOGPROBS_MAX``];
+#: ``best_of`` only null or ``n``; ``suffix`` only null).
+TEXT_REQUEST_FIELDS = (
+    "model",
+    "prompt",
+    "user",
+    "stream",
+    "n",
+    "echo",
+    "best_of",
+    "suffix",
+    "logprobs",
+)
+
+#: ``max_tokens`` of a text-completions body that does not give it (OpenAI's documented
+#: default for ``/v1/completions``), lowered to the room the context leaves after the prompt.
+TEXT_MAX_TOKENS = 16
+
+#: The largest ``logprobs`` of a text-completions body (OpenAI's limit).
+TEXT_LOGPROBS_MAX = 5
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -694,39 +722,60 @@ class SamplingParams:
         return dict(self.logit_bias)
 
     @classmethod
-    def from_request(cls, body: Any) -> SamplingParams:
-        """Builds the params of an OpenRouter/OpenAI chat-completions request body.
+    def from_request(cls, body: Any, *, endpoint: str = "chat") -> SamplingParams:
+        """Builds the params of an OpenRouter/OpenAI request body.
 
-        Keeps the sampling fields; checks the request fields of ``REQUEST_FIELDS`` (``stream``
-        and ``store`` only false, ``n`` an integer in [1, ``N_MAX``], read with
-        :func:`request_n`) and leaves them to the API layer; ``max_completion_tokens`` is
-        taken as ``max_tokens``. A JSON ``null`` means the default. Any other field is
-        refused, naming it.
+        ``endpoint="chat"`` (a chat-completions body): keeps the sampling fields; checks the
+        request fields of ``REQUEST_FIELDS`` (``stream`` and ``store`` only false, ``n`` an
+        integer in [1, ``N_MAX``], read with :func:`request_n`) and leaves them to the API
+        layer; ``max_completion_tokens`` is taken as ``max_tokens``. A JSON ``null`` means
+        the default. Any other field is refused, naming it.
+
+        ``endpoint="completions"`` (a legacy text-completions body): the same sampling fields
+        but ``top_logprobs`` (and no ``max_completion_tokens``); the fields of
+        ``TEXT_REQUEST_FIELDS``; ``logprobs`` is the number of most likely tokens to report
+        (an integer in [0, 5]), read as ``logprobs=True, top_logprobs=k``. ``max_tokens``
+        stays None when absent: the API layer gives it ``TEXT_MAX_TOKENS`` (docs/api.md).
 
         Example::
 
             >>> body = {"model": "m", "messages": [], "temperature": 0.2, "seed": 7}
             >>> SamplingParams.from_request(body).temperature
             0.2
+            >>> text = {"prompt": "a", "logprobs": 2}
+            >>> p = SamplingParams.from_request(text, endpoint="completions")
+            >>> p.logprobs, p.top_logprobs
+            (True, 2)
         """
+        if endpoint not in ENDPOINTS:
+            raise ValueError(f"endpoint {endpoint!r}: expected one of {ENDPOINTS}")
         if not isinstance(body, Mapping):
             raise InvalidRequestError(
                 "body", body, "a JSON object (dict) of request fields", reason="not an object"
             )
+        text = endpoint == "completions"
+        sampling = _TEXT_SAMPLING_FIELDS if text else _SAMPLING_FIELDS
+        fields = TEXT_REQUEST_FIELDS if text else REQUEST_FIELDS
         kwargs: dict[str, Any] = {}
         for key, value in body.items():
-            if key in _SAMPLING_FIELDS:
+            if key in sampling:
                 if value is not None:
                     kwargs[key] = value
-            elif key == "max_completion_tokens":
+            elif key == "max_completion_tokens" and not text:
                 pass  # merged below
-            elif key in REQUEST_FIELDS:
+            elif key in fields:
                 _check_request_field(key, value)
             else:
+                chat_only = text and key in _CHAT_ONLY
                 raise InvalidRequestError(
-                    _key_text(key), value, _unknown_allowed(key), reason="unsupported field"
+                    _key_text(key),
+                    value,
+                    _unknown_allowed(key, endpoint),
+                    reason=_CHAT_ONLY[key] if chat_only else "unsupported field",
                 )
-        alias = body.get("max_completion_tokens")
+        if text:
+            kwargs.update(_text_fields(body))
+        alias = None if text else body.get("max_completion_tokens")
         if alias is not None:
             alias = _integer("max_completion_tokens", alias, 1, None, "an integer >= 1")
             if "max_tokens" in kwargs and kwargs["max_tokens"] != alias:
@@ -759,6 +808,19 @@ class SamplingParams:
 _SEED_ALLOWED = "an integer in [-2**63, 2**63 - 1]"
 _SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams)) - {"json_schema"}
 _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+#: a text-completions body's sampling fields: logprobs is its own (an integer), and the
+#: top tokens are its value, not a top_logprobs field
+_TEXT_SAMPLING_FIELDS = _SAMPLING_FIELDS - {"logprobs", "top_logprobs"}
+_CHAT_ONLY_REASON = "a chat-completions field, not one of a text-completions body"
+#: fields of a chat-completions body that a text-completions body refuses: why
+_CHAT_ONLY = {
+    **{k: _CHAT_ONLY_REASON for k in REQUEST_FIELDS if k not in TEXT_REQUEST_FIELDS},
+    "messages": f"{_CHAT_ONLY_REASON}: give the raw text as 'prompt' (no chat template)",
+    "top_logprobs": f"{_CHAT_ONLY_REASON}: 'logprobs' (an integer in [0, 5]) is the number of"
+    " most likely tokens reported",
+    "max_completion_tokens": f"{_CHAT_ONLY_REASON}: the name here is 'max_tokens'",
+}
+_TEXT_LOGPROBS_ALLOWED = f"an integer in [0, {TEXT_LOGPROBS_MAX}], or null (no log probabilities)"
 
 #: Keyword arguments that other libraries' sampling parameters take and SamplingParams does
 #: not: what to do instead (a TypeError without a hint was raised for them).
@@ -797,6 +859,38 @@ def _init_checking_names(init):
 SamplingParams.__init__ = _init_checking_names(SamplingParams.__init__)
 
 
+def _text_fields(body: Mapping) -> dict:
+    """The SamplingParams fields of a text-completions body's own fields: ``logprobs`` (an
+    integer k in [0, 5], or null) as ``logprobs=True, top_logprobs=k``; ``echo`` with
+    ``logprobs`` and a ``best_of`` other than ``n`` refused (docs/api.md, "Text
+    completions")."""
+    best_of = body.get("best_of")
+    if best_of is not None:
+        n = request_n(body.get("n"))
+        best_of = _integer("best_of", best_of, 1, N_MAX, f"an integer in [1, {N_MAX}]")
+        if best_of != n:
+            raise InvalidRequestError(
+                "best_of",
+                best_of,
+                f"null or the request's n ({n})",
+                reason="choosing the best of several completions is not supported",
+            )
+    k = body.get("logprobs")
+    if k is None:
+        return {}
+    k = _integer("logprobs", k, 0, TEXT_LOGPROBS_MAX, _TEXT_LOGPROBS_ALLOWED)
+    if body.get("echo"):
+        raise InvalidRequestError(
+            "echo",
+            True,
+            "false when logprobs is set",
+            reason="echo with logprobs asks for the log probabilities of the prompt's tokens,"
+            " which the engine does not compute (its prefill keeps the last position's"
+            " logits only)",
+        )
+    return {"logprobs": True, "top_logprobs": k}
+
+
 def _check_request_field(key: str, value: Any) -> None:
     if key == "stream" and value is not None and value is not False:
         raise InvalidRequestError("stream", value, "false (streaming is not supported)")
@@ -809,6 +903,12 @@ def _check_request_field(key: str, value: Any) -> None:
             raise InvalidRequestError(key, value, "a string", reason=type(value).__name__)
     if key == "metadata" and value is not None and not isinstance(value, Mapping):
         raise InvalidRequestError(key, value, "an object of string keys and values")
+    if key == "echo" and value is not None and not _is_bool(value):
+        raise InvalidRequestError(key, value, "a boolean (true or false)")
+    if key == "suffix" and value is not None:
+        raise InvalidRequestError(
+            key, value, "null", reason="inserting text before a suffix is not supported"
+        )
 
 
 def request_n(value: Any) -> int:
@@ -827,8 +927,11 @@ def _did_you_mean(key: Any, known) -> str | None:
     return f"did you mean {close[0]!r}?" if close else None
 
 
-def _unknown_allowed(key: Any) -> str:
-    known = sorted(_SAMPLING_FIELDS | set(REQUEST_FIELDS) | {"max_completion_tokens"})
+def _unknown_allowed(key: Any, endpoint: str = "chat") -> str:
+    if endpoint == "completions":
+        known = sorted(_TEXT_SAMPLING_FIELDS | set(TEXT_REQUEST_FIELDS))
+    else:
+        known = sorted(_SAMPLING_FIELDS | set(REQUEST_FIELDS) | {"max_completion_tokens"})
     hint = _did_you_mean(key, known)
     return "a supported field: " + ", ".join(known) + (f"; {hint}" if hint else "")
 

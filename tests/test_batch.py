@@ -58,7 +58,7 @@ def _input_lines(draw):
             code = {"ok": None, "url": "invalid_url", "method": "invalid_method"}
             code["extra"] = "unknown_key"
             expect.append((code.get(kind, "invalid_body"), cid))
-        url = "/v1/completions" if kind == "url" else "/v1/chat/completions"
+        url = "/v1/embeddings" if kind == "url" else "/v1/chat/completions"
         method = "PUT" if kind == "method" else "POST"
         body = "x" if kind == "body" else chat_body("hi")
         line = request_line(cid, body, method=method, url=url)

@@ -3,8 +3,9 @@
 Data flow (docs/batch.md)::
 
     input.jsonl --reader--> Line (request or line-level error) --shard_of(key)--> this
-    process's share --skip what the journal lists as done--> Engine.stream_chat (lazy, results
-    as they finish) --record--> Journal (one complete line each, grouped fsync)
+    process's share --skip what the journal lists as done--> Engine.stream_requests (lazy,
+    each line by its url's endpoint, results as they finish) --record--> Journal (one
+    complete line each, grouped fsync)
 
 Everything before the engine is checked first (lock, manifest, journal repair, counting), so
 a refused resume never loads the model, and a job that is already complete never loads it.
@@ -26,7 +27,15 @@ from collections.abc import Callable, Iterator
 
 from jaxsample.batch.journal import Journal
 from jaxsample.batch.manifest import Manifest, manifest_path
-from jaxsample.batch.reader import RUN, RUN_DUPLICATE, SKIP, Line, read_lines, shard_of
+from jaxsample.batch.reader import (
+    CHAT_URL,
+    RUN,
+    RUN_DUPLICATE,
+    SKIP,
+    Line,
+    read_lines,
+    shard_of,
+)
 from jaxsample.batch.summary import (
     Progress,
     Tally,
@@ -209,8 +218,9 @@ def _new_id(prefix: str) -> str:
 
 def response_record(custom_id: str, result: dict) -> dict:
     """The output line of a request that reached the engine: status 200 with the
-    chat.completion, or the OpenAI error object it returned with status 400 (500 for a
-    ``server_error``: the request failed unexpectedly while it was prepared)."""
+    chat.completion or text_completion, or the OpenAI error object it returned with status
+    400 (500 for a ``server_error``: the request failed unexpectedly while it was
+    prepared)."""
     status = 200
     if "error" in result:
         status = 500 if result["error"].get("type") == "server_error" else 400
@@ -253,7 +263,9 @@ def _timed_lines(
 def run_job(cfg: JobConfig, *, engine=None, engine_factory: Callable | None = None) -> dict:
     """Runs (or resumes) this process's share of a batch job; returns its summary dict.
 
-    ``engine`` (anything with ``stream_chat``) or ``engine_factory()`` is used when given;
+    ``engine`` (anything with ``stream_requests``, or with ``stream_chat`` alone: then a
+    ``/v1/completions`` line gets an ``invalid_url`` record) or ``engine_factory()`` is used
+    when given;
     otherwise :func:`load_engine` builds one, after every check has passed and only when
     something is left to run. The output's :func:`output_lock` is held from before the
     manifest is checked until the summary is written.
@@ -416,18 +428,30 @@ def _run(
         with lock:  # requests() runs on the engine's prefetching thread
             clock.records += seconds
 
-    def requests() -> Iterator[tuple[str, dict]]:
+    # each line by its own endpoint; an engine with stream_chat alone (a test double, a
+    # proxy) serves chat lines only
+    serve = getattr(engine, "stream_requests", None)
+
+    def requests() -> Iterator[tuple]:
         for line in _timed_lines(cfg.input, clock, limit, plan):  # this shard's, not done
-            if line.error is not None:
+            error = line.error
+            if error is None and serve is None and line.endpoint != "chat":
+                error = {
+                    "code": "invalid_url",
+                    "message": f"line {line.number}: this engine serves {CHAT_URL} only",
+                    "line": line.number,
+                }
+            if error is not None:
                 t0 = time.perf_counter()
-                record = error_record(line.custom_id, line.error)
+                record = error_record(line.custom_id, error)
                 add_records_time(time.perf_counter() - t0)
                 write(record)
                 continue
             pending.add(line.key)
-            yield line.key, line.body
+            yield (line.key, line.endpoint, line.body) if serve else (line.key, line.body)
 
-    for key, result in engine.stream_chat(requests(), job_seed=cfg.job_seed):
+    stream = serve or engine.stream_chat
+    for key, result in stream(requests(), job_seed=cfg.job_seed):
         if key not in pending:
             raise RuntimeError(f"the engine returned a result for {key!r}, which it was not given")
         pending.discard(key)

@@ -14,7 +14,9 @@ Line-level errors (the request never reaches the model; see docs/batch.md):
 - ``duplicate_custom_id``: a custom_id already used on an earlier line (the first one runs);
 - ``unknown_key``: a key other than ``custom_id``, ``method``, ``url`` and ``body`` (a
   misspelt or misplaced field would otherwise be dropped without a word);
-- ``invalid_method`` / ``invalid_url``: not ``"POST"`` / not ``"/v1/chat/completions"``;
+- ``invalid_method`` / ``invalid_url``: not ``"POST"`` / neither ``"/v1/chat/completions"``
+  nor ``"/v1/completions"`` (:data:`URLS`; one file may mix both, each line is served by its
+  own endpoint);
 - ``invalid_body``: ``body`` missing or not an object.
 
 A line whose custom_id is missing or a duplicate is keyed by its line number (an int) instead
@@ -30,6 +32,9 @@ from collections.abc import Iterator
 from typing import Any
 
 CHAT_URL = "/v1/chat/completions"
+TEXT_URL = "/v1/completions"
+#: the URLs a line may name -> the endpoint that serves it (``Engine.stream_requests``)
+URLS = {CHAT_URL: "chat", TEXT_URL: "completions"}
 LINE_KEYS = ("custom_id", "method", "url", "body")  # the keys of an OpenAI Batch input line
 BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark some editors put at the start of a file
 
@@ -59,8 +64,10 @@ class Line:
       number: the 1-based line number in the input file.
       key: the custom_id (str), or the line number (int) when the line has no usable one.
       custom_id: the custom_id to write in the output record (None when unusable).
-      body: the chat-completions request body to run, or None for a line-level error.
+      body: the request body to run, or None for a line-level error.
       error: the line-level error ``{"code", "message", "line"}``, or None.
+      endpoint: the endpoint of the line's ``url`` (:data:`URLS`): ``"chat"`` or
+        ``"completions"``.
     """
 
     number: int
@@ -68,6 +75,7 @@ class Line:
     custom_id: str | None
     body: dict | None = None
     error: dict | None = None
+    endpoint: str = "chat"
 
 
 def shard_of(key: str | int, count: int) -> int:
@@ -180,24 +188,25 @@ def check_line(
             cid,
         )
     url = obj.get("url")
-    if url != CHAT_URL:
+    if not isinstance(url, str) or url not in URLS:
         return _line_error(
             number,
             "invalid_url",
-            f"'url' = {json.dumps(url)[:80]}; expected {json.dumps(CHAT_URL)}",
+            f"'url' = {json.dumps(url)[:80]}; expected " + " or ".join(json.dumps(u) for u in URLS),
             cid,
             cid,
         )
     body = obj.get("body")
     if not isinstance(body, dict):
+        kind = "chat-completions" if URLS[url] == "chat" else "text-completions"
         return _line_error(
             number,
             "invalid_body",
-            f"'body' = {json.dumps(body)[:80]}; expected a chat-completions request object",
+            f"'body' = {json.dumps(body)[:80]}; expected a {kind} request object",
             cid,
             cid,
         )
-    return Line(number, cid, cid, body=body)
+    return Line(number, cid, cid, body=body, endpoint=URLS[url])
 
 
 #: :func:`read_lines` ``plan`` values, one byte per input line (a ``bytearray``).
