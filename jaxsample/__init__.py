@@ -34,6 +34,7 @@ from jaxsample.sampler import sample_batch as sample_batch
 from jaxsample.sampler import sample_row as sample_row
 from jaxsample.sampler import sample_rows as sample_rows
 from jaxsample.sampler import top_logprobs as top_logprobs
+from jaxsample.scoring import PromptLogprobs as PromptLogprobs
 from jaxsample.transforms import POSITIONS as TRANSFORM_POSITIONS
 from jaxsample.transforms import TransformError as TransformError
 from jaxsample.transforms import UserTransform as UserTransform
@@ -63,6 +64,7 @@ __all__ = [
     "Completion",
     "Engine",
     "generate",
+    "PromptLogprobs",
     "Distribution",
     "Plan",
     "distribution",

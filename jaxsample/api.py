@@ -30,6 +30,7 @@ import dataclasses
 import inspect
 import json
 import math
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -60,8 +61,11 @@ from jaxsample.params import (
     pack_rows,
     request_n,
     resolve_max_seq_len,
+    text_scoring_only,
     token_id_array,
 )
+from jaxsample.rows import TOP_LOGPROBS_MAX
+from jaxsample.scoring import PromptLogprobs, PromptScorer
 
 #: The log probability written for a token with no probability (``-inf``): the value the
 #: OpenAI API documents for "very unlikely". JSON has no infinity.
@@ -370,6 +374,8 @@ class Engine:
         self._token_bytes = None
         self._grammar = None
         self._slot_engine = None
+        self._scorer = None
+        self._scorer_lock = threading.Lock()  # the API's two threads may both ask for it
 
     @classmethod
     def load(
@@ -435,6 +441,66 @@ class Engine:
                 **self.engine_options,
             )
         return self._slot_engine
+
+    def scorer(self) -> PromptScorer:
+        """The prompt-scoring program (:class:`jaxsample.scoring.PromptScorer`, built once):
+        a separate compiled program, one per prompt bucket, beside the slot engine's."""
+        with self._scorer_lock:
+            if self._scorer is None:
+                self._scorer = PromptScorer(self.model, self.context_length)
+            return self._scorer
+
+    def prompt_logprobs(self, inputs, *, top_logprobs: int = 0) -> list[PromptLogprobs]:
+        """The raw log probability of every token of each prompt given the tokens before it,
+        and the ``top_logprobs`` most likely tokens at each position (scoring: nothing is
+        generated; docs/api.md, "Prompt log probabilities").
+
+        ``inputs`` as :meth:`generate` takes them (:func:`normalize_inputs`: a string is raw
+        text, a message list goes through the chat template, token ids are used as is).
+        ``top_logprobs``: an integer in [0, 20]. Every input is checked (and tokenised)
+        before any device work: a bad one raises :class:`InvalidRequestError` naming its
+        field (``prompt`` or ``messages``; an empty prompt, a prompt longer than the
+        engine's context) and its index. Returns one
+        :class:`jaxsample.scoring.PromptLogprobs` per input (``logprobs[0]`` is NaN).
+
+        Example::
+
+            [r] = engine.prompt_logprobs("The capital of France is Paris", top_logprobs=2)
+            r.tokens[-1], r.logprobs[-1], r.top_ids[-1]   # ' Paris', its log probability, top 2
+        """
+        allowed = f"an integer in [0, {TOP_LOGPROBS_MAX}]"
+        k = _integer("top_logprobs", top_logprobs, 0, TOP_LOGPROBS_MAX, allowed)
+        prompts = []
+        for i, item in enumerate(normalize_inputs(inputs)):
+            try:
+                prompts.append(self.scoring_ids(item))
+            except InvalidRequestError as err:
+                err.index = i
+                raise
+        shown = self.tokenizer.shown_bytes
+        out = []
+        for ids in prompts:
+            s = self.scorer()(ids)
+            n = len(ids)
+            lps = np.full((n,), np.nan, np.float32)
+            top_ids = np.full((n, k), -1, np.int32)
+            top_lps = np.full((n, k), np.nan, np.float32)
+            lps[1:], top_ids[1:], top_lps[1:] = s.logprobs, s.top_ids[:, :k], s.top_logprobs[:, :k]
+            tokens = [shown[t].decode("utf-8", errors="replace") for t in ids]
+            out.append(PromptLogprobs(ids, tokens, lps, top_ids, top_lps))
+        return out
+
+    def scoring_ids(self, item) -> list[int]:
+        """The token ids of a prompt to score (:meth:`encode_input`), refused on its field
+        when it is longer than the engine's context (a prompt to score may fill it)."""
+        ids = self.encode_input(item)
+        if len(ids) > self.context_length:
+            raise InvalidRequestError(
+                _prompt_field(item),
+                f"<prompt of {len(ids)} tokens>",
+                f"a prompt of at most {self.context_length} tokens (the engine's context)",
+            )
+        return ids
 
     def token_bytes(self):
         if self._token_bytes is None:
@@ -601,9 +667,12 @@ class Engine:
         memory. A request without a seed gets ``derive_seed(job_seed, key)`` (``key`` an int
         or a str, e.g. a batch job's custom_id), reported in ``Completion.seed``. A bad item
         comes back as a Completion whose ``error`` is its :class:`InvalidRequestError`
-        (``finish_reason == "error"``) as soon as the engine pulls it; the others run. Left
-        early (closed, or ``items`` raises), the requests still running are dropped and the
-        engine's slots and schema pool freed (:meth:`jaxsample.engine.SlotEngine.run`).
+        (``finish_reason == "error"``) as soon as the engine pulls it; the others run. An
+        item that is a :class:`jaxsample.engine.PassThrough` of a ``(key, Completion)`` is
+        yielded as it is, in its turn, with nothing generated (how :meth:`stream_requests`
+        answers a scoring request, ``max_tokens: 0``). Left early (closed, or ``items``
+        raises), the requests still running are dropped and the engine's slots and schema
+        pool freed (:meth:`jaxsample.engine.SlotEngine.run`).
         """
         from jaxsample.engine import PassThrough
 
@@ -611,6 +680,9 @@ class Engine:
 
         def requests():
             for n, entry in enumerate(items):
+                if isinstance(entry, PassThrough):  # answered already: nothing to generate
+                    yield entry
+                    continue
                 try:
                     key, item, p = entry
                 except (TypeError, ValueError):  # the call's mistake, not one request's
@@ -835,17 +907,26 @@ class Engine:
         p = SamplingParams.from_request(body, endpoint="completions")
         n = request_n(body.get("n"))
         p = self._seeded(p, key, job_seed)
+        generate = not text_scoring_only(body)  # max_tokens 0 with echo: score the prompts
         prompts, echoes = [], [] if body.get("echo") else None
         for prompt in _text_prompts(body.get("prompt")):
-            ids = self.encode_input(prompt)  # token ids checked, text tokenised as is
+            # token ids checked, text tokenised as is (a prompt to score may fill the context)
+            ids = self.encode_input(prompt) if generate else self.scoring_ids(prompt)
             q = p
-            if p.max_tokens is None:  # OpenAI's default here, within the room left
+            if p.max_tokens is None and generate:  # OpenAI's default, within the room left
                 room = self.context_length - len(ids)  # (none: the prompt is refused)
                 q = dataclasses.replace(p, max_tokens=max(1, min(TEXT_MAX_TOKENS, room)))
             prompts.append((ids, q))
             if echoes is not None:
                 echoes.append(prompt if isinstance(prompt, str) else self.shown_text(ids))
-        return _Plan(prompts, n, lambda choices: self.text_response(choices, p, n, echoes))
+
+        def respond(choices: list[Completion]) -> dict:
+            scored = None
+            if echoes is not None and p.logprobs:  # the prompts' own, once per prompt
+                scored = [self.prompt_legacy(ids, p.top_logprobs) for ids, _ in prompts]
+            return self.text_response(choices, p, n, echoes, scored)
+
+        return _Plan(prompts, n, respond, generate)
 
     def stream_requests(
         self, items: Iterable[tuple[Any, str, Any]], *, job_seed: int = 0
@@ -861,6 +942,8 @@ class Engine:
         with :func:`choice_seed` ``(seed, j)``. Bodies are pulled as the engine takes
         requests, so an endless iterator runs in flat memory.
         """
+        from jaxsample.engine import PassThrough
+
         job_seed = check_job_seed(job_seed)
         plans = {"chat": self._chat_request, "completions": self._text_request}
         pending: dict[int, dict] = {}
@@ -888,7 +971,10 @@ class Engine:
                 total = len(plan.prompts) * plan.n
                 pending[serial] = {"key": key, "total": total, "respond": plan.respond, "done": {}}
                 for index, item, p in plan.choices():
-                    yield (serial, index), item, p
+                    if plan.generate:
+                        yield (serial, index), item, p
+                    else:  # answered in its turn, never given to the slot engine
+                        yield PassThrough(((serial, index), _not_generated(item, p)))
 
         for (serial, index), c in self.stream(requests(), job_seed=job_seed):
             state = pending[serial]
@@ -897,13 +983,17 @@ class Engine:
                 continue
             del pending[serial]
             choices = [state["done"][k] for k in range(state["total"])]
-            failed = [c.error for c in choices if c.error is not None]
-            if failed:
-                key = state["key"]
-                failed[0].index = key if isinstance(key, (int, str)) else None
-                yield key, error_response(failed[0])
-            else:
-                yield state["key"], state["respond"](choices)
+            key = state["key"]
+            error = next((c.error for c in choices if c.error is not None), None)
+            if error is None:
+                try:  # the response (with echo and logprobs it runs the scoring program)
+                    response = state["respond"](choices)
+                except Exception as err:  # unexpected: this request fails alone
+                    error = _request_error(err)
+            if error is not None:
+                error.index = key if isinstance(key, (int, str)) else None
+                response = error_response(error)
+            yield key, response
 
     def stream_chat(
         self, bodies: Iterable[tuple[Any, Any]], *, job_seed: int = 0
@@ -1006,14 +1096,16 @@ class Engine:
         p: SamplingParams,
         n: int = 1,
         echoes: Sequence[str] | None = None,
+        prompt_logprobs: Sequence[dict] | None = None,
     ) -> dict:
         """The OpenAI ``text_completion`` object of one request's choices, prompt-major:
         choice ``i * n + j`` is choice ``j`` of prompt ``i``.
 
         ``echoes``: each prompt's text, put before its choices' text (``echo``), or None.
         With ``p.logprobs`` each choice has the legacy ``logprobs`` object
-        (:meth:`legacy_logprobs`, ``p.top_logprobs`` most likely tokens per position).
-        ``usage.prompt_tokens`` sums the prompts; each choice also carries
+        (:meth:`legacy_logprobs`, ``p.top_logprobs`` most likely tokens per position),
+        after ``prompt_logprobs[i]`` when given (each prompt's own, :meth:`prompt_legacy`:
+        the echo's). ``usage.prompt_tokens`` sums the prompts; each choice also carries
         ``native_finish_reason``, and ``seed`` is the request's seed.
         """
         if isinstance(choices, Completion):
@@ -1022,6 +1114,9 @@ class Engine:
         for i, c in enumerate(choices):
             prefix = echoes[i // n] if echoes is not None else ""
             logprobs = self.legacy_logprobs(c, len(prefix)) if p.logprobs else None
+            if logprobs is not None and prompt_logprobs is not None:
+                first = prompt_logprobs[i // n]
+                logprobs = {name: first[name] + part for name, part in logprobs.items()}
             out.append(
                 {
                     "text": prefix + c.text,
@@ -1046,18 +1141,31 @@ class Engine:
         entries = c.logprobs or []
         tb = self.tokenizer.token_bytes
         offsets = _char_offsets([tb[t] for t in c.token_ids[: len(entries)]])
-        top = []
-        for e in entries:
-            best: dict[str, float] = {}
-            for t in e["top_logprobs"]:
-                best.setdefault(t["token"], t["logprob"])
-            best.setdefault(e["token"], e["logprob"])
-            top.append(best)
+        return {**_legacy_fields(entries), "text_offset": [start + o for o in offsets]}
+
+    def prompt_legacy(self, ids: Sequence[int], top_logprobs: int) -> dict:
+        """The legacy ``logprobs`` object of a prompt's own tokens (``echo`` with
+        ``logprobs``), as :meth:`legacy_logprobs` writes a completion's: ``tokens`` (each
+        prompt token's text, special tokens shown), ``token_logprobs`` (null for the first
+        token, then the raw log probability of each given those before it),
+        ``top_logprobs`` (null, then the ``top_logprobs`` most likely tokens and the prompt's
+        own) and ``text_offset`` (from 0 over the prompt's shown text, the echo). One run of
+        the scoring program (:meth:`scorer`)."""
+        s = self.scorer()(ids)
+        k = top_logprobs
+        entries = [
+            self.logprob_entry(int(t), lp, zip(top_ids[:k].tolist(), top_lps[:k], strict=True))
+            for t, lp, top_ids, top_lps in zip(
+                ids[1:], s.logprobs, s.top_ids, s.top_logprobs, strict=True
+            )
+        ]
+        fields = _legacy_fields(entries)
+        shown = self.tokenizer.shown_bytes
         return {
-            "tokens": [e["token"] for e in entries],
-            "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": top,
-            "text_offset": [start + o for o in offsets],
+            "tokens": [shown[ids[0]].decode("utf-8", errors="replace"), *fields["tokens"]],
+            "token_logprobs": [None, *fields["token_logprobs"]],
+            "top_logprobs": [None, *fields["top_logprobs"]],
+            "text_offset": _char_offsets([shown[t] for t in ids]),
         }
 
     def shown_text(self, ids: Sequence[int]) -> str:
@@ -1075,6 +1183,9 @@ class _Plan:
     prompts: list[tuple[Any, SamplingParams]]
     n: int
     respond: Callable[[list[Completion]], dict]
+    #: False: nothing is generated (a scoring request, ``max_tokens: 0``); each choice is
+    #: answered at once by :func:`_not_generated`
+    generate: bool = True
 
     def choices(self) -> Iterator[tuple[int, Any, SamplingParams]]:
         """``(index, input, params)`` of every choice, prompt-major (index ``i * n + j``):
@@ -1083,6 +1194,18 @@ class _Plan:
         for i, (item, p) in enumerate(self.prompts):
             for j in range(self.n):
                 yield i * self.n + j, item, dataclasses.replace(p, seed=choice_seed(p.seed, j))
+
+
+def _not_generated(ids: Sequence[int], p: SamplingParams) -> Completion:
+    """The choice of a request that generates nothing (``max_tokens: 0`` with ``echo``): no
+    token, ``finish_reason`` "length" (its budget, 0, is spent), as OpenAI answers it."""
+    return Completion(
+        finish_reason="length",
+        native_finish_reason="length",
+        logprobs=[] if p.logprobs else None,
+        prompt_tokens=len(ids),
+        seed=p.seed,
+    )
 
 
 def _tagged(bodies: Iterable, endpoint: str, name: str, alone: str) -> Iterator[tuple]:
@@ -1128,6 +1251,25 @@ def _text_prompts(prompt: Any) -> list:
     else:
         reason = type(prompt).__name__
     raise InvalidRequestError("prompt", prompt, _TEXT_PROMPT_ALLOWED, reason=reason)
+
+
+def _legacy_fields(entries: Sequence[dict]) -> dict:
+    """``tokens``, ``token_logprobs`` and ``top_logprobs`` of the legacy ``logprobs`` object
+    from ``logprobs.content`` entries: per position a map token text -> log probability, the
+    entry's ``top_logprobs`` tokens, then its own token if its text is not among them (a
+    text that two tokens share keeps the first, likelier one)."""
+    top = []
+    for e in entries:
+        best: dict[str, float] = {}
+        for t in e["top_logprobs"]:
+            best.setdefault(t["token"], t["logprob"])
+        best.setdefault(e["token"], e["logprob"])
+        top.append(best)
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": top,
+    }
 
 
 def _char_starts(raw: bytes) -> list[int]:

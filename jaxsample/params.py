@@ -735,7 +735,9 @@ class SamplingParams:
         but ``top_logprobs`` (and no ``max_completion_tokens``); the fields of
         ``TEXT_REQUEST_FIELDS``; ``logprobs`` is the number of most likely tokens to report
         (an integer in [0, 5]), read as ``logprobs=True, top_logprobs=k``. ``max_tokens``
-        stays None when absent: the API layer gives it ``TEXT_MAX_TOKENS`` (docs/api.md).
+        stays None when absent: the API layer gives it ``TEXT_MAX_TOKENS`` (docs/api.md);
+        ``max_tokens: 0`` is accepted with ``echo: true`` only (scoring the prompts, nothing
+        generated: :func:`text_scoring_only`), and read as None too.
 
         Example::
 
@@ -859,11 +861,33 @@ def _init_checking_names(init):
 SamplingParams.__init__ = _init_checking_names(SamplingParams.__init__)
 
 
+def text_scoring_only(body: Mapping) -> bool:
+    """Whether a (checked) text-completions body only scores its prompts: ``max_tokens: 0``
+    with ``echo: true``, OpenAI's form (nothing is generated; docs/api.md, "Text
+    completions").
+
+    >>> text_scoring_only({"prompt": "a", "echo": True, "max_tokens": 0})
+    True
+    """
+    value = body.get("max_tokens")
+    return _is_int(value) and value == 0 and _is_bool(body.get("echo")) and bool(body["echo"])
+
+
 def _text_fields(body: Mapping) -> dict:
     """The SamplingParams fields of a text-completions body's own fields: ``logprobs`` (an
-    integer k in [0, 5], or null) as ``logprobs=True, top_logprobs=k``; ``echo`` with
-    ``logprobs`` and a ``best_of`` other than ``n`` refused (docs/api.md, "Text
-    completions")."""
+    integer k in [0, 5], or null) as ``logprobs=True, top_logprobs=k``; ``max_tokens: 0``
+    (scoring) as no ``max_tokens``, refused without ``echo: true``; a ``best_of`` other than
+    ``n`` refused (docs/api.md, "Text completions")."""
+    fields: dict = {}
+    if _is_int(body.get("max_tokens")) and body["max_tokens"] == 0:
+        if not text_scoring_only(body):
+            raise InvalidRequestError(
+                "max_tokens",
+                0,
+                "an integer >= 1, or 0 with echo: true (the prompt scored, nothing generated)",
+                reason="echo is not true",
+            )
+        fields["max_tokens"] = None  # the API layer generates nothing (text_scoring_only)
     best_of = body.get("best_of")
     if best_of is not None:
         n = request_n(body.get("n"))
@@ -876,19 +900,10 @@ def _text_fields(body: Mapping) -> dict:
                 reason="choosing the best of several completions is not supported",
             )
     k = body.get("logprobs")
-    if k is None:
-        return {}
-    k = _integer("logprobs", k, 0, TEXT_LOGPROBS_MAX, _TEXT_LOGPROBS_ALLOWED)
-    if body.get("echo"):
-        raise InvalidRequestError(
-            "echo",
-            True,
-            "false when logprobs is set",
-            reason="echo with logprobs asks for the log probabilities of the prompt's tokens,"
-            " which the engine does not compute (its prefill keeps the last position's"
-            " logits only)",
-        )
-    return {"logprobs": True, "top_logprobs": k}
+    if k is not None:
+        k = _integer("logprobs", k, 0, TEXT_LOGPROBS_MAX, _TEXT_LOGPROBS_ALLOWED)
+        fields.update(logprobs=True, top_logprobs=k)
+    return fields
 
 
 def _check_request_field(key: str, value: Any) -> None:

@@ -260,8 +260,8 @@ REFUSED = [
     ({"prompt": "a", "logprobs": -1}, "logprobs"),
     ({"prompt": "a", "logprobs": 1.0}, "logprobs"),
     ({"prompt": "a", "top_logprobs": 2}, "top_logprobs"),
-    ({"prompt": "a", "echo": True, "logprobs": 0}, "echo"),
     ({"prompt": "a", "echo": "yes"}, "echo"),
+    ({"prompt": "a", "max_tokens": 0}, "max_tokens"),  # 0 scores a prompt: with echo only
     ({"prompt": "a", "best_of": 2}, "best_of"),
     ({"prompt": "a", "best_of": 3, "n": 2}, "best_of"),
     ({"prompt": "a", "best_of": 0}, "best_of"),
@@ -297,6 +297,7 @@ ACCEPTED = {  # fields accepted (and those that are ignored) next to a good prom
         "logprobs": 1,
     },  # fmt: skip
     "echo_false_logprobs": {"echo": False, "logprobs": 0},
+    "scoring": {"echo": True, "max_tokens": 0},  # with logprobs: tests/test_prompt_logprobs.py
     "json_mode": {"response_format": {"type": "json_object"}, "max_tokens": 24},
 }
 
@@ -319,7 +320,8 @@ def test_each_bad_body_fails_alone_naming_its_field(engine):
     for i, (_, field) in enumerate(REFUSED, start=1):
         message.setdefault(field, out[i]["error"]["message"])
     assert "did you mean 'prompt'" in message["promt"]
-    assert "prefill" in message["echo"] and "a chat-completions field" in message["messages"]
+    assert "a boolean" in message["echo"] and "a chat-completions field" in message["messages"]
+    assert "or 0 with echo: true" in message["max_tokens"]
 
 
 def test_call_arguments_are_refused_once(engine):

@@ -257,6 +257,20 @@ class _Prefetch:
 # ------------------------------------------------------------------------------ the engine
 
 
+def prompt_bucket(n: int, max_len: int) -> int:
+    """The static length a prompt of ``n`` tokens is padded to: the smallest
+    ``(2**k - 1) * 16 >= n`` (16, 48, 112, 240, 496, ...), capped at ``max_len``
+    (:meth:`SlotEngine.prompt_bucket`; the scoring program uses the same buckets).
+
+    >>> [prompt_bucket(n, 2048) for n in (1, 16, 17, 49, 2000)], prompt_bucket(300, 256)
+    ([16, 16, 48, 112, 2032], 256)
+    """
+    size = INVARIANT_TILE
+    while size < n:
+        size = 2 * size + INVARIANT_TILE
+    return min(size, max_len)
+
+
 class SlotEngine:
     """Continuous batching inside the compiled loop, over ``slots`` fixed slots.
 
@@ -368,10 +382,7 @@ class SlotEngine:
         Geometric, so a few programs cover every length, and each an odd multiple of 16, the
         width the batch-invariant matmuls run at anyway (no padding on top of the bucket).
         """
-        size = INVARIANT_TILE
-        while size < n:
-            size = 2 * size + INVARIANT_TILE
-        return min(size, self.max_seq_len)
+        return prompt_bucket(n, self.max_seq_len)
 
     def warmup(self, rows: RowParams, prompt_lengths: Iterable[int] = (1,)) -> None:
         """Compiles the chunk loop and the prefill of every bucket the given prompt lengths

@@ -348,6 +348,16 @@ class Llama(nnx.Module):
         Returns:
           (logits float32 [B, V] at each row's last prompt token ``lengths[b]-1``, cache).
         """
+        h, last, cache = self._forward(tokens, lengths, cache)
+        B = tokens.shape[0]
+        h_last = jnp.take_along_axis(h, last.reshape(1, B, 1), axis=2)
+        return self._logits(h_last.reshape(-1, B)), cache
+
+    def _forward(self, tokens: jax.Array, lengths: jax.Array, cache: KVCache):
+        """The layers of :meth:`prefill`: ``(h, last, cache)`` with h float32 [D, B, T'] the
+        final hidden states (before the final norm) of every position, T' the padded length
+        (``T`` rounded up to whole tiles in batch-invariant mode), last int32 [B] each row's
+        last prompt position, and the cache filled for positions 0..T'-1."""
         cfg = self.config
         B, T = tokens.shape
         S, blk = cache.max_len, cfg.attn_block
@@ -382,8 +392,32 @@ class Llama(nnx.Module):
             attn = _attend(qh, q_pos, ck, cv, last, blk, cfg.batched_attention)
             attn = attn.transpose(1, 2, 4, 0, 3).reshape(H * d, N)
             x = layer.finish(x, _pad_last(attn, Np), cfg)
-        h_last = jnp.take_along_axis(x[:, :N].reshape(-1, B, T), last.reshape(1, B, 1), axis=2)
-        return self._logits(h_last.reshape(-1, B)), KVCache(k=tuple(new_k), v=tuple(new_v))
+        return x[:, :N].reshape(-1, B, T), last, KVCache(k=tuple(new_k), v=tuple(new_v))
+
+    # ----------------------------------------------------------------- every position
+    def hidden(self, tokens: jax.Array, lengths: jax.Array) -> jax.Array:
+        """The final hidden states (before the final norm) of every position of right-padded
+        prompts, as :meth:`prefill` computes them (with a KV cache of its own, dropped).
+
+        Args:
+          tokens: int32 [B, T], row b's prompt in ``tokens[b, :lengths[b]]``.
+          lengths: int32 [B], 1 <= lengths[b] <= T.
+
+        Returns:
+          float32 [D, B, T'] (feature-major; T' >= T is the padded length, see
+          :meth:`prefill`): column ``[:, b, t]`` is position t of row b, meaningful for
+          ``t < lengths[b]``. ``position_logits(h[:, b, t:t+1])`` gives the logits
+          ``prefill`` gives for the prompt ``tokens[b, :t+1]``; in batch-invariant mode the
+          same bits, whatever the batch, the padding or t's place in it.
+        """
+        h, _, _ = self._forward(tokens, lengths, self.init_cache(*tokens.shape))
+        return h
+
+    def position_logits(self, h: jax.Array) -> jax.Array:
+        """float32 logits [N, V] of final hidden states h [D, N] (from :meth:`hidden`): the
+        final RMSNorm and the output projection, as :meth:`prefill` and :meth:`decode` apply
+        them (padded to the invariant width in batch-invariant mode)."""
+        return self._logits(h)
 
     # ----------------------------------------------------------------- decode
     def decode(self, tokens: jax.Array, positions: jax.Array, cache: KVCache):
