@@ -56,6 +56,27 @@ print(c.text)
 json.loads(c.text)  # JSON mode: the answer parses
 
 # %% [markdown]
+# ## Scoring text
+#
+# `prompt_logprobs` gives the model's own (raw) log probability of every token of a text,
+# given the tokens before it: what an evaluation harness asks `/v1/completions` for with
+# `echo`, `logprobs` and `max_tokens: 0`. The first token has none (NaN).
+
+# %%
+from jaxsample.api import default_engine
+
+engine = default_engine()  # the engine generate() loaded above
+paris, berlin = engine.prompt_logprobs(["The capital of France is Paris.",
+                                        "The capital of France is Berlin."], top_logprobs=3)
+for s in (paris, berlin):
+    print(f"{s.logprob_sum():8.3f}", [(t, round(float(lp), 2)) for t, lp in zip(s.tokens, s.logprobs)])
+print("after 'is':", [(engine.tokenizer.decode([int(i)]), round(float(lp), 2))
+                      for i, lp in zip(paris.top_ids[5], paris.top_logprobs[5])])
+# a token's score depends only on the tokens before it: the shared prefix scores the same bits
+np.testing.assert_array_equal(paris.logprobs[1:5], berlin.logprobs[1:5])
+assert paris.logprob_sum() > berlin.logprob_sum()
+
+# %% [markdown]
 # ## Where next
 #
 # - [parameters.ipynb](parameters.ipynb): every sampling parameter on the model's real next-token distributions.
