@@ -477,18 +477,20 @@ class Engine:
             except InvalidRequestError as err:
                 err.index = i
                 raise
+        return [self._scored(ids, k) for ids in prompts]
+
+    def _scored(self, ids: list[int], k: int) -> PromptLogprobs:
+        """One run of the scoring program (:meth:`scorer`) on checked token ids, as a
+        :class:`PromptLogprobs` with the top ``k`` (position 0: NaN and ids -1)."""
+        s = self.scorer()(ids)
+        n = len(ids)
+        lps = np.full((n,), np.nan, np.float32)
+        top_ids = np.full((n, k), -1, np.int32)
+        top_lps = np.full((n, k), np.nan, np.float32)
+        lps[1:], top_ids[1:], top_lps[1:] = s.logprobs, s.top_ids[:, :k], s.top_logprobs[:, :k]
         shown = self.tokenizer.shown_bytes
-        out = []
-        for ids in prompts:
-            s = self.scorer()(ids)
-            n = len(ids)
-            lps = np.full((n,), np.nan, np.float32)
-            top_ids = np.full((n, k), -1, np.int32)
-            top_lps = np.full((n, k), np.nan, np.float32)
-            lps[1:], top_ids[1:], top_lps[1:] = s.logprobs, s.top_ids[:, :k], s.top_logprobs[:, :k]
-            tokens = [shown[t].decode("utf-8", errors="replace") for t in ids]
-            out.append(PromptLogprobs(ids, tokens, lps, top_ids, top_lps))
-        return out
+        tokens = [shown[t].decode("utf-8", errors="replace") for t in ids]
+        return PromptLogprobs(ids, tokens, lps, top_ids, top_lps)
 
     def scoring_ids(self, item) -> list[int]:
         """The token ids of a prompt to score (:meth:`encode_input`), refused on its field
@@ -1151,21 +1153,19 @@ class Engine:
         ``top_logprobs`` (null, then the ``top_logprobs`` most likely tokens and the prompt's
         own) and ``text_offset`` (from 0 over the prompt's shown text, the echo). One run of
         the scoring program (:meth:`scorer`)."""
-        s = self.scorer()(ids)
-        k = top_logprobs
+        r = self._scored(ids, top_logprobs)
         entries = [
-            self.logprob_entry(int(t), lp, zip(top_ids[:k].tolist(), top_lps[:k], strict=True))
+            self.logprob_entry(t, lp, zip(top_ids.tolist(), top_lps, strict=True))
             for t, lp, top_ids, top_lps in zip(
-                ids[1:], s.logprobs, s.top_ids, s.top_logprobs, strict=True
+                ids[1:], r.logprobs[1:], r.top_ids[1:], r.top_logprobs[1:], strict=True
             )
         ]
         fields = _legacy_fields(entries)
-        shown = self.tokenizer.shown_bytes
         return {
-            "tokens": [shown[ids[0]].decode("utf-8", errors="replace"), *fields["tokens"]],
+            "tokens": r.tokens,  # the entries' texts, and the first token's
             "token_logprobs": [None, *fields["token_logprobs"]],
             "top_logprobs": [None, *fields["top_logprobs"]],
-            "text_offset": _char_offsets([shown[t] for t in ids]),
+            "text_offset": _char_offsets([self.tokenizer.shown_bytes[t] for t in ids]),
         }
 
     def shown_text(self, ids: Sequence[int]) -> str:

@@ -1215,14 +1215,22 @@ def _raw_batch(
     return lax.switch(raw, branches)
 
 
+def raw_logprob(logit, normalizer):
+    """A token's raw log probability from its logit and its row's ``(top, log_total)`` (the
+    first part of :func:`_raw_batch`'s result): the one formula of the generated tokens'
+    reports and of the prompt scores (:mod:`jaxsample.scoring`)."""
+    top, log_total = normalizer
+    return (tf.sanitize(logit) - top) - log_total
+
+
 def _report(logits, row: RowParams, dist: Distribution, token, raw_stats) -> SampleOut:
     """The token's log probability and the top 20 (raw or processed), as the row asked;
     ``raw_stats`` is the row's part of :func:`_raw_batch`."""
     safe = jnp.maximum(token, 0)
     proc_lp = log_prob(dist, safe)
     cand_ids, cand_lp = top_logprobs(dist, TOP_LOGPROBS_MAX)
-    (top, log_total), raw_ids, raw_lps = raw_stats
-    raw_lp = (tf.sanitize(logits[safe]) - top) - log_total
+    normalizer, raw_ids, raw_lps = raw_stats
+    raw_lp = raw_logprob(logits[safe], normalizer)
     logprob = jnp.where(dist.ok, jnp.where(row.processed_logprobs, proc_lp, raw_lp), -jnp.inf)
     # a row that asked for no top_logprobs gets none, whatever the rest of the batch asked
     none_ids, none_lps = _no_top()

@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from jaxsample import sampler
-from jaxsample import transforms as tf
+from jaxsample.engine.scheduler import _HashedGraphDef, prompt_bucket
 from jaxsample.model.config import INVARIANT_TILE
 from jaxsample.rows import TOP_LOGPROBS_MAX
 
@@ -85,9 +85,9 @@ def _score(graphdef, state, tokens: jax.Array, length: jax.Array):
     def block(args):
         hb, nxt = args  # [D, SCORE_BLOCK], [SCORE_BLOCK]
         logits = model.position_logits(hb)  # [SCORE_BLOCK, V] float32
-        (top, log_total), ids, lps = sampler._raw_batch(logits, 2, exact_only=exact_only)
-        x = tf.sanitize(jnp.take_along_axis(logits, nxt[:, None], axis=1)[:, 0])
-        return (x - top) - log_total, ids, lps  # the formula of sampler._report
+        normalizer, ids, lps = sampler._raw_batch(logits, 2, exact_only=exact_only)
+        logit = jnp.take_along_axis(logits, nxt[:, None], axis=1)[:, 0]
+        return sampler.raw_logprob(logit, normalizer), ids, lps
 
     hb = h.reshape(dim, blocks, SCORE_BLOCK).transpose(1, 0, 2)
     lp, ids, lps = jax.lax.map(block, (hb, following.reshape(blocks, SCORE_BLOCK)))
@@ -100,16 +100,11 @@ class PromptScorer:
     the engine's context). Thread-safe; the device work is one compiled call."""
 
     def __init__(self, model, max_len: int):
-        from jaxsample.engine.scheduler import _HashedGraphDef
-
         graphdef, self._state = nnx.split(model)
         self._graphdef = _HashedGraphDef(graphdef)  # hashed once, not at every call
         self.max_len = max_len
-        self.vocab_size = model.config.vocab_size
 
     def bucket(self, n: int) -> int:
-        from jaxsample.engine.scheduler import prompt_bucket
-
         return prompt_bucket(n, self.max_len)
 
     def __call__(self, ids) -> Scores:

@@ -124,22 +124,23 @@ def _engine(spec: dict, cfg_cls):
 
 
 class _Watch:
-    """An engine proxy: when ``stream_chat`` was called and when it got its first request."""
+    """An engine proxy: when ``stream_requests`` was called and when it got its first
+    request."""
 
     def __init__(self, engine):
         self.engine = engine
         self.called = self.first = None
 
-    def stream_chat(self, bodies, *, job_seed=0):
+    def stream_requests(self, items, *, job_seed=0):
         self.called = time.perf_counter()
 
         def watched():
-            for item in bodies:
+            for item in items:
                 if self.first is None:
                     self.first = time.perf_counter()
                 yield item
 
-        return self.engine.stream_chat(watched(), job_seed=job_seed)
+        return self.engine.stream_requests(watched(), job_seed=job_seed)
 
 
 def child(spec: dict) -> dict:

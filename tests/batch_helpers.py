@@ -22,9 +22,10 @@ def chat_body(text: str, **fields) -> dict:
 
 
 class FakeEngine:
-    """``stream_chat`` without a model: lazy, at most ``slots`` requests in flight, finishing
-    them in a pseudo-random order; each answer depends only on (job_seed, key, body), as the
-    slot engine promises. Bodies are checked with the real ``SamplingParams.from_request``.
+    """``stream_requests`` without a model (a chat.completion for every line: the bodies are
+    chat bodies, checked with the real ``SamplingParams.from_request``): lazy, at most
+    ``slots`` requests in flight, finishing them in a pseudo-random order; each answer
+    depends only on (job_seed, key, body), as the slot engine promises.
 
     ``fail_after``: raise RuntimeError after that many results (a crash in the middle).
     """
@@ -62,9 +63,9 @@ class FakeEngine:
             "usage": {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n},
         }
 
-    def stream_chat(self, bodies, *, job_seed=0):
+    def stream_requests(self, items, *, job_seed=0):
         rng = random.Random(self.order_seed)
-        it = iter(bodies)
+        it = iter(items)
         flight = []
         exhausted = False
         while True:
@@ -77,7 +78,7 @@ class FakeEngine:
             self.max_in_flight = max(self.max_in_flight, len(flight))
             if not flight:
                 return
-            key, body = flight.pop(rng.randrange(len(flight)))
+            key, _, body = flight.pop(rng.randrange(len(flight)))
             if self.fail_after is not None and self.results >= self.fail_after:
                 raise RuntimeError("simulated crash")
             self.results += 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from batch_helpers import FakeEngine, canonical, chat_body, request_line
+from batch_helpers import canonical, chat_body, request_line
 from openai.types import Completion as OpenAICompletion
 from openai.types.chat import ChatCompletion
 from small_engine import small_engine
@@ -146,17 +146,6 @@ def test_a_resume_after_a_crash_equals_an_uninterrupted_run(job, engine):
     # nothing done before the crash ran again (the wrong url's record was written then too)
     assert resumed.results == len(OK) + len(REFUSED) - 3
     assert summary["this_run"]["skipped_done"] == len(done)
-
-
-def test_an_engine_with_stream_chat_alone_serves_the_chat_lines_only(job):
-    cfg = job("fake.jsonl")
-    assert run_job(cfg, engine=FakeEngine())["complete"]
-    recs = _records(cfg.output)
-    for cid, (url, _) in BODIES.items():
-        if url == TEXT_URL:
-            assert recs[cid]["error"]["code"] == "invalid_url", cid
-            assert "serves /v1/chat/completions only" in recs[cid]["error"]["message"]
-    assert recs["chat-1"]["response"]["status_code"] == 200
 
 
 def test_reader_names_the_endpoint_and_both_urls():

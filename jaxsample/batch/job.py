@@ -27,15 +27,7 @@ from collections.abc import Callable, Iterator
 
 from jaxsample.batch.journal import Journal
 from jaxsample.batch.manifest import Manifest, manifest_path
-from jaxsample.batch.reader import (
-    CHAT_URL,
-    RUN,
-    RUN_DUPLICATE,
-    SKIP,
-    Line,
-    read_lines,
-    shard_of,
-)
+from jaxsample.batch.reader import RUN, RUN_DUPLICATE, SKIP, Line, read_lines, shard_of
 from jaxsample.batch.summary import (
     Progress,
     Tally,
@@ -263,12 +255,10 @@ def _timed_lines(
 def run_job(cfg: JobConfig, *, engine=None, engine_factory: Callable | None = None) -> dict:
     """Runs (or resumes) this process's share of a batch job; returns its summary dict.
 
-    ``engine`` (anything with ``stream_requests``, or with ``stream_chat`` alone: then a
-    ``/v1/completions`` line gets an ``invalid_url`` record) or ``engine_factory()`` is used
-    when given;
-    otherwise :func:`load_engine` builds one, after every check has passed and only when
-    something is left to run. The output's :func:`output_lock` is held from before the
-    manifest is checked until the summary is written.
+    ``engine`` (anything with ``Engine.stream_requests``) or ``engine_factory()`` is used
+    when given; otherwise :func:`load_engine` builds one, after every check has passed and
+    only when something is left to run. The output's :func:`output_lock` is held from before
+    the manifest is checked until the summary is written.
     """
     k, n = cfg.shard
     if not 0 <= k < n:
@@ -428,30 +418,18 @@ def _run(
         with lock:  # requests() runs on the engine's prefetching thread
             clock.records += seconds
 
-    # each line by its own endpoint; an engine with stream_chat alone (a test double, a
-    # proxy) serves chat lines only
-    serve = getattr(engine, "stream_requests", None)
-
     def requests() -> Iterator[tuple]:
         for line in _timed_lines(cfg.input, clock, limit, plan):  # this shard's, not done
-            error = line.error
-            if error is None and serve is None and line.endpoint != "chat":
-                error = {
-                    "code": "invalid_url",
-                    "message": f"line {line.number}: this engine serves {CHAT_URL} only",
-                    "line": line.number,
-                }
-            if error is not None:
+            if line.error is not None:
                 t0 = time.perf_counter()
-                record = error_record(line.custom_id, error)
+                record = error_record(line.custom_id, line.error)
                 add_records_time(time.perf_counter() - t0)
                 write(record)
                 continue
             pending.add(line.key)
-            yield (line.key, line.endpoint, line.body) if serve else (line.key, line.body)
+            yield line.key, line.endpoint, line.body  # each line by its own url's endpoint
 
-    stream = serve or engine.stream_chat
-    for key, result in stream(requests(), job_seed=cfg.job_seed):
+    for key, result in engine.stream_requests(requests(), job_seed=cfg.job_seed):
         if key not in pending:
             raise RuntimeError(f"the engine returned a result for {key!r}, which it was not given")
         pending.discard(key)
