@@ -57,6 +57,7 @@ from jaxsample.params import (
     check_engine_options,
     check_for_model,
     check_job_seed,
+    check_widths,
     derive_seed,
     pack_rows,
     request_n,
@@ -246,7 +247,7 @@ def _content_text(content: Any) -> str:
     texts = []
     for part in content:
         kind = part.get("type") if isinstance(part, Mapping) else None
-        if kind != "text":
+        if not (isinstance(kind, str) and kind == "text"):  # an array's != is elementwise
             reason = (
                 f"content part type {kind!r} is not supported: the model reads text only"
                 if isinstance(kind, str)
@@ -348,6 +349,7 @@ class Engine:
         devices=None,
         transforms=(),
         prefetch: int | None = None,
+        widths=None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -370,6 +372,13 @@ class Engine:
             "transforms": self.transforms,
             # requests a background thread takes in ahead of the slots
             "prefetch": prefetch,
+            # the row counts a chunk may run at (a few requests run at a few rows' cost)
+            "widths": check_widths(
+                widths,
+                slots,
+                1 if devices is None else len(devices),
+                (devices or jax.devices())[0].platform,
+            ),
         }
         self._token_bytes = None
         self._grammar = None
@@ -392,7 +401,7 @@ class Engine:
         ``batch_invariant=True`` (the default) makes every request's tokens and log
         probabilities bit-identical whatever shares the batch (docs/engine.md); ``options``
         are the slot engine's settings (``slots``, ``chunk_steps``, ``refill_free``,
-        ``max_seq_len``, ``devices``, ``transforms``, ``prefetch``).
+        ``max_seq_len``, ``devices``, ``transforms``, ``prefetch``, ``widths``).
         ``compile_cache=True`` (the default) turns on JAX's persistent compilation cache
         (``jaxsample.explore.use_compile_cache``; the folder JAX is configured with, else
         ``~/.cache/jaxsample/xla``) and with it the engine's programs kept on disk

@@ -1056,6 +1056,37 @@ def check_engine_options(slots, chunk_steps, refill_free, devices, prefetch) -> 
     return slots, chunk_steps, refill_free, devices, prefetch
 
 
+def check_widths(widths, slots: int, n_devices: int, platform: str) -> tuple[int, ...]:
+    """The row counts a chunk of the slot engine may run at, per device: ``widths`` checked
+    (``InvalidRequestError`` naming ``widths``), sorted, with the slots per device
+    (``slots // n_devices``, the full width) always among them.
+
+    ``None`` (the default) picks by platform: on a CPU, where a decode step costs about in
+    proportion to its rows, the powers of 4 below the full width and the full width (16
+    slots: ``(1, 4, 16)``); on GPU and TPU, where a small step costs about what a full one
+    does, the full width alone. ``()`` also means the full width alone.
+
+    >>> check_widths(None, 16, 1, "cpu"), check_widths(None, 16, 1, "gpu")
+    ((1, 4, 16), (16,))
+    >>> check_widths([2, 8], 16, 2, "cpu")
+    (2, 8)
+    """
+    local = slots // n_devices
+    allowed = f"None, or a list of integers in [1, {local}] (the slots per device)"
+    if widths is None:
+        if platform != "cpu":
+            return (local,)
+        out, w = [], 1
+        while w < local:
+            out.append(w)
+            w *= 4
+        return (*out, local)
+    if isinstance(widths, (str, bytes, Mapping)) or not isinstance(widths, Iterable):
+        raise InvalidRequestError("widths", widths, allowed)
+    values = {_integer("widths", w, 1, local, allowed) for w in widths}
+    return tuple(sorted(values | {local}))
+
+
 def check_for_model(
     params: SamplingParams,
     *,

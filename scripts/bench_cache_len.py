@@ -23,20 +23,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
-import platform
 import statistics
-import subprocess
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from bench_common import ROOT, run_facts, write_json
 from flax import nnx
 
 from jaxsample.model import load_model
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def step_loop(graphdef, steps: int):
@@ -106,9 +101,6 @@ def main() -> None:
                 }
             )
             print(f"{s:>5} {n:>12} {med * 1e3:>9.1f} {med / base:>8.2f}")
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
     result = {
         "benchmark": "decode step vs KV cache length, short requests",
         "model": "SmolLM2-135M-Instruct (float32, batch-invariant)",
@@ -116,14 +108,10 @@ def main() -> None:
         "position": args.position,
         "steps_per_call": args.steps,
         "rounds": args.rounds,
-        "commit": commit,
-        "machine": platform.processor() or platform.machine(),
-        "device": str(jax.devices()[0]),
+        **run_facts(),
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print("wrote", args.out)
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

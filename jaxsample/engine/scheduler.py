@@ -36,7 +36,7 @@ from jaxsample.engine import programs
 from jaxsample.engine import slots as sl
 from jaxsample.engine.slots import EMPTY
 from jaxsample.model.config import INVARIANT_TILE
-from jaxsample.params import check_engine_options, resolve_max_seq_len
+from jaxsample.params import check_engine_options, check_widths, resolve_max_seq_len
 from jaxsample.rows import TOP_LOGPROBS_MAX, RowParams
 
 _AXIS = "slots"
@@ -107,6 +107,7 @@ class EngineStats:
     chunks: int = 0  # device round trips
     steps: int = 0  # decode steps
     slot_steps: int = 0  # steps x slots
+    row_steps: int = 0  # steps x rows run (a narrow chunk runs fewer rows than slots)
     tokens: int = 0  # tokens produced
     requests: int = 0  # requests finished
     prefill_s: float = 0.0  # time in prefill + insert calls (host wall clock)
@@ -293,6 +294,12 @@ class SlotEngine:
       prefetch: how many requests a background thread pulls from the input ahead of the
         slots (default: ``slots``); 0 pulls each one on the main thread when a slot takes
         it. The host work of taking a request in then overlaps the device's decoding.
+      widths: the row counts a chunk may run at, per device (static; each a compiled program,
+        built when first used). A chunk runs the model and the sampler on the first W slots
+        of each device only, W the smallest width that holds every running slot; a request
+        takes the free slot of lowest index (spread over the devices), so a few requests
+        run at a few rows' cost. Default: by platform (:func:`jaxsample.params.check_widths`:
+        ``(1, 4, 16)`` for 16 slots on a CPU, the full width alone elsewhere).
     """
 
     def __init__(
@@ -309,6 +316,7 @@ class SlotEngine:
         devices=None,
         transforms=(),
         prefetch: int | None = None,
+        widths=None,
     ):
         cfg = model.config
         self.n_slots, self.chunk_steps, self.refill_free, devices, self.prefetch = (
@@ -321,6 +329,8 @@ class SlotEngine:
         self._dtype = model.dtype
         self.mesh = Mesh(np.array(devices), (_AXIS,))
         self.n_devices = len(devices)
+        self.widths = check_widths(widths, self.n_slots, self.n_devices, devices[0].platform)
+        self._local = self.n_slots // self.n_devices  # slots per device
         self._replicated = NamedSharding(self.mesh, P())
         self._split = NamedSharding(self.mesh, P(_AXIS))
         graphdef, state = nnx.split(model)
@@ -385,8 +395,9 @@ class SlotEngine:
         return prompt_bucket(n, self.max_seq_len)
 
     def warmup(self, rows: RowParams, prompt_lengths: Iterable[int] = (1,)) -> None:
-        """Compiles the chunk loop and the prefill of every bucket the given prompt lengths
-        fall in, so that a later workload of those lengths compiles nothing.
+        """Compiles the chunk loop at every one of :attr:`widths` and the prefill of every
+        bucket the given prompt lengths fall in, so that a later workload of those lengths
+        compiles nothing.
 
         ``rows``: any one-row RowParams of the kind the workload uses (for the shapes).
         """
@@ -399,6 +410,9 @@ class SlotEngine:
         for _ in self.run(reqs):
             pass
         self.stats = stats
+        with self._running:  # no slot runs now: each width's chunk runs no step
+            for width in self.widths if self._slots is not None else ():
+                self._slots, _ = self._chunk(self.n_slots + 1, width)
 
     def run(self, requests: Iterable[SlotRequest | PassThrough]) -> Iterator[SlotResult]:
         """Decodes every request; yields each :class:`SlotResult` as its request finishes,
@@ -453,7 +467,7 @@ class SlotEngine:
         start = time.perf_counter()
         waiting: SlotRequest | None = None  # pulled from the iterator, not yet placed
         exhausted = False
-        free = list(range(self.n_slots))
+        free = sorted(range(self.n_slots), key=self._slot_order)
 
         def pull():
             """The next request into ``waiting``; pass-through items are yielded back."""
@@ -507,16 +521,8 @@ class SlotEngine:
                 free_target = self.refill_free
             else:
                 free_target = len(free) + 1
-            self._slots, out = _chunk(
-                self._graphdef,
-                self._model_state,
-                self._shared,
-                self._slots,
-                jnp.int32(free_target),
-                chunk_steps=self.chunk_steps,
-                transforms=self.transforms,
-                mesh=self.mesh,
-            )
+            width = self._width(owners)
+            self._slots, out = self._chunk(free_target, width)
             out = jax.device_get(out)
             t2 = time.perf_counter()
             stats.chunk_s += t2 - t1
@@ -524,6 +530,7 @@ class SlotEngine:
             stats.chunks += 1
             stats.steps += steps
             stats.slot_steps += steps * self.n_slots
+            stats.row_steps += steps * width * self.n_devices
             for s, owner in enumerate(owners):
                 if owner is None:
                     continue
@@ -542,13 +549,36 @@ class SlotEngine:
                         self.schema_pool.release(owner.schema)
                     owners[s] = None
                     free.append(s)
-                    free.sort()
+                    free.sort(key=self._slot_order)
                     stats.requests += 1
                     stats.host_s += time.perf_counter() - t2
                     yield owner.result(int(out.finish[s]))
                     t2 = time.perf_counter()
             stats.host_s += time.perf_counter() - t2
         stats.wall_s += time.perf_counter() - start
+
+    def _slot_order(self, slot: int) -> tuple[int, int]:
+        """The order free slots are taken in: lowest index on its device first, the devices
+        in turn (so a few requests run in narrow chunks, one device's rows each)."""
+        return slot % self._local, slot // self._local
+
+    def _width(self, owners: list) -> int:
+        """The narrowest of :attr:`widths` that holds every running slot of every device."""
+        top = max((s % self._local for s, o in enumerate(owners) if o is not None), default=0)
+        return next(w for w in self.widths if w > top)
+
+    def _chunk(self, free_target: int, width: int):
+        return _chunk(
+            self._graphdef,
+            self._model_state,
+            self._shared,
+            self._slots,
+            jnp.int32(free_target),
+            chunk_steps=self.chunk_steps,
+            transforms=self.transforms,
+            mesh=self.mesh,
+            width=width,
+        )
 
     def _add_schema(self, req: SlotRequest):
         """Writes the request's schema into the pool (host arrays); its handle, or None."""
@@ -621,10 +651,12 @@ def _init(graphdef, state, shared, rows, *, n_slots, max_len, sharding):
 @functools.partial(
     jax.jit,
     static_argnums=(0,),
-    static_argnames=("chunk_steps", "transforms", "mesh"),
+    static_argnames=("chunk_steps", "transforms", "mesh", "width"),
     donate_argnums=(3,),
 )
-def _chunk_jit(graphdef, state, shared, slots, free_target, *, chunk_steps, transforms, mesh):
+def _chunk_jit(
+    graphdef, state, shared, slots, free_target, *, chunk_steps, transforms, mesh, width
+):
     def chunk(state, shared, slots, free_target):
         return sl.run_chunk(
             nnx.merge(graphdef, state),
@@ -634,6 +666,7 @@ def _chunk_jit(graphdef, state, shared, slots, free_target, *, chunk_steps, tran
             chunk_steps=chunk_steps,
             transforms=transforms,
             axis_name=_AXIS,
+            width=width,
         )
 
     out_chunk = sl.ChunkOut(*([P(_AXIS)] * 6), steps=P())
@@ -706,13 +739,13 @@ def _admit_jit(
 # XLA's compilation cache is on) so that a new process neither traces nor lowers them.
 
 
-def _chunk(graphdef, state, shared, slots, free_target, *, chunk_steps, transforms, mesh):
+def _chunk(graphdef, state, shared, slots, free_target, *, chunk_steps, transforms, mesh, width):
     return programs.run(
         "chunk",
         _chunk_jit,
         (graphdef,),
         (state, shared, slots, free_target),
-        {"chunk_steps": chunk_steps, "transforms": transforms, "mesh": mesh},
+        {"chunk_steps": chunk_steps, "transforms": transforms, "mesh": mesh, "width": width},
         donate=2,
         out_tree=lambda args: jax.tree.structure((args[2], sl.ChunkOut(*range(7)))),
         cacheable=not transforms,

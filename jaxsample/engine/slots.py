@@ -297,6 +297,25 @@ def step(model, shared: Shared, slots: Slots, *, transforms=(), eos_id: int | No
     return new, out._replace(token=token)
 
 
+def head(slots: Slots, width: int) -> Slots:
+    """The first ``width`` slots: every per-slot leaf cut to its first ``width`` rows, except
+    the KV cache, which stays whole (decode reads and writes rows 0..width-1 of it in place:
+    cutting it would copy every row's cache at every chunk)."""
+    rest = jax.tree.map(lambda x: x[:width], slots.replace(cache=None))
+    return rest.replace(cache=slots.cache)
+
+
+def put_head(slots: Slots, part: Slots) -> Slots:
+    """``slots`` with its first rows replaced by ``part`` (from :func:`head`) and its cache
+    by ``part``'s."""
+
+    def put(full, rows):
+        return jax.lax.dynamic_update_slice_in_dim(full, rows, 0, axis=0)
+
+    rest = jax.tree.map(put, slots.replace(cache=None), part.replace(cache=None))
+    return rest.replace(cache=part.cache)
+
+
 def run_chunk(
     model,
     shared: Shared,
@@ -307,14 +326,51 @@ def run_chunk(
     transforms=(),
     axis_name: str | None = None,
     eos_id: int | None = None,
+    width: int | None = None,
 ):
     """Up to ``chunk_steps`` decode steps; leaves early once no slot runs or at least
     ``free_target`` slots are not running (counted over every device when ``axis_name``
     names the mesh axis the slots are split over).
 
+    ``width`` (static): run the model and the sampler on the first ``width`` slots only (a
+    narrow chunk; default: every slot). The caller guarantees that no slot past them is
+    running; they count as free, and their outputs are empty (tokens -1). Each row's
+    arithmetic is its own whatever the width (batch-invariant mode), so a narrow chunk
+    gives the same bits as a full one, at the cost of ``width`` rows.
+
     Returns (slots, :class:`ChunkOut`).
     """
     S = slots.finish.shape[0]
+    if width is not None and width < S:
+        full = slots
+        past = S - width  # slots past the width: free (on every device)
+        past = past if axis_name is None else jax.lax.psum(past, axis_name)
+        slots, out = run_chunk(
+            model,
+            shared,
+            head(full, width),
+            free_target - past,
+            chunk_steps=chunk_steps,
+            transforms=transforms,
+            axis_name=axis_name,
+            eos_id=eos_id,
+        )
+        slots = put_head(full, slots)
+
+        def pad(x, fill):
+            tail = jnp.full((S - width,) + x.shape[1:], fill, x.dtype)
+            return jnp.concatenate([x, tail])
+
+        out = ChunkOut(
+            tokens=pad(out.tokens, -1),
+            logprobs=pad(out.logprobs, 0),
+            top_ids=pad(out.top_ids, -1),
+            top_logprobs=pad(out.top_logprobs, 0),
+            n_out=slots.n_out,
+            finish=slots.finish,
+            steps=out.steps,
+        )
+        return slots, out
     K = chunk_steps
 
     def count(x):

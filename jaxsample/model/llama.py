@@ -180,7 +180,8 @@ def _attend_row(qh, q_pos, ck, cv, n_blocks, blk: int, row=None):
 def _attend(qh, q_pos, ck, cv, last_pos, blk: int, batched: bool | None = None):
     """Attention for every row: one row at a time (``lax.map``) or all at once (``vmap``).
 
-    qh [B, K, G, T, d]; q_pos [B, 1, 1, T, 1]; ck, cv [B, K, S, d]; last_pos int32 [B], the
+    qh [B, K, G, T, d]; q_pos [B, 1, 1, T, 1]; ck, cv [B', K, S, d] with B' >= B (row b of
+    qh reads cache row b; rows past B are not read); last_pos int32 [B], the
     largest query position of each row that matters (row b visits blocks
     0..last_pos[b] // blk only). Returns float32 [B, K, G, T, d].
 
@@ -195,6 +196,9 @@ def _attend(qh, q_pos, ck, cv, last_pos, blk: int, batched: bool | None = None):
     if batched is None:
         batched = jax.default_backend() != "cpu"
     if batched:
+        B = qh.shape[0]
+        if ck.shape[0] != B:  # a cache with more rows than the batch (decode): rows 0..B-1
+            ck, cv = ck[:B], cv[:B]
         return jax.vmap(lambda q, qp, k, v, last: _attend_row(q, qp, k, v, last // blk + 1, blk))(
             qh, q_pos, ck, cv, last_pos
         )
@@ -426,7 +430,9 @@ class Llama(nnx.Module):
         Args:
           tokens: int32 [B], the token at ``positions[b]`` of row b.
           positions: int32 [B], 0 <= positions[b] < cache.max_len.
-          cache: :class:`KVCache`; rows' entries 0..positions[b]-1 must be filled.
+          cache: :class:`KVCache`; rows' entries 0..positions[b]-1 must be filled. It may
+            have more rows than B (the slot engine's narrow chunks): token b uses cache row
+            b, and the rows past B are left as they are.
 
         Returns:
           (float32 logits [B, V] predicting position ``positions[b] + 1``, the cache with
