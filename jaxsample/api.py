@@ -373,12 +373,7 @@ class Engine:
             # requests a background thread takes in ahead of the slots
             "prefetch": prefetch,
             # the row counts a chunk may run at (a few requests run at a few rows' cost)
-            "widths": check_widths(
-                widths,
-                slots,
-                1 if devices is None else len(devices),
-                (devices or jax.devices())[0].platform,
-            ),
+            "widths": check_widths(widths, slots, devices),
         }
         self._token_bytes = None
         self._grammar = None
@@ -414,7 +409,8 @@ class Engine:
         bound = inspect.signature(cls).bind(None, None, **options)  # unknown name: TypeError
         bound.apply_defaults()
         names = ("slots", "chunk_steps", "refill_free", "devices", "prefetch")
-        check_engine_options(*(bound.arguments[k] for k in names))
+        slots, _, _, devices, _ = check_engine_options(*(bound.arguments[k] for k in names))
+        check_widths(bound.arguments["widths"], slots, devices)
         if compile_cache:
             from jaxsample.engine.programs import use_compile_cache
 

@@ -1056,21 +1056,24 @@ def check_engine_options(slots, chunk_steps, refill_free, devices, prefetch) -> 
     return slots, chunk_steps, refill_free, devices, prefetch
 
 
-def check_widths(widths, slots: int, n_devices: int, platform: str) -> tuple[int, ...]:
+def check_widths(widths, slots: int, devices=None, *, platform: str | None = None) -> tuple:
     """The row counts a chunk of the slot engine may run at, per device: ``widths`` checked
     (``InvalidRequestError`` naming ``widths``), sorted, with the slots per device
-    (``slots // n_devices``, the full width) always among them.
+    (``slots // len(devices)``, the full width) always among them. ``devices``: the engine's
+    (None: one, the default device); ``platform`` overrides theirs.
 
     ``None`` (the default) picks by platform: on a CPU, where a decode step costs about in
     proportion to its rows, the powers of 4 below the full width and the full width (16
     slots: ``(1, 4, 16)``); on GPU and TPU, where a small step costs about what a full one
     does, the full width alone. ``()`` also means the full width alone.
 
-    >>> check_widths(None, 16, 1, "cpu"), check_widths(None, 16, 1, "gpu")
+    >>> check_widths(None, 16, platform="cpu"), check_widths(None, 16, platform="gpu")
     ((1, 4, 16), (16,))
-    >>> check_widths([2, 8], 16, 2, "cpu")
+    >>> check_widths([2, 8], 16, jax.devices()[:1] * 2, platform="cpu")
     (2, 8)
     """
+    n_devices = 1 if devices is None else len(devices)
+    platform = platform or (devices or jax.devices())[0].platform
     local = slots // n_devices
     allowed = f"None, or a list of integers in [1, {local}] (the slots per device)"
     if widths is None:

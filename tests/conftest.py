@@ -14,3 +14,26 @@ os.environ.setdefault("JAXSAMPLE_COMPILE_CACHE", "0")
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+from jaxsample.engine import programs  # noqa: E402
+
+# A test process compiles hundreds of engine programs (every test's settings), JAX keeps them
+# all, and on a CPU each maps hundreds to thousands of memory regions: past the kernel's
+# vm.max_map_count (65530) XLA aborted the worker in its next compile (seen at the end of
+# full runs). Freeing the compiled programs once half the limit is used keeps the workers
+# well under it; the programs of later tests compile again as they would in a new process.
+MAPS_CLEAR_SHARE = 0.45
+
+
+@pytest.fixture(autouse=True)
+def _bounded_memory_maps():
+    maps = programs.memory_maps()
+    if maps is not None and maps[0] > MAPS_CLEAR_SHARE * maps[1]:
+        gc.collect()
+        jax.clear_caches()
+        gc.collect()
+    yield

@@ -269,3 +269,25 @@ def test_the_compilation_cache_is_used_even_after_an_earlier_compile(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"DIR {tmp_path / 'xla'}" in proc.stdout
     assert any((tmp_path / "xla").iterdir())
+
+
+def test_a_new_engine_warns_when_the_memory_maps_run_low(monkeypatch):
+    """Each compiled program maps regions; past vm.max_map_count XLA aborts the process, so a
+    new engine warns first, naming the remedies. The real counts are read on Linux."""
+    import warnings
+
+    used, limit = programs.memory_maps()
+    assert 0 < used < limit
+    tok = real_tokenizer()
+    model = small_model(tok)
+
+    def build():
+        return Engine(model, tok, slots=2).slot_engine()
+
+    monkeypatch.setattr(programs, "memory_maps", lambda: (int(0.7 * limit), limit))
+    with pytest.warns(ResourceWarning, match=r"jax\.clear_caches\(\).*vm\.max_map_count"):
+        build()
+    monkeypatch.setattr(programs, "memory_maps", lambda: (int(0.5 * limit), limit))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        build()

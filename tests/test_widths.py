@@ -8,6 +8,7 @@ log probabilities must be the same bits, and the narrow engine must have run few
 
 from __future__ import annotations
 
+import jax
 import pytest
 from small_engine import real_tokenizer, small_model
 from test_engine import run, same, workload
@@ -26,21 +27,25 @@ def model_tok():
 
 def test_widths_default_by_platform_and_are_checked(model_tok):
     model, tok = model_tok
-    assert check_widths(None, 16, 1, "cpu") == (1, 4, 16)
-    assert check_widths(None, 32, 1, "cpu") == (1, 4, 16, 32)
-    assert check_widths(None, 16, 4, "cpu") == (1, 4)  # 4 slots per device
-    assert check_widths(None, 1, 1, "cpu") == (1,)
-    assert check_widths(None, 16, 1, "gpu") == check_widths(None, 16, 1, "tpu") == (16,)
-    assert check_widths([8, 2, 2], 16, 1, "gpu") == (2, 8, 16)  # sorted, the full width added
-    assert check_widths((), 16, 1, "cpu") == (16,)
+    four = jax.devices()[:1] * 4  # only their number counts here
+    assert check_widths(None, 16, platform="cpu") == (1, 4, 16)
+    assert check_widths(None, 16) == (1, 4, 16)  # this machine's CPU
+    assert check_widths(None, 32, platform="cpu") == (1, 4, 16, 32)
+    assert check_widths(None, 16, four, platform="cpu") == (1, 4)  # 4 slots per device
+    assert check_widths(None, 1, platform="cpu") == (1,)
+    assert check_widths(None, 16, platform="gpu") == check_widths(None, 16, platform="tpu") == (16,)
+    assert check_widths([8, 2, 2], 16, platform="gpu") == (2, 8, 16)  # sorted, full width added
+    assert check_widths((), 16, platform="cpu") == (16,)
     for bad in (0, [0], [17], ["4"], [True], [1.5], "14", {"a": 1}, 4):
         with pytest.raises(InvalidRequestError) as info:
-            check_widths(bad, 16, 1, "cpu")
+            check_widths(bad, 16, platform="cpu")
         assert info.value.field == "widths"
         if isinstance(bad, list):
             assert "[1, 16]" in str(info.value)
     with pytest.raises(InvalidRequestError, match="widths"):
         Engine(model, tok, slots=4, widths=[5])  # refused when built
+    with pytest.raises(InvalidRequestError, match="widths"):
+        Engine.load("/nonexistent.gguf", slots=4, widths=[0])  # before the model is read
     assert Engine(model, tok, slots=8).engine_options["widths"] == (1, 4, 8)
 
 

@@ -85,6 +85,50 @@ _TRACED = (
 )
 
 
+#: Warn when a new engine starts with more than this share of the process's memory maps used.
+MAPS_WARN_SHARE = 0.6
+
+
+def memory_maps() -> tuple[int, int] | None:
+    """``(used, limit)``: the memory maps this process holds and the kernel's limit
+    (``vm.max_map_count``, 65530 by default on Linux); None where they cannot be read.
+
+    On a CPU each compiled engine program maps many regions (the chunk loop of SmolLM2 about
+    1,500, a prefill bucket about 200: XLA's JIT maps each kernel's code and data), and JAX
+    keeps every compiled program for the life of the process. A process that builds many
+    engine settings in turn (a notebook, a test run) can reach the limit, and XLA then
+    aborts the process in its next compile. ``jax.clear_caches()`` frees the programs of the
+    engines no longer used.
+    """
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            used = sum(1 for _ in f)
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+    except (OSError, ValueError):
+        return None
+    return used, limit
+
+
+def warn_if_maps_low() -> None:
+    """Warns (``ResourceWarning``) when the process holds more than :data:`MAPS_WARN_SHARE`
+    of its memory-map limit (:func:`memory_maps`), naming the remedies."""
+    maps = memory_maps()
+    if maps is None or maps[0] <= MAPS_WARN_SHARE * maps[1]:
+        return
+    import warnings
+
+    warnings.warn(
+        f"this process holds {maps[0]} memory maps of the kernel's limit of {maps[1]}"
+        " (vm.max_map_count); each compiled engine program adds hundreds to thousands on a"
+        " CPU, and XLA aborts the process when a compile finds none left. Call"
+        " jax.clear_caches() to free the programs of engines no longer used (they compile"
+        " again when next used), or raise vm.max_map_count",
+        ResourceWarning,
+        stacklevel=3,
+    )
+
+
 def enabled() -> bool:
     """Whether :func:`run` keeps programs on disk now (see :data:`ENABLED`)."""
     if ENABLED is not None:

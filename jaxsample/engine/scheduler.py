@@ -319,6 +319,7 @@ class SlotEngine:
         widths=None,
     ):
         cfg = model.config
+        programs.warn_if_maps_low()
         self.n_slots, self.chunk_steps, self.refill_free, devices, self.prefetch = (
             check_engine_options(slots, chunk_steps, refill_free, devices, prefetch)
         )
@@ -329,7 +330,7 @@ class SlotEngine:
         self._dtype = model.dtype
         self.mesh = Mesh(np.array(devices), (_AXIS,))
         self.n_devices = len(devices)
-        self.widths = check_widths(widths, self.n_slots, self.n_devices, devices[0].platform)
+        self.widths = check_widths(widths, self.n_slots, devices)
         self._local = self.n_slots // self.n_devices  # slots per device
         self._replicated = NamedSharding(self.mesh, P())
         self._split = NamedSharding(self.mesh, P(_AXIS))
