@@ -49,39 +49,59 @@ def test_widths_default_by_platform_and_are_checked(model_tok):
     assert Engine(model, tok, slots=8).engine_options["widths"] == (1, 4, 8)
 
 
-@pytest.mark.parametrize("count", [1, 3, 16])
-def test_narrow_chunks_give_the_same_bits_as_the_full_width(model_tok, count):
+@pytest.fixture(scope="module")
+def pair(model_tok):
+    """The same engine size twice: narrow chunks (the default widths) and the full width."""
     model, tok = model_tok
+    return (
+        Engine(model, tok, slots=8, chunk_steps=8),
+        Engine(model, tok, slots=8, chunk_steps=8, widths=()),
+    )
+
+
+def _counts(engine: Engine, items) -> tuple[dict, tuple[int, int, int]]:
+    """The run's completions and its (steps, slot_steps, row_steps)."""
+    stats = engine.slot_engine().stats
+    before = (stats.steps, stats.slot_steps, stats.row_steps)
+    got = run(engine, items)
+    after = (stats.steps, stats.slot_steps, stats.row_steps)
+    return got, tuple(a - b for a, b in zip(after, before))
+
+
+@pytest.mark.parametrize("count", [1, 3, 16])
+def test_narrow_chunks_give_the_same_bits_as_the_full_width(pair, count):
     items = workload()
     items = (items[3:] + items[:3])[:count]  # request 3 first: it reports log probabilities
-    narrow = Engine(model, tok, slots=8, chunk_steps=8)
-    full = Engine(model, tok, slots=8, chunk_steps=8, widths=())
-    got, want = run(narrow, items), run(full, items)
+    narrow, full = pair
+    (got, (steps, slot_steps, row_steps)), (want, full_counts) = (
+        _counts(narrow, items),
+        _counts(full, items),
+    )
     assert set(got) == set(want) == {k for k, _, _ in items}
     for k in want:
         assert same(got[k], want[k]), k
-    n, f = narrow.slot_engine().stats, full.slot_engine().stats
-    assert f.row_steps == f.slot_steps  # the baseline ran every slot at every step
+    assert full_counts[2] == full_counts[1]  # the baseline ran every slot at every step
     if count == 1:
-        assert n.row_steps == n.steps  # one request: one row
+        assert row_steps == steps  # one request: one row
     elif count == 3:
         # slots 0-2: the 4-row width, then 1 row once slot 0 alone runs (if it is the last)
-        assert n.steps <= n.row_steps <= 4 * n.steps
+        assert steps <= row_steps <= 4 * steps
     else:
         # 16 requests over 8 slots: full chunks while many run, narrower ones as the last
         # requests finish (a request takes the lowest free slot: they gather in the first)
-        assert n.steps <= n.row_steps < n.slot_steps
+        assert steps <= row_steps < slot_steps
     assert any(got[k].logprobs for k in got)  # the comparison covered log probabilities
 
 
 def test_warmup_builds_every_width(model_tok):
     model, tok = model_tok
-    engine = Engine(model, tok, slots=8, chunk_steps=4)
+    engine = Engine(model, tok, slots=4, chunk_steps=4)
+    assert engine.engine_options["widths"] == (1, 4)
     slot = engine.slot_engine()
     rows = pack_rows([SamplingParams()], vocab_size=tok.vocab_size, seeds=[0])
     slot.warmup(rows, [len(engine.encode_input(p)) for _, p, _ in workload()])
     before = compile_count()
-    for count in (1, 3, 16):  # widths 1, 4 and 8
+    for count in (1, 3, 8):  # widths 1, 4, then 4 and 1 as 8 requests drain
         got = run(engine, workload()[:count])
         assert all(c.error is None for c in got.values())
     assert compile_count() == before
