@@ -57,7 +57,6 @@ from jaxsample.params import (
     check_engine_options,
     check_for_model,
     check_job_seed,
-    check_widths,
     derive_seed,
     pack_rows,
     request_n,
@@ -358,8 +357,8 @@ class Engine:
         #: traced on an abstract row here, so a bad one fails now, naming it
         #: (:class:`jaxsample.TransformError`), not inside the compiled loop
         self.transforms = check_chain_outputs(transforms, model.config.vocab_size)
-        slots, chunk_steps, refill_free, devices, prefetch = check_engine_options(
-            slots, chunk_steps, refill_free, devices, prefetch
+        slots, chunk_steps, refill_free, devices, prefetch, widths = check_engine_options(
+            slots, chunk_steps, refill_free, devices, prefetch, widths
         )
         #: the slot engine's settings (see :class:`jaxsample.engine.SlotEngine`)
         self.engine_options = {
@@ -373,7 +372,7 @@ class Engine:
             # requests a background thread takes in ahead of the slots
             "prefetch": prefetch,
             # the row counts a chunk may run at (a few requests run at a few rows' cost)
-            "widths": check_widths(widths, slots, devices),
+            "widths": widths,
         }
         self._token_bytes = None
         self._grammar = None
@@ -408,9 +407,8 @@ class Engine:
         # the settings that do not need the model are checked before it loads (seconds)
         bound = inspect.signature(cls).bind(None, None, **options)  # unknown name: TypeError
         bound.apply_defaults()
-        names = ("slots", "chunk_steps", "refill_free", "devices", "prefetch")
-        slots, _, _, devices, _ = check_engine_options(*(bound.arguments[k] for k in names))
-        check_widths(bound.arguments["widths"], slots, devices)
+        names = ("slots", "chunk_steps", "refill_free", "devices", "prefetch", "widths")
+        check_engine_options(*(bound.arguments[k] for k in names))
         if compile_cache:
             from jaxsample.engine.programs import use_compile_cache
 

@@ -1019,11 +1019,12 @@ def resolve_max_seq_len(value: Any, context_length: int) -> int:
     return _integer("max_seq_len", value, 1, context_length, allowed)
 
 
-def check_engine_options(slots, chunk_steps, refill_free, devices, prefetch) -> tuple:
+def check_engine_options(slots, chunk_steps, refill_free, devices, prefetch, widths=None) -> tuple:
     """The slot engine's settings, checked (``InvalidRequestError`` naming the setting) by
     :class:`jaxsample.Engine` when it is built and by :class:`jaxsample.engine.SlotEngine`:
-    ``(slots, chunk_steps, refill_free, devices, prefetch)``, ``devices`` a list (or None:
-    one device) and ``prefetch`` None resolved to ``slots``. ``slots=True`` is not one slot,
+    ``(slots, chunk_steps, refill_free, devices, prefetch, widths)``, ``devices`` a list (or
+    None: one device), ``prefetch`` None resolved to ``slots`` and ``widths`` resolved by
+    :func:`check_widths`. ``slots=True`` is not one slot,
     and ``devices="cpu"`` is not three devices 'c', 'p', 'u'."""
     if devices is not None:
         if isinstance(devices, (str, bytes, Mapping)) or not isinstance(devices, Iterable):
@@ -1053,7 +1054,8 @@ def check_engine_options(slots, chunk_steps, refill_free, devices, prefetch) -> 
         if prefetch is None
         else _integer("prefetch", prefetch, 0, None, "an integer >= 0, or None (= slots)")
     )
-    return slots, chunk_steps, refill_free, devices, prefetch
+    widths = check_widths(widths, slots, devices)
+    return slots, chunk_steps, refill_free, devices, prefetch, widths
 
 
 def check_widths(widths, slots: int, devices=None, *, platform: str | None = None) -> tuple:

@@ -36,7 +36,7 @@ from jaxsample.engine import programs
 from jaxsample.engine import slots as sl
 from jaxsample.engine.slots import EMPTY
 from jaxsample.model.config import INVARIANT_TILE
-from jaxsample.params import check_engine_options, check_widths, resolve_max_seq_len
+from jaxsample.params import check_engine_options, resolve_max_seq_len
 from jaxsample.rows import TOP_LOGPROBS_MAX, RowParams
 
 _AXIS = "slots"
@@ -320,8 +320,8 @@ class SlotEngine:
     ):
         cfg = model.config
         programs.warn_if_maps_low()
-        self.n_slots, self.chunk_steps, self.refill_free, devices, self.prefetch = (
-            check_engine_options(slots, chunk_steps, refill_free, devices, prefetch)
+        self.n_slots, self.chunk_steps, self.refill_free, devices, self.prefetch, self.widths = (
+            check_engine_options(slots, chunk_steps, refill_free, devices, prefetch, widths)
         )
         devices = devices if devices is not None else jax.devices()[:1]
         self.max_seq_len = resolve_max_seq_len(max_seq_len, cfg.context_length)
@@ -330,7 +330,6 @@ class SlotEngine:
         self._dtype = model.dtype
         self.mesh = Mesh(np.array(devices), (_AXIS,))
         self.n_devices = len(devices)
-        self.widths = check_widths(widths, self.n_slots, devices)
         self._local = self.n_slots // self.n_devices  # slots per device
         self._replicated = NamedSharding(self.mesh, P())
         self._split = NamedSharding(self.mesh, P(_AXIS))

@@ -357,9 +357,8 @@ def run_chunk(
         )
         slots = put_head(full, slots)
 
-        def pad(x, fill):
-            tail = jnp.full((S - width,) + x.shape[1:], fill, x.dtype)
-            return jnp.concatenate([x, tail])
+        def pad(x, fill):  # the rows past the width emitted nothing
+            return jnp.pad(x, [(0, S - width)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
 
         out = ChunkOut(
             tokens=pad(out.tokens, -1),
